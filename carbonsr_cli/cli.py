@@ -1,0 +1,114 @@
+"""The ``carbonsr`` command line: a thin Typer app over plain library functions.
+
+Each subcommand lives in ``carbonsr_cli/commands/<name>.py`` and exposes
+``register(app)``. This module only handles cross-cutting concerns: ``--version``,
+``--debug``, turning :class:`~carbonsr_cli.errors.CarbonSRError` into one
+``error: <file>: <problem>`` line with the right exit code, and Ctrl-C (exit 130).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Annotated, Any, Optional
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from carbonsr_cli import __version__
+from carbonsr_cli.console import print_error, print_warning
+from carbonsr_cli.errors import CarbonSRError, CarbonSRWarning
+
+#: Set by the root callback; when true, unexpected errors show their traceback.
+DEBUG = False
+
+
+class CarbonSRGroup(TyperGroup):
+    """Typer group that maps carbonsr errors to one line and an exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:  # noqa: D102
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", CarbonSRWarning)
+                warnings.showwarning = _show_warning  # type: ignore[assignment]
+                return super().invoke(ctx)
+        except CarbonSRError as exc:
+            if DEBUG:
+                raise
+            print_error(str(exc))
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            print_error("interrupted")
+            raise typer.Exit(130) from None
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except MemoryError:
+            print_error("out of memory: try a smaller --batch-size or --tile-rows")
+            raise typer.Exit(1) from None
+        except OSError as exc:
+            if DEBUG:
+                raise
+            where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+            print_error(f"{where}{exc.strerror or exc}")
+            raise typer.Exit(1) from None
+        except Exception as exc:  # unexpected: a bug, keep the message short
+            if DEBUG:
+                raise
+            print_error(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
+            raise typer.Exit(1) from None
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    if issubclass(category, CarbonSRWarning):
+        print_warning(str(message))
+    else:
+        logging.getLogger("carbonsr").debug("%s: %s", category.__name__, message)
+
+
+app = typer.Typer(
+    cls=CarbonSRGroup,
+    name="carbonsr",
+    help="Downscale 1 km carbon-emission rasters to 100 m with a weakly supervised model; "
+    "every 10x10 block of output cells sums exactly to its 1 km total.",
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"carbonsr {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        Optional[bool],
+        typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version and exit."),
+    ] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more detail on stderr.")] = False,
+) -> None:
+    """carbonsr: 1 km -> 100 m carbon-emission downscaling for GIS users."""
+    global DEBUG
+    DEBUG = debug
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+from carbonsr_cli.commands import register_all  # noqa: E402
+
+register_all(app)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

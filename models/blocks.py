@@ -1,0 +1,379 @@
+"""Building blocks of DSTCarbonFormer, in plain PyTorch (CPU, CUDA and ROCm).
+
+Every block maps ``[B, C, T, H, W]`` tensors (batch, channels, years, rows, cols) and keeps
+the shape unless stated otherwise. Blocks are residual (``x + f(norm(x))``) so that the
+residual stream keeps the absolute level of the inputs (the log-domain emission level) while
+normalisation keeps each branch well-conditioned. The last layer of every residual branch is
+initialised small (not zero) so that an untrained model is close to the identity and every
+parameter still receives a gradient on the first step.
+
+No block loops over pixels, blocks or experts in Python; the only Python loop is the
+sequential scan over years in :class:`TemporalSSM` (``T <= max_years``, about 10).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "MultiScaleDSConv3d",
+    "SFTLayer",
+    "SpatialMoE",
+    "GlobalContextAttention",
+    "TemporalSSM",
+    "Downsample",
+    "UpFuse",
+    "OutputHead",
+    "group_norm",
+]
+
+#: Branch outputs are initialised with weights scaled by this factor (near-identity blocks).
+_SMALL_INIT = 0.1
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with up to 8 groups (per-sample statistics: batch size 1 and eval are exact)."""
+    groups = math.gcd(channels, 8)
+    return nn.GroupNorm(groups, channels, eps=1e-5)
+
+
+def _shrink_(conv: nn.Conv3d, factor: float = _SMALL_INIT) -> nn.Conv3d:
+    """Scale a freshly initialised conv's weights (and zero its bias); returns ``conv``."""
+    with torch.no_grad():
+        conv.weight.mul_(factor)
+        if conv.bias is not None:
+            conv.bias.zero_()
+    return conv
+
+
+class MultiScaleDSConv3d(nn.Module):
+    """Multi-scale depthwise-separable 3D convolution (residual).
+
+    Each branch is a depthwise conv with kernel ``(kt, k, k)`` and spatial dilation ``d``
+    (``kt`` = temporal kernel, 1 or 3, zero-padded over years); the branches are concatenated
+    and fused by a pointwise (1x1x1) MLP. Receptive field per block: ``max((k - 1) * d + 1)``
+    cells in space.
+
+    Args:
+        channels: Channels ``C`` (in = out).
+        kernel_sizes: Odd spatial kernel size per branch.
+        dilations: Spatial dilation per branch.
+        temporal_kernel: 1 or 3.
+        dropout: Dropout on the branch output (training only).
+
+    Shapes:
+        ``[B, C, T, H, W] -> [B, C, T, H, W]``.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        kernel_sizes: tuple[int, ...] = (3, 5),
+        dilations: tuple[int, ...] = (1, 2),
+        temporal_kernel: int = 1,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if len(kernel_sizes) != len(dilations):
+            raise ValueError("kernel_sizes and dilations must have the same length")
+        self.norm = group_norm(channels)
+        kt = temporal_kernel
+        self.branches = nn.ModuleList(
+            nn.Conv3d(
+                channels,
+                channels,
+                kernel_size=(kt, k, k),
+                padding=(kt // 2, d * (k - 1) // 2, d * (k - 1) // 2),
+                dilation=(1, d, d),
+                groups=channels,
+            )
+            for k, d in zip(kernel_sizes, dilations)
+        )
+        n = len(kernel_sizes)
+        self.fuse = nn.Conv3d(n * channels, 2 * channels, kernel_size=1)
+        self.act = nn.GELU()
+        self.proj = _shrink_(nn.Conv3d(2 * channels, channels, kernel_size=1))
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply the block; ``x`` is ``[B, C, T, H, W]``."""
+        h = self.norm(x)
+        h = torch.cat([branch(h) for branch in self.branches], dim=1)
+        h = self.proj(self.act(self.fuse(h)))
+        return x + self.drop(h)
+
+
+class SFTLayer(nn.Module):
+    """Spatial feature transform: condition features set a per-pixel scale and shift.
+
+    ``out = x * (1 + gamma) + beta`` with ``(gamma, beta) = MLP(norm(cond))`` per pixel and
+    year. Used with ``cond`` = auxiliary-branch features and ``x`` = main-branch features.
+
+    Args:
+        cond_channels: Channels of the condition ``[B, Cc, T, H, W]``.
+        channels: Channels of the modulated features ``[B, C, T, H, W]``.
+
+    Shapes:
+        ``x [B, C, T, H, W], cond [B, Cc, T, H, W] -> [B, C, T, H, W]``.
+    """
+
+    def __init__(self, cond_channels: int, channels: int) -> None:
+        super().__init__()
+        self.norm = group_norm(cond_channels)
+        self.hidden = nn.Conv3d(cond_channels, channels, kernel_size=1)
+        self.act = nn.GELU()
+        self.to_scale_shift = _shrink_(nn.Conv3d(channels, 2 * channels, kernel_size=1))
+
+    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        """Modulate ``x`` by ``cond`` (same T, H, W)."""
+        gamma, beta = self.to_scale_shift(self.act(self.hidden(self.norm(cond)))).chunk(2, dim=1)
+        return x * (1 + gamma) + beta
+
+
+class SpatialMoE(nn.Module):
+    """Per-pixel mixture of experts with top-k gating (residual).
+
+    A 1x1x1 gate scores ``E`` experts per pixel; the ``top_k`` best are kept and renormalised
+    with a softmax, the others get weight 0. Experts are 2-layer pointwise MLPs evaluated for
+    all experts at once with a grouped convolution (dense compute, sparse weights: with
+    ``E <= 8`` at the bottleneck this is cheaper than gathering pixels per expert).
+
+    After each forward, ``self.aux_loss`` holds the Switch-Transformer load-balancing loss
+    ``E * sum_e f_e * P_e`` (``f_e`` = fraction of pixel slots routed to expert ``e``,
+    ``P_e`` = mean gate probability of ``e``); it equals 1 for perfectly balanced routing and
+    grows to ``E`` when every pixel goes to one expert. Add ``coef * aux_loss`` to the
+    training loss (typical coef 0.01).
+
+    Args:
+        channels: Channels ``C``.
+        n_experts: Number of experts ``E``.
+        top_k: Experts used per pixel.
+        hidden_mult: Hidden width of each expert = ``hidden_mult * C``.
+
+    Shapes:
+        ``[B, C, T, H, W] -> [B, C, T, H, W]``.
+    """
+
+    def __init__(self, channels: int, n_experts: int = 4, top_k: int = 2, hidden_mult: int = 2) -> None:
+        super().__init__()
+        if not 1 <= top_k <= n_experts:
+            raise ValueError(f"top_k={top_k} must be in [1, n_experts={n_experts}]")
+        self.channels = channels
+        self.n_experts = n_experts
+        self.top_k = top_k
+        hidden = hidden_mult * channels
+        self.norm = group_norm(channels)
+        self.gate = nn.Conv3d(channels, n_experts, kernel_size=1)
+        self.expert_in = nn.Conv3d(channels, n_experts * hidden, kernel_size=1)
+        self.act = nn.GELU()
+        self.expert_out = _shrink_(nn.Conv3d(n_experts * hidden, n_experts * channels, kernel_size=1, groups=n_experts))
+        self.aux_loss: Tensor = torch.zeros(())
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Route every pixel to its top-k experts; sets ``self.aux_loss``."""
+        b, c, t, h, w = x.shape
+        e = self.n_experts
+        hn = self.norm(x)
+        logits = self.gate(hn).float()  # [B, E, T, H, W]
+        probs = logits.softmax(dim=1)
+        top_idx = logits.topk(self.top_k, dim=1).indices
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter(1, top_idx, True)
+        weights = logits.masked_fill(~keep, float("-inf")).softmax(dim=1)  # zeros off top-k
+        frac_routed = keep.float().mean(dim=(0, 2, 3, 4)) / self.top_k  # f_e, sums to 1
+        mean_prob = probs.mean(dim=(0, 2, 3, 4))  # P_e
+        self.aux_loss = e * (frac_routed * mean_prob).sum()
+        out = self.expert_out(self.act(self.expert_in(hn)))  # [B, E*C, T, H, W]
+        out = out.reshape(b, e, c, t, h, w)
+        mixed = (out * weights.to(out.dtype).unsqueeze(2)).sum(dim=1)
+        return x + mixed
+
+
+class GlobalContextAttention(nn.Module):
+    """Multi-head attention from every pixel to a pooled grid of keys and values (residual).
+
+    Keys and values are average-pooled per year to ``pool x pool`` cells (or the feature map
+    size, if smaller), so cost is ``O(H * W * pool**2)``: linear in the number of pixels.
+    Each year attends within itself; mixing over years is the job of :class:`TemporalSSM`.
+
+    Args:
+        channels: Channels ``C`` (divisible by ``heads``).
+        heads: Attention heads.
+        pool: Side of the pooled key/value grid.
+
+    Shapes:
+        ``[B, C, T, H, W] -> [B, C, T, H, W]``.
+    """
+
+    def __init__(self, channels: int, heads: int = 4, pool: int = 8) -> None:
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"channels={channels} not divisible by heads={heads}")
+        self.heads = heads
+        self.pool = pool
+        self.norm = group_norm(channels)
+        self.q = nn.Conv3d(channels, channels, kernel_size=1)
+        self.kv = nn.Conv3d(channels, 2 * channels, kernel_size=1)
+        self.out = _shrink_(nn.Conv3d(channels, channels, kernel_size=1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Attend from each pixel to the pooled context of its year."""
+        b, c, t, h, w = x.shape
+        nh, dh = self.heads, c // self.heads
+        hn = self.norm(x)
+        ph, pw = min(self.pool, h), min(self.pool, w)
+        pooled = F.adaptive_avg_pool3d(hn, (t, ph, pw))
+        q = self.q(hn)  # [B, C, T, H, W]
+        k, v = self.kv(pooled).chunk(2, dim=1)  # [B, C, T, ph, pw]
+
+        def heads_first(z: Tensor) -> Tensor:
+            # [B, C, T, h', w'] -> [B*T, heads, h'*w', dh]
+            zb = z.reshape(b, nh, dh, t, -1).permute(0, 3, 1, 4, 2)
+            return zb.reshape(b * t, nh, -1, dh)
+
+        o = F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v))
+        o = o.reshape(b, t, nh, h * w, dh).permute(0, 2, 4, 1, 3).reshape(b, c, t, h, w)
+        return x + self.out(o)
+
+
+class TemporalSSM(nn.Module):
+    """Bidirectional selective state-space scan over years, per pixel ("Mamba-like").
+
+    For each pixel, with ``u_t = W_in norm(x_t)`` (inner width ``D``) and input-dependent
+    ``delta_t = softplus(W_d u_t + b_d)`` ``[D]``, ``B_t = W_B u_t``, ``C_t = W_C u_t``
+    ``[N]`` and ``A = -exp(A_log)`` ``[D, N]``:
+
+        ``h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t``,
+        ``y_t = C_t . h_t + D_skip * u_t``,
+
+    run forwards and backwards in time (so every year sees past and future years), gated by
+    ``silu(z_t)`` and projected back to ``C``. The scan runs in float32 even under autocast;
+    it is a Python loop over ``T`` (``T <= max_years``), vectorised over batch and pixels.
+    For ``T = 1`` it is a well-defined per-pixel MLP, and near the identity when untrained
+    (small output projection). Use it at low resolution (the bottleneck).
+
+    Args:
+        channels: Channels ``C``.
+        state_size: State size ``N``.
+        expand: Inner width ``D = expand * C``.
+
+    Shapes:
+        ``[B, C, T, H, W] -> [B, C, T, H, W]``.
+    """
+
+    def __init__(self, channels: int, state_size: int = 8, expand: int = 1) -> None:
+        super().__init__()
+        d = expand * channels
+        self.inner = d
+        self.state_size = state_size
+        self.norm = group_norm(channels)
+        self.in_proj = nn.Conv3d(channels, 2 * d, kernel_size=1)  # -> u, z
+        self.x_proj = nn.Conv3d(d, d + 2 * state_size, kernel_size=1)  # -> delta, B, C
+        a = torch.arange(1, state_size + 1, dtype=torch.float32).repeat(d, 1)  # S4D-real init
+        self.A_log = nn.Parameter(torch.log(a))  # [D, N]
+        self.D_skip = nn.Parameter(torch.ones(d))
+        with torch.no_grad():  # delta initialised in about [0.001, 0.1] (Mamba's default range)
+            dt = torch.exp(torch.rand(d) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+            self.x_proj.bias[:d] = dt + torch.log(-torch.expm1(-dt))  # inverse softplus
+        self.out_proj = _shrink_(nn.Conv3d(d, channels, kernel_size=1))
+
+    def _scan(self, u: Tensor, delta: Tensor, bmat: Tensor, cmat: Tensor, reverse: bool) -> Tensor:
+        """One direction of the scan. u, delta ``[T, P, D]``; B, C ``[T, P, N]`` -> ``[T, P, D]``."""
+        a = -torch.exp(self.A_log.float())  # [D, N]
+        steps = range(u.shape[0] - 1, -1, -1) if reverse else range(u.shape[0])
+        state = u.new_zeros(u.shape[1], self.inner, self.state_size)  # [P, D, N]
+        ys: list[Tensor] = [u[0]] * u.shape[0]
+        for i in steps:
+            decay = torch.exp(delta[i].unsqueeze(-1) * a)  # [P, D, N]
+            state = decay * state + (delta[i] * u[i]).unsqueeze(-1) * bmat[i].unsqueeze(1)
+            ys[i] = (state * cmat[i].unsqueeze(1)).sum(-1)
+        return torch.stack(ys, dim=0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Scan over years; ``x`` is ``[B, C, T, H, W]``."""
+        b, c, t, h, w = x.shape
+        d, n = self.inner, self.state_size
+        u, z = self.in_proj(self.norm(x)).chunk(2, dim=1)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            u = u.float()
+            proj = F.conv3d(u, self.x_proj.weight.float(), self.x_proj.bias.float())
+
+            def seq(z_: Tensor) -> Tensor:  # [B, K, T, H, W] -> [T, B*H*W, K]
+                return z_.permute(2, 0, 3, 4, 1).reshape(t, b * h * w, z_.shape[1])
+
+            # sequences over T, one per (batch, pixel): [T, P, .]
+            u_seq = seq(u)
+            delta = F.softplus(seq(proj[:, :d]))
+            bmat, cmat = seq(proj[:, d : d + n]), seq(proj[:, d + n :])
+            y = self._scan(u_seq, delta, bmat, cmat, reverse=False)
+            y = y + self._scan(u_seq, delta, bmat, cmat, reverse=True)
+            y = 0.5 * y + self.D_skip.float() * u_seq
+            y = y.reshape(t, b, h, w, d).permute(1, 4, 0, 2, 3)  # [B, D, T, H, W]
+        y = y.to(z.dtype) * F.silu(z)
+        return x + self.out_proj(y)
+
+
+class Downsample(nn.Module):
+    """Halve H and W (not T) with a strided ``(1, 2, 2)`` conv, changing channels.
+
+    Shapes:
+        ``[B, C_in, T, H, W] -> [B, C_out, T, H/2, W/2]`` (H, W even).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.norm = group_norm(in_channels)
+        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size=(1, 2, 2), stride=(1, 2, 2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Downsample ``x`` by 2 in space."""
+        return self.conv(self.norm(x))
+
+
+class UpFuse(nn.Module):
+    """Decoder step: project low-resolution features, upsample x2 (nearest), add the skip.
+
+    The pointwise projection runs at low resolution (4x cheaper than after upsampling).
+
+    Shapes:
+        ``x [B, C_in, T, H/2, W/2], skip [B, C_out, T, H, W] -> [B, C_out, T, H, W]``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.norm = group_norm(in_channels)
+        self.proj = nn.Conv3d(in_channels, out_channels, kernel_size=1)
+
+    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        """Upsample ``x`` to ``skip``'s size and add it."""
+        y = self.proj(self.norm(x))
+        y = F.interpolate(y, size=skip.shape[2:], mode="nearest")
+        return skip + y
+
+
+class OutputHead(nn.Module):
+    """Pointwise head from features to one log-domain correction per child cell.
+
+    The output is soft-bounded to ``(-bound, bound)`` with ``bound * tanh(y / bound)``, so that
+    no input (zeros, log1p(1e9), very large aux) can produce an overflowing ``expm1``.
+
+    Shapes:
+        ``[B, C, T, H, W] -> [B, 1, T, H, W]``.
+    """
+
+    def __init__(self, channels: int, dropout: float = 0.0, bound: float = 24.0) -> None:
+        super().__init__()
+        self.bound = bound
+        self.norm = group_norm(channels)
+        self.hidden = nn.Conv3d(channels, channels, kernel_size=1)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.out = _shrink_(nn.Conv3d(channels, 1, kernel_size=1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Bounded correction ``[B, 1, T, H, W]`` (float32 under autocast)."""
+        y = self.out(self.drop(self.act(self.hidden(self.norm(x))))).float()
+        return self.bound * torch.tanh(y / self.bound)

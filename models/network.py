@@ -1,0 +1,196 @@
+"""DSTCarbonFormer: dual-stream U-Net over ``[B, C, T, H, W]`` with SFT, MoE, attention and a
+temporal state-space scan, plus the optional water-filling physics projection.
+
+Data flow (``L = len(config.widths)`` levels, level ``l`` at ``1 / 2**l`` resolution)::
+
+    aux  -> aux stem  -> [MS conv -> (SFT cond) -> down] x L  (aux stream, only with use_sft)
+    main -> main stem -> [SFT(aux) -> MS conv x depth -> skip -> down] x L
+    bottleneck: SpatialMoE -> GlobalContextAttention -> TemporalSSM   (each switchable)
+    decoder: [upsample + skip -> MS conv] x (L - 1) -> OutputHead
+    raw = main + head(features)                       (log domain, residual uniform prior)
+    constrained = log1p(water_fill(expm1(raw), block_totals, block))   (float64)
+
+With ``use_sft=False`` there is one stream whose stem sees ``concat([aux, main])``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.blocks import (
+    Downsample,
+    GlobalContextAttention,
+    MultiScaleDSConv3d,
+    OutputHead,
+    SFTLayer,
+    SpatialMoE,
+    TemporalSSM,
+    UpFuse,
+)
+from models.config import ModelConfig
+
+__all__ = ["DSTCarbonFormer", "count_parameters"]
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class DSTCarbonFormer(nn.Module):
+    """Weakly supervised downscaling network (see the module docstring for the data flow).
+
+    Args:
+        config: Architecture and ablation switches.
+
+    Attributes:
+        aux_loss: After each forward, the MoE load-balancing loss (scalar tensor; 0 without
+            MoE). Add ``coef * model.aux_loss`` to the training loss.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        w = config.widths
+        n_levels = len(w)
+
+        def ms_block(ch: int, dropout: float = 0.0) -> MultiScaleDSConv3d:
+            return MultiScaleDSConv3d(ch, config.kernel_sizes, config.dilations, config.temporal_kernel, dropout)
+
+        stem_kernel, stem_pad = (1, 3, 3), (0, 1, 1)
+        if config.use_sft:
+            self.aux_stem = nn.Conv3d(config.aux_channels, w[0], stem_kernel, padding=stem_pad)
+            self.main_stem = nn.Conv3d(1, w[0], stem_kernel, padding=stem_pad)
+            self.aux_blocks = nn.ModuleList(ms_block(ch) for ch in w)
+            self.aux_downs = nn.ModuleList(Downsample(w[i], w[i + 1]) for i in range(n_levels - 1))
+            self.sft = nn.ModuleList(SFTLayer(ch, ch) for ch in w)
+        else:
+            self.stem = nn.Conv3d(config.aux_channels + 1, w[0], stem_kernel, padding=stem_pad)
+        self.enc_blocks = nn.ModuleList(
+            nn.Sequential(*(ms_block(ch) for _ in range(depth))) for ch, depth in zip(w, config.depths)
+        )
+        self.downs = nn.ModuleList(Downsample(w[i], w[i + 1]) for i in range(n_levels - 1))
+
+        bottleneck = w[-1]
+        self.moe = (
+            SpatialMoE(bottleneck, config.n_experts, config.top_k, config.expert_hidden_mult)
+            if config.use_moe
+            else None
+        )
+        self.attention = (
+            GlobalContextAttention(bottleneck, config.attn_heads, config.attn_pool) if config.use_attention else None
+        )
+        self.temporal = TemporalSSM(bottleneck, config.state_size, config.ssm_expand) if config.use_temporal else None
+
+        self.ups = nn.ModuleList(UpFuse(w[i + 1], w[i]) for i in reversed(range(n_levels - 1)))
+        self.dec_blocks = nn.ModuleList(ms_block(w[i], config.dropout) for i in reversed(range(n_levels - 1)))
+        self.head = OutputHead(w[0], config.dropout)
+        self.aux_loss: Tensor = torch.zeros(())
+
+    def _check_inputs(self, aux: Tensor, main: Tensor) -> None:
+        cfg = self.config
+        if aux.ndim != 5 or aux.shape[1] != cfg.aux_channels:
+            raise ValueError(f"aux must be [B, {cfg.aux_channels}, T, H, W], got {tuple(aux.shape)}")
+        b, _, t, h, w = aux.shape
+        if tuple(main.shape) != (b, 1, t, h, w):
+            raise ValueError(f"main must be [B, 1, T, H, W] = {(b, 1, t, h, w)}, got {tuple(main.shape)}")
+        if t > cfg.max_years:
+            raise ValueError(f"T={t} years exceeds config.max_years={cfg.max_years}")
+
+    def forward(
+        self,
+        aux: Tensor,
+        main: Tensor,
+        block_totals: Tensor | None = None,
+        block: int | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Predict log-domain child values.
+
+        Args:
+            aux: Normalised auxiliary layers ``[B, C_aux, T, H, W]``.
+            main: ``log1p(block_total / n_children)`` broadcast over each block's children
+                ``[B, 1, T, H, W]``.
+            block_totals: Block totals (linear domain, e.g. t CO2 / block / yr)
+                ``[B, 1, T, H / block, W / block]``; with ``block``, enables ``constrained``.
+            block: Block edge in child cells (factor at inference, s * factor in training).
+
+        Returns:
+            ``(raw, constrained)``: ``raw [B, 1, T, H, W]`` = log1p of child totals before
+            projection (float32, or the input dtype if wider); ``constrained`` = log1p of the
+            water-filled children (float64, every block sums to its total) when
+            ``block_totals`` and ``block`` are given and ``config.use_physics``, else None.
+            Any H, W work (padded by replication to a multiple of
+            ``config.downsample_factor`` and cropped back).
+        """
+        self._check_inputs(aux, main)
+        if (block_totals is None) != (block is None):
+            raise ValueError("give both block_totals and block, or neither")
+        h, w = aux.shape[-2:]
+        f = self.config.downsample_factor
+        pad_h, pad_w = (-h) % f, (-w) % f
+        if pad_h or pad_w:
+            pad = (0, pad_w, 0, pad_h, 0, 0)
+            aux_p, main_p = F.pad(aux, pad, mode="replicate"), F.pad(main, pad, mode="replicate")
+        else:
+            aux_p, main_p = aux, main
+
+        feats = self._features(aux_p, main_p)
+        delta = self.head(feats)[..., :h, :w]
+        raw = main + delta.to(torch.promote_types(delta.dtype, main.dtype))
+
+        constrained = None
+        if block_totals is not None and block is not None and self.config.use_physics:
+            constrained = self.project(raw, block_totals, block)
+        return raw, constrained
+
+    def _features(self, aux: Tensor, main: Tensor) -> Tensor:
+        """Encoder, bottleneck and decoder: ``[B, C_aux, T, H, W]`` -> ``[B, w0, T, H, W]``."""
+        cfg = self.config
+        n_levels = len(cfg.widths)
+        skips: list[Tensor] = []
+        if cfg.use_sft:
+            a = self.aux_stem(aux)
+            x = self.main_stem(main)
+        else:
+            a = None
+            x = self.stem(torch.cat([aux, main.to(aux.dtype)], dim=1))
+        for level in range(n_levels):
+            if a is not None:
+                a = self.aux_blocks[level](a)
+                x = self.sft[level](x, a)
+                if level < n_levels - 1:
+                    a = self.aux_downs[level](a)
+            x = self.enc_blocks[level](x)
+            if level < n_levels - 1:
+                skips.append(x)
+                x = self.downs[level](x)
+
+        if self.moe is not None:
+            x = self.moe(x)
+            self.aux_loss = self.moe.aux_loss
+        else:
+            self.aux_loss = x.new_zeros((), dtype=torch.float32)
+        if self.attention is not None:
+            x = self.attention(x)
+        if self.temporal is not None:
+            x = self.temporal(x)
+
+        for up, block in zip(self.ups, self.dec_blocks):
+            x = block(up(x, skips.pop()))
+        return x
+
+    @staticmethod
+    def project(raw: Tensor, block_totals: Tensor, block: int) -> Tensor:
+        """Water-fill ``expm1(raw)`` onto the block totals in float64; returns log1p of it.
+
+        Shapes:
+            ``raw [B, 1, T, H, W], block_totals [B, 1, T, H / block, W / block] ->
+            [B, 1, T, H, W]`` (float64).
+        """
+        from models.physics import water_fill
+
+        children = water_fill(torch.expm1(raw.double()), block_totals, block)
+        return torch.log1p(children)
