@@ -21,7 +21,7 @@ from carbonsr_cli.errors import OutputError
 __all__ = ["check_output_path", "atomic_path", "atomic_write_bytes", "atomic_write_text", "remove_quietly"]
 
 #: Side-car files GDAL may create next to a raster; removed together with a temp raster.
-_SIDECARS = (".aux.xml", ".ovr", ".msk")
+_SIDECARS = (".aux.xml", ".ovr", ".msk", ".ovr.tmp", ".msk.ovr.tmp")  # last two: GDAL COG driver
 
 
 def _oserror_to_output(exc: OSError, path: Path) -> OutputError:

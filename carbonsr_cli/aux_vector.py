@@ -49,7 +49,7 @@ class VectorData:
         seg_m: Metre length of every segment, float64 ``[n_seg]``.
         seg_start: First segment of each line, int64 ``[n_lines + 1]`` (CSR offsets).
         polygons: Polygon geometries in the child CRS.
-        points: Point coordinates ``[n_points, 2]`` in child CRS units.
+        points: Point coordinates ``[n_points, 2]`` in child CRS units, sorted by y.
         classes: Kept line class values (strings), in channel order.
     """
 
@@ -105,6 +105,7 @@ class VectorData:
 
         polygons = geoms[is_poly]
         points = shapely.get_coordinates(geoms[is_point]) if is_point.any() else np.zeros((0, 2))
+        points = points[np.argsort(points[:, 1], kind="stable")]  # sorted by y for window queries
         out = cls(
             lines=lines,
             line_class=line_class,
@@ -252,7 +253,7 @@ def rasterize_window(
     import shapely
 
     left, top = transform.c, transform.f
-    right, bottom = transform * (width, height)
+    right, bottom = left + width * transform.a, top + height * transform.e
     box = shapely.box(min(left, right), min(top, bottom), max(left, right), max(top, bottom))
     a, e = transform.a, transform.e
     if op == "line_length":
@@ -288,7 +289,7 @@ def rasterize_window(
         fine = features.rasterize(
             [(g, 1) for g in cand],
             out_shape=(height * s, width * s),
-            transform=transform * Affine.scale(1.0 / s),
+            transform=Affine(transform.a / s, 0.0, left, 0.0, transform.e / s, top),
             fill=0,
             dtype="uint8",
             all_touched=False,
@@ -298,8 +299,10 @@ def rasterize_window(
     if op == "point_count":
         out = np.zeros(height * width, dtype=np.float64)
         if len(data.points):
-            col = np.floor((data.points[:, 0] - left) / a)
-            row = np.floor((data.points[:, 1] - top) / e)
+            lo, hi = np.searchsorted(data.points[:, 1], [min(top, bottom), max(top, bottom)], side="left")
+            pts = data.points[max(lo - 1, 0) : hi + 1]
+            col = np.floor((pts[:, 0] - left) / a)
+            row = np.floor((pts[:, 1] - top) / e)
             ok = (col >= 0) & (col < width) & (row >= 0) & (row < height)
             cell = (row[ok] * width + col[ok]).astype(np.int64)
             out += np.bincount(cell, minlength=height * width)

@@ -41,7 +41,7 @@ class CarbonSRGroup(TyperGroup):
         except KeyboardInterrupt:
             print_error("interrupted")
             raise typer.Exit(130) from None
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, typer.Exit):
             raise
         except MemoryError:
             print_error("out of memory: try a smaller --batch-size or --tile-rows")

@@ -12,12 +12,12 @@ err = Console(stderr=True, highlight=False)
 
 def print_error(message: str) -> None:
     """Print one ``error: ...`` line on stderr (no markup interpretation)."""
-    err.print(f"[bold red]error:[/bold red] {escape(message)}")
+    err.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True)
 
 
 def print_warning(message: str) -> None:
     """Print one ``warning: ...`` line on stderr."""
-    err.print(f"[yellow]warning:[/yellow] {escape(message)}")
+    err.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True)
 
 
 def escape(text: str) -> str:

@@ -454,6 +454,19 @@ def _aoi(aoi: str | os.PathLike[str], grid: ParentGrid) -> tuple[Any, np.ndarray
     return window, mask
 
 
+def _parse_units(units: str | None) -> tuple[str | None, str]:
+    """``(density unit or None, unit label of the written values)`` for ``--units``."""
+    text = "totals" if units is None else str(units).strip()
+    if text.lower() in ("totals", "total", ""):
+        return None, TOTALS_UNIT
+    from carbonsr_cli.units import parse_unit
+
+    u = parse_unit(text)
+    if not u.is_density:
+        return None, u.text
+    return u.text, u.text
+
+
 def _area_km2(grid: ParentGrid) -> float:
     """Area of the grid's extent in km2 (geodesic for geographic CRSs)."""
     try:
@@ -584,7 +597,7 @@ def downscale(
         raise UsageError("--uncertainty needs --method model (the baselines are deterministic)")
     if batch_size is not None and int(batch_size) < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-    unit = None if units is None or str(units).strip().lower() in ("totals", "total", "t/cell/yr") else str(units).strip()
+    unit, units_label = _parse_units(units)
     dst_path = check_output_path(dst, overwrite)
     unc_path = check_output_path(uncertainty, overwrite) if uncertainty is not None else None
     if unc_path is not None and unc_path == dst_path:
@@ -593,6 +606,7 @@ def downscale(
     full = ParentGrid.from_raster(main)
 
     loaded = None
+    normalizer = None
     if spec.kind == "model":
         from carbonsr_cli.train.checkpoints import load_model_for_inference
 
@@ -650,6 +664,7 @@ def downscale(
         if loaded is not None:
             order = _resolve_aux_order(given, loaded.aux_names, loaded.path)
             aux_names = list(loaded.aux_names)
+            normalizer = _normalizer(loaded)
         else:
             layer = spec.layer or given[0]
             if layer not in given:
@@ -689,7 +704,7 @@ def downscale(
         method=spec.label,
         factor=f,
         years=plan.out_names,
-        units=TOTALS_UNIT if unit is None else unit,
+        units=units_label,
         dtype=dtype,
         nodata=plan.nodata_out,
         device=str(dev),
@@ -723,6 +738,7 @@ def downscale(
         compress=compress,
         uncertainty=unc_path,
         progress=progress,
+        normalizer=normalizer,
     )
     summary.seconds = time.perf_counter() - t0
     summary.km2_per_s = summary.area_km2 * len(plan.out_names) / max(summary.seconds, 1e-9)
@@ -731,6 +747,18 @@ def downscale(
         summary.conservation = check_written_conservation(dst_path, plan)
         summary.check_seconds = time.perf_counter() - t1
     return summary
+
+
+def _normalizer(loaded: Any) -> Any:
+    """``AuxNormalizer`` of the checkpoint's aux channels, in model order."""
+    from carbonsr_cli.errors import CarbonSRError
+    from carbonsr_cli.stats import AuxNormalizer
+
+    try:
+        return AuxNormalizer.from_stats(loaded.stats, names=loaded.aux_names)
+    except (CarbonSRError, KeyError, TypeError, ValueError) as exc:
+        msg = exc.message if isinstance(exc, CarbonSRError) else f"{type(exc).__name__}: {exc}"
+        raise CheckpointError(f"aux statistics in the checkpoint are not usable: {msg}", loaded.path) from None
 
 
 def _layer_names(sources: Sequence[Any], child: ChildGrid, years: Sequence[str]) -> list[str]:

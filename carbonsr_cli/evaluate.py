@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from carbonsr_cli.errors import ConservationError, InputDataError, UsageError
+from carbonsr_cli.errors import CheckpointError, ConservationError, InputDataError, UsageError
 from carbonsr_cli.rasters import open_raster, read_window, read_years
 
 if TYPE_CHECKING:
@@ -337,7 +337,7 @@ class ConservationReport:
         if w is not None:
             where = (
                 f"; worst block: band {w.band}, parent row {w.row}, col {w.col} "
-                f"(x={w.x:.6g}, y={w.y:.6g}): {w.problem}"
+                f"(x={w.x:.10g}, y={w.y:.10g}): {w.problem}"
             )
         return (
             f"conservation check failed: {n} block(s) beyond tolerance (rtol={self.rtol:g}, "
@@ -466,8 +466,16 @@ def _check_chunk(
 ) -> None:
     """Update ``bc`` with one chunk: ``totals [h, w]`` and ``child [h*f, w*f]`` (float64)."""
     h, w = totals.shape
-    t_nd = _nodata_mask(totals, tnod)
-    c_nd = _nodata_mask(child, pnod).reshape(h, f, w, f)
+    t_nd = _nodata_mask(totals, tnod)  # a NaN total is never valid
+    # children: only the declared nodata value (NaN included if it is NaN) marks nodata;
+    # an undeclared NaN is counted as a NaN, not as nodata
+    if pnod is None:
+        c_nd = np.zeros(child.shape, dtype=bool)
+    elif math.isnan(pnod):
+        c_nd = np.isnan(child)
+    else:
+        c_nd = child == pnod
+    c_nd = c_nd.reshape(h, f, w, f)
     c = child.reshape(h, f, w, f)
     valid = ~t_nd
     n_child_nd = c_nd.sum(axis=(1, 3))
@@ -475,7 +483,7 @@ def _check_chunk(
     neg_c = ((c < 0) & ~c_nd).sum(axis=(1, 3))
     # children must be nodata exactly where the parent is: count disagreeing children
     mismatch = np.where(valid, n_child_nd, f * f - n_child_nd)
-    bsum = np.where(c_nd, 0.0, c).sum(axis=(1, 3))
+    bsum = np.where(c_nd | np.isnan(c), 0.0, c).sum(axis=(1, 3))
     tv = np.where(valid, totals, 0.0)
     abs_err = np.where(valid, np.abs(bsum - tv), 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -503,7 +511,8 @@ def _check_chunk(
     if s > bc._worst_score:
         i, j = divmod(k, w)
         r, cc = row0 + i, col0 + j
-        x, y = transform * (cc + 0.5, r + 0.5)
+        x = transform.c + (cc + 0.5) * transform.a  # north-up: no rotation terms
+        y = transform.f + (r + 0.5) * transform.e
         if mismatch[i, j]:
             problem = f"{int(mismatch[i, j])} child cell(s) where nodata does not match the parent"
         elif valid[i, j] and nan_c[i, j]:
@@ -535,39 +544,56 @@ def _check_chunk(
 # --------------------------------------------------------------------------------------
 
 
-def compute_metrics(pred: np.ndarray, ref: np.ndarray, metrics: Sequence[str] | None = None) -> dict[str, float]:
-    """Metrics of ``pred`` against ``ref`` (1-D arrays of valid cells, linear domain).
+#: ``--metric`` name -> key of ``models.metrics.MetricAccumulator.result()``.
+_ACC_KEYS: dict[str, str] = {
+    "nonzero-mae": "nonzero_mae",
+    "balanced-mae": "balanced_mae",
+    "top1-mae": "top1_nonzero_mae",
+    "top5-mae": "top5_nonzero_mae",
+    "rmse": "rmse",
+    "r2": "r2",
+    "pearson": "pearson",
+    "bias": "relative_bias",
+}
+
+
+def _check_metric_names(metrics: Sequence[str] | None) -> list[str]:
+    names = list(METRICS) if not metrics else list(dict.fromkeys(metrics))
+    for n in names:
+        if n not in METRICS:
+            raise UsageError(f"unknown metric {n!r}; choose from {', '.join(METRICS)}")
+    return names
+
+
+def _select(acc: Any, names: Sequence[str]) -> dict[str, float]:
+    """``{name: value, "cells": n}`` from a ``MetricAccumulator``."""
+    res = acc.result()
+    out = {n: float(res[_ACC_KEYS[n]]) for n in names}
+    out["cells"] = int(res["n"])
+    return out
+
+
+def compute_metrics(
+    pred: np.ndarray, ref: np.ndarray, metrics: Sequence[str] | None = None, mask: np.ndarray | None = None
+) -> dict[str, float]:
+    """Metrics of ``pred`` against ``ref`` (same shape, linear domain), via ``models.metrics``.
 
     Args:
-        pred: Predicted totals per cell, ``[n]``.
-        ref: Reference totals per cell, ``[n]`` (top-k thresholds are quantiles of its
-            nonzero values, computed on exactly these cells).
+        pred: Predicted totals per cell, any shape.
+        ref: Reference totals per cell, same shape; top-k thresholds are quantiles of its
+            nonzero values over exactly the evaluated cells.
         metrics: Names from :data:`METRICS`; all when None.
+        mask: Optional bool array, True = evaluate; non-finite cells are always left out.
 
     Returns:
-        ``{name: value}``; NaN where undefined (e.g. no nonzero reference cell).
+        ``{name: value, "cells": n}``; NaN where undefined (e.g. no nonzero reference cell).
     """
-    from models import metrics as M
+    from models.metrics import MetricAccumulator
 
-    names = list(METRICS) if metrics is None else list(metrics)
-    p = np.asarray(pred, dtype=np.float64).ravel()
-    t = np.asarray(ref, dtype=np.float64).ravel()
-    fns = {
-        "nonzero-mae": lambda: M.nonzero_mae(p, t),
-        "balanced-mae": lambda: M.balanced_mae(p, t),
-        "top1-mae": lambda: M.topk_nonzero_mae(p, t, q=0.99),
-        "top5-mae": lambda: M.topk_nonzero_mae(p, t, q=0.95),
-        "rmse": lambda: M.rmse(p, t),
-        "r2": lambda: M.r2(p, t),
-        "pearson": lambda: M.pearson(p, t),
-        "bias": lambda: M.relative_bias(p, t),
-    }
-    out: dict[str, float] = {}
-    for n in names:
-        if n not in fns:
-            raise UsageError(f"unknown metric {n!r}; choose from {', '.join(METRICS)}")
-        out[n] = float(fns[n]()) if p.size else float("nan")
-    return out
+    names = _check_metric_names(metrics)
+    acc = MetricAccumulator()
+    acc.update(pred, ref, mask)
+    return _select(acc, names)
 
 
 @dataclass
@@ -766,10 +792,9 @@ def compare_to_reference(
         UsageError: unknown metric, missing file.
         InputDataError: no overlap, no common band, finer reference, unreadable data.
     """
-    names = list(METRICS) if not metrics else list(dict.fromkeys(metrics))
-    for n in names:
-        if n not in METRICS:
-            raise UsageError(f"unknown metric {n!r}; choose from {', '.join(METRICS)}")
+    from models.metrics import MetricAccumulator
+
+    names = _check_metric_names(metrics)
     if region is not None:
         minx, miny, maxx, maxy = region
         if not (maxx > minx and maxy > miny):
@@ -781,8 +806,7 @@ def compare_to_reference(
         "region": list(region) if region is not None else None,
         "bands": {},
     }
-    all_p: list[np.ndarray] = []
-    all_t: list[np.ndarray] = []
+    acc_all = MetricAccumulator()
     with open_raster(pred_path) as pred, open_raster(ref_path) as ref:
         plan = _plan_alignment(pred, ref)
         pairs = match_bands(pred, ref, require_all=False)
@@ -796,7 +820,7 @@ def compare_to_reference(
         maps: dict[str, np.ndarray] = {}
         h, w = plan.ref_shape
         for name, pi, ri in pairs:
-            ps, ts = [], []
+            acc = MetricAccumulator()
             keep_maps = plot is not None and name == plot_band
             pm, tm = [], []
             for a, b in _row_chunks(h, w * (plan.k or 1) ** 2):
@@ -810,26 +834,18 @@ def compare_to_reference(
                 m = _in_region(plan, (a, b), region)
                 if m is not None:
                     ok &= m
-                ps.append(p[ok])
-                ts.append(t[ok])
+                acc.update(p, t, ok)
+                acc_all.update(p, t, ok)
                 if keep_maps:
                     pm.append(np.where(ok, p, np.nan))
                     tm.append(np.where(ok, t, np.nan))
-            pv, tv = np.concatenate(ps), np.concatenate(ts)
-            vals = compute_metrics(pv, tv, names)
-            vals["cells"] = int(pv.size)
-            result["bands"][name] = vals
-            all_p.append(pv)
-            all_t.append(tv)
+            result["bands"][name] = _select(acc, names)
             if keep_maps:
                 maps["pred"] = np.concatenate(pm, axis=0)
                 maps["ref"] = np.concatenate(tm, axis=0)
-        if sum(x.size for x in all_p) == 0:
+        result["all"] = _select(acc_all, names)
+        if result["all"]["cells"] == 0:
             raise InputDataError("no valid cell in common between prediction and reference", pred_path)
-        pv, tv = np.concatenate(all_p), np.concatenate(all_t)
-        allv = compute_metrics(pv, tv, names)
-        allv["cells"] = int(pv.size)
-        result["all"] = allv
     if plot is not None:
         from carbonsr_cli.plots import plot_comparison
 
@@ -860,6 +876,8 @@ class SelfValidationResult:
         methods: Method names (``"model"`` first, then baselines).
         region: Evaluated region ``(minx, miny, maxx, maxy)`` in the main CRS, or None.
         metric: Primary metric used for the ratio column.
+        region_label: Human-readable description of the evaluated cells.
+        details: ``{scale: {method: metrics}}`` for every method, each dasymetric layer included.
     """
 
     rows: list[dict[str, Any]]
@@ -867,6 +885,8 @@ class SelfValidationResult:
     methods: list[str]
     region: tuple[float, float, float, float] | None
     metric: str = "nonzero-mae"
+    region_label: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
 
     def ratio_to_best_baseline(self, scale: int, metric: str | None = None) -> float:
         """Model metric / best (lowest) baseline metric at ``scale`` (< 1: the model wins)."""
@@ -885,12 +905,220 @@ class SelfValidationResult:
             "scales": self.scales,
             "methods": self.methods,
             "region": list(self.region) if self.region else None,
+            "region_label": self.region_label,
             "metric": self.metric,
             "rows": self.rows,
             "ratio_to_best_baseline": {str(s): self.ratio_to_best_baseline(s) for s in self.scales},
+            "all_methods": self.details,
         }
 
 
-def self_validate(*args: Any, **kwargs: Any) -> SelfValidationResult:  # pragma: no cover - replaced below
-    """Scale-shift self-validation (implemented once the training degradation code lands)."""
-    raise NotImplementedError
+def _starts(n: int, size: int) -> list[int]:
+    """Window starts tiling ``[0, n)`` with windows of ``size``; the last one is shifted back to end at n."""
+    starts = list(range(0, n - size + 1, size))
+    if starts[-1] + size < n:
+        starts.append(n - size)
+    return starts
+
+
+class _OffsetStack:
+    """An ``AuxStack`` seen from a child-cell offset (so ``AuxCache`` can cache a sub-window)."""
+
+    def __init__(self, stack: Any, row: int, col: int, order: Sequence[int]) -> None:
+        self._stack, self._row, self._col, self._order = stack, row, col, list(order)
+        self.names = [stack.names[i] for i in self._order]
+
+    def read(self, window: Any) -> np.ndarray:
+        from rasterio.windows import Window
+
+        w = Window(window.col_off + self._col, window.row_off + self._row, window.width, window.height)
+        return np.asarray(self._stack.read(w), dtype=np.float32)[self._order]
+
+
+def _region_mask(
+    region: tuple[float, float, float, float] | str | None, main: Any, ck: dict[str, Any], main_path: PathLike
+) -> tuple[np.ndarray, str]:
+    """Boolean ``[H, W]`` parent-cell mask of the evaluated region and a label for it."""
+    from carbonsr_cli.train.split import Split, parse_val_region
+
+    h, w = main.values.shape[1:]
+    grid = main.grid
+    if region is None:
+        return np.ones((h, w), dtype=bool), "whole raster (includes training areas)"
+    if isinstance(region, str) and region.strip().lower() == "split":
+        if not ck.get("split"):
+            raise CheckpointError("the checkpoint holds no train/validation split; give --val-region explicitly")
+        split = Split.from_dict(ck["split"])
+        if (split.height, split.width) != (h, w):
+            raise InputDataError(
+                f"the checkpoint's split is for a {split.height} x {split.width} grid, this main raster is "
+                f"{h} x {w}; give --val-region explicitly",
+                main_path,
+            )
+        return split.val_mask(), "validation region of the training split"
+    spec = region if isinstance(region, str) else ",".join(repr(float(v)) for v in region)
+    mask, kind = parse_val_region(spec, grid.transform, h, w, grid.crs)
+    return mask, f"--val-region {spec}"
+
+
+def self_validate(
+    checkpoint: PathLike,
+    main_path: PathLike,
+    aux_paths: Sequence[PathLike],
+    *,
+    scales: Sequence[int] = (2, 4, 12),
+    region: tuple[float, float, float, float] | str | None = None,
+    metrics: Sequence[str] | None = None,
+    device: str = "cpu",
+    batch_size: int = 8,
+    fill_missing: bool = False,
+) -> SelfValidationResult:
+    """Scale-shift self-validation: hide detail we know, and score how well it comes back.
+
+    Exactly the degradation of training (``carbonsr_cli.train.dataset``): the main raster is
+    tiled into ``patch x patch`` parent-cell windows (12 x 12 by default; the last window of a
+    row/column is shifted back to fit, and a cell is scored once). For each scale ``s`` (a
+    divisor of ``patch``), the coarse totals are the sums of ``s x s`` parent cells; the model
+    sees ``main = log1p(coarse total / (s * factor)**2)`` and the aux layers, its children are
+    water-filled onto each coarse block (``block = s * factor`` children), summed to parent
+    cells and compared with the true parent totals. The baselines get the same coarse totals:
+    uniform, and dasymetric by every aux layer (raw values as weights; the best layer per
+    scale is reported, chosen on these same cells, which favours the baselines). Years are
+    covered by consecutive windows of the model's ``T`` years (each year scored once).
+
+    Args:
+        checkpoint: carbonsr checkpoint (``best_model.pth``).
+        main_path: Main raster (totals per parent cell, t CO2 / cell / yr).
+        aux_paths: The aux layers the model was trained with (files, globs, directories).
+        scales: Coarse scales in parent cells (each must divide the training patch).
+        region: Cells to score: ``(minx, miny, maxx, maxy)`` in the main CRS, a bbox string or
+            a polygon file (cells whose centre lies inside), ``"split"`` for the validation
+            region stored in the checkpoint, or None for the whole raster (which includes the
+            areas the model was trained on, so it flatters the model).
+        metrics: Names from :data:`METRICS` (default all); the ratio uses ``nonzero-mae``.
+        device: ``auto``, ``cpu``, ``cuda``...
+        batch_size: Patches per forward pass.
+        fill_missing: Allow aux layers that do not cover the whole extent.
+
+    Returns:
+        A :class:`SelfValidationResult` (parent-level metrics per scale and method).
+
+    Raises:
+        UsageError: bad scales/metrics, empty region. CheckpointError: unusable checkpoint or
+            aux layers that differ from the checkpoint's. InputDataError: unusable rasters.
+    """
+    import torch
+
+    from carbonsr_cli.aux import AuxStack, discover_aux
+    from carbonsr_cli.downscale import _resolve_aux_order
+    from carbonsr_cli.stats import AuxNormalizer
+    from carbonsr_cli.train.checkpoints import load_checkpoint, load_model_for_inference
+    from carbonsr_cli.train.dataset import AuxCache, BatchSpec, MainData, build_batch, load_main
+    from carbonsr_cli.train.loop import _children, resolve_device
+    from models.baselines import dasymetric_fill, uniform_fill
+    from models.metrics import MetricAccumulator
+    from models.physics import block_sum
+
+    names = _check_metric_names(metrics)
+    if "nonzero-mae" not in names:
+        names = ["nonzero-mae", *names]
+    if batch_size < 1:
+        raise UsageError(f"batch size must be >= 1, got {batch_size}")
+    dev = resolve_device(device)
+    loaded = load_model_for_inference(checkpoint, dev)
+    ck = load_checkpoint(checkpoint)
+    f = int(loaded.factor)
+    patch = int(dict(ck.get("train_config") or {}).get("patch", 12))
+    scales = sorted({int(s) for s in scales})
+    bad = [s for s in scales if s < 2 or patch % s]
+    if not scales or bad:
+        divisors = [d for d in range(2, patch + 1) if patch % d == 0]
+        raise UsageError(f"scales {bad or scales} unusable: choose among {divisors} (divisors of the {patch}-cell patch)")
+    main = load_main([main_path])
+    n_years, h, w = main.values.shape
+    if h < patch or w < patch:
+        raise InputDataError(f"main raster ({h} x {w} cells) is smaller than one {patch} x {patch} patch", main_path)
+    t = int(loaded.years_window)
+    if t > n_years:
+        raise InputDataError(f"the model sees {t} years at once; the main raster has only {n_years} band(s)", main_path)
+    mask, label = _region_mask(region, main, ck, main_path)
+    if not (mask & main.valid.any(axis=0)).any():
+        raise UsageError(f"the evaluation region ({label}) holds no valid parent cell of the main raster")
+
+    # patch windows touching the region; each cell is owned by the first window that covers it
+    owned = np.zeros((h, w), dtype=bool)
+    windows: list[tuple[int, int, np.ndarray]] = []
+    for r in _starts(h, patch):
+        for c in _starts(w, patch):
+            sel = mask[r : r + patch, c : c + patch] & ~owned[r : r + patch, c : c + patch]
+            if sel.any():
+                windows.append((r, c, sel))
+                owned[r : r + patch, c : c + patch] |= sel
+    r0 = min(x[0] for x in windows)
+    c0 = min(x[1] for x in windows)
+    r1 = max(x[0] for x in windows) + patch
+    c1 = max(x[1] for x in windows) + patch
+    crop = MainData(grid=main.grid, years=main.years, values=main.values[:, r0:r1, c0:c1], paths=main.paths)
+    year_starts = _starts(n_years, t)
+    year_own: list[np.ndarray] = []
+    seen = np.zeros(n_years, dtype=bool)
+    for y0 in year_starts:
+        own = ~seen[y0 : y0 + t]
+        year_own.append(own.copy())
+        seen[y0 : y0 + t] = True
+    items = [(r - r0, c - c0, sel, y0, yo) for (r, c, sel) in windows for y0, yo in zip(year_starts, year_own)]
+
+    child = main.grid.child(f)
+    with AuxStack(discover_aux(list(aux_paths)), child, main.years, fill_missing=fill_missing) as stack:
+        order = _resolve_aux_order(stack.names, loaded.aux_names, checkpoint)
+        view = _OffsetStack(stack, r0 * f, c0 * f, order)
+        from rasterio.windows import Window
+
+        raw_all = view.read(Window(0, 0, (c1 - c0) * f, (r1 - r0) * f))  # [C, Y, h, w] physical values
+    norm = AuxNormalizer.from_stats(loaded.stats)
+    cache = AuxCache(np.asarray(norm.apply(raw_all), dtype=np.float32).astype(np.float16), loaded.aux_names)
+    layer_names = list(loaded.aux_names)
+    accs: dict[tuple[int, str], Any] = {}
+    model = loaded.model
+    with torch.no_grad():
+        for s in scales:
+            block = s * f
+            for k in range(0, len(items), batch_size):
+                chunk = items[k : k + batch_size]
+                spec = BatchSpec(
+                    scale=s,
+                    rows=tuple(i[0] for i in chunk),
+                    cols=tuple(i[1] for i in chunk),
+                    year0=tuple(i[3] for i in chunk),
+                    rot=(0,) * len(chunk),
+                    flip=(False,) * len(chunk),
+                )
+                b = build_batch(spec, crop, cache, factor=f, patch=patch, years_window=t)
+                sel = np.stack([i[2][None, :, :] & i[4][:, None, None] for i in chunk])[:, None]  # [B,1,T,p,p]
+                m = b.mask & sel
+                totals = torch.from_numpy(b.totals)
+                raw, _ = model(torch.from_numpy(b.aux).to(dev), torch.from_numpy(b.main).to(dev))
+                kids = _children(model, raw, totals.to(dev), block)
+                preds = {"model": block_sum(kids, f).cpu().numpy(), "uniform": block_sum(uniform_fill(totals, block), f).numpy()}
+                for li, ln in enumerate(layer_names):
+                    wts = np.stack(
+                        [raw_all[li, y0 : y0 + t, r * f : (r + patch) * f, c * f : (c + patch) * f] for r, c, _, y0, _ in chunk]
+                    )[:, None]
+                    preds[f"dasymetric:{ln}"] = block_sum(dasymetric_fill(totals, torch.from_numpy(wts), block), f).numpy()
+                for meth, pv in preds.items():
+                    acc = accs.setdefault((s, meth), MetricAccumulator())
+                    acc.update(pv, b.truth, m)
+    rows: list[dict[str, Any]] = []
+    details: dict[str, dict[str, dict[str, float]]] = {}
+    for s in scales:
+        scored = {meth: _select(acc, names) for (sc, meth), acc in accs.items() if sc == s}
+        details[str(s)] = scored
+        dasy = {k: v for k, v in scored.items() if k.startswith("dasymetric:")}
+        best_dasy = min(dasy, key=lambda k: (np.nan_to_num(dasy[k]["nonzero-mae"], nan=np.inf), k)) if dasy else None
+        for meth in ["model", "uniform", *([best_dasy] if best_dasy else [])]:
+            rows.append({"scale": s, "method": meth, **scored[meth]})
+    reg = tuple(float(v) for v in region) if isinstance(region, (tuple, list)) else None
+    res = SelfValidationResult(rows=rows, scales=scales, methods=["model", "uniform", "dasymetric"], region=reg)
+    res.region_label = label
+    res.details = details
+    return res

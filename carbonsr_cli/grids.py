@@ -216,14 +216,14 @@ class ParentGrid:
     def window_bounds(self, window: Window) -> BoundingBox:
         """``(left, bottom, right, top)`` of a window of this grid, in CRS units."""
         c, r, w, h = window_ints(window)
-        left, top = self.transform * (c, r)
-        right, bottom = self.transform * (c + w, r + h)
+        left, top = self.transform @ (c, r)
+        right, bottom = self.transform @ (c + w, r + h)
         return BoundingBox(left, bottom, right, top)
 
     def window_transform(self, window: Window) -> Affine:
         """Affine transform of the top-left cell of ``window``."""
         c, r, _, _ = window_ints(window)
-        return self.transform * Affine.translation(c, r)
+        return self.transform @ Affine.translation(c, r)
 
     def clip_window(self, window: Window) -> Window:
         """Intersect ``window`` with the grid."""
@@ -232,9 +232,9 @@ class ParentGrid:
     def window_from_bounds(self, left: float, bottom: float, right: float, top: float) -> Window:
         """Smallest window of whole cells covering the bounds (CRS units), not clipped."""
         inv = ~self.transform
-        c0, r0 = inv * (left, top)
-        c1, r1 = inv * (right, bottom)
-        eps = 1e-9
+        c0, r0 = inv @ (left, top)
+        c1, r1 = inv @ (right, bottom)
+        eps = 1e-6  # cells; absorbs float noise when bounds fall on cell edges
         c_lo, c_hi = math.floor(min(c0, c1) + eps), math.ceil(max(c0, c1) - eps)
         r_lo, r_hi = math.floor(min(r0, r1) + eps), math.ceil(max(r0, r1) - eps)
         return Window(c_lo, r_lo, max(c_hi - c_lo, 0), max(r_hi - r_lo, 0))
@@ -265,7 +265,7 @@ class ChildGrid:
     @property
     def transform(self) -> Affine:
         """Parent transform with the pixel size divided by ``factor`` (same origin)."""
-        return self.parent.transform * Affine.scale(1.0 / self.factor)
+        return self.parent.transform @ Affine.scale(1.0 / self.factor)
 
     @property
     def width(self) -> int:
@@ -338,11 +338,11 @@ class ChildGrid:
         """``(left, bottom, right, top)`` of a child window, in CRS units."""
         c, r, w, h = window_ints(window)
         t = self.transform
-        left, top = t * (c, r)
-        right, bottom = t * (c + w, r + h)
+        left, top = t @ (c, r)
+        right, bottom = t @ (c + w, r + h)
         return BoundingBox(left, bottom, right, top)
 
     def window_transform(self, window: Window) -> Affine:
         """Affine transform of the top-left child cell of ``window``."""
         c, r, _, _ = window_ints(window)
-        return self.transform * Affine.translation(c, r)
+        return self.transform @ Affine.translation(c, r)

@@ -9,6 +9,7 @@ shared between the panels that show the same quantity, and errors use a symmetri
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -62,14 +63,8 @@ def _cmap(name: str) -> Any:
     import matplotlib
 
     cm = matplotlib.colormaps[name].copy()
-    cm.set_bad(_BAD)
-    cm.set_under(_BAD)
+    cm.set_bad((0.0, 0.0, 0.0, 0.0))  # masked cells show the grey/white base layer
     return cm
-
-
-def _masked_pos(a: np.ndarray) -> np.ma.MaskedArray:
-    """Mask zero, negative and non-finite cells (drawn in the 'bad' colour on a log map)."""
-    return np.ma.masked_where(~(np.isfinite(a) & (a > 0)), a)
 
 
 def _save(fig: Any, out_png: PathLike, overwrite: bool, dpi: int) -> Path:
@@ -78,20 +73,44 @@ def _save(fig: Any, out_png: PathLike, overwrite: bool, dpi: int) -> Path:
     dest = Path(out_png)
     try:
         with atomic_path(dest, overwrite=overwrite) as tmp:
-            fig.savefig(tmp, format="png", dpi=dpi)
+            fig.savefig(tmp, format="png", dpi=dpi, pil_kwargs={"optimize": True})
     finally:
         plt.close(fig)
     return dest
 
 
-def _map_panel(ax: Any, fig: Any, data: np.ndarray, norm: Any, cmap: Any, title: str, label: str) -> None:
-    im = ax.imshow(data, norm=norm, cmap=cmap, interpolation="nearest")
+def _map_panel(
+    ax: Any, fig: Any, data: np.ndarray, norm: Any, cmap: Any, title: str, label: str, *, log: bool = True
+) -> Any:
+    """Draw one map: zero cells light grey, nodata white, the rest on ``norm``; returns the colour bar."""
+    from matplotlib.colors import ListedColormap
+
+    a = np.asarray(data, dtype=np.float64)
+    finite = np.isfinite(a)
+    # base layer: every valid cell light grey (zeros stay grey), nodata white
+    ax.imshow(np.where(finite, 1.0, np.nan), cmap=ListedColormap([_BAD]), vmin=0, vmax=1, interpolation="nearest")
+    shown = np.ma.masked_where(~(finite & (a > 0)), a) if log else np.ma.masked_where(~finite | (a == 0), a)
+    im = ax.imshow(shown, norm=norm, cmap=cmap, interpolation="nearest")
     ax.set_title(title, fontsize=10)
     ax.set_xticks([])
     ax.set_yticks([])
-    cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+    cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03, extend="both" if not log else "neither")
     cb.set_label(label, fontsize=8)
     cb.ax.tick_params(labelsize=7)
+    return cb
+
+
+def _symlog_ticks(lin: float, vmax: float) -> tuple[list[float], list[str]]:
+    """At most 7 ticks (0 and +-powers of ten) for a ``SymLogNorm`` colour bar."""
+    lo = int(math.ceil(math.log10(lin)))
+    hi = int(math.floor(math.log10(vmax)))
+    decades = list(range(lo, hi + 1)) or [hi]
+    step = max(1, int(math.ceil(len(decades) / 3)))
+    decades = decades[::-1][::step][::-1]
+    pos = [10.0**d for d in decades]
+    ticks = [-p for p in pos[::-1]] + [0.0] + pos
+    labels = [f"$-10^{{{d}}}$" for d in decades[::-1]] + ["0"] + [f"$10^{{{d}}}$" for d in decades]
+    return ticks, labels
 
 
 def plot_comparison(
@@ -103,7 +122,7 @@ def plot_comparison(
     title: str | None = None,
     overwrite: bool = True,
     dpi: int = 100,
-    max_map_cells: int = 400,
+    max_map_cells: int = 240,
 ) -> Path:
     """Scatter and maps of a prediction against a reference on the same grid.
 
@@ -161,19 +180,22 @@ def plot_comparison(
     vmin, vmax = log_limits(pm, rm)
     norm = LogNorm(vmin=vmin, vmax=vmax, clip=False)
     cmap = _cmap(_CMAP)
-    agg = "" if pm.shape == pred.shape else f" (shown {pred.shape[0] // pm.shape[0]}x aggregated)"
-    _map_panel(axes[1], fig, _masked_pos(pm), norm, cmap, f"prediction{agg}", units)
-    _map_panel(axes[2], fig, _masked_pos(rm), norm, cmap, "reference", units)
+    k = pred.shape[0] // pm.shape[0]
+    agg = "" if k == 1 else f" (sums of {k}x{k} cells)"
+    _map_panel(axes[1], fig, pm, norm, cmap, f"prediction{agg}", units)
+    _map_panel(axes[2], fig, rm, norm, cmap, f"reference{agg}", units)
     err = pm - rm
-    finite = err[np.isfinite(err)]
-    emax = float(np.abs(finite).max()) if finite.size else 1.0
+    finite = np.abs(err[np.isfinite(err) & (err != 0)])
+    emax = float(np.quantile(finite, 0.999)) if finite.size else 1.0
     emax = emax if emax > 0 else 1.0
-    nz = np.abs(finite[finite != 0])
-    lin = float(np.quantile(nz, 0.1)) if nz.size else emax / 100
+    lin = float(np.quantile(finite, 0.25)) if finite.size else emax / 100
     lin = min(max(lin, emax * 1e-4), emax / 10)
     enorm = SymLogNorm(linthresh=lin, vmin=-emax, vmax=emax, base=10)
-    ecmap = _cmap(_ERR_CMAP)
-    _map_panel(axes[3], fig, np.ma.masked_invalid(err), enorm, ecmap, "error: prediction - reference", units)
+    cb = _map_panel(axes[3], fig, err, enorm, _cmap(_ERR_CMAP), "error: prediction - reference", units, log=False)
+    ticks, labels = _symlog_ticks(lin, emax)
+    cb.set_ticks(ticks, labels=labels)
+    fig.text(0.995, 0.01, "grey: 0 (no error on the error map), white: nodata", ha="right", va="bottom", fontsize=7,
+             color="0.35")
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
@@ -221,8 +243,8 @@ def plot_quicklook(
     axes = np.atleast_1d(axes)
     cmap = _cmap(_CMAP)
     for i, (name, arr) in enumerate(panels):
-        a = np.asarray(arr, dtype=np.float64)
-        _map_panel(axes[i], fig, _masked_pos(a), norms.get(i, LogNorm()), cmap, name, units)
+        _map_panel(axes[i], fig, np.asarray(arr, dtype=np.float64), norms.get(i, LogNorm()), cmap, name, units)
+    fig.text(0.995, 0.01, "grey: 0, white: nodata", ha="right", va="bottom", fontsize=7, color="0.35")
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()

@@ -11,9 +11,11 @@ read errors (typically a truncated file discovered late) into
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +37,36 @@ def _gdal_message(exc: BaseException) -> str:
     """First line of a GDAL error message, without the path repeated."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return text[:200]
+
+
+class _Capture(logging.Filter):
+    """Logging filter that swallows GDAL warnings and keeps them for the debug log."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:  # noqa: A003
+        self.messages.append(record.getMessage())
+        return False
+
+
+@contextlib.contextmanager
+def _quiet_gdal(path: Path) -> Iterator[None]:
+    """Hold back GDAL warnings (e.g. on a truncated TIFF) while opening ``path``.
+
+    The user gets one ``error:`` line instead; the GDAL messages go to the ``carbonsr`` debug
+    log (``carbonsr -v``).
+    """
+    logger = logging.getLogger("rasterio._env")
+    cap = _Capture()
+    logger.addFilter(cap)
+    try:
+        yield
+    finally:
+        logger.removeFilter(cap)
+        for msg in cap.messages:
+            logging.getLogger("carbonsr").debug("GDAL while opening %s: %s", path, msg)
 
 
 def check_north_up(transform: Any, path: str | os.PathLike[str] | None) -> None:
@@ -127,27 +159,33 @@ def open_raster(
         raise UsageError("is a directory, expected a raster file", p)
     if p.stat().st_size == 0:
         raise InputDataError("empty file (0 bytes), not a raster", p)
-    try:
-        ds = rasterio.open(p)
-    except RasterioError as exc:
-        msg = _gdal_message(exc)
-        if "not recognized as a supported file format" in msg or "not recognized as being in a supported" in msg:
-            raise InputDataError("not a raster file GDAL can read (is it really a GeoTIFF?)", p) from None
-        raise InputDataError(f"cannot open raster (truncated or corrupt?): {msg}", p) from None
-    try:
-        if ds.count < 1:
-            raise InputDataError("raster has no bands", p)
-        if require_crs and ds.crs is None:
-            raise InputDataError(
-                "no CRS; assign one with gdal_edit.py -a_srs EPSG:<code> (e.g. EPSG:4326)", p
-            )
-        if require_north_up:
-            check_north_up(ds.transform, p)
-        _check_not_truncated(ds, p)
-    except BaseException:
-        ds.close()
-        raise
+    with _quiet_gdal(p):
+        try:
+            ds = rasterio.open(p)
+        except RasterioError as exc:
+            msg = _gdal_message(exc)
+            if "not recognized as a supported file format" in msg or "not recognized as being in a supported" in msg:
+                raise InputDataError("not a raster file GDAL can read (is it really a GeoTIFF?)", p) from None
+            raise InputDataError(f"cannot open raster (truncated or corrupt?): {msg}", p) from None
+        try:
+            _validate(ds, p, require_crs, require_north_up)
+        except BaseException:
+            ds.close()
+            raise
     return ds
+
+
+def _validate(ds: DatasetReader, p: Path, require_crs: bool, require_north_up: bool) -> None:
+    """Checks of :func:`open_raster` on an open dataset."""
+    if ds.count < 1:
+        raise InputDataError("raster has no bands", p)
+    if require_crs and ds.crs is None:
+        raise InputDataError(
+            "no CRS; assign one with gdal_edit.py -a_srs EPSG:<code> (e.g. EPSG:4326)", p
+        )
+    if require_north_up:
+        check_north_up(ds.transform, p)
+    _check_not_truncated(ds, p)
 
 
 def read_window(
@@ -188,7 +226,8 @@ def read_window(
     if out_dtype is not None:
         kwargs["out_dtype"] = out_dtype
     try:
-        return ds.read(indexes, **kwargs)
+        with _quiet_gdal(Path(ds.name)):
+            return ds.read(indexes, **kwargs)
     except RasterioError as exc:
         raise InputDataError(
             f"cannot read data (truncated or corrupt file?): {_gdal_message(exc)}", ds.name

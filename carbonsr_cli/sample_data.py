@@ -35,7 +35,8 @@ region, so that auxiliary layers cover the region with a margin):
      are zero entirely (so more than 60 % of 1 km land cells are exactly zero);
    - industrial point sources (about one per 1500 km2, at least 4): each a
      footprint of 1-4 child cells inside one 1 km cell, total about 1500 times
-     the median nonzero 1 km cell (the two largest at least 1300 times), nearly
+     (300..8000 times) the median nonzero 1 km cell (the two largest at least
+     1300 times, a new plant at least 800 times), nearly
      invisible in night-time lights (+6 radiance per 100 m cell);
    - years: traffic grows by 3 % +- 3 % per year and heating changes by
      -2 % +- 2 % per year (smooth spatial pattern of growth rates); every plant
@@ -95,6 +96,7 @@ _Y_TOP = 3_600_000.0  # northing of the region's top edge (about 32.5 N)
 _NDVI_RES_DEG = 0.001
 _LIGHTS_RES_M = 500.0
 _LIGHTS_OFFSET_M = 250.0
+_STRIP = 1280  # rows of child cells per strip in the yearly loop (multiple of 256 and of FACTOR)
 _GTIFF = {"driver": "GTiff", "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate"}
 
 
@@ -201,7 +203,10 @@ def generate_sample_data(
     _check_destination(dest, overwrite)
     tmp = _make_temp_sibling(dest)
     try:
-        _generate(_layout(tmp, years=years_t, seed=seed, size_km=size_km), seed=seed, size_km=size_km, years=years_t)
+        import rasterio
+
+        with rasterio.Env(GDAL_CACHEMAX=128):  # MB; bounded write cache for large regions
+            _generate(_layout(tmp, years=years_t, seed=seed, size_km=size_km), seed=seed, size_km=size_km, years=years_t)
         _move_into_place(tmp, dest, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -244,9 +249,20 @@ def _make_temp_sibling(dest: Path) -> Path:
         (tmp / "aux").mkdir()
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        problem = exc.strerror or type(exc).__name__
-        raise OutputError(f"cannot write here ({problem})", dest.parent if dest.parent.exists() else dest) from None
+        raise _unwritable(dest, exc) from None
     return tmp
+
+
+def _unwritable(dest: Path, exc: OSError) -> OutputError:
+    """An OutputError naming the first existing ancestor of ``dest`` that blocks writing."""
+    anc = dest.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        return OutputError("is not a directory; cannot create the output directory inside it", anc)
+    if isinstance(exc, PermissionError):
+        return OutputError("permission denied: cannot create the output directory here", anc)
+    return OutputError(f"cannot create the output directory here ({exc.strerror or type(exc).__name__})", anc)
 
 
 def _move_into_place(tmp: Path, dest: Path, overwrite: bool) -> None:
@@ -276,20 +292,26 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], scale: float
     h, w = shape
     s = max(float(scale), 1.0)
     coarse = rng.standard_normal((int(h / s) + 3, int(w / s) + 3)).astype(np.float32)
-    tmp = _lerp_axis0(coarse, h, s)
-    out = _lerp_axis0(tmp.T, w, s).T
-    out -= out.mean(dtype=np.float64)
+    out = _lerp_axis(_lerp_axis(coarse, h, s, 0), w, s, 1)
+    out -= np.float32(out.mean(dtype=np.float64))
     std = out.std(dtype=np.float64)
     if std > 0:
-        out /= std
-    return np.ascontiguousarray(out, dtype=np.float32)
+        out /= np.float32(std)
+    return out
 
 
-def _lerp_axis0(a: np.ndarray, n: int, s: float) -> np.ndarray:
+def _lerp_axis(a: np.ndarray, n: int, s: float, axis: int) -> np.ndarray:
+    """Linear interpolation of ``a`` to ``n`` cells along ``axis`` (``s`` output cells per input cell)."""
     pos = (np.arange(n, dtype=np.float64) + 0.5) / s
     i0 = np.floor(pos).astype(np.int64)
-    f = (pos - i0).astype(np.float32)[:, None]
-    return a[i0] * (1 - f) + a[i0 + 1] * f
+    f = (pos - i0).astype(np.float32)
+    f = f[:, None] if axis == 0 else f[None, :]
+    out = np.take(a, i0, axis=axis)
+    out *= 1 - f
+    nxt = np.take(a, i0 + 1, axis=axis)
+    nxt *= f
+    out += nxt
+    return out
 
 
 def _filter_axis(a: np.ndarray, kernel: np.ndarray, axis: int) -> np.ndarray:
@@ -347,23 +369,23 @@ class _World:
     landcover: np.ndarray  # uint8
     population: np.ndarray  # float32, persons / cell
     builtup: np.ndarray  # float32, 0..1
-    urban: np.ndarray  # float32, 0..1 urban intensity
+    urban: np.ndarray | None  # float32, 0..1 urban intensity
     roads: dict[str, list[np.ndarray]] = field(default_factory=dict)  # class -> polylines (pixel coords)
     road_weight: np.ndarray | None = None  # float32 t/yr per cell before buffering
 
 
 def _generate(paths: SampleData, *, seed: int, size_km: int, years: tuple[int, ...]) -> None:
     import rasterio
-    from rasterio.transform import from_origin
+    from rasterio.windows import Window
 
     rng = np.random.Generator(np.random.PCG64(seed))
     n = size_km
     n_child = n * FACTOR
     ne = n_child + 2 * _MARGIN
     x_left = _X_CENTRE - n * PARENT_RES_M / 2
-    ext_transform = from_origin(x_left - _MARGIN * CHILD_RES_M, _Y_TOP + _MARGIN * CHILD_RES_M, CHILD_RES_M, CHILD_RES_M)
-    child_transform = from_origin(x_left, _Y_TOP, CHILD_RES_M, CHILD_RES_M)
-    parent_transform = from_origin(x_left, _Y_TOP, PARENT_RES_M, PARENT_RES_M)
+    ext_transform = _from_origin(x_left - _MARGIN * CHILD_RES_M, _Y_TOP + _MARGIN * CHILD_RES_M, CHILD_RES_M, CHILD_RES_M)
+    child_transform = _from_origin(x_left, _Y_TOP, CHILD_RES_M, CHILD_RES_M)
+    parent_transform = _from_origin(x_left, _Y_TOP, PARENT_RES_M, PARENT_RES_M)
 
     world = _make_world(rng, ne, ext_transform)
     inner = (slice(_MARGIN, _MARGIN + n_child), slice(_MARGIN, _MARGIN + n_child))
@@ -371,6 +393,8 @@ def _generate(paths: SampleData, *, seed: int, size_km: int, years: tuple[int, .
     sea_parent = world.sea_parent[_MARGIN_PARENT : _MARGIN_PARENT + n, _MARGIN_PARENT : _MARGIN_PARENT + n]
 
     # --- static emission components (t CO2 / child cell / yr), float32 on the extended grid
+    if world.urban is None or world.road_weight is None:  # pragma: no cover - internal invariant
+        raise RuntimeError("world fields missing")
     traffic = world.road_weight * (1.0 + 1.5 * world.urban)
     traffic = _blur(traffic.astype(np.float32), np.array([0.25, 0.5, 0.25]))
     climate = (1.0 + 0.5 * (1.0 - np.arange(ne, dtype=np.float32) / ne))[:, None]
@@ -395,13 +419,13 @@ def _generate(paths: SampleData, *, seed: int, size_km: int, years: tuple[int, .
     median_nz = float(np.median(nz)) if nz.size else 1000.0
 
     plants = _make_plants(rng, world, n, median_nz, len(years))
-    growth_field = _smooth_field(rng, (n_child, n_child), 200.0)
-    r_traffic = (0.03 + 0.03 * np.clip(growth_field, -1.5, 1.5)).astype(np.float32)
-    r_heating = (-0.02 + 0.02 * np.clip(growth_field, -1.5, 1.5)).astype(np.float32)
-    del growth_field
+    world.urban = None  # no longer needed; free memory before the yearly loop
+    for p in plants:  # plant sites have no residents and no other activity
+        traffic[p.rows - _MARGIN, p.cols - _MARGIN] = 0
+        heating[p.rows - _MARGIN, p.cols - _MARGIN] = 0
+    growth = np.clip(_smooth_field(rng, (n_child, n_child), 200.0), -1.5, 1.5)
 
-    # --- write per year: truth (100 m) and totals (1 km)
-    sea_mask_child = sea_child
+    # --- write per year, by strips of rows: truth (100 m) and totals (1 km)
     emissions = np.full((len(years), n, n), NODATA, dtype=np.float32)
     truth_profile = {
         **_GTIFF,
@@ -417,27 +441,30 @@ def _generate(paths: SampleData, *, seed: int, size_km: int, years: tuple[int, .
     with rasterio.open(paths.truth, "w", **truth_profile) as dst:
         for b, year in enumerate(years):
             t = year - years[0]
-            noise = np.exp(sigma * rng.standard_normal((n_child, n_child), dtype=np.float32) - sigma**2 / 2)
-            truth = traffic.astype(np.float64) * np.power(1.0 + r_traffic, t, dtype=np.float32)
-            truth += heating.astype(np.float64) * np.power(1.0 + r_heating, t, dtype=np.float32)
-            truth *= noise
-            del noise
-            for p in plants:
-                total = p.total_for(b, t, rng)
-                if total > 0:
+            totals = [(p, p.total_for(b, t, rng)) for p in plants]
+            for r0 in range(0, n_child, _STRIP):
+                r1 = min(n_child, r0 + _STRIP)
+                rows = slice(r0, r1)
+                g = growth[rows]
+                truth = traffic[rows].astype(np.float64)
+                truth *= np.power(1.0 + (0.03 + 0.03 * g), t, dtype=np.float32)
+                truth += heating[rows] * np.power(1.0 + (-0.02 + 0.02 * g), t, dtype=np.float32)
+                truth *= np.exp(sigma * rng.standard_normal((r1 - r0, n_child), dtype=np.float32) - np.float32(sigma**2 / 2))
+                for p, total in totals:
                     r, c = p.rows - _MARGIN, p.cols - _MARGIN
-                    np.add.at(truth, (r, c), total * p.shares)
-            truth32 = truth.astype(np.float32)
-            del truth
-            truth32[sea_mask_child] = NODATA
-            sums = _block_sum(np.where(sea_mask_child, 0, truth32), FACTOR)
-            band = sums.astype(np.float32)
-            band[sea_parent] = NODATA
-            emissions[b] = band
-            dst.write(truth32, b + 1)
+                    inside = (r >= r0) & (r < r1)
+                    if total > 0 and inside.any():
+                        np.add.at(truth, (r[inside] - r0, c[inside]), total * p.shares[inside])
+                truth32 = truth.astype(np.float32)
+                del truth
+                sea_s = sea_child[rows]
+                truth32[sea_s] = NODATA
+                emissions[b, r0 // FACTOR : r1 // FACTOR] = _block_sum(np.where(sea_s, np.float32(0), truth32), FACTOR)
+                dst.write(truth32, b + 1, window=Window(0, r0, n_child, r1 - r0))
+                del truth32
+            emissions[b][sea_parent] = NODATA
             dst.set_band_description(b + 1, str(year))
             dst.update_tags(b + 1, YEAR=str(year))
-            del truth32, sums
         dst.update_tags(
             UNITS=EMISSION_UNITS,
             CARBONSR_KIND="truth",
@@ -445,7 +472,7 @@ def _generate(paths: SampleData, *, seed: int, size_km: int, years: tuple[int, .
             SEED=str(seed),
             DESCRIPTION="synthetic 100 m emission truth; for evaluation only, never for training",
         )
-    del traffic, heating, r_traffic, r_heating
+    del traffic, heating, growth
 
     with rasterio.open(
         paths.emissions,
@@ -483,11 +510,14 @@ def _make_world(rng: np.random.Generator, ne: int, ext_transform: Any) -> _World
     u = (np.arange(npe) + 0.5) / npe
     coast = 1.55 + 0.05 * np.sin(2 * np.pi * (2.0 * u[None, :] + rng.uniform())) + 0.06 * _smooth_field(rng, (npe, npe), 6)
     sea_parent = (u[None, :] + u[:, None]) > coast
+    sea_parent[-_MARGIN_PARENT - 1 :, -_MARGIN_PARENT - 1 :] = True  # at least one sea cell in the region
     sea = np.repeat(np.repeat(sea_parent, FACTOR, 0), FACTOR, 1)
     del coast
 
     # terrain -> forest candidates; other land; lakes
-    hills = 0.8 * _smooth_field(rng, (ne, ne), 80) + 0.4 * _smooth_field(rng, (ne, ne), 20)
+    hills = _smooth_field(rng, (ne, ne), 80)
+    hills *= np.float32(0.8)
+    hills += np.float32(0.4) * _smooth_field(rng, (ne, ne), 20)
     forest_thr = _quantile(hills[~sea], 0.74)
     lakes_f = _smooth_field(rng, (ne, ne), 15)
     lakes = (lakes_f > _quantile(lakes_f, 0.99)) & ~sea
@@ -510,7 +540,11 @@ def _make_world(rng: np.random.Generator, ne: int, ext_transform: Any) -> _World
         d = np.sqrt(rr**2 + cc**2)
         np.maximum(urban[rs, cs], np.exp(-((d / rc) ** 2)), out=urban[rs, cs])
         pop[rs, cs] += pk * np.exp(-d / (0.7 * rc))
-    pop *= np.exp(0.35 * _smooth_field(rng, (ne, ne), 5) - 0.06)
+    texture = _smooth_field(rng, (ne, ne), 5)
+    texture *= np.float32(0.35)
+    texture -= np.float32(0.06)
+    pop *= np.exp(texture, out=texture)
+    del texture
 
     # villages (point masses blurred into blobs) and farmhouses
     n_villages = max(5, int(round(area_km2 / 25)))
@@ -576,6 +610,13 @@ def _make_world(rng: np.random.Generator, ne: int, ext_transform: Any) -> _World
     return _World(
         ne=ne, sea=sea, sea_parent=sea_parent, landcover=landcover, population=pop, builtup=builtup, urban=urban, roads=roads, road_weight=road_weight
     )
+
+
+def _from_origin(west: float, north: float, xsize: float, ysize: float) -> Any:
+    """North-up affine transform (like rasterio.transform.from_origin, without its deprecation warning)."""
+    from affine import Affine
+
+    return Affine(xsize, 0.0, west, 0.0, -ysize, north)
 
 
 def _pixel_to_crs(transform: Any) -> Any:
@@ -735,7 +776,7 @@ def _make_plants(rng: np.random.Generator, world: _World, n: int, median_nz: flo
         return inside & ~world.sea[r2, c2] & (lc != 80) & (lc != 20) & (r % FACTOR < FACTOR - 1) & (c % FACTOR < FACTOR - 1)
 
     sites = _sample_points(rng, n_total, ne, ok, min_dist=2 * FACTOR, lo=0.0, hi=1.0)
-    mult = np.exp(rng.normal(math.log(1500.0), 0.6, len(sites)))
+    mult = np.clip(np.exp(rng.normal(math.log(1500.0), 0.6, len(sites))), 300.0, 8000.0)
     order = np.argsort(-mult)
     mult[order[:2]] = np.maximum(mult[order[:2]], 1300.0)
     plants: list[_Plant] = []
@@ -746,7 +787,7 @@ def _make_plants(rng: np.random.Generator, world: _World, n: int, median_nz: flo
         shares = rng.dirichlet(np.ones(cells) * 2.0)
         is_new = n_years >= 2 and k == len(sites) - 1
         start = max(1, n_years // 2) if is_new else 0
-        total = median_nz * float(mult[k]) * (0.6 if is_new else 1.0)
+        total = median_nz * (max(float(mult[k]), 800.0) if is_new else float(mult[k]))
         plants.append(_Plant(r + dr, c + dc, shares, total, float(rng.normal(0.0, 0.04)), start, 10**9))
         world.landcover[r + dr, c + dc] = 50
         world.builtup[r + dr, c + dc] = np.maximum(world.builtup[r + dr, c + dc], 0.7)
@@ -765,7 +806,6 @@ def _write_aux(
     paths: SampleData, rng: np.random.Generator, world: _World, ext_transform: Any, plants: list[_Plant], *, seed: int, size_km: int
 ) -> None:
     import rasterio
-    from rasterio.transform import from_origin
     from rasterio.warp import Resampling, reproject, transform_bounds
 
     ne = world.ne
@@ -792,7 +832,7 @@ def _write_aux(
     left = ext_transform.c + (_MARGIN * CHILD_RES_M - 3000.0) + _LIGHTS_OFFSET_M
     top = ext_transform.f - (_MARGIN * CHILD_RES_M - 3000.0) - _LIGHTS_OFFSET_M
     n_l = int((ne * CHILD_RES_M - 2 * _LIGHTS_OFFSET_M) // _LIGHTS_RES_M)
-    l_transform = from_origin(left, top, _LIGHTS_RES_M, _LIGHTS_RES_M)
+    l_transform = _from_origin(left, top, _LIGHTS_RES_M, _LIGHTS_RES_M)
     lights = np.zeros((n_l, n_l), np.float32)
     reproject(rad, lights, src_transform=ext_transform, src_crs=CRS, dst_transform=l_transform, dst_crs=CRS, resampling=Resampling.average)
     del rad
@@ -805,7 +845,7 @@ def _write_aux(
     base = np.zeros(256, np.float32)
     base[[10, 20, 50, 80, 90]] = [0.55, 0.78, 0.18, -0.08, 0.32]
     ndvi = base[world.landcover] - 0.35 * world.builtup + 0.06 * _smooth_field(rng, (ne, ne), 10)
-    ndvi += rng.normal(0, 0.02, (ne, ne)).astype(np.float32)
+    ndvi += np.float32(0.02) * rng.standard_normal((ne, ne), dtype=np.float32)
     ndvi = np.clip(ndvi, -0.2, 0.9).astype(np.float32)
     x0 = ext_transform.c + (_MARGIN - FACTOR) * CHILD_RES_M  # region + 1 km
     y1 = ext_transform.f - (_MARGIN - FACTOR) * CHILD_RES_M
@@ -813,7 +853,7 @@ def _write_aux(
     w, s, e, nn = transform_bounds(CRS, "EPSG:4326", x0, y1 - span, x0 + span, y1, densify_pts=51)
     r = _NDVI_RES_DEG
     w, s, e, nn = math.floor(w / r) * r, math.floor(s / r) * r, math.ceil(e / r) * r, math.ceil(nn / r) * r
-    g_transform = from_origin(w, nn, r, r)
+    g_transform = _from_origin(w, nn, r, r)
     out = np.full((int(round((nn - s) / r)), int(round((e - w) / r))), NODATA, np.float32)
     reproject(
         ndvi, out, src_transform=ext_transform, src_crs=CRS, dst_transform=g_transform, dst_crs="EPSG:4326",

@@ -3,7 +3,9 @@
 Output profile (see :func:`output_profile`): GTiff, internally tiled 512 x 512, DEFLATE
 with predictor 3 for floats (2 for integers), ``BIGTIFF=IF_SAFER``, ``NUM_THREADS=ALL_CPUS``,
 band interleave, one band per year with its description, nodata and tags (units, factor,
-source file, software version and whatever the caller adds).
+source file, software version and whatever the caller adds). While writing, GDAL's block
+cache is limited to a few rows of 512-pixel blocks (see :meth:`RasterWriter.cache_bytes`), so
+memory does not grow with the raster height.
 
 With ``cog=True`` the data are first written to a temporary GTiff, then copied with GDAL's
 COG driver (internal tiling 512, overviews with ``average`` resampling) to a second
@@ -101,7 +103,8 @@ class RasterWriter:
         count: Number of bands (years).
         dtype: Output dtype (``"float32"`` default, ``"float64"`` on request).
         nodata: Nodata value written in the file (None: unset).
-        band_descriptions: One description per band (normally the year).
+        band_descriptions: One description per band (normally the year); default the grid's
+            ``band_names`` when their number matches ``count``.
         tags: Extra dataset tags (strings); merged over the defaults.
         compress: ``deflate`` (default), ``lzw``, ``zstd``, ``lerc`` or ``none``.
         cog: Produce a Cloud Optimized GeoTIFF (GDAL COG driver, with overviews).
@@ -137,6 +140,9 @@ class RasterWriter:
             raise ValueError("count must be >= 1")
         self.dtype = np.dtype(dtype)
         self.nodata = nodata
+        if band_descriptions is None:
+            names = tuple(getattr(grid, "band_names", ()) or ())
+            band_descriptions = names if len(names) == self.count else None
         if band_descriptions is not None and len(band_descriptions) != self.count:
             raise ValueError(f"{len(band_descriptions)} band descriptions for {self.count} bands")
         self.band_descriptions = list(band_descriptions) if band_descriptions is not None else None
@@ -166,6 +172,8 @@ class RasterWriter:
 
         stack = contextlib.ExitStack()
         try:
+            if "GDAL_CACHEMAX" not in os.environ:  # bound GDAL's block cache (default 5% of RAM)
+                stack.enter_context(rasterio.Env(GDAL_CACHEMAX=self.cache_bytes()))
             self._tmp = stack.enter_context(atomic_path(self.dest, self.overwrite))
             target = self._tmp
             if self.cog:
@@ -234,6 +242,17 @@ class RasterWriter:
             self._ds.write(arr.astype(self.dtype, copy=False), window=Window(c, r, w, h))
         except RasterioError as exc:
             raise self._write_error(exc) from None
+
+    def cache_bytes(self) -> int:
+        """GDAL block-cache size used while writing, in bytes.
+
+        Three rows of 512-pixel blocks of every band (so that blocks filled by successive tile
+        rows are compressed once, when complete), at least 256 MiB. Peak memory is therefore
+        bounded by the raster width, not its height. Set ``GDAL_CACHEMAX`` to override.
+        """
+        width = -(-int(self.profile["width"]) // BLOCK) * BLOCK
+        block_row = BLOCK * width * self.dtype.itemsize * self.count
+        return int(max(256 * 2**20, 3 * block_row))
 
     @property
     def name(self) -> str:

@@ -99,10 +99,20 @@ class MultiScaleDSConv3d(nn.Module):
         self.proj = _shrink_(nn.Conv3d(2 * channels, channels, kernel_size=1))
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
+    @staticmethod
+    def _branch(conv: nn.Conv3d, h: Tensor) -> Tensor:
+        """Depthwise branch; for ``T = 1`` only the centre temporal tap can see data, so the
+        conv runs with that tap alone (same result as zero padding, 1/kt of the cost)."""
+        kt = conv.kernel_size[0]
+        if kt == 1 or h.shape[2] > 1:
+            return conv(h)
+        weight = conv.weight[:, :, kt // 2 : kt // 2 + 1]
+        return F.conv3d(h, weight, conv.bias, 1, (0, *conv.padding[1:]), conv.dilation, conv.groups)
+
     def forward(self, x: Tensor) -> Tensor:
         """Apply the block; ``x`` is ``[B, C, T, H, W]``."""
         h = self.norm(x)
-        h = torch.cat([branch(h) for branch in self.branches], dim=1)
+        h = torch.cat([self._branch(branch, h) for branch in self.branches], dim=1)
         h = self.proj(self.act(self.fuse(h)))
         return x + self.drop(h)
 

@@ -63,7 +63,7 @@ class ModelConfig:
     widths: tuple[int, ...] = ()
     depths: tuple[int, ...] = (1, 1, 1, 1)
     kernel_sizes: tuple[int, ...] = (3, 5)
-    dilations: tuple[int, ...] = (1, 2)
+    dilations: tuple[int, ...] = (1, 1)
     temporal_kernel: int = 3
     n_experts: int = 4
     top_k: int = 2

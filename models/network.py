@@ -30,6 +30,7 @@ from models.blocks import (
     UpFuse,
 )
 from models.config import ModelConfig
+from models.physics import water_fill
 
 __all__ = ["DSTCarbonFormer", "count_parameters"]
 
@@ -89,6 +90,9 @@ class DSTCarbonFormer(nn.Module):
         self.dec_blocks = nn.ModuleList(ms_block(w[i], config.dropout) for i in reversed(range(n_levels - 1)))
         self.head = OutputHead(w[0], config.dropout)
         self.aux_loss: Tensor = torch.zeros(())
+        #: Run convolutions in ``channels_last_3d`` memory format (depthwise 3D convs are up to
+        #: 20x faster so on CPU with oneDNN). A runtime choice, not part of the config.
+        self.channels_last = True
 
     def _check_inputs(self, aux: Tensor, main: Tensor) -> None:
         cfg = self.config
@@ -136,9 +140,12 @@ class DSTCarbonFormer(nn.Module):
             aux_p, main_p = F.pad(aux, pad, mode="replicate"), F.pad(main, pad, mode="replicate")
         else:
             aux_p, main_p = aux, main
+        if self.channels_last:
+            aux_p = aux_p.contiguous(memory_format=torch.channels_last_3d)
+            main_p = main_p.contiguous(memory_format=torch.channels_last_3d)
 
         feats = self._features(aux_p, main_p)
-        delta = self.head(feats)[..., :h, :w]
+        delta = self.head(feats)[..., :h, :w].contiguous()
         raw = main + delta.to(torch.promote_types(delta.dtype, main.dtype))
 
         constrained = None
@@ -190,7 +197,6 @@ class DSTCarbonFormer(nn.Module):
             ``raw [B, 1, T, H, W], block_totals [B, 1, T, H / block, W / block] ->
             [B, 1, T, H, W]`` (float64).
         """
-        from models.physics import water_fill
-
-        children = water_fill(torch.expm1(raw.double()), block_totals, block)
-        return torch.log1p(children)
+        with torch.autocast(device_type=raw.device.type, enabled=False):
+            children = water_fill(torch.expm1(raw.double()), block_totals, block)
+            return torch.log1p(children)

@@ -99,6 +99,41 @@ def from_blocks(xb: Tensor, shape: torch.Size | tuple[int, ...], block: int) -> 
     return xb.reshape(*lead, hb, wb, block, block).transpose(-3, -2).reshape(*lead, hb * block, wb * block)
 
 
+def _water_level_numpy(u: Tensor, s: Tensor, chunk: int = 1 << 15) -> tuple[Tensor, Tensor]:
+    """Water level ``tau`` and support threshold (rho-th largest value) per row, on the CPU.
+
+    numpy's vectorised sort is several times faster than ``torch.sort`` on CPU rows.
+    """
+    import numpy as np
+
+    a = u.detach().numpy()
+    sv = s.detach().numpy()
+    n = a.shape[-1]
+    k = np.arange(1, n + 1, dtype=np.float64)
+    tau = np.empty(a.shape[0], dtype=np.float64)
+    kth = np.empty(a.shape[0], dtype=np.float64)
+    for i in range(0, a.shape[0], chunk):
+        srt = np.sort(a[i : i + chunk], axis=-1)[:, ::-1]
+        cs = np.cumsum(srt, axis=-1)
+        cs -= sv[i : i + chunk, None]
+        rho = np.maximum(np.count_nonzero(srt * k > cs, axis=-1), 1)
+        rows = np.arange(srt.shape[0])
+        tau[i : i + chunk] = cs[rows, rho - 1] / rho
+        kth[i : i + chunk] = srt[rows, rho - 1]
+    return torch.from_numpy(tau).unsqueeze(-1), torch.from_numpy(kth).unsqueeze(-1)
+
+
+def _water_level_torch(u: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """Water level ``tau`` and support threshold per row with ``torch.sort`` (any device)."""
+    n = u.shape[-1]
+    srt = torch.sort(u, dim=-1, descending=True).values
+    cs = srt.cumsum(dim=-1).sub_(s.unsqueeze(-1))
+    k = torch.arange(1, n + 1, dtype=u.dtype, device=u.device)
+    rho = (srt * k > cs).sum(dim=-1, keepdim=True).clamp_(min=1)
+    tau = cs.gather(-1, rho - 1) / rho.to(u.dtype)
+    return tau, srt.gather(-1, rho - 1)
+
+
 def project_blocks(v: Tensor, s: Tensor) -> Tensor:
     """Euclidean projection of each row of ``v`` onto the simplex ``{x >= 0, sum x = s}``.
 
@@ -111,24 +146,29 @@ def project_blocks(v: Tensor, s: Tensor) -> Tensor:
     Returns:
         ``[N, n]`` float64, >= 0; each row sums to ``s`` within a few ulps (the float rounding of
         the projection is removed by rescaling the positive entries by ``s / sum``). Rows with
-        ``s == 0`` are exactly zero. Differentiable in ``v`` and ``s``.
+        ``s == 0`` are exactly zero. Differentiable in ``v`` and ``s``: the support is found
+        without gradient, then ``tau = (sum_support(v) - s) / |support|`` is recomputed with
+        autograd, which gives the projection's exact Jacobian.
     """
-    n = v.shape[-1]
     s_col = s.unsqueeze(-1)
     # The projection is shift-invariant; shifting by the (detached) row max keeps the values
     # that matter (those within s of the max) free of cancellation against huge magnitudes.
     u = v - v.detach().amax(dim=-1, keepdim=True)
-    srt = torch.sort(u, dim=-1, descending=True).values
-    cs = srt.cumsum(dim=-1)
-    k = torch.arange(1, n + 1, dtype=v.dtype, device=v.device)
-    # u_(k) - (cs_k - s) / k > 0, written without the division.
-    rho = (srt.detach() * k > cs.detach() - s_col).sum(dim=-1, keepdim=True).clamp_(min=1)
-    tau = (cs.gather(-1, rho - 1) - s_col) / rho.to(v.dtype)
+    with torch.no_grad():
+        if u.device.type == "cpu":
+            tau, kth = _water_level_numpy(u, s)
+        else:
+            tau, kth = _water_level_torch(u.detach(), s.detach())
+    if torch.is_grad_enabled() and (u.requires_grad or s.requires_grad):
+        support = u.detach() >= kth
+        count = support.sum(dim=-1, keepdim=True).to(u.dtype)
+        tau = (torch.where(support, u, torch.zeros_like(u)).sum(dim=-1, keepdim=True) - s_col) / count
     x = (u - tau).clamp(min=0)
     tot = x.sum(dim=-1, keepdim=True)
     # Remove the float rounding of tau: sum(x) == s to ~1e-15 relative. For s > 0 the row max
-    # gets -tau > 0, so tot > 0; rows with s == 0 are already exactly zero.
-    scale = torch.where(tot > 0, s_col / torch.where(tot > 0, tot, torch.ones_like(tot)), torch.ones_like(tot))
+    # gets -tau > 0, so tot > 0; rows with s == 0 are already exactly zero (tau = 0 = max u).
+    pos = tot > 0
+    scale = torch.where(pos, s_col / torch.where(pos, tot, torch.ones_like(tot)), torch.ones_like(tot))
     return x * scale
 
 
@@ -202,8 +242,8 @@ def water_fill(
 
     nan_s = torch.isnan(s)
     neg_s = s < 0
-    n_inf, n_neg, all_finite = torch.stack(
-        [torch.isinf(s).sum(), neg_s.sum(), torch.isfinite(v).all().to(torch.long)]
+    n_inf, n_neg, n_nan, all_finite = torch.stack(
+        [torch.isinf(s).sum(), neg_s.sum(), nan_s.sum(), torch.isfinite(v).all().to(torch.long)]
     ).tolist()
     if n_inf:
         raise ValueError(f"{n_inf} block total(s) are infinite; use NaN for nodata")
@@ -211,7 +251,7 @@ def water_fill(
         raise ValueError(f"{n_neg} block total(s) are negative; pass allow_signed=True to allow net sinks")
 
     zero = torch.zeros_like(s)
-    s_safe = torch.where(nan_s, zero, s)
+    s_safe = torch.where(nan_s, zero, s) if n_nan else s
     s_proj = torch.where(neg_s, zero, s_safe) if n_neg else s_safe
     if not all_finite:
         v = _sanitize(v, s_safe)
@@ -221,8 +261,6 @@ def water_fill(
         n = v.shape[-1]
         shifted = v + (s_safe - v.sum(dim=-1)).unsqueeze(-1) / n
         x = torch.where(neg_s.unsqueeze(-1), shifted, x)
-    # Exactly zero (and zero gradient) where S == 0.
-    x = torch.where((s_safe == 0).unsqueeze(-1), torch.zeros_like(x), x)
 
     if out_dtype != f64:
         with torch.no_grad():
@@ -235,7 +273,8 @@ def water_fill(
             delta = torch.zeros_like(x).scatter_(-1, idx, top - x.gather(-1, idx))
         x = (x + delta).to(out_dtype)
 
-    x = torch.where(nan_s.unsqueeze(-1), torch.full_like(x, float("nan")), x)
+    if n_nan:
+        x = torch.where(nan_s.unsqueeze(-1), torch.full_like(x, float("nan")), x)
     return from_blocks(x, values.shape, block)
 
 

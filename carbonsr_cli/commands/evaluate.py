@@ -34,7 +34,7 @@ def _parse_region(value: Optional[str]) -> Optional[tuple[float, float, float, f
     except ValueError:
         nums = ()
     if len(nums) != 4 or not all(math.isfinite(v) for v in nums) or not (nums[2] > nums[0] and nums[3] > nums[1]):
-        raise typer.BadParameter(f"expected minx,miny,maxx,maxy with max > min, got {value!r}")
+        raise UsageError(f"expected minx,miny,maxx,maxy with max > min, got {value!r}")
     return nums  # type: ignore[return-value]
 
 
@@ -49,9 +49,9 @@ def _parse_scales(values: Optional[list[str]]) -> Optional[list[int]]:
             try:
                 s = int(p)
             except ValueError:
-                raise typer.BadParameter(f"scales must be integers >= 2, got {p!r}") from None
+                raise UsageError(f"scales must be integers >= 2, got {p!r}") from None
             if s < 2:
-                raise typer.BadParameter(f"scales must be integers >= 2, got {s}")
+                raise UsageError(f"scales must be integers >= 2, got {s}")
             out.append(s)
     return sorted(set(out))
 
@@ -63,7 +63,7 @@ def _check_metrics(values: Optional[list[str]]) -> Optional[list[str]]:
         return None
     for v in values:
         if v not in METRICS:
-            raise typer.BadParameter(f"unknown metric {v!r}; choose from {', '.join(METRICS)}")
+            raise UsageError(f"unknown metric {v!r}; choose from {', '.join(METRICS)}")
     return list(dict.fromkeys(values))
 
 
@@ -200,7 +200,9 @@ def register(app: typer.Typer) -> None:
         region: Annotated[
             Optional[str],
             typer.Option("--region", "--val-region",
-                         help="Evaluate only inside minx,miny,maxx,maxy (CRS units of the reference / main raster)."),
+                         help="Evaluate only cells whose centre is inside minx,miny,maxx,maxy (CRS units of the "
+                         "reference / main raster); for self-validation also a polygon file, or 'split' for the "
+                         "validation region stored in the checkpoint."),
         ] = None,
         rtol: Annotated[float, typer.Option("--rtol", help="Relative tolerance of block sums.")] = 1e-6,
         atol: Annotated[
@@ -227,9 +229,10 @@ def register(app: typer.Typer) -> None:
         from carbonsr_cli.console import err, out
 
         metrics = _check_metrics(metric)
-        reg = _parse_region(region)
-        scale_list = _parse_scales(scales)
         selfval = model is not None or main is not None
+        # self-validation also accepts a polygon file or "split" (the checkpoint's validation region)
+        reg = region if selfval else _parse_region(region)
+        scale_list = _parse_scales(scales)
         if selfval:
             if prediction is not None or totals is not None or reference is not None:
                 raise UsageError("self-validation (--model/--main) cannot be combined with PREDICTION, "

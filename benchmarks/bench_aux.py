@@ -1,0 +1,146 @@
+"""Benchmark: reading an aligned aux stack by 120 x 120 windows vs by full-width row bands.
+
+Reads every aux layer of the sample region (``carbonsr sample-data``; generated into a
+temporary directory unless ``--data`` is given) on a 1000 x 1000 child-cell region
+(``--size-km 100``) and prints a table: windows read, seconds, ms per window and million
+child cells x channels x years per second. ``--device cuda`` also copies every window to the
+GPU (``torch.from_numpy(...).to(device)``) to show the host-to-device cost; reading itself is
+CPU work (GDAL warping, numpy).
+
+Example:
+    python benchmarks/bench_aux.py --size-km 100 --repeat 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+
+def _windows(height: int, width: int, tile: int, stride: int) -> Iterator[tuple[int, int, int, int]]:
+    """``(col, row, w, h)`` of tiles of ``tile`` cells every ``stride`` cells, overlap centred."""
+    pad = (tile - stride) // 2
+    for r in range(0, height, stride):
+        for c in range(0, width, stride):
+            yield c - pad, r - pad, tile, tile
+
+
+def _rows(height: int, band: int, stride: int) -> Iterator[tuple[int, int]]:
+    pad = (band - stride) // 2
+    for r in range(0, height, stride):
+        yield r - pad, band
+
+
+def _time(fn: Callable[[], int], repeat: int) -> tuple[float, int]:
+    best, n = float("inf"), 0
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        n = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, n
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmark and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=None, help="existing sample-data directory (has aux/)")
+    parser.add_argument("--size-km", type=int, default=100, help="side of the generated region in km (default 100)")
+    parser.add_argument("--repeat", type=int, default=2, help="repeats per mode; the best time is shown")
+    parser.add_argument("--device", default="cpu", help="copy each window to this torch device (cpu, cuda)")
+    parser.add_argument("--years", type=int, default=3, help="years in the generated region (default 3)")
+    args = parser.parse_args(argv)
+
+    from rasterio.windows import Window
+
+    from carbonsr_cli.aux import AuxStack, discover_aux
+    from carbonsr_cli.grids import ParentGrid
+
+    tmp = None
+    data = args.data
+    if data is None:
+        from carbonsr_cli.sample_data import generate_sample_data
+
+        tmp = tempfile.TemporaryDirectory(prefix="carbonsr-bench-aux-")
+        data = Path(tmp.name) / "data"
+        t0 = time.perf_counter()
+        generate_sample_data(data, seed=0, size_km=args.size_km, years=tuple(range(2019, 2019 + args.years)))
+        print(f"generated sample data ({args.size_km} km) in {time.perf_counter() - t0:.1f} s")
+
+    copy: Callable[[np.ndarray], object] = lambda a: a  # noqa: E731
+    if args.device != "cpu":
+        import torch
+
+        dev = torch.device(args.device)
+
+        def copy(a: np.ndarray) -> object:
+            t = torch.from_numpy(a).to(dev, non_blocking=False)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            return t
+
+    grid = ParentGrid.from_raster(data / "emissions_1km.tif", warn=False)
+    child = grid.child(10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t0 = time.perf_counter()
+        sources = discover_aux([data / "aux"])
+        t_disc = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        stack = AuxStack(sources, child, list(grid.band_names))
+        t_open = time.perf_counter() - t0
+    h, w = child.height, child.width
+    c_aux, t_years = stack.channels, len(grid.band_names)
+    print(f"child grid {h} x {w} cells, {c_aux} aux channels x {t_years} years; "
+          f"discover {t_disc * 1e3:.0f} ms, open + coverage {t_open * 1e3:.0f} ms")
+    stack.read(Window(0, 0, 8, 8))  # warm-up: opens VRTs, builds vector indexes
+
+    def by_windows(tile: int, stride: int) -> Callable[[], int]:
+        def run() -> int:
+            n = 0
+            for c, r, ww, hh in _windows(h, w, tile, stride):
+                copy(stack.read(Window(c, r, ww, hh)))
+                n += 1
+            return n
+
+        return run
+
+    def by_rows(band: int, stride: int) -> Callable[[], int]:
+        def run() -> int:
+            n = 0
+            for r, hh in _rows(h, band, stride):
+                copy(stack.read_rows(Window(0, r, w, hh)))
+                n += 1
+            return n
+
+        return run
+
+    modes = [
+        ("windows 120x120, no overlap", by_windows(120, 120)),
+        ("windows 160x160, stride 120 (2 parent cells overlap)", by_windows(160, 120)),
+        ("row bands 120 rows", by_rows(120, 120)),
+        ("row bands 160 rows, stride 120", by_rows(160, 120)),
+    ]
+    rows = []
+    for name, fn in modes:
+        secs, n = _time(fn, args.repeat)
+        rows.append((name, n, secs))
+    base = rows[0][2]
+    print()
+    print(f"{'mode':<54} {'reads':>6} {'seconds':>8} {'ms/read':>8} {'Mvals/s':>8} {'vs first':>8}")
+    for name, n, secs in rows:
+        mvals = h * w * c_aux * t_years / secs / 1e6
+        print(f"{name:<54} {n:>6} {secs:>8.2f} {secs / n * 1e3:>8.1f} {mvals:>8.1f} {base / secs:>7.2f}x")
+    print(f"(best of {args.repeat}; device for copies: {args.device}; Mvals = child cells x channels x years)")
+    stack.close()
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

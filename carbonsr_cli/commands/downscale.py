@@ -1,0 +1,162 @@
+"""``carbonsr downscale``: 1 km totals -> 100 m GeoTIFF whose blocks sum to the totals."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from carbonsr_cli.options import Aoi, AuxPaths, Cog, Compress, Device, InputUnits, JsonOut, Overwrite, Quiet
+
+HELP = """Downscale a 1 km emission raster to 100 m with a trained model or a baseline.
+
+Every factor x factor block of output cells sums to its 1 km total (float64 water-filling),
+values are >= 0, and cells are nodata exactly where the 1 km cell is nodata. The check table
+at the end re-reads the written file.
+
+Example:
+  carbonsr downscale emissions_1km.tif --aux 'aux/*' --model runs/r1/best_model.pth -o out_100m.tif
+
+[b]Methods[/b]: model (default with --model), uniform (S / factor^2 per child), dasymetric[:LAYER]
+(shares proportional to one aux layer, default the first; uniform where it sums to 0).
+The order of the aux layers does not matter; their names must match the model's.
+Temporal window: each output year uses the model's T years centred on it, shifted inside the
+available years at the ends (repeating the nearest year when the raster has fewer than T).
+Output nodata: the input's nodata if it is NaN or negative, else -9999.
+Shell globs work: extra paths after MAIN are taken as aux inputs (--aux aux/*.tif).
+"""
+
+
+def _fmt_num(v: float) -> str:
+    if v == 0:
+        return "0"
+    if abs(v) >= 1e4 or abs(v) < 1e-3:
+        return f"{v:.3g}"
+    return f"{v:,.3f}"
+
+
+def _print_table(summary: Any, console: Any) -> None:
+    from rich.table import Table
+
+    c = summary.conservation
+    t = Table(title=f"carbonsr downscale: {summary.output}", show_header=False, title_justify="left")
+    t.add_column("what", style="bold")
+    t.add_column("value")
+    t.add_row("method", summary.method + (f"  (model sha256 {summary.model_sha256[:12]})" if summary.model_sha256 else ""))
+    t.add_row("years", ", ".join(summary.years))
+    t.add_row("factor", f"{summary.factor} (child cell = 1/{summary.factor ** 2} of a parent cell)")
+    t.add_row("area", f"{summary.area_km2:,.1f} km2")
+    t.add_row("parent cells", f"{summary.parent_shape[0]:,} x {summary.parent_shape[1]:,} ({summary.parent_cells_valid:,} valid, all years)")
+    t.add_row("child cells", f"{summary.child_shape[0]:,} x {summary.child_shape[1]:,} per band")
+    t.add_row("device", f"{summary.device} ({summary.precision}, batch {summary.batch_size})")
+    t.add_row("time", f"{summary.seconds:.2f} s ({summary.tiles:,} tiles)")
+    t.add_row("throughput", f"{summary.km2_per_s:,.1f} km2/s")
+    t.add_row("output", f"{summary.dtype}, nodata {summary.nodata:g}, units {summary.units}")
+    if summary.uncertainty:
+        t.add_row("uncertainty", summary.uncertainty)
+    status = "[green]OK[/green]" if c.ok else "[red]FAILED[/red]"
+    t.add_row("conservation", f"{status}  max rel. block-sum error {c.max_rel_error:.2e} (tol 1e-6), max abs {_fmt_num(c.max_abs_error)}")
+    t.add_row("", f"{c.blocks:,} blocks; negatives {c.negatives}; NaN {c.nans}; nodata mismatches {c.nodata_mismatch}; "
+              f"nonzero children in zero blocks {c.zero_blocks_violated}")
+    for note in summary.notes:
+        t.add_row("note", note)
+    console.print(t)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``downscale`` command to ``app``."""
+
+    @app.command("downscale", help=HELP, no_args_is_help=True)
+    def downscale_cmd(
+        inputs: Annotated[
+            list[Path],
+            typer.Argument(help="MAIN raster (1 km totals, one band per year); further paths are aux inputs.", show_default=False),
+        ],
+        output: Annotated[Path, typer.Option("--output", "-o", help="Output GeoTIFF (child grid).", show_default=False)],
+        aux: AuxPaths = None,
+        model: Annotated[
+            Optional[Path], typer.Option("--model", "-m", help="carbonsr checkpoint (best_model.pth).")
+        ] = None,
+        method: Annotated[
+            Optional[str], typer.Option("--method", help="model | uniform | dasymetric[:LAYER] (default: model with --model).")
+        ] = None,
+        year: Annotated[Optional[list[str]], typer.Option("--year", help="Output year (band name); repeatable. Default: all.")] = None,
+        band: Annotated[Optional[list[int]], typer.Option("--band", help="Output band (1-based) instead of --year; repeatable.")] = None,
+        device: Device = "auto",
+        batch_size: Annotated[
+            Optional[int], typer.Option("--batch-size", min=1, help="Tiles per model batch (default 32 on CUDA, 8 on CPU).")
+        ] = None,
+        dtype: Annotated[str, typer.Option("--dtype", help="Output type: float32 or float64.")] = "float32",
+        factor: Annotated[
+            Optional[int], typer.Option("--factor", min=2, help="Child cells per parent cell for baselines (default 10; a model uses its own).")
+        ] = None,
+        units: InputUnits = "totals",
+        cog: Cog = False,
+        compress: Compress = "deflate",
+        aoi: Aoi = None,
+        overwrite: Overwrite = False,
+        uncertainty: Annotated[
+            Optional[Path],
+            typer.Option("--uncertainty", help="Also write the per-pixel std over 8 flips/rotations of each tile (model only, 8x slower)."),
+        ] = None,
+        quiet: Quiet = False,
+        json_out: JsonOut = None,
+    ) -> None:
+        from carbonsr_cli.console import err, out
+        from carbonsr_cli.downscale import downscale
+        from carbonsr_cli.errors import ConservationError, UsageError
+
+        if dtype not in ("float32", "float64"):
+            raise typer.BadParameter(f"{dtype!r}; choose float32 or float64", param_hint="--dtype")
+        main, extra = inputs[0], [str(p) for p in inputs[1:]]
+        aux_paths = list(aux or []) + extra
+        if extra and not aux:
+            raise UsageError(f"more than one input raster given ({', '.join(map(str, inputs))}); aux layers go after --aux")
+        summary = downscale(
+            main,
+            aux_paths,
+            output,
+            method=method,
+            checkpoint=model,
+            device=device,
+            batch_size=batch_size,
+            dtype=dtype,
+            cog=cog,
+            overwrite=overwrite,
+            years=year,
+            bands=band,
+            aoi=aoi,
+            factor=factor,
+            units=units,
+            compress=compress,
+            uncertainty=uncertainty,
+            progress=not quiet,
+        )
+        if json_out is not None:
+            text = json.dumps(summary.to_dict(), indent=2, default=_json_default)
+            if str(json_out) == "-":
+                sys.stdout.write(text + "\n")
+            else:
+                from carbonsr_cli.atomic import atomic_write_text
+
+                atomic_write_text(json_out, text + "\n")
+        if not quiet:
+            _print_table(summary, err if str(json_out) == "-" else out)
+        if not summary.conservation.ok:
+            raise ConservationError(
+                "conservation check FAILED on the written file (this is a bug; please report it): "
+                f"max relative error {summary.conservation.max_rel_error:.2e}",
+                summary.output,
+            )
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, float) and math.isnan(v):
+        return "nan"
+    if isinstance(v, Path):
+        return str(v)
+    return str(v)

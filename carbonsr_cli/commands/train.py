@@ -1,0 +1,172 @@
+"""``carbonsr train`` and ``carbonsr resume``: thin wrappers over ``carbonsr_cli.train.loop.train``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from carbonsr_cli.options import AuxPaths, Device
+
+TRAIN_EXAMPLE = "carbonsr train data/sample/emissions_1km.tif --aux 'data/sample/aux/*' --preset tiny --epochs 5"
+RESUME_EXAMPLE = "carbonsr resume runs/run_20250101_120000"
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``train`` and ``resume`` commands to ``app``."""
+    app.command(
+        "train",
+        help=(
+            "Train a downscaling model on your own 1 km raster(s) and aux layers (weak supervision: the "
+            "1 km totals are coarsened and the model learns to recover them). Writes runs/<run-id>/ with "
+            "checkpoints (best_model.pth for `carbonsr downscale --model`), metrics.csv, train.log and a plot. "
+            "Ctrl-C saves an autosave and exits (continue with `carbonsr resume`).\n\n"
+            f"Example: {TRAIN_EXAMPLE}"
+        ),
+        short_help="Train a model on a 1 km raster and aux layers.",
+    )(train_cmd)
+    app.command(
+        "resume",
+        help=(
+            "Continue an interrupted training run exactly where it stopped. RUN_DIR defaults to the most "
+            "recent run under --runs-dir; on a terminal you can pick the checkpoint, otherwise the newest "
+            "one is used.\n\n"
+            f"Example: {RESUME_EXAMPLE}"
+        ),
+        short_help="Continue an interrupted training run.",
+    )(resume_cmd)
+
+
+def train_cmd(
+    main: Annotated[list[Path], typer.Argument(help="Main raster: one GeoTIFF with a band per year, or one GeoTIFF per year (totals per cell).", show_default=False)],
+    aux: AuxPaths = None,
+    preset: Annotated[str, typer.Option("--preset", help="Model size: tiny, base or large; or 'demo' (tiny, about 2 minutes on a CPU).")] = "tiny",
+    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Epochs to train.", show_default="20")] = None,
+    steps_per_epoch: Annotated[Optional[int], typer.Option("--steps-per-epoch", min=1, help="Optimisation steps per epoch.", show_default="100")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Patches (120x120 child cells) per step.", show_default="8")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", min=0.0, help="Peak learning rate (AdamW, warm-up then cosine).", show_default="0.002")] = None,
+    years_window: Annotated[Optional[int], typer.Option("--years-window", min=1, help="Years per patch T (default 1 for tiny, 3 otherwise).")] = None,
+    scales: Annotated[Optional[str], typer.Option("--scales", help="Coarse scales in 1 km cells (divisors of 12) with optional weights: 12,4,2 or 12:0.5,4:0.25,2:0.25.", show_default="12:0.5,4:0.25,2:0.25")] = None,
+    val_fraction: Annotated[Optional[float], typer.Option("--val-fraction", help="Share of the region held out for validation (spatial blocks).", show_default="0.2")] = None,
+    val_region: Annotated[Optional[str], typer.Option("--val-region", help="Validation region instead of random blocks: minx,miny,maxx,maxy in the main raster's CRS, or a polygon file.")] = None,
+    runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Directory holding run directories.")] = Path("runs"),
+    name: Annotated[Optional[str], typer.Option("--name", help="Run directory name (default run_YYYYmmdd_HHMMSS).")] = None,
+    device: Device = "auto",
+    precision: Annotated[str, typer.Option("--precision", help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")] = "auto",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the split, the patches and the weights.")] = 0,
+    autosave_every: Annotated[Optional[int], typer.Option("--autosave-every", min=1, help="Steps between autosaves.", show_default="200")] = None,
+    keep_autosaves: Annotated[int, typer.Option("--keep-autosaves", min=1, help="Rotating autosave_step_<n>.pth files kept.")] = 3,
+    patience: Annotated[Optional[int], typer.Option("--patience", min=0, help="Stop after this many epochs without validation improvement (0: never).", show_default="10")] = None,
+    resume: Annotated[Optional[str], typer.Option("--resume", help="Continue a run: latest (newest checkpoint of --name or of the latest run), auto (same, or start fresh), or a checkpoint/run path.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Stop after this many steps in total (autosaved, resumable).")] = None,
+    max_time: Annotated[Optional[float], typer.Option("--max-time", min=1.0, help="Stop after this many seconds of training (autosaved, resumable).")] = None,
+    stats: Annotated[Optional[Path], typer.Option("--stats", help="Use this stats.json (from `carbonsr stats`) instead of computing it.")] = None,
+    fill_missing: Annotated[bool, typer.Option("--fill-missing", help="Allow aux layers that do not cover the whole extent (filled, with a warning).")] = False,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="Threads preparing batches ahead.")] = 2,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No per-epoch tables.")] = False,
+) -> None:
+    """Train a model; print where the run went and how it compares with the baselines."""
+    from carbonsr_cli.errors import UsageError
+    from carbonsr_cli.train.config import TRAIN_PRESETS, TrainConfig
+    from carbonsr_cli.train.loop import train
+
+    if not aux and not resume:
+        raise UsageError("give the aux layers with --aux (files, directories or quoted globs)")
+    fields: dict[str, Any] = {}
+    if preset in TRAIN_PRESETS:
+        fields.update(TRAIN_PRESETS[preset])
+    elif preset not in ("tiny", "base", "large"):
+        raise UsageError(f"--preset {preset!r}: choose tiny, base, large or demo")
+    else:
+        fields["preset"] = preset
+    given = dict(
+        epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, lr=lr, years_window=years_window,
+        scales=scales, val_fraction=val_fraction, autosave_every=autosave_every, patience=patience,
+    )
+    fields.update({k: v for k, v in given.items() if v is not None})
+    if device != "auto" or "device" not in fields:
+        fields["device"] = device
+    cfg = TrainConfig(
+        main=[str(p) for p in main],
+        aux=list(aux or []),
+        val_region=val_region,
+        runs_dir=str(runs_dir),
+        name=name,
+        precision=precision,
+        seed=seed,
+        keep_autosaves=keep_autosaves,
+        resume=resume,
+        max_steps=max_steps,
+        max_time_s=max_time,
+        stats=str(stats) if stats else None,
+        fill_missing=fill_missing,
+        workers=workers,
+        progress=not quiet,
+        **fields,
+    )
+    _report(train(cfg))
+
+
+def resume_cmd(
+    run_dir: Annotated[Optional[Path], typer.Argument(help="Run directory (default: the most recent run under --runs-dir).", show_default=False)] = None,
+    runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Directory holding run directories.")] = Path("runs"),
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Resume from this checkpoint of the run (default: ask on a terminal, else the newest).")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Train up to this many epochs in total (default: as configured).")] = None,
+    device: Device = "auto",
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Stop after this many steps in total.")] = None,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="Threads preparing batches ahead.")] = 2,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No per-epoch tables.")] = False,
+) -> None:
+    """Continue a run from one of its checkpoints."""
+    from carbonsr_cli.train.checkpoints import load_checkpoint
+    from carbonsr_cli.train.config import TrainConfig
+    from carbonsr_cli.train.loop import train
+    from carbonsr_cli.train.resume import find_latest_run, list_checkpoints, newest_checkpoint
+
+    run = run_dir if run_dir is not None else find_latest_run(runs_dir)
+    if checkpoint is None:
+        checkpoint = _choose(run, list_checkpoints) if sys.stdin.isatty() and sys.stdout.isatty() else newest_checkpoint(run)
+    saved = TrainConfig.from_dict(load_checkpoint(checkpoint)["train_config"])
+    cfg = saved.replace(
+        resume=str(checkpoint),
+        device=device,
+        workers=workers,
+        progress=not quiet,
+        max_steps=max_steps,
+        max_time_s=None,
+        **({"epochs": epochs} if epochs else {}),
+    )
+    _report(train(cfg))
+
+
+def _choose(run: Path, list_checkpoints: Any) -> Path:
+    from rich.prompt import IntPrompt
+
+    from carbonsr_cli.console import out
+    from carbonsr_cli.errors import CheckpointError
+
+    infos = list_checkpoints(run)
+    if not infos:
+        raise CheckpointError("no readable checkpoint in this run directory", run)
+    for k, info in enumerate(infos, 1):
+        out.print(f"  {k}. {info.describe()}")
+    choice = IntPrompt.ask("Resume from", choices=[str(k) for k in range(1, len(infos) + 1)], default=1, console=out)
+    return infos[int(choice) - 1].path
+
+
+def _report(result: Any) -> None:
+    from carbonsr_cli.console import out
+
+    out.print(f"Run directory: {result.run_dir} ({result.stopped}, {result.epochs_done} epochs, {result.global_step} steps)")
+    if result.history:
+        last = result.history[-1]
+        best = min(result.history, key=lambda h: h["val_score"])
+        ratios = ", ".join(
+            f"s={k[1:].split('_')[0]}: {best[k]:.3f}" for k in best if k.endswith("_ratio_model_dasy")
+        )
+        out.print(f"Best validation Nonzero-MAE {best['val_score']:.4g} at epoch {best['epoch']} "
+                  f"(model / best dasymetric: {ratios}); last epoch {last['epoch']}.")
+    if result.best_path is not None:
+        out.print(f"Model: {result.best_path}  (use: carbonsr downscale MAIN.tif --aux ... --model {result.best_path} -o out.tif)")

@@ -1,0 +1,542 @@
+"""Row-band engine of ``carbonsr downscale``: read, predict, blend, water-fill, write.
+
+The raster is processed one *row of tiles* at a time (:class:`~carbonsr_cli.tiling.TileLayout`):
+
+1. A reader thread (one worker, prefetching the next row while the current one is computed)
+   reads the parent totals of the rows the current tile row finishes, and for the model the
+   main input (``log1p(total / factor**2)`` broadcast to the children) and the normalised aux
+   layers for the full extent of the tile row, mirror-padded at raster edges. The thread opens
+   its own dataset handles (rasterio datasets are not thread-safe).
+2. The main thread runs the model on batches of tiles (``[B, C_aux, T, H, W]``; bf16 autocast
+   on CUDA when a check on the first batch stays within :data:`BF16_TOL`), blends the
+   overlapping raw predictions in the log domain (:class:`~carbonsr_cli.tiling.BlendStream`)
+   and water-fills every parent cell in float64 on the device. Baselines skip the model and
+   fill the same rows from the totals (and one aux layer for ``dasymetric``).
+3. A writer thread writes each finished band of child rows through
+   :class:`~carbonsr_cli.writer.RasterWriter` (temp file + rename: an error or Ctrl-C leaves no
+   output).
+
+Memory is bounded by about two rows of tiles (current + prefetched) plus one batch on the device.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from carbonsr_cli.downscale import DownscaleSummary, Plan
+
+__all__ = ["BF16_TOL", "run_pipeline", "dihedral", "dihedral_inverse"]
+
+#: Largest tolerated |bf16 - fp32| difference of raw log-domain predictions on the first batch;
+#: above it the run falls back to fp32 (the result is always water-filled in float64).
+BF16_TOL = 0.05
+#: Pending writes allowed before the main thread waits for the writer.
+_MAX_PENDING_WRITES = 2
+
+
+# --------------------------------------------------------------------------------------
+# Reading (runs in the reader thread)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class BandData:
+    """Inputs of one tile row.
+
+    Attributes:
+        i: Tile-row index.
+        out_rows: ``(r0, r1)`` child rows finished by this tile row (multiples of factor).
+        totals: ``[Y, (r1 - r0) / factor, parent_cols]`` float64 parent totals, NaN = nodata.
+        main: Model only: ``[N_in, eh, ew]`` float32 ``log1p(total / factor**2)`` on the
+            children of the padded tile-row extent (nodata -> 0).
+        aux: Model only: ``[C_aux, N_in, eh, ew]`` float32 raw aux values (model channel order).
+        weights: Dasymetric only: ``[Y, r1 - r0, child_cols]`` float64 raw layer values.
+        origin: ``(row, col)`` child coordinates of ``main[..., 0, 0]``.
+    """
+
+    i: int
+    out_rows: tuple[int, int]
+    totals: np.ndarray
+    main: np.ndarray | None = None
+    aux: np.ndarray | None = None
+    weights: np.ndarray | None = None
+    origin: tuple[int, int] = (0, 0)
+
+
+class _BandReader:
+    """Reads :class:`BandData`; used from one thread only, which owns its dataset handles."""
+
+    def __init__(self, plan: Plan, layout: Any) -> None:
+        self.plan = plan
+        self.layout = layout
+        self._ds: Any = None
+        self._aux: Any = None
+        self._aux_order: list[int] = []
+
+    def _open(self) -> None:
+        from carbonsr_cli.aux import AuxStack, discover_aux
+        from carbonsr_cli.rasters import open_raster
+
+        plan = self.plan
+        self._ds = open_raster(plan.main_path)
+        if plan.method.kind in ("model", "dasymetric"):
+            sources = discover_aux(plan.aux_paths)
+            if plan.method.kind == "dasymetric":
+                sources = [s for s in sources if plan.aux_names[0] in s.layers][:1]
+            self._aux = AuxStack(sources, plan.child, plan.aux_years)
+            names = list(self._aux.names)
+            self._aux_order = [names.index(n) for n in plan.aux_names]
+
+    def out_rows(self, i: int) -> tuple[int, int]:
+        """Child rows finished by tile row ``i`` (see ``TileLayout.ready_until``)."""
+        r0 = self.layout.ready_until(i - 1) if i > 0 else 0
+        return r0, max(r0, self.layout.ready_until(i))
+
+    def read(self, i: int) -> BandData:
+        """Read the inputs of tile row ``i``."""
+        if self._ds is None:
+            self._open()
+        from carbonsr_cli.downscale import read_totals
+
+        plan, lay = self.plan, self.layout
+        f = plan.factor
+        r0, r1 = self.out_rows(i)
+        totals = read_totals(self._ds, plan, r0 // f, r1 // f, plan.out_bands) if r1 > r0 else np.zeros(
+            (len(plan.out_bands), 0, plan.grid.width)
+        )
+        data = BandData(i=i, out_rows=(r0, r1), totals=totals)
+        if plan.method.kind == "model":
+            self._read_model_inputs(i, data)
+        elif plan.method.kind == "dasymetric" and r1 > r0:
+            from rasterio.windows import Window
+
+            raw = self._aux.read(Window(0, r0, plan.child.width, r1 - r0))[self._aux_order[0]]  # [Y, h, W]
+            w = np.nan_to_num(raw.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+            data.weights = np.maximum(w, 0.0)
+        return data
+
+    def _read_model_inputs(self, i: int, data: BandData) -> None:
+        from rasterio.windows import Window
+
+        from carbonsr_cli.downscale import read_totals
+        from carbonsr_cli.tiling import pad_reflect
+
+        plan, lay = self.plan, self.layout
+        f = plan.factor
+        o, tp = lay.overlap_parent, lay.tile_parent
+        ph, pw = lay.parent_height, lay.parent_width
+        # Parent extent of the whole tile row (all tiles share rows; cols span the row).
+        er0 = i * lay.stride_parent - o
+        er1 = er0 + tp
+        ec0 = -o
+        ec1 = (lay.n_cols - 1) * lay.stride_parent - o + tp
+        rr0, rr1 = max(er0, 0), min(er1, ph)
+        cc0, cc1 = max(ec0, 0), min(ec1, pw)
+        pad = ((rr0 - er0, er1 - rr1), (cc0 - ec0, ec1 - cc1))
+        tot = read_totals(self._ds, plan, rr0, rr1, [plan.in_bands[k] for k in range(len(plan.in_bands))], c0=cc0, c1=cc1)
+        main = np.log1p(np.nan_to_num(tot, nan=0.0) / (f * f)).astype(np.float32)
+        main, _ = pad_reflect(main, pad)
+        data.main = np.repeat(np.repeat(main, f, axis=-2), f, axis=-1)
+        aux = self._aux.read(Window(cc0 * f, rr0 * f, (cc1 - cc0) * f, (rr1 - rr0) * f))
+        aux = aux[self._aux_order] if self._aux_order != list(range(aux.shape[0])) else aux
+        # Raw values are padded here and normalised per batch on the device (elementwise, so
+        # the order does not matter, and it avoids full-band temporaries on the host).
+        aux, _ = pad_reflect(aux, tuple((a * f, b * f) for a, b in pad))
+        data.aux = np.ascontiguousarray(aux)
+        data.origin = (er0 * f, ec0 * f)
+
+    def close(self) -> None:
+        """Close the handles (call from the reader thread)."""
+        if self._aux is not None:
+            with contextlib.suppress(Exception):
+                self._aux.close()
+            self._aux = None
+        if self._ds is not None:
+            with contextlib.suppress(Exception):
+                self._ds.close()
+            self._ds = None
+
+
+# --------------------------------------------------------------------------------------
+# Model prediction (main thread)
+# --------------------------------------------------------------------------------------
+
+
+def dihedral(x: Any, d: int) -> Any:
+    """Apply dihedral transform ``d`` (0..7) to the last two dims of a square tensor.
+
+    ``d % 4`` quarter turns (``torch.rot90``), preceded by a horizontal flip when ``d >= 4``.
+    """
+    import torch
+
+    if d >= 4:
+        x = torch.flip(x, dims=(-1,))
+    return torch.rot90(x, d % 4, dims=(-2, -1)) if d % 4 else x
+
+
+def dihedral_inverse(x: Any, d: int) -> Any:
+    """Inverse of :func:`dihedral`."""
+    import torch
+
+    if d % 4:
+        x = torch.rot90(x, -(d % 4), dims=(-2, -1))
+    return torch.flip(x, dims=(-1,)) if d >= 4 else x
+
+
+class _Predictor:
+    """Runs the model on batches of tiles; decides bf16 vs fp32 on the first CUDA batch."""
+
+    def __init__(self, model: Any, normalizer: Any, device: Any, batch_size: int, summary: DownscaleSummary) -> None:
+        import torch
+
+        self.model = model
+        self.normalizer = normalizer
+        self.device = device
+        self.batch_size = max(1, int(batch_size))
+        self.summary = summary
+        self.autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.checked = not self.autocast
+        summary.precision = "bf16" if self.autocast else "fp32"
+
+    def __call__(self, aux: np.ndarray, main: np.ndarray, d: int = 0) -> np.ndarray:
+        """Raw log-domain predictions.
+
+        Args:
+            aux: ``[B, C_aux, T, H, W]`` float32 raw aux (normalised here, on the device).
+            main: ``[B, 1, T, H, W]`` float32 main input.
+            d: Dihedral transform applied to the inputs and undone on the outputs.
+
+        Returns:
+            ``[B, T, H, W]`` float32 raw predictions (log1p of child totals).
+        """
+        import torch
+
+        outs = []
+        with torch.inference_mode():
+            for s in range(0, aux.shape[0], self.batch_size):
+                a = torch.from_numpy(aux[s : s + self.batch_size]).to(self.device, non_blocking=True)
+                a = self.normalizer.apply(a)
+                m = torch.from_numpy(main[s : s + self.batch_size]).to(self.device, non_blocking=True)
+                if d:
+                    a, m = dihedral(a, d), dihedral(m, d)
+                raw = self._forward(a, m)
+                if d:
+                    raw = dihedral_inverse(raw, d)
+                outs.append(raw[:, 0].float().cpu().numpy())
+        return np.concatenate(outs, axis=0) if outs else np.zeros((0, *main.shape[2:]), np.float32)
+
+    def _forward(self, a: Any, m: Any) -> Any:
+        import torch
+
+        if not self.checked:
+            self.checked = True
+            ref, _ = self.model(a, m)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                low, _ = self.model(a, m)
+            diff = float((low.float() - ref.float()).abs().max())
+            if not math.isfinite(diff) or diff > BF16_TOL:
+                self.autocast = False
+                self.summary.precision = "fp32"
+                self.summary.notes.append(f"bf16 differed from fp32 by {diff:.3g} (> {BF16_TOL}); ran in fp32")
+                return ref
+            return low
+        if self.autocast:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return self.model(a, m)[0]
+        return self.model(a, m)[0]
+
+
+def _iter_batches(data: BandData, row: list[Any], plan: Plan, batch_size: int) -> Any:
+    """Yield ``(aux [B, C, T, H, W], main [B, 1, T, H, W])`` over every (tile, output year) of a row.
+
+    Samples are ordered tile-major (``k * Y + y``); at most ``batch_size`` per batch, so the
+    stacked copy never exceeds one batch.
+    """
+    assert data.aux is not None and data.main is not None
+    oy, ox = data.origin
+    auxs: list[np.ndarray] = []
+    mains: list[np.ndarray] = []
+    for tile in row:
+        cw = tile.child_window
+        rs = slice(int(cw.row_off) - oy, int(cw.row_off + cw.height) - oy)
+        cs = slice(int(cw.col_off) - ox, int(cw.col_off + cw.width) - ox)
+        a_t = data.aux[:, :, rs, cs]
+        m_t = data.main[:, rs, cs]
+        for idx, _pos in plan.windows:
+            auxs.append(a_t[:, idx])
+            mains.append(m_t[idx][None])
+            if len(auxs) == batch_size:
+                yield np.stack(auxs), np.stack(mains)
+                auxs, mains = [], []
+    if auxs:
+        yield np.stack(auxs), np.stack(mains)
+
+
+def _predict_row(
+    predictor: _Predictor, data: BandData, row: list[Any], plan: Plan, n_views: int, prog: Any
+) -> list[list[np.ndarray]]:
+    """Raw predictions of a tile row: ``[view][tile] -> [Y, H, W]`` (log domain, output years)."""
+    n_years = len(plan.windows)
+    flat: list[list[np.ndarray]] = [[] for _ in range(n_views)]
+    s = 0
+    for aux_b, main_b in _iter_batches(data, row, plan, predictor.batch_size):
+        for d in range(n_views):
+            raw = predictor(aux_b, main_b, d)  # [b, T, H, W]
+            for j in range(raw.shape[0]):
+                _idx, pos = plan.windows[(s + j) % n_years]
+                flat[d].append(raw[j, pos])
+        s += aux_b.shape[0]
+        _advance(prog, aux_b.shape[0] * n_views)
+    return [[np.stack(v[k * n_years : (k + 1) * n_years]) for k in range(len(row))] for v in flat]
+
+
+# --------------------------------------------------------------------------------------
+# Filling (physics / baselines)
+# --------------------------------------------------------------------------------------
+
+
+def _water_fill(values_log: np.ndarray, totals: np.ndarray, f: int, device: Any, out_dtype: Any) -> np.ndarray:
+    """Water-fill a band: ``values_log [Y, h, w]`` (log1p domain), ``totals [Y, h/f, w/f]`` -> children."""
+    import torch
+
+    from models.physics import water_fill
+
+    v = torch.from_numpy(np.ascontiguousarray(values_log)).to(device=device, dtype=torch.float64)
+    v = torch.expm1(v)[None, None]
+    t = torch.from_numpy(np.ascontiguousarray(totals)).to(device=device, dtype=torch.float64)[None, None]
+    out = water_fill(v, t, f, out_dtype=out_dtype)
+    return out[0, 0].cpu().numpy()
+
+
+def _baseline_fill(data: BandData, plan: Plan, out_dtype: Any) -> np.ndarray:
+    """Uniform or dasymetric children of a band ``[Y, h, W]`` (float64, NaN = nodata).
+
+    Baselines are computed in float64; their children are all >= 0, so the cast to float32
+    (done by the caller) changes every block sum by at most ~6e-8 relative.
+    """
+    import torch
+
+    from models import baselines
+
+    f = plan.factor
+    t = torch.from_numpy(np.ascontiguousarray(data.totals))[None, None]
+    if plan.method.kind == "uniform":
+        x = baselines.uniform_fill(t, f)
+    else:
+        assert data.weights is not None
+        x = baselines.dasymetric_fill(t, torch.from_numpy(data.weights)[None, None], f)
+    return x[0, 0].numpy()
+
+
+def _finish_band(children: np.ndarray, totals: np.ndarray, plan: Plan, r0: int, out_dtype: str) -> np.ndarray:
+    """Cast, convert to density if needed and put nodata where the parent is nodata."""
+    f = plan.factor
+    out = children
+    if plan.unit is not None:
+        from rasterio.windows import Window
+
+        from carbonsr_cli import units
+
+        areas = units.cell_areas_m2(plan.child, Window(0, r0, plan.child.width, out.shape[-2]))
+        out = np.asarray(units.from_totals(out.astype(np.float64), plan.unit, areas))
+    out = out.astype(out_dtype, copy=False)
+    nd = np.isnan(totals)
+    if nd.any():
+        mask = np.repeat(np.repeat(nd, f, axis=-2), f, axis=-1)
+        if out.base is not None or not out.flags.writeable:
+            out = out.copy()
+        out[mask] = plan.nodata_out
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------
+
+
+def _progress(enabled: bool, total: int, label: str) -> Any:
+    """A rich progress bar on stderr (tiles/s and ETA), or a no-op when disabled."""
+    from carbonsr_cli.console import err
+
+    if not enabled or not err.is_terminal:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    prog = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("tiles"),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err,
+        transient=False,
+    )
+    prog.start()
+    prog.add_task(label, total=total, rate="")
+    return prog
+
+
+def _advance(prog: Any, n: int) -> None:
+    if prog is None:
+        return
+    task = prog.tasks[0]
+    prog.advance(task.id, n)
+    speed = task.speed
+    prog.update(task.id, rate=f"{speed:,.1f} tiles/s" if speed else "")
+
+
+def run_pipeline(
+    plan: Plan,
+    dst: Path,
+    summary: DownscaleSummary,
+    *,
+    loaded: Any,
+    device: Any,
+    batch_size: int,
+    dtype: str,
+    cog: bool,
+    overwrite: bool,
+    compress: str,
+    uncertainty: Path | None,
+    progress: bool,
+    normalizer: Any = None,
+) -> None:
+    """Run the row-band pipeline and write ``dst`` (and ``uncertainty``) atomically.
+
+    Args:
+        plan: Validated run plan.
+        dst: Output path (checked).
+        summary: Updated in place (tiles, precision, notes).
+        loaded: ``LoadedModel`` for the model method, else None.
+        device: Torch device.
+        batch_size: Tiles per batch.
+        dtype: ``float32`` or ``float64``.
+        cog: Write a COG.
+        overwrite: Replace existing outputs.
+        compress: Compression name.
+        uncertainty: Optional per-pixel std output.
+        progress: Show a progress bar.
+        normalizer: ``AuxNormalizer`` of the model's aux channels (model only).
+    """
+    import torch
+
+    from carbonsr_cli import __version__
+    from carbonsr_cli.tiling import BlendStream, TileLayout
+    from carbonsr_cli.writer import RasterWriter
+
+    f = plan.factor
+    out_dtype = torch.float64 if dtype == "float64" else torch.float32
+    layout = TileLayout(plan.grid.height, plan.grid.width, f, plan.tile_child, plan.overlap_parent)
+    n_years = len(plan.out_names)
+    is_model = plan.method.kind == "model"
+    predictor = None
+    if is_model:
+        predictor = _Predictor(loaded.model, normalizer, device, batch_size, summary)
+    n_views = 8 if (is_model and uncertainty is not None) else 1
+    tags = {
+        "UNITS": f"{summary.units} (cell = child cell, 1/{f * f} of a parent cell)" if plan.unit is None else summary.units,
+        "FACTOR": str(f),
+        "METHOD": plan.method.label,
+        "MODEL_SHA256": summary.model_sha256 or "",
+        "AUX_LAYERS": ",".join(plan.aux_names),
+        "SOURCE": str(plan.main_path.name),
+        "CARBONSR_VERSION": __version__,
+    }
+    if plan.method.kind == "model":
+        tags["TEMPORAL_WINDOW"] = f"{len(plan.windows[0][0])} years centred on each output year (shifted at the ends)"
+    if uncertainty is not None:
+        tags["UNCERTAINTY"] = os.path.basename(str(uncertainty))
+
+    reader = _BandReader(plan, layout)
+    streams = [BlendStream(layout, channels=n_years) for _ in range(n_views)] if is_model else []
+    prog = _progress(progress, layout.n_tiles * n_years * n_views, f"downscale {plan.method.label}")
+    with contextlib.ExitStack() as stack:
+        writer = stack.enter_context(
+            RasterWriter(
+                dst, plan.child, count=n_years, dtype=dtype, nodata=plan.nodata_out, band_descriptions=plan.out_names,
+                tags=tags, compress=compress, cog=cog, overwrite=overwrite, units=tags["UNITS"],
+                source=plan.main_path,
+            )
+        )
+        unc_writer = None
+        if uncertainty is not None:
+            unc_tags = dict(tags, UNITS=tags["UNITS"] + " (standard deviation over 8 flips/rotations)")
+            unc_writer = stack.enter_context(
+                RasterWriter(
+                    uncertainty, plan.child, count=n_years, dtype=dtype, nodata=plan.nodata_out,
+                    band_descriptions=plan.out_names, tags=unc_tags, compress=compress, cog=cog,
+                    overwrite=overwrite, units=unc_tags["UNITS"], source=plan.main_path,
+                )
+            )
+        read_ex = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="carbonsr-read")
+        write_ex = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="carbonsr-write")
+        reads: dict[int, cf.Future] = {}
+        writes: collections.deque[cf.Future] = collections.deque()
+        try:
+            reads[0] = read_ex.submit(reader.read, 0)
+            for i, row in enumerate(layout.rows()):
+                if i + 1 < layout.n_rows:
+                    reads[i + 1] = read_ex.submit(reader.read, i + 1)
+                data = reads.pop(i).result()
+                r0, r1 = data.out_rows
+                summary.tiles += len(row) * n_years * n_views
+                extra = None
+                if is_model:
+                    preds = _predict_row(predictor, data, row, plan, n_views, prog)
+                    data.aux = data.main = None  # free the row inputs early
+                    views = [streams[d].push(i, row, preds[d]) for d in range(n_views)]
+                    del preds
+                    if not views[0]:
+                        continue
+                    ((window, _band),) = views[0]
+                    if int(window.row_off) != r0 or int(window.row_off + window.height) != r1:
+                        raise RuntimeError(f"blend band {window} does not match the rows read ({r0}, {r1})")
+                    filled = [_water_fill(v[0][1], data.totals, f, device, out_dtype) for v in views]
+                    out = _finish_band(filled[0], data.totals, plan, r0, dtype)
+                    if unc_writer is not None:
+                        std = np.std(np.stack([x.astype(np.float64) for x in filled]), axis=0)
+                        extra = _finish_band(std, data.totals, plan, r0, dtype)
+                    del filled, views
+                else:
+                    _advance(prog, len(row) * n_years)
+                    if r1 <= r0:
+                        continue
+                    out = _finish_band(_baseline_fill(data, plan, out_dtype), data.totals, plan, r0, dtype)
+                window = _row_window(plan, r0, r1)
+                writes.append(write_ex.submit(writer.write, out, window))
+                if extra is not None:
+                    writes.append(write_ex.submit(unc_writer.write, extra, window))
+                while len(writes) > _MAX_PENDING_WRITES:
+                    writes.popleft().result()
+            while writes:
+                writes.popleft().result()
+        finally:
+            for fut in list(reads.values()) + list(writes):
+                fut.cancel()
+            with contextlib.suppress(Exception):
+                read_ex.submit(reader.close)
+            read_ex.shutdown(wait=True, cancel_futures=False)
+            write_ex.shutdown(wait=True, cancel_futures=True)
+            if prog is not None:
+                prog.stop()
+        # Leaving the ExitStack closes the writers: flush, (COG), rename.
+
+
+def _row_window(plan: Plan, r0: int, r1: int) -> Any:
+    from rasterio.windows import Window
+
+    return Window(0, r0, plan.child.width, r1 - r0)
+

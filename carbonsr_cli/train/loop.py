@@ -1,0 +1,808 @@
+"""The training loop: ``train(TrainConfig) -> RunResult``.
+
+One run directory (``<runs_dir>/<run-id>/``) holds ``config.json``, ``stats.json``,
+``split.json``, ``metrics.csv``, ``train.log``, ``training_curves.png`` and the
+checkpoints (see :mod:`.checkpoints`):
+
+- ``autosave_step_<n>.pth`` every ``autosave_every`` steps (the last ``keep_autosaves``
+  kept) and ``autosave_latest.pth`` (the newest autosave; also written on Ctrl-C, at
+  ``max_steps`` and at ``max_time_s``);
+- ``latest.pth`` at the end of every epoch (after validation);
+- ``epoch_<nnn>.pth`` every ``snapshot_every`` epochs (permanent);
+- ``best_model.pth`` whenever the validation score improves.
+
+Objective (per step): the model sees a degraded patch (:mod:`.dataset`), predicts log1p
+child totals; ``water_fill`` projects ``expm1(raw)`` onto the coarse block totals
+(``block = s * factor``, float64); children are sum-pooled to parent cells; the loss is
+``DualLayerWeightedLoss(log1p(parent pred), log1p(parent truth), mask) + moe_weight *
+model.aux_loss``. AdamW, linear warm-up then cosine decay (``LambdaLR``), gradient-norm
+clipping, bf16 autocast on CUDA (the physics step and the loss stay in float64/float32).
+
+Validation (every epoch) on the fixed validation windows at each of ``val_scales``:
+the model, the uniform baseline and the dasymetric baseline of every aux layer (the best
+layer per scale on the same windows is reported) are scored at parent level against the
+true parent totals: Nonzero-MAE, Balanced MAE, Top-1% and Top-5% Nonzero-MAE. The *val
+score* (best_model, early stopping) is the mean model Nonzero-MAE over ``val_scales``.
+
+Exact continuation: the batch of ``(epoch, step)`` is a pure function of the seed; model,
+optimiser, scheduler and RNG states are in every checkpoint; so an interrupted and resumed
+CPU run ends with bitwise the same weights as an uninterrupted one (tested).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from carbonsr_cli import __version__
+from carbonsr_cli.errors import CheckpointError, OutputError, UsageError
+from carbonsr_cli.train.config import RESUME_MUTABLE, TrainConfig, default_years_window
+from carbonsr_cli.train.dataset import (
+    AuxCache,
+    Batch,
+    BatchSpec,
+    MainData,
+    PatchSampler,
+    Prefetcher,
+    build_batch,
+    load_main,
+    parse_scales,
+)
+from carbonsr_cli.train.split import Split, make_block_split, make_region_split, parse_val_region
+
+__all__ = ["RunResult", "train", "resolve_device", "evaluate_split"]
+
+log = logging.getLogger("carbonsr.train")
+
+METRIC_KEYS = ("nonzero_mae", "balanced_mae", "top1_nonzero_mae", "top5_nonzero_mae")
+
+
+@dataclass
+class RunResult:
+    """What a training run produced.
+
+    Attributes:
+        run_dir: The run directory.
+        best_path: ``best_model.pth`` (None if no epoch finished).
+        best_score: Best validation score (mean model Nonzero-MAE over the val scales,
+            t CO2 / parent cell / yr), None if no epoch finished.
+        epochs_done: Epochs completed.
+        global_step: Optimisation steps done.
+        stopped: ``completed``, ``early_stop``, ``max_steps`` or ``max_time``.
+        history: One dict per finished epoch (also in metrics.csv).
+        last_checkpoint: The last checkpoint written.
+    """
+
+    run_dir: Path
+    best_path: Path | None
+    best_score: float | None
+    epochs_done: int
+    global_step: int
+    stopped: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+    last_checkpoint: Path | None = None
+
+
+def resolve_device(device: str) -> Any:
+    """``auto`` -> CUDA if available else CPU; validates explicit devices."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available (use --device cpu)")
+    return dev
+
+
+# --------------------------------------------------------------------------- run setup
+
+
+def _new_run_dir(cfg: TrainConfig) -> Path:
+    root = Path(cfg.runs_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    if cfg.name:
+        d = root / cfg.name
+        if d.exists() and any(d.iterdir()):
+            raise OutputError("run directory already exists; choose another --name or continue it with --resume latest", d)
+        d.mkdir(exist_ok=True)
+        return d
+    base = datetime.now().strftime("run_%Y%m%d_%H%M%S")
+    d, k = root / base, 1
+    while True:
+        try:
+            d.mkdir()
+            return d
+        except FileExistsError:
+            k += 1
+            d = root / f"{base}_{k}"
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    from carbonsr_cli.atomic import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def _setup_logging(run_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    return handler
+
+
+class _Interrupt:
+    """SIGINT -> flag checked after each step (a second Ctrl-C interrupts at once)."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        self._old: Any = None
+
+    def __enter__(self) -> _Interrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.flag:
+            raise KeyboardInterrupt
+        self.flag = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def _stats_for_run(cfg: TrainConfig, main: MainData, stack: Any, run_dir: Path) -> dict:
+    from carbonsr_cli import stats as stats_mod
+
+    if cfg.stats:
+        return dict(stats_mod.load_stats(cfg.stats))
+    log.info("computing statistics of %s and %d aux layers", cfg.main[0], len(stack.names))
+    st = stats_mod.compute_stats(cfg.main[0], stack)
+    if len(cfg.main) > 1:
+        st = _main_stats_all_files(st, main)
+    return st
+
+
+def _main_stats_all_files(st: dict, main: MainData) -> dict:
+    """Recompute the ``main`` loss statistics over every year of several main files."""
+    v = main.values[np.isfinite(main.values)].astype(np.float64)
+    nz = v[v > 0]
+    n_zero, n_nonzero = int((v == 0).sum()), int(nz.size)
+    logs = np.log1p(nz)
+    m = dict(st.get("main", {}))
+    m.update(
+        n_zero=n_zero,
+        n_nonzero=n_nonzero,
+        log_nz_over_nnz=float(math.log(max(n_zero, 1) / max(n_nonzero, 1))),
+        cv_log=float(logs.std() / logs.mean()) if logs.size and logs.mean() > 0 else 0.0,
+        mean_log=float(logs.mean()) if logs.size else None,
+        sum=float(v.sum()),
+    )
+    return {**st, "main": m}
+
+
+def _aux_names_of_stats(st: dict) -> list[str]:
+    return [a.get("name") for a in st.get("aux", [])]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@dataclass
+class _ValSet:
+    items: list[tuple[int, int, int]]  # (row, col, year0)
+    baselines: dict[int, dict[str, Any]]  # scale -> {"uniform": metrics, "dasymetric": metrics, "dasy_layer": name}
+
+
+def _scores(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
+    """Parent-level metrics (linear domain, t CO2 / parent cell / yr) on valid cells."""
+    from models import metrics as M
+
+    return {
+        "nonzero_mae": float(M.nonzero_mae(pred, true)),
+        "balanced_mae": float(M.balanced_mae(pred, true)),
+        "top1_nonzero_mae": float(M.topk_nonzero_mae(pred, true, q=0.99)),
+        "top5_nonzero_mae": float(M.topk_nonzero_mae(pred, true, q=0.95)),
+    }
+
+
+def _val_batches(items: Sequence[tuple[int, int, int]], scale: int, main: MainData, cache: AuxCache, cfg: TrainConfig, t: int) -> Iterator[tuple[list[tuple[int, int, int]], Batch]]:
+    bs = max(1, cfg.val_batch_size)
+    for k in range(0, len(items), bs):
+        chunk = list(items[k : k + bs])
+        spec = BatchSpec(
+            scale=scale,
+            rows=tuple(i[0] for i in chunk),
+            cols=tuple(i[1] for i in chunk),
+            year0=tuple(i[2] for i in chunk),
+            rot=(0,) * len(chunk),
+            flip=(False,) * len(chunk),
+        )
+        yield chunk, build_batch(spec, main, cache, factor=cfg.factor, patch=cfg.patch, years_window=t)
+
+
+def _val_items(split: Split, n_years: int, t: int, max_items: int) -> list[tuple[int, int, int]]:
+    items = [(r, c, y0) for (r, c) in split.val_windows for y0 in range(n_years - t + 1)]
+    if len(items) > max_items:
+        keep = np.linspace(0, len(items) - 1, max_items).round().astype(int)
+        items = [items[i] for i in sorted(set(keep.tolist()))]
+    return items
+
+
+def _baseline_scores(items: list[tuple[int, int, int]], scales: Sequence[int], main: MainData, cache: AuxCache, stack: Any, cfg: TrainConfig, t: int) -> dict[int, dict[str, Any]]:
+    """Uniform and per-layer dasymetric baselines on the validation items (computed once)."""
+    import torch
+    from rasterio.windows import Window
+
+    from models.baselines import dasymetric_fill, uniform_fill
+    from models.physics import block_sum
+
+    f, p = cfg.factor, cfg.patch
+    names = list(stack.names)
+    raw_cache: dict[tuple[int, int], np.ndarray] = {}
+    out: dict[int, dict[str, Any]] = {}
+    for s in scales:
+        preds: dict[str, list[np.ndarray]] = {"uniform": [], **{n: [] for n in names}}
+        truths: list[np.ndarray] = []
+        for chunk, b in _val_batches(items, s, main, cache, cfg, t):
+            totals = torch.from_numpy(b.totals)
+            block = s * f
+            m = b.mask
+            truths.append(b.truth[m])
+            preds["uniform"].append(block_sum(uniform_fill(totals, block), f).numpy()[m])
+            raws = []
+            for r, c, y0 in chunk:
+                key = (r, c)
+                if key not in raw_cache:
+                    if len(raw_cache) > 64:
+                        raw_cache.clear()
+                    raw_cache[key] = np.asarray(stack.read(Window(c * f, r * f, p * f, p * f)), dtype=np.float32)
+                raws.append(raw_cache[key][:, y0 : y0 + t])
+            raw = np.stack(raws)  # [B, C, T, P, P]
+            for k, n in enumerate(names):
+                w = torch.from_numpy(np.ascontiguousarray(raw[:, k : k + 1]))
+                preds[n].append(block_sum(dasymetric_fill(totals, w, block), f).numpy()[m])
+        truth = np.concatenate(truths)
+        uni = _scores(np.concatenate(preds["uniform"]), truth)
+        dasy = {n: _scores(np.concatenate(preds[n]), truth) for n in names}
+        best = min(names, key=lambda n: (dasy[n]["nonzero_mae"], n))
+        out[s] = {"uniform": uni, "dasymetric": dasy[best], "dasy_layer": best, "all_dasymetric": dasy}
+    return out
+
+
+def _model_scores(model: Any, items: list[tuple[int, int, int]], scales: Sequence[int], main: MainData, cache: AuxCache, cfg: TrainConfig, t: int, device: Any, autocast: Any) -> dict[int, dict[str, float]]:
+    import torch
+
+    from models.physics import block_sum, water_fill
+
+    f = cfg.factor
+    was_training = model.training
+    model.eval()
+    out: dict[int, dict[str, float]] = {}
+    try:
+        with torch.no_grad():
+            for s in scales:
+                preds, truths = [], []
+                for _, b in _val_batches(items, s, main, cache, cfg, t):
+                    aux = torch.from_numpy(b.aux).to(device)
+                    mi = torch.from_numpy(b.main).to(device)
+                    with autocast():
+                        raw, _ = model(aux, mi)
+                    children = _children(model, raw, torch.from_numpy(b.totals).to(device), s * f)
+                    parent = block_sum(children, f).cpu().numpy()
+                    preds.append(parent[b.mask])
+                    truths.append(b.truth[b.mask])
+                out[s] = _scores(np.concatenate(preds), np.concatenate(truths))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _children(model: Any, raw: Any, totals: Any, block: int) -> Any:
+    """Linear child totals: water-filled onto the block totals (float64), or raw for ablations."""
+    import torch
+
+    from models.physics import water_fill
+
+    values = torch.expm1(raw.double())
+    if getattr(model.config, "use_physics", True):
+        return water_fill(values, totals, block)
+    return values.clamp(min=0)
+
+
+def evaluate_split(checkpoint: str | os.PathLike[str], *, device: str = "cpu") -> dict[int, dict[str, Any]]:
+    """Re-score a checkpoint on its own run's validation windows (model and baselines).
+
+    Returns:
+        ``{scale: {"model": metrics, "uniform": metrics, "dasymetric": metrics,
+        "dasy_layer": name}}`` at parent level.
+    """
+    import torch
+
+    from carbonsr_cli.aux import AuxStack, discover_aux
+    from carbonsr_cli.stats import AuxNormalizer
+    from carbonsr_cli.train.checkpoints import load_model_for_inference
+
+    loaded = load_model_for_inference(checkpoint, device)
+    from carbonsr_cli.train.checkpoints import load_checkpoint
+
+    ck = load_checkpoint(checkpoint)
+    cfg = TrainConfig.from_dict(ck["train_config"])
+    main = load_main(cfg.main)
+    child = main.grid.child(cfg.factor)
+    with AuxStack(discover_aux(cfg.aux), child, main.years, fill_missing=cfg.fill_missing) as stack:
+        norm = AuxNormalizer.from_stats(ck["stats"])
+        cache = AuxCache.build(stack, norm.apply, child.shape, len(main.years))
+        split = Split.from_dict(ck["split"])
+        t = int(ck["years_window"])
+        items = _val_items(split, len(main.years), t, cfg.max_val_windows)
+        base = _baseline_scores(items, cfg.val_scales, main, cache, stack, cfg, t)
+    dev = torch.device(device)
+    model_s = _model_scores(loaded.model, items, cfg.val_scales, main, cache, cfg, t, dev, _autocast_factory(dev, "fp32"))
+    return {s: {"model": model_s[s], **{k: v for k, v in base[s].items() if k != "all_dasymetric"}} for s in cfg.val_scales}
+
+
+def _autocast_factory(device: Any, precision: str) -> Any:
+    import contextlib
+
+    import torch
+
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def _history_row(epoch: int, global_step: int, train_loss: float, lr: float, elapsed: float, model_s: dict, base: dict, scales: Sequence[int], score: float, best: bool) -> dict[str, Any]:
+    row: dict[str, Any] = {"epoch": epoch, "global_step": global_step, "train_loss": train_loss, "lr": lr, "time_s": round(elapsed, 2)}
+    for s in scales:
+        for k in METRIC_KEYS:
+            row[f"s{s}_model_{k}"] = model_s[s][k]
+            row[f"s{s}_uniform_{k}"] = base[s]["uniform"][k]
+            row[f"s{s}_dasy_{k}"] = base[s]["dasymetric"][k]
+        row[f"s{s}_dasy_layer"] = base[s]["dasy_layer"]
+        row[f"s{s}_ratio_model_dasy"] = model_s[s]["nonzero_mae"] / max(base[s]["dasymetric"]["nonzero_mae"], 1e-12)
+    row["val_score"] = score
+    row["is_best"] = int(best)
+    return row
+
+
+def _write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
+    from carbonsr_cli.atomic import atomic_write_bytes
+
+    if not history:
+        return
+    keys: list[str] = []
+    for row in history:
+        keys.extend(k for k in row if k not in keys)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    for row in history:
+        w.writerow(row)
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def _epoch_table(row: dict[str, Any], scales: Sequence[int], epochs: int) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"epoch {row['epoch']}/{epochs}  step {row['global_step']}  train loss {row['train_loss']:.4f}", title_justify="left")
+    table.add_column("scale")
+    table.add_column("method")
+    for k, label in zip(METRIC_KEYS, ("Nonzero-MAE", "Balanced MAE", "Top-1% NZ-MAE", "Top-5% NZ-MAE")):
+        table.add_column(label, justify="right")
+    for s in scales:
+        for method, key in (("model", "model"), ("uniform", "uniform"), (f"dasymetric ({row[f's{s}_dasy_layer']})", "dasy")):
+            table.add_row(f"s={s}", method, *(f"{row[f's{s}_{key}_{k}']:.4g}" for k in METRIC_KEYS))
+    return table
+
+
+def _plot(path: Path, history: list[dict[str, Any]], scales: Sequence[int]) -> None:
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from carbonsr_cli.atomic import atomic_path
+
+    ep = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 1 + len(scales), figsize=(4.5 * (1 + len(scales)), 3.6))
+    axes[0].plot(ep, [h["train_loss"] for h in history], marker="o")
+    axes[0].set_title("training loss")
+    axes[0].set_xlabel("epoch")
+    for ax, s in zip(axes[1:], scales):
+        for key, label in (("model", "model"), ("uniform", "uniform"), ("dasy", "best dasymetric")):
+            ax.plot(ep, [h[f"s{s}_{key}_nonzero_mae"] for h in history], marker="o", label=label)
+        ax.set_title(f"validation Nonzero-MAE, s={s}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("t CO2 / parent cell / yr")
+        ax.legend()
+    fig.tight_layout()
+    with atomic_path(path, overwrite=True) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- main entry
+
+
+def _merge_resume_config(cfg: TrainConfig, ck: dict, path: Path) -> TrainConfig:
+    saved = TrainConfig.from_dict(ck["train_config"])
+    changes = {k: getattr(cfg, k) for k in RESUME_MUTABLE if k not in ("main", "aux")}
+    if cfg.main:
+        changes["main"] = cfg.main
+    if cfg.aux:
+        changes["aux"] = cfg.aux
+    merged = saved.replace(**changes)
+    merged.runs_dir = str(path.parent.parent)
+    merged.name = path.parent.name
+    return merged
+
+
+def train(config: TrainConfig) -> RunResult:
+    """Train (or resume) a model; see the module docstring for what is written where.
+
+    Args:
+        config: The run configuration. With ``config.resume`` set, the checkpoint's own
+            configuration is used except for :data:`RESUME_MUTABLE` fields; the inputs
+            (aux layer names and order, factor, T, model configuration) must match it.
+
+    Returns:
+        :class:`RunResult`.
+
+    Raises:
+        UsageError, InputDataError, CheckpointError, OutputError: user-fixable problems.
+        KeyboardInterrupt: after Ctrl-C, once ``autosave_latest.pth`` is written.
+    """
+    import torch
+
+    from carbonsr_cli.aux import AuxStack, discover_aux
+    from carbonsr_cli.stats import AuxNormalizer, save_stats
+    from carbonsr_cli.train import checkpoints as ckpt_mod
+    from carbonsr_cli.train.resume import resolve_resume
+    from models.config import preset as model_preset
+    from models.losses import DualLayerWeightedLoss
+    from models.network import DSTCarbonFormer
+    from models.physics import block_sum
+
+    cfg = TrainConfig.from_dict(config.to_dict())
+    resume_path = resolve_resume(cfg.resume, cfg.runs_dir, cfg.name)
+    ck: dict | None = None
+    if resume_path is not None:
+        ck = ckpt_mod.load_checkpoint(resume_path)
+        cfg = _merge_resume_config(cfg, ck, resume_path)
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    device = resolve_device(cfg.device)
+    autocast = _autocast_factory(device, cfg.precision)
+    scales = parse_scales(cfg.scales, cfg.patch)
+
+    main = load_main(cfg.main)
+    n_years = len(main.years)
+    t = cfg.years_window or default_years_window(cfg.preset, n_years)
+    if t > n_years:
+        raise UsageError(f"--years-window {t} is larger than the number of years in the main raster ({n_years})")
+    grid = main.grid
+    child = grid.child(cfg.factor)
+
+    if ck is not None:
+        run_dir = resume_path.parent  # type: ignore[union-attr]
+    else:
+        run_dir = _new_run_dir(cfg)
+    handler = _setup_logging(run_dir)
+    t_setup = time.perf_counter()
+    try:
+        stack = AuxStack(discover_aux(cfg.aux), child, main.years, fill_missing=cfg.fill_missing)
+    except BaseException:
+        log.removeHandler(handler)
+        handler.close()
+        raise
+    try:
+        if ck is not None:
+            ckpt_mod.check_compatible(ck, resume_path, aux_names=stack.names, factor=cfg.factor, years_window=t)  # type: ignore[arg-type]
+            stats = dict(ck["stats"])
+            split = Split.from_dict(ck["split"])
+            if (split.height, split.width) != (grid.height, grid.width):
+                raise CheckpointError(
+                    f"checkpoint was trained on a {split.height}x{split.width} grid, the main raster is {grid.height}x{grid.width}",
+                    resume_path,
+                )
+            log.info("resuming from %s (epoch %s, step %s)", resume_path, ck.get("epoch"), ck.get("step"))
+        else:
+            stats = _stats_for_run(cfg, main, stack, run_dir)
+            got = _aux_names_of_stats(stats)
+            if got and got != list(stack.names):
+                raise UsageError(f"stats aux layers {got} do not match the given aux layers {stack.names}", cfg.stats)
+            valid = main.valid_all_years
+            if cfg.val_region:
+                mask, method = parse_val_region(cfg.val_region, grid.transform, grid.height, grid.width, grid.crs)
+                split = make_region_split(mask, patch=cfg.patch, valid=valid, max_nodata=cfg.max_nodata, method=method, source=cfg.val_region)
+            else:
+                split = make_block_split(
+                    grid.height, grid.width, patch=cfg.patch, block_patches=cfg.block_patches,
+                    val_fraction=cfg.val_fraction, seed=cfg.seed, valid=valid, max_nodata=cfg.max_nodata,
+                )
+            save_stats(stats, run_dir / "stats.json")
+            _write_json(run_dir / "split.json", split.to_dict())
+        norm = AuxNormalizer.from_stats(stats)
+        cache = AuxCache.build(
+            stack, norm.apply, child.shape, n_years,
+            cache_dir=run_dir / "cache", ram_limit_bytes=int(cfg.cache_ram_gb * (1 << 30)),
+        )
+        positions = split.train_positions(main.valid_all_years)
+        sampler = PatchSampler(positions, n_years, t, scales, cfg.batch_size, cfg.seed, cfg.augment)
+        items = _val_items(split, n_years, t, cfg.max_val_windows)
+        baselines = _baseline_scores(items, cfg.val_scales, main, cache, stack, cfg, t)
+    except BaseException:
+        stack.close()
+        log.removeHandler(handler)
+        handler.close()
+        raise
+    stack.close()
+    log.info(
+        "setup %.1fs: grid %dx%d parent cells, %d years, T=%d, %d aux layers, %d training positions, %d validation items",
+        time.perf_counter() - t_setup, grid.height, grid.width, n_years, t, cache.channels, len(positions), len(items),
+    )
+
+    # ---------------------------------------------------------------- model and optimiser
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % (2**32))
+    import random as _random
+
+    _random.seed(cfg.seed)
+    overrides = dict(cfg.model_overrides)
+    overrides.setdefault("max_years", max(t, 1))
+    mcfg = model_preset(cfg.preset, aux_channels=cache.channels, **overrides)
+    if ck is not None:
+        ckpt_mod.check_compatible(ck, resume_path, model_config=mcfg.to_dict())  # type: ignore[arg-type]
+    model = DSTCarbonFormer(mcfg).to(device)
+    total_steps = cfg.epochs * cfg.steps_per_epoch
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+    )
+    warm, floor = max(0, cfg.warmup_steps), cfg.min_lr_ratio
+
+    def lr_lambda(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        span = max(1, total_steps - warm)
+        prog = min(1.0, (step - warm) / span)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * prog))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    st_main = stats.get("main", {})
+    loss_fn = DualLayerWeightedLoss(
+        float(st_main.get("log_nz_over_nnz", 0.0)), float(st_main.get("cv_log", 0.0)), mean_log=st_main.get("mean_log") or None
+    )
+
+    epoch, step, global_step = 0, 0, 0
+    history: list[dict[str, Any]] = []
+    if ck is not None:
+        model.load_state_dict(ck["model_state"])
+        optimizer.load_state_dict(ck["optimizer_state"])
+        scheduler.load_state_dict(ck["scheduler_state"])
+        epoch, step, global_step = int(ck["epoch"]), int(ck["step"]), int(ck["global_step"])
+        history = [dict(h) for h in ck.get("metric_history", [])]
+        ckpt_mod.restore_rng_state(ck["rng_state"])
+    else:
+        _write_json(
+            run_dir / "config.json",
+            {"train_config": cfg.to_dict(), "model_config": mcfg.to_dict(), "aux_names": list(cache.names), "years": main.years,
+             "years_window": t, "factor": cfg.factor, "software_version": __version__},
+        )
+    best_score = min((h["val_score"] for h in history), default=None)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model %s: %d parameters on %s", cfg.preset, n_params, device)
+
+    def payload(ep: int, st: int) -> dict[str, Any]:
+        return {
+            "model_config": mcfg.to_dict(),
+            "model_state": model.state_dict(),
+            "aux_names": list(cache.names),
+            "stats": stats,
+            "factor": cfg.factor,
+            "years_window": t,
+            "train_config": cfg.to_dict(),
+            "epoch": ep,
+            "step": st,
+            "global_step": global_step,
+            "optimizer_state": optimizer.state_dict(),
+            "scheduler_state": scheduler.state_dict(),
+            "scaler_state": {},
+            "rng_state": ckpt_mod.capture_rng_state(),
+            "sampler_state": sampler.state(ep, st),
+            "split": split.to_dict(),
+            "metric_history": history,
+            "years": list(main.years),
+        }
+
+    def link_or_save(src: Path, dest: Path, data: dict | None = None) -> None:
+        """Make ``dest`` a second name of ``src`` atomically (hard link), else write it again."""
+        tmp = dest.with_name(f".{dest.name}.link.tmp")
+        try:
+            if tmp.exists():
+                tmp.unlink()
+            os.link(src, tmp)
+            os.replace(tmp, dest)
+        except OSError:
+            if tmp.exists():
+                tmp.unlink()
+            ckpt_mod.save_checkpoint(dest, data if data is not None else ckpt_mod.load_checkpoint(src))
+
+    last_ckpt: list[Path] = []
+
+    def autosave(ep: int, st: int, rotate: bool = True) -> None:
+        data = payload(ep, st)
+        if rotate:
+            p = run_dir / f"autosave_step_{global_step}.pth"
+            ckpt_mod.save_checkpoint(p, data)
+            link_or_save(p, run_dir / "autosave_latest.pth", data)
+            olds = sorted(run_dir.glob("autosave_step_*.pth"), key=lambda q: int(q.stem.rsplit("_", 1)[1]))
+            for q in olds[: -cfg.keep_autosaves]:
+                q.unlink(missing_ok=True)
+        else:
+            ckpt_mod.save_checkpoint(run_dir / "autosave_latest.pth", data)
+        last_ckpt.append(run_dir / "autosave_latest.pth")
+        log.info("autosave at epoch %d step %d (global step %d)", ep, st, global_step)
+
+    def make_batch(ep: int, st: int) -> Batch:
+        return build_batch(sampler.spec(ep, st), main, cache, factor=cfg.factor, patch=cfg.patch, years_window=t)
+
+    stopped = "completed"
+    t0 = time.perf_counter()
+    f = cfg.factor
+    from carbonsr_cli.console import err, out
+
+    show = cfg.progress
+    with _Interrupt() as intr:
+        while epoch < cfg.epochs:
+            model.train()
+            losses: list[float] = []
+            keys = ((epoch, s) for s in range(step, cfg.steps_per_epoch))
+            prefetch = Prefetcher(make_batch, keys, workers=cfg.workers)
+            halt: str | None = None
+            try:
+                for b in prefetch:
+                    aux = torch.from_numpy(b.aux).to(device, non_blocking=True)
+                    mi = torch.from_numpy(b.main).to(device, non_blocking=True)
+                    totals = torch.from_numpy(b.totals).to(device, non_blocking=True)
+                    truth = torch.from_numpy(b.truth).to(device, non_blocking=True)
+                    mask = torch.from_numpy(b.mask).to(device, non_blocking=True)
+                    with autocast():
+                        raw, _ = model(aux, mi)
+                    children = _children(model, raw, totals, b.scale * f)
+                    parent = block_sum(children, f)
+                    loss = loss_fn(torch.log1p(parent.clamp(min=0)), torch.log1p(truth.double()), mask)
+                    aux_loss = getattr(model, "aux_loss", None)
+                    if cfg.moe_weight and aux_loss is not None and torch.is_tensor(aux_loss) and aux_loss.requires_grad:
+                        loss = loss + cfg.moe_weight * aux_loss.double()
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    optimizer.step()
+                    scheduler.step()
+                    step += 1
+                    global_step += 1
+                    lv = float(loss.detach())
+                    if not math.isfinite(lv):
+                        raise UsageError(
+                            f"training diverged (loss {lv}) at epoch {epoch} step {step}; try a smaller --lr "
+                            f"(now {cfg.lr}) or --precision fp32"
+                        )
+                    losses.append(lv)
+                    if global_step % cfg.autosave_every == 0:
+                        autosave(epoch, step)
+                    if intr.flag:
+                        halt = "interrupted"
+                    elif cfg.max_steps is not None and global_step >= cfg.max_steps:
+                        halt = "max_steps"
+                    elif cfg.max_time_s is not None and time.perf_counter() - t0 >= cfg.max_time_s:
+                        halt = "max_time"
+                    if halt:
+                        break
+            finally:
+                prefetch.close()
+            if halt:
+                if not (last_ckpt and global_step % cfg.autosave_every == 0):
+                    autosave(epoch, step, rotate=False)
+                log.info("stopped (%s) at epoch %d step %d", halt, epoch, step)
+                if halt == "interrupted":
+                    log.removeHandler(handler)
+                    handler.close()
+                    err.print(f"interrupted: saved {run_dir / 'autosave_latest.pth'}; continue with `carbonsr resume {run_dir}`")
+                    raise KeyboardInterrupt
+                stopped = halt
+                break
+
+            # ----------------------------------------------------------- epoch end
+            model_s = _model_scores(model, items, cfg.val_scales, main, cache, cfg, t, device, autocast)
+            score = float(np.mean([model_s[s]["nonzero_mae"] for s in cfg.val_scales]))
+            improved = best_score is None or score < best_score
+            train_loss = float(np.mean(losses)) if losses else float("nan")
+            row = _history_row(epoch + 1, global_step, train_loss, scheduler.get_last_lr()[0], time.perf_counter() - t0, model_s, baselines, cfg.val_scales, score, improved)
+            history.append(row)
+            epoch += 1
+            step = 0
+            data = payload(epoch, 0)
+            ckpt_mod.save_checkpoint(run_dir / "latest.pth", data)
+            last_ckpt.append(run_dir / "latest.pth")
+            if epoch % cfg.snapshot_every == 0:
+                link_or_save(run_dir / "latest.pth", run_dir / f"epoch_{epoch:03d}.pth", data)
+            if improved:
+                best_score = score
+                link_or_save(run_dir / "latest.pth", run_dir / "best_model.pth", data)
+            _write_metrics_csv(run_dir / "metrics.csv", history)
+            log.info(
+                "epoch %d: loss %.4f, val score %.4g%s; %s", epoch, train_loss, score, " (best)" if improved else "",
+                ", ".join(f"s={s}: model {model_s[s]['nonzero_mae']:.4g} / dasymetric {baselines[s]['dasymetric']['nonzero_mae']:.4g} / uniform {baselines[s]['uniform']['nonzero_mae']:.4g}" for s in cfg.val_scales),
+            )
+            if show:
+                out.print(_epoch_table(row, cfg.val_scales, cfg.epochs))
+            if cfg.patience and len(history) > cfg.patience:
+                recent_best = min(h["val_score"] for h in history[-cfg.patience :])
+                earlier_best = min(h["val_score"] for h in history[: -cfg.patience])
+                if recent_best >= earlier_best:
+                    stopped = "early_stop"
+                    log.info("early stop: no improvement in %d epochs", cfg.patience)
+                    break
+            if intr.flag:
+                autosave(epoch, 0, rotate=False)
+                log.removeHandler(handler)
+                handler.close()
+                raise KeyboardInterrupt
+            if cfg.max_steps is not None and global_step >= cfg.max_steps and epoch < cfg.epochs:
+                stopped = "max_steps"
+                autosave(epoch, 0, rotate=False)
+                break
+    try:
+        _plot(run_dir / "training_curves.png", history, cfg.val_scales)
+    except Exception as exc:  # noqa: BLE001 - a plot must never fail a finished run
+        log.warning("could not draw the training curves: %s", exc)
+    log.info("finished (%s): %d epochs, %d steps, best val score %s", stopped, epoch, global_step, best_score)
+    log.removeHandler(handler)
+    handler.close()
+    best_path = run_dir / "best_model.pth"
+    return RunResult(
+        run_dir=run_dir,
+        best_path=best_path if best_path.exists() else None,
+        best_score=best_score,
+        epochs_done=epoch,
+        global_step=global_step,
+        stopped=stopped,
+        history=history,
+        last_checkpoint=last_ckpt[-1] if last_ckpt else None,
+    )

@@ -1,0 +1,75 @@
+"""Baselines every learned result must beat: uniform and dasymetric redistribution.
+
+Both conserve mass exactly per block (float64) and share the block arithmetic of
+:mod:`models.physics`. Totals are t CO2 / block / yr; children are t CO2 / child cell / yr.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from models.physics import block_broadcast, block_sum
+
+__all__ = ["dasymetric_fill", "uniform_fill"]
+
+
+def _as_f64(x: Tensor | np.ndarray) -> Tensor:
+    return torch.as_tensor(x).to(torch.float64)
+
+
+def uniform_fill(totals: Tensor | np.ndarray, block: int) -> Tensor:
+    """Spread every block total evenly over its ``block x block`` children.
+
+    Args:
+        totals: Block totals ``[B, 1, T, h, w]`` (any ``[..., h, w]``); NaN = nodata.
+        block: Block edge in child cells.
+
+    Returns:
+        ``[B, 1, T, h * block, w * block]`` float64: each child = S / block**2 (NaN where S is NaN).
+    """
+    s = _as_f64(totals)
+    return block_broadcast(s / float(block * block), block)
+
+
+def dasymetric_fill(
+    totals: Tensor | np.ndarray,
+    weights: Tensor | np.ndarray,
+    block: int,
+    power: float = 1.0,
+) -> Tensor:
+    """Share every block total in proportion to ``weights ** power`` (e.g. night lights).
+
+    Negative, NaN and infinite weights count as 0. Blocks whose weights sum to 0 fall back to
+    the uniform share.
+
+    Args:
+        totals: Block totals ``[B, 1, T, h, w]`` (any ``[..., h, w]``); NaN = nodata.
+        weights: Child weights ``[B, 1, T, h * block, w * block]`` (or broadcastable to it, e.g.
+            ``[B, 1, 1, H, W]`` for a static layer), any unit.
+        block: Block edge in child cells.
+        power: Exponent applied to the weights (> 0); larger values concentrate the total.
+
+    Returns:
+        ``[B, 1, T, h * block, w * block]`` float64; block sums equal the totals within float64
+        rounding; NaN where the total is NaN.
+    """
+    if not power > 0:
+        raise ValueError(f"power must be > 0, got {power}")
+    s = _as_f64(totals)
+    shape = (*s.shape[:-2], s.shape[-2] * block, s.shape[-1] * block)
+    w = _as_f64(weights)
+    try:
+        w = w.expand(shape)
+    except RuntimeError:
+        raise ValueError(f"weights of shape {tuple(w.shape)} do not broadcast to children {shape}") from None
+    w = torch.where(torch.isfinite(w) & (w > 0), w, torch.zeros_like(w))
+    if power != 1.0:
+        w = w.pow(power)
+        w = torch.where(torch.isfinite(w), w, torch.zeros_like(w))
+    wsum = block_sum(w, block)
+    empty = wsum <= 0
+    share = w / block_broadcast(torch.where(empty, torch.ones_like(wsum), wsum), block)
+    share = torch.where(block_broadcast(empty, block), torch.full_like(share, 1.0 / (block * block)), share)
+    return share * block_broadcast(s, block)

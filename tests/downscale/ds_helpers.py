@@ -1,0 +1,191 @@
+"""Helpers of the downscale tests: synthetic rasters, tiny checkpoints, an independent checker.
+
+The conservation checker here re-implements the contract with plain rasterio/numpy, so it does
+not share code with ``carbonsr_cli.downscale.check_written_conservation``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: A model configuration small enough for CPU tests (untrained weights are fine).
+TEST_MODEL = dict(
+    widths=(4, 4, 4, 4),
+    depths=(0, 0, 0, 0),
+    kernel_sizes=(3,),
+    dilations=(1,),
+    n_experts=2,
+    top_k=1,
+    expert_hidden_mult=1,
+    attn_heads=1,
+    attn_pool=2,
+    state_size=2,
+    temporal_kernel=1,
+)
+
+
+def write_tif(
+    path: Path,
+    data: np.ndarray,
+    *,
+    res: float | tuple[float, float],
+    origin: tuple[float, float],
+    crs: str,
+    nodata: float | None = -9999.0,
+    descriptions: Sequence[str] | None = None,
+    dtype: str = "float32",
+) -> Path:
+    """Write ``data`` ``[bands, rows, cols]`` (or ``[rows, cols]``) as a north-up GeoTIFF."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    arr = np.asarray(data)
+    if arr.ndim == 2:
+        arr = arr[None]
+    rx, ry = (res, res) if np.isscalar(res) else res
+    profile = {
+        "driver": "GTiff",
+        "width": arr.shape[2],
+        "height": arr.shape[1],
+        "count": arr.shape[0],
+        "dtype": dtype,
+        "crs": crs,
+        "transform": from_origin(origin[0], origin[1], rx, ry),
+        "nodata": nodata,
+    }
+    with rasterio.open(path, "w", **profile) as ds:
+        ds.write(arr.astype(dtype))
+        if descriptions:
+            for i, d in enumerate(descriptions, start=1):
+                ds.set_band_description(i, d)
+    return path
+
+
+def synthetic_totals(rows: int, cols: int, years: int = 2, *, seed: int = 0, nodata: float = -9999.0) -> np.ndarray:
+    """``[years, rows, cols]`` float32 totals: heavy-tailed, some exact zeros, nodata cells.
+
+    Nodata cells sit at a raster corner, on an edge and inside; zeros are scattered; every
+    raster-edge row/column keeps nonzero totals too.
+    """
+    rng = np.random.default_rng(seed)
+    t = rng.gamma(0.7, 50.0, size=(years, rows, cols)).astype(np.float32)
+    t[rng.random((years, rows, cols)) < 0.15] = 0.0
+    t[:, 0, 1] = 123.0  # edge, nonzero
+    t[:, -1, -2] = 77.0
+    t[:, 0, 0] = nodata
+    t[:, rows // 2, -1] = nodata
+    t[:, rows // 3, cols // 3] = nodata
+    return t
+
+
+def make_checkpoint(
+    path: Path,
+    aux_names: Sequence[str],
+    *,
+    factor: int = 10,
+    years_window: int = 1,
+    seed: int = 0,
+) -> Path:
+    """Save an untrained carbonsr checkpoint with the given aux layer names."""
+    import torch
+
+    from carbonsr_cli.train.checkpoints import save_checkpoint
+    from models.config import preset
+    from models.network import DSTCarbonFormer
+
+    cfg = preset("tiny", len(aux_names), **TEST_MODEL)
+    torch.manual_seed(seed)
+    net = DSTCarbonFormer(cfg)
+    stats = {
+        "aux": [
+            {"name": n, "transform": "log1p", "mean": 0.5, "std": 2.0, "clip_lo": -5.0, "clip_hi": 20.0}
+            for n in aux_names
+        ],
+        "main": {},
+    }
+    save_checkpoint(
+        path,
+        {
+            "model_config": cfg.to_dict(),
+            "model_state": net.state_dict(),
+            "aux_names": list(aux_names),
+            "stats": stats,
+            "factor": factor,
+            "years_window": years_window,
+        },
+    )
+    return path
+
+
+def _nd(a: np.ndarray, nodata: float | None) -> np.ndarray:
+    if nodata is None:
+        return np.zeros(a.shape, bool)
+    if math.isnan(nodata):
+        return np.isnan(a)
+    return a == nodata
+
+
+def assert_conserves(
+    out_path: Path,
+    main_path: Path,
+    factor: int,
+    *,
+    bands: Sequence[int] | None = None,
+    window: Any = None,
+    mask: np.ndarray | None = None,
+    rtol: float = 1e-6,
+) -> dict[str, Any]:
+    """Assert the contract of a written child raster against its parent totals.
+
+    For every parent cell: float64 sum of the written children == total within ``rtol``
+    relative, exactly 0 children where the total is 0, no negatives, no NaN, children nodata
+    exactly where the parent is nodata (or outside ``mask``). Also checks the grid.
+
+    Returns:
+        Some figures (blocks checked, max relative error) for further assertions.
+    """
+    import rasterio
+    from affine import Affine
+
+    with rasterio.open(main_path) as m, rasterio.open(out_path) as o:
+        idx = list(bands) if bands else list(range(1, m.count + 1))
+        tot = m.read(idx, window=window).astype(np.float64)
+        par_nd = _nd(tot, m.nodata)
+        mtrans = m.window_transform(window) if window is not None else m.transform
+        kids = o.read().astype(np.float64)
+        assert o.crs == m.crs
+        assert o.transform.almost_equals(mtrans * Affine.scale(1.0 / factor), precision=1e-9)
+        onodata = o.nodata
+    if mask is not None:
+        par_nd |= ~mask[None]
+    b, h, w = tot.shape
+    assert kids.shape == (b, h * factor, w * factor), (kids.shape, tot.shape)
+    kid_nd = _nd(kids, onodata)
+    nd_blocks = kid_nd.reshape(b, h, factor, w, factor)
+    assert np.array_equal(nd_blocks.all(axis=(2, 4)), par_nd), "children nodata where the parent is valid (or not)"
+    assert np.array_equal(nd_blocks.any(axis=(2, 4)), par_nd), "a block is partly nodata"
+    valid_kids = kids[~kid_nd]
+    assert np.isfinite(valid_kids).all(), "NaN/inf children"
+    assert (valid_kids >= 0).all(), "negative children"
+    sums = np.where(kid_nd, 0.0, kids).reshape(b, h, factor, w, factor).sum(axis=(2, 4))
+    s = tot[~par_nd]
+    got = sums[~par_nd]
+    zero = s == 0
+    assert np.all(got[zero] == 0.0), "nonzero children in a block whose total is 0"
+    zero_blocks = (tot == 0) & ~par_nd
+    kb = np.where(kid_nd, 0.0, kids).reshape(b, h, factor, w, factor)
+    assert not (kb != 0).any(axis=(2, 4))[zero_blocks].any()
+    rel = np.abs(got[~zero] - s[~zero]) / s[~zero]
+    max_rel = float(rel.max()) if rel.size else 0.0
+    assert max_rel <= rtol, f"block-sum error {max_rel:.3g} > {rtol}"
+    return {"blocks": int((~par_nd).sum()), "max_rel": max_rel, "zeros": int(zero.sum()), "nodata": int(par_nd.sum())}
+
+
+def no_temp_files(directory: Path) -> list[str]:
+    """Hidden temp files left by the atomic writer in ``directory`` (should be empty)."""
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith(".") and ".tmp" in p.name)
