@@ -34,6 +34,14 @@ class AOIWindow(NamedTuple):
     mask: np.ndarray
 
 
+def _present(geoms) -> np.ndarray:  # noqa: ANN001 - geopandas.GeoSeries
+    """Boolean mask of geometries that are neither missing (None) nor empty."""
+    import shapely
+
+    arr = np.asarray(geoms.values, dtype=object)
+    return ~(shapely.is_missing(arr) | shapely.is_empty(arr))
+
+
 def read_aoi(aoi_path: str | os.PathLike[str], crs: object):
     """Read AOI geometries and reproject them to ``crs``.
 
@@ -61,7 +69,7 @@ def read_aoi(aoi_path: str | os.PathLike[str], crs: object):
     if "geometry" not in gdf or len(gdf) == 0:
         raise InputDataError("AOI has no features", p)
     geoms = gdf.geometry
-    geoms = geoms[geoms.notna() & ~geoms.is_empty]
+    geoms = geoms[_present(geoms)]
     if len(geoms) == 0:
         raise InputDataError("AOI geometries are all empty", p)
     if geoms.crs is None:
@@ -70,7 +78,7 @@ def read_aoi(aoi_path: str | os.PathLike[str], crs: object):
         geoms = geoms.to_crs(crs.to_wkt() if hasattr(crs, "to_wkt") else crs)
     except Exception as exc:  # noqa: BLE001
         raise InputDataError(f"cannot reproject AOI to the raster CRS: {exc}", p) from None
-    return geoms[geoms.notna() & ~geoms.is_empty]
+    return geoms[_present(geoms)]
 
 
 def aoi_parent_window(aoi_path: str | os.PathLike[str], parent_grid: ParentGrid) -> AOIWindow:

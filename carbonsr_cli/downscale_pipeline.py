@@ -35,7 +35,7 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     from carbonsr_cli.downscale import DownscaleSummary, Plan
 
-__all__ = ["BF16_TOL", "run_pipeline", "dihedral", "dihedral_inverse"]
+__all__ = ["BF16_TOL", "run_pipeline", "dihedral", "dihedral_inverse", "unique_windows"]
 
 #: Largest tolerated |bf16 - fp32| difference of raw log-domain predictions on the first batch;
 #: above it the run falls back to fp32 (the result is always water-filled in float64).
@@ -256,11 +256,26 @@ class _Predictor:
         return self.model(a, m)[0]
 
 
-def _iter_batches(data: BandData, row: list[Any], plan: Plan, batch_size: int) -> Any:
-    """Yield ``(aux [B, C, T, H, W], main [B, 1, T, H, W])`` over every (tile, output year) of a row.
+def unique_windows(windows: list[tuple[list[int], int]]) -> tuple[list[list[int]], list[tuple[int, int]]]:
+    """Distinct temporal windows and, per output year, ``(window number, position)``.
 
-    Samples are ordered tile-major (``k * Y + y``); at most ``batch_size`` per batch, so the
-    stacked copy never exceeds one batch.
+    Output years whose windows coincide (e.g. every year when the raster has ``<= T`` years)
+    share one model evaluation: the model predicts all ``T`` years of its window at once.
+    """
+    uniq: list[list[int]] = []
+    src: list[tuple[int, int]] = []
+    for idx, pos in windows:
+        if idx not in uniq:
+            uniq.append(list(idx))
+        src.append((uniq.index(idx), pos))
+    return uniq, src
+
+
+def _iter_batches(data: BandData, row: list[Any], uniq: list[list[int]], batch_size: int) -> Any:
+    """Yield ``(aux [B, C, T, H, W], main [B, 1, T, H, W])`` over every (tile, window) of a row.
+
+    Samples are ordered tile-major (``k * U + u`` for ``U`` distinct windows); at most
+    ``batch_size`` per batch, so the stacked copy never exceeds one batch.
     """
     assert data.aux is not None and data.main is not None
     oy, ox = data.origin
@@ -272,7 +287,7 @@ def _iter_batches(data: BandData, row: list[Any], plan: Plan, batch_size: int) -
         cs = slice(int(cw.col_off) - ox, int(cw.col_off + cw.width) - ox)
         a_t = data.aux[:, :, rs, cs]
         m_t = data.main[:, rs, cs]
-        for idx, _pos in plan.windows:
+        for idx in uniq:
             auxs.append(a_t[:, idx])
             mains.append(m_t[idx][None])
             if len(auxs) == batch_size:
@@ -286,18 +301,17 @@ def _predict_row(
     predictor: _Predictor, data: BandData, row: list[Any], plan: Plan, n_views: int, prog: Any
 ) -> list[list[np.ndarray]]:
     """Raw predictions of a tile row: ``[view][tile] -> [Y, H, W]`` (log domain, output years)."""
-    n_years = len(plan.windows)
+    uniq, src = unique_windows(plan.windows)
+    n_u = len(uniq)
     flat: list[list[np.ndarray]] = [[] for _ in range(n_views)]
-    s = 0
-    for aux_b, main_b in _iter_batches(data, row, plan, predictor.batch_size):
+    for aux_b, main_b in _iter_batches(data, row, uniq, predictor.batch_size):
         for d in range(n_views):
-            raw = predictor(aux_b, main_b, d)  # [b, T, H, W]
-            for j in range(raw.shape[0]):
-                _idx, pos = plan.windows[(s + j) % n_years]
-                flat[d].append(raw[j, pos])
-        s += aux_b.shape[0]
+            flat[d].extend(predictor(aux_b, main_b, d))  # [T, H, W] each
         _advance(prog, aux_b.shape[0] * n_views)
-    return [[np.stack(v[k * n_years : (k + 1) * n_years]) for k in range(len(row))] for v in flat]
+    return [
+        [np.stack([v[k * n_u + u][pos] for u, pos in src]) for k in range(len(row))]
+        for v in flat
+    ]
 
 
 # --------------------------------------------------------------------------------------
@@ -462,7 +476,8 @@ def run_pipeline(
 
     reader = _BandReader(plan, layout)
     streams = [BlendStream(layout, channels=n_years) for _ in range(n_views)] if is_model else []
-    prog = _progress(progress, layout.n_tiles * n_years * n_views, f"downscale {plan.method.label}")
+    n_samples = len(unique_windows(plan.windows)[0]) if is_model else n_years
+    prog = _progress(progress, layout.n_tiles * n_samples * n_views, f"downscale {plan.method.label}")
     with contextlib.ExitStack() as stack:
         writer = stack.enter_context(
             RasterWriter(
@@ -492,7 +507,7 @@ def run_pipeline(
                     reads[i + 1] = read_ex.submit(reader.read, i + 1)
                 data = reads.pop(i).result()
                 r0, r1 = data.out_rows
-                summary.tiles += len(row) * n_years * n_views
+                summary.tiles += len(row) * n_samples * n_views
                 extra = None
                 if is_model:
                     preds = _predict_row(predictor, data, row, plan, n_views, prog)

@@ -675,7 +675,6 @@ def _pred_on_ref(pred: DatasetReader, band: int, plan: _Aligned, rows: tuple[int
     from rasterio.windows import Window
 
     a, b = rows
-    wc0, wr0 = int(plan.window.col_off), int(plan.window.row_off)
     w = int(plan.window.width)
     if plan.k is not None:
         k = plan.k
@@ -755,6 +754,7 @@ def compare_to_reference(
     *,
     metrics: Sequence[str] | None = None,
     region: tuple[float, float, float, float] | None = None,
+    cell_mask: np.ndarray | None = None,
     plot: PathLike | None = None,
     plot_band: str | None = None,
     overwrite: bool = True,
@@ -779,6 +779,8 @@ def compare_to_reference(
             the nonzero reference values of the evaluated cells.
         region: ``(minx, miny, maxx, maxy)`` in the reference CRS: evaluate only reference
             cells whose centre lies inside (e.g. a held-out validation region).
+        cell_mask: Boolean ``[rows, cols]`` over the whole reference grid, True = evaluate (e.g.
+            the training split's validation region brought to the reference grid).
         plot: Write a comparison PNG (see ``plots.plot_comparison``) for ``plot_band``.
         plot_band: Band name to plot (default the first common band).
         overwrite: Replace an existing plot file.
@@ -803,12 +805,16 @@ def compare_to_reference(
         "prediction": str(pred_path),
         "reference": str(ref_path),
         "metrics": names,
-        "region": list(region) if region is not None else None,
+        "region": list(region) if region is not None else ("mask" if cell_mask is not None else None),
         "bands": {},
     }
     acc_all = MetricAccumulator()
     with open_raster(pred_path) as pred, open_raster(ref_path) as ref:
         plan = _plan_alignment(pred, ref)
+        if cell_mask is not None and tuple(np.shape(cell_mask)) != (ref.height, ref.width):
+            raise UsageError(
+                f"cell mask shape {tuple(np.shape(cell_mask))} differs from the reference grid {(ref.height, ref.width)}"
+            )
         pairs = match_bands(pred, ref, require_all=False)
         result["method"] = plan.method
         result["factor"] = plan.k
@@ -828,12 +834,15 @@ def compare_to_reference(
                 win = plan.window
                 from rasterio.windows import Window
 
-                t = read_window(ref, Window(int(win.col_off), int(win.row_off) + a, w, b - a), ri, out_dtype="float64")
+                wc0, wr0 = int(win.col_off), int(win.row_off)
+                t = read_window(ref, Window(wc0, wr0 + a, w, b - a), ri, out_dtype="float64")
                 t = np.where(_nodata_mask(t, ref.nodata), np.nan, t)
                 ok = np.isfinite(p) & np.isfinite(t)
                 m = _in_region(plan, (a, b), region)
                 if m is not None:
                     ok &= m
+                if cell_mask is not None:
+                    ok &= np.asarray(cell_mask, dtype=bool)[wr0 + a : wr0 + b, wc0 : wc0 + w]
                 acc.update(p, t, ok)
                 acc_all.update(p, t, ok)
                 if keep_maps:

@@ -211,6 +211,8 @@ def plot_quicklook(
     overwrite: bool = True,
     dpi: int = 100,
     shared_groups: Sequence[Sequence[int]] | None = None,
+    boxes: dict[int, tuple[int, int, int, int]] | None = None,
+    units_per_panel: Sequence[str] | None = None,
 ) -> Path:
     """Side-by-side maps on log colour scales (e.g. 1 km input, 100 m output, 100 m truth).
 
@@ -223,6 +225,9 @@ def plot_quicklook(
         dpi: Resolution.
         shared_groups: Panel indexes sharing colour limits (e.g. ``[[0], [1, 2]]``: the 1 km input
             has its own scale, the 100 m output and truth share one); default: all share one.
+        boxes: ``{panel: (row, col, height, width)}`` rectangles (in cells of that panel) to outline,
+            e.g. the zoom window of the other panels.
+        units_per_panel: Colour-bar label per panel (default ``units`` for all).
 
     Returns:
         The written path.
@@ -242,8 +247,14 @@ def plot_quicklook(
     fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 4.6))
     axes = np.atleast_1d(axes)
     cmap = _cmap(_CMAP)
+    from matplotlib.patches import Rectangle
+
     for i, (name, arr) in enumerate(panels):
-        _map_panel(axes[i], fig, np.asarray(arr, dtype=np.float64), norms.get(i, LogNorm()), cmap, name, units)
+        label = units_per_panel[i] if units_per_panel else units
+        _map_panel(axes[i], fig, np.asarray(arr, dtype=np.float64), norms.get(i, LogNorm()), cmap, name, label)
+        if boxes and i in boxes:
+            r, c, h, w = boxes[i]
+            axes[i].add_patch(Rectangle((c - 0.5, r - 0.5), w, h, fill=False, edgecolor="cyan", lw=1.5))
     fig.text(0.995, 0.01, "grey: 0, white: nodata", ha="right", va="bottom", fontsize=7, color="0.35")
     if title:
         fig.suptitle(title, fontsize=11)

@@ -25,7 +25,7 @@ region, so that auxiliary layers cover the region with a margin):
    country, and residential streets fill cities and villages.
 5. **Emissions (t CO2 / cell / yr, totals per cell):**
    - traffic: road length per 100 m cell weighted by class (motorway 250,
-     primary 80, secondary 20, residential 4 t per cell of road per year), times
+     primary 80, secondary 20, residential 4 t CO2 per 100 m of road per year), times
      ``1 + 1.5 U`` (U = urban intensity), spread over neighbouring cells with a
      3x3 kernel (road buffer);
    - residential heating: ``0.8 * population ** 0.75`` (nonlinear: per-capita
@@ -84,7 +84,7 @@ NODATA = -9999.0
 #: Land cover nodata and class codes.
 LANDCOVER_NODATA = 0
 LANDCOVER_CLASSES: dict[int, str] = {10: "cropland", 20: "forest", 50: "built-up", 80: "water", 90: "other"}
-#: Road classes and their traffic emission in t CO2 / yr per 100 m cell of road.
+#: Road classes and their traffic emission in t CO2 / yr per 100 m of road.
 ROAD_WEIGHTS: dict[str, float] = {"motorway": 250.0, "primary": 80.0, "secondary": 20.0, "residential": 4.0}
 #: Units tag of the emission rasters.
 EMISSION_UNITS = "t CO2 / cell / yr"
@@ -205,8 +205,11 @@ def generate_sample_data(
     try:
         import rasterio
 
-        with rasterio.Env(GDAL_CACHEMAX=128):  # MB; bounded write cache for large regions
-            _generate(_layout(tmp, years=years_t, seed=seed, size_km=size_km), seed=seed, size_km=size_km, years=years_t)
+        try:
+            with rasterio.Env(GDAL_CACHEMAX=128):  # MB; bounded write cache for large regions
+                _generate(_layout(tmp, years=years_t, seed=seed, size_km=size_km), seed=seed, size_km=size_km, years=years_t)
+        except OSError as exc:  # disk full, quota, the directory removed under us, ...
+            raise OutputError(f"cannot write the sample data ({exc})", dest) from None
         _move_into_place(tmp, dest, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -502,9 +505,6 @@ def _generate(paths: SampleData, *, seed: int, size_km: int, years: tuple[int, .
 
 
 def _make_world(rng: np.random.Generator, ne: int, ext_transform: Any) -> _World:
-    from rasterio.features import rasterize
-    from shapely import linestrings
-
     npe = ne // FACTOR
     # coast: sea in the south-east corner, whole parent cells
     u = (np.arange(npe) + 0.5) / npe
@@ -564,7 +564,6 @@ def _make_world(rng: np.random.Generator, ne: int, ext_transform: Any) -> _World
 
     # roads (pixel coordinates: x = column, y = row, on the extended grid)
     roads = _make_roads(rng, ne, cities, radius, villages)
-    to_xy = _pixel_to_crs(ext_transform)
 
     def _valid(pts: np.ndarray) -> np.ndarray:
         ok = (pts[:, 0] >= 0) & (pts[:, 0] < ne) & (pts[:, 1] >= 0) & (pts[:, 1] < ne)
@@ -576,23 +575,15 @@ def _make_world(rng: np.random.Generator, ne: int, ext_transform: Any) -> _World
 
     # river: from the north edge towards the sea, 2-3 cells wide
     river = _polyline(rng, np.array([rng.uniform(0.2, 0.5) * ne, -5.0]), np.array([ne * 1.05, ne * 0.9]), 0.12)
-    river_mask = rasterize([(linestrings(to_xy(river)), 1)], out_shape=(ne, ne), transform=ext_transform, all_touched=True, dtype="uint8")
-    river_mask = river_mask.astype(bool)
+    river_mask = _rasterize_lines([river], 1.0, ne) > 0
     river_mask[1:, :] |= river_mask[:-1, :]
     river_mask[:, 1:] |= river_mask[:, :-1]
     water = sea | lakes | river_mask
     del lakes, river_mask
 
-    road_shapes = []
+    road_weight = np.zeros((ne, ne), np.float32)
     for cls, lines in roads.items():
-        road_shapes += [(linestrings(to_xy(p)), ROAD_WEIGHTS[cls]) for p in lines]
-    from rasterio.enums import MergeAlg
-
-    road_weight = (
-        rasterize(road_shapes, out_shape=(ne, ne), transform=ext_transform, all_touched=True, merge_alg=MergeAlg.add, dtype="float32")
-        if road_shapes
-        else np.zeros((ne, ne), np.float32)
-    )
+        road_weight += _rasterize_lines(lines, ROAD_WEIGHTS[cls], ne)
 
     other_f = _smooth_field(rng, (ne, ne), 20)
     landcover = np.full((ne, ne), 10, np.uint8)
@@ -617,6 +608,32 @@ def _from_origin(west: float, north: float, xsize: float, ysize: float) -> Any:
     from affine import Affine
 
     return Affine(xsize, 0.0, west, 0.0, -ysize, north)
+
+
+def _rasterize_lines(lines: list[np.ndarray], weight: float, ne: int, step: float = 0.25) -> np.ndarray:
+    """Line length per cell times ``weight``: float32 [ne, ne] (length in cells, 1 = 100 m).
+
+    Polylines are in pixel coordinates (x = column, y = row). Each segment is sampled
+    every ``step`` cells and every sample adds ``weight * step`` to its cell: a plain,
+    fast alternative to GDAL rasterization for hundreds of thousands of lines.
+    """
+    grid = np.zeros((ne, ne), np.float32)
+    if not lines:
+        return grid
+    a = np.concatenate([p[:-1] for p in lines])
+    b = np.concatenate([p[1:] for p in lines])
+    d = b - a
+    seglen = np.hypot(d[:, 0], d[:, 1])
+    nsteps = np.maximum(1, np.ceil(seglen / step)).astype(np.int64)
+    seg = np.repeat(np.arange(len(a)), nsteps)
+    first = np.repeat(np.cumsum(nsteps) - nsteps, nsteps)
+    t = (np.arange(len(seg)) - first + 0.5) / nsteps[seg]
+    x = a[seg, 0] + t * d[seg, 0]
+    y = a[seg, 1] + t * d[seg, 1]
+    w = (weight * seglen / nsteps)[seg]
+    ok = (x >= 0) & (x < ne) & (y >= 0) & (y < ne)
+    np.add.at(grid, (y[ok].astype(np.int64), x[ok].astype(np.int64)), w[ok].astype(np.float32))
+    return grid
 
 
 def _pixel_to_crs(transform: Any) -> Any:
@@ -825,7 +842,7 @@ def _write_aux(
 
     # night-time lights: radiance at 100 m -> 500 m grid offset by 250 m -> blooming -> DN 0..63
     rad = 40.0 * world.builtup + 2.0 * np.sqrt(world.population)
-    rad += 0.05 * world.road_weight * (world.road_weight >= ROAD_WEIGHTS["primary"])
+    rad += 0.05 * world.road_weight * (world.road_weight >= 0.5 * ROAD_WEIGHTS["primary"])
     for p in plants:
         rad[p.rows, p.cols] += 6.0
     rad = rad.astype(np.float32)
@@ -902,7 +919,7 @@ truth_100m.tif      100 m child field, same CRS, exactly aligned (10 x 10 childr
                     parent); the 1 km values are its 10 x 10 block sums (float64 sum of
                     the stored float32 values, relative error < 1e-6). For EVALUATION
                     ONLY: nothing may train on it. Nodata {NODATA:g} over the sea.
-aux/                auxiliary layers; pass them all with `--aux DIR/aux/*`:
+aux/                auxiliary layers; pass them all with `--aux OUT_DIR/aux/*`:
   lights_500m.tif      night-time lights, DMSP-like DN 0..63 (saturating in city
                        cores, blurred / blooming), 500 m grid offset by 250 m.
   population_100m.tif  persons per 100 m cell (100 m grid with a 3 km margin).

@@ -16,7 +16,8 @@ The JSON written here travels with every training run and checkpoint. Keys:
   first main file, and ``factor``.
 - ``aux``: one entry per aux channel in stack order: ``name``, ``transform`` ("log1p" for
   heavy-tailed layers: all values >= 0 and (skewness > 2 or max / p99 > 10); else "identity"),
-  ``clip_lo``/``clip_hi`` (p0.1 / p99.9 of the transformed values), ``mean``/``std`` of the
+  ``clip_lo``/``clip_hi`` (p0.1 / p99.9 of the transformed values; min / max when those are
+  equal, e.g. a sparse layer with > 99.9 % zeros), ``mean``/``std`` of the
   transformed, clipped values (std 1 for a constant layer), and the raw ``raw_mean``,
   ``raw_std``, ``raw_min``, ``raw_max``, ``skewness``, ``p99``, ``samples``. Aux layers are
   read through :class:`carbonsr_cli.aux.AuxStack` on the child grid, from a regular subset of
@@ -284,6 +285,8 @@ def _aux_entry(name: str, acc: _AuxAccumulator) -> dict[str, Any]:
     heavy = acc.vmin >= 0 and (skew > 2 or (p99 > 0 and acc.vmax / p99 > 10))
     z = np.log1p(x) if heavy else x
     lo, hi = (float(v) for v in np.quantile(z, [0.001, 0.999]))
+    if hi <= lo:  # sparse layer (> 99.9 % one value): clipping would erase it
+        lo, hi = float(z.min()), float(z.max())
     zc = np.clip(z, lo, hi)
     mean, std = float(zc.mean()), float(zc.std())
     return {

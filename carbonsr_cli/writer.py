@@ -191,6 +191,7 @@ class RasterWriter:
             if self.tags:
                 self._ds.update_tags(**self.tags)
         except BaseException:
+            self._close_quietly()
             stack.__exit__(*_exc_info())
             raise
         self._stack = stack

@@ -35,10 +35,32 @@ __all__ = [
 _SMALL_INIT = 0.1
 
 
+class _GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` that avoids a CPU crash of PyTorch (seen in 2.13).
+
+    On CPU, the backward of ``group_norm`` segfaults for a ``channels_last_3d`` input that does
+    not require grad while the affine parameters do (e.g. a frozen encoder). Such inputs are
+    made contiguous first; every other case runs the native kernel unchanged.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalise ``x`` ``[B, C, T, H, W]``."""
+        if (
+            x.device.type == "cpu"
+            and torch.is_grad_enabled()
+            and not x.requires_grad
+            and self.weight is not None
+            and self.weight.requires_grad
+            and not x.is_contiguous()
+        ):
+            x = x.contiguous()
+        return super().forward(x)
+
+
 def group_norm(channels: int) -> nn.GroupNorm:
     """GroupNorm with up to 8 groups (per-sample statistics: batch size 1 and eval are exact)."""
     groups = math.gcd(channels, 8)
-    return nn.GroupNorm(groups, channels, eps=1e-5)
+    return _GroupNorm(groups, channels, eps=1e-5)
 
 
 def _shrink_(conv: nn.Conv3d, factor: float = _SMALL_INIT) -> nn.Conv3d:

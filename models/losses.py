@@ -121,7 +121,9 @@ class DualLayerWeightedLoss(nn.Module):
         w = torch.where(valid, w, torch.zeros_like(w))
         y = torch.where(valid, target_log, torch.zeros_like(target_log))
         p = torch.where(valid, pred_log, torch.zeros_like(pred_log))
-        d = (p - y).to(w.dtype) if p.dtype != w.dtype else p - y
+        d = p - y
+        dt = torch.promote_types(d.dtype, w.dtype)
+        d, w = d.to(dt), w.to(dt)
         rho = torch.sqrt(d * d + self.eps * self.eps) - self.eps
         wsum = w.sum()
         return (w * rho).sum() / wsum.clamp(min=torch.finfo(w.dtype).tiny)

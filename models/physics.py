@@ -82,21 +82,28 @@ def block_broadcast(t: Tensor, block: int) -> Tensor:
     return t[..., :, None, :, None].expand(*lead, h, block, w, block).reshape(*lead, h * block, w * block)
 
 
-def to_blocks(x: Tensor, block: int) -> Tensor:
-    """Rearrange ``[..., H, W]`` into one row per block: ``[N, block * block]``.
+def to_blocks(x: Tensor, block: int, dtype: torch.dtype | None = None) -> Tensor:
+    """Rearrange ``[..., H, W]`` into one row per block: ``[N, block * block]`` (a copy).
 
-    Rows are ordered like ``block_sum(x, block).reshape(-1)``.
+    Rows are ordered like ``block_sum(x, block).reshape(-1)``. ``dtype`` casts in the same
+    pass (default: keep ``x.dtype``). Differentiable.
     """
     hb, wb = _check_block(x.shape, block)
-    xb = x.reshape(*x.shape[:-2], hb, block, wb, block).transpose(-3, -2)
-    return xb.reshape(-1, block * block)
+    lead = tuple(x.shape[:-2])
+    out = torch.empty((*lead, hb, wb, block, block), dtype=dtype or x.dtype, device=x.device)
+    out.copy_(x.reshape(*lead, hb, block, wb, block).transpose(-3, -2))
+    return out.reshape(-1, block * block)
 
 
-def from_blocks(xb: Tensor, shape: torch.Size | tuple[int, ...], block: int) -> Tensor:
-    """Inverse of :func:`to_blocks`: ``[N, block * block]`` back to ``shape`` ``[..., H, W]``."""
+def from_blocks(
+    xb: Tensor, shape: torch.Size | tuple[int, ...], block: int, dtype: torch.dtype | None = None
+) -> Tensor:
+    """Inverse of :func:`to_blocks`: ``[N, block * block]`` back to ``shape`` ``[..., H, W]`` (a copy)."""
     hb, wb = _check_block(torch.Size(shape), block)
     lead = tuple(shape[:-2])
-    return xb.reshape(*lead, hb, wb, block, block).transpose(-3, -2).reshape(*lead, hb * block, wb * block)
+    out = torch.empty((*lead, hb, block, wb, block), dtype=dtype or xb.dtype, device=xb.device)
+    out.copy_(xb.reshape(*lead, hb, wb, block, block).transpose(-3, -2))
+    return out.reshape(*lead, hb * block, wb * block)
 
 
 def _water_level_numpy(u: Tensor, s: Tensor, chunk: int = 1 << 15) -> tuple[Tensor, Tensor]:
@@ -159,17 +166,20 @@ def project_blocks(v: Tensor, s: Tensor) -> Tensor:
             tau, kth = _water_level_numpy(u, s)
         else:
             tau, kth = _water_level_torch(u.detach(), s.detach())
-    if torch.is_grad_enabled() and (u.requires_grad or s.requires_grad):
+    differentiable = torch.is_grad_enabled() and (u.requires_grad or s.requires_grad)
+    if differentiable:
         support = u.detach() >= kth
         count = support.sum(dim=-1, keepdim=True).to(u.dtype)
         tau = (torch.where(support, u, torch.zeros_like(u)).sum(dim=-1, keepdim=True) - s_col) / count
-    x = (u - tau).clamp(min=0)
+        x = (u - tau).clamp(min=0)
+    else:  # in place: no new temporaries (allocation is a large share of the CPU time)
+        x = u.sub_(tau).clamp_(min=0)
     tot = x.sum(dim=-1, keepdim=True)
     # Remove the float rounding of tau: sum(x) == s to ~1e-15 relative. For s > 0 the row max
     # gets -tau > 0, so tot > 0; rows with s == 0 are already exactly zero (tau = 0 = max u).
     pos = tot > 0
     scale = torch.where(pos, s_col / torch.where(pos, tot, torch.ones_like(tot)), torch.ones_like(tot))
-    return x * scale
+    return x * scale if differentiable else x.mul_(scale)
 
 
 def _sanitize(v: Tensor, s_safe: Tensor) -> Tensor:
@@ -235,15 +245,16 @@ def water_fill(
                          f"and block={block}, got {tuple(totals.shape)}")
     out_dtype = torch.float64 if out_dtype is None else out_dtype
     f64 = torch.float64
-    v = to_blocks(values.to(f64), block)
+    v = to_blocks(values, block, dtype=f64)
     s = totals.to(f64).reshape(-1)
     if v.shape[0] == 0:
         return values.to(out_dtype)
 
     nan_s = torch.isnan(s)
     neg_s = s < 0
+    # A NaN/inf value makes its row sum non-finite (an overflowing sum only costs the slow path).
     n_inf, n_neg, n_nan, all_finite = torch.stack(
-        [torch.isinf(s).sum(), neg_s.sum(), nan_s.sum(), torch.isfinite(v).all().to(torch.long)]
+        [torch.isinf(s).sum(), neg_s.sum(), nan_s.sum(), torch.isfinite(v.detach().sum(dim=-1)).all().to(torch.long)]
     ).tolist()
     if n_inf:
         raise ValueError(f"{n_inf} block total(s) are infinite; use NaN for nodata")
@@ -263,15 +274,18 @@ def water_fill(
         x = torch.where(neg_s.unsqueeze(-1), shifted, x)
 
     if out_dtype != f64:
+        x = x.to(out_dtype)
         with torch.no_grad():
-            xc = x.to(out_dtype)
-            resid = s_safe - xc.to(f64).sum(dim=-1)
-            idx = x.argmax(dim=-1, keepdim=True)
-            top = xc.gather(-1, idx).to(f64) + resid.unsqueeze(-1)
+            # The largest child of each block absorbs the cast's rounding residual. Written in
+            # place through a detached alias: the cast's backward saves nothing, so the gradient
+            # stays the identity.
+            xd = x.detach()
+            resid = s_safe - xd.sum(dim=-1, dtype=f64)
+            idx = xd.argmax(dim=-1, keepdim=True)
+            top = xd.gather(-1, idx).to(f64) + resid.unsqueeze(-1)
             if not n_neg:
                 top = top.clamp(min=0)
-            delta = torch.zeros_like(x).scatter_(-1, idx, top - x.gather(-1, idx))
-        x = (x + delta).to(out_dtype)
+            xd.scatter_(-1, idx, top.to(out_dtype))
 
     if n_nan:
         x = torch.where(nan_s.unsqueeze(-1), torch.full_like(x, float("nan")), x)

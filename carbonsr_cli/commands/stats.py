@@ -121,7 +121,7 @@ def print_stats(stats: dict[str, Any]) -> None:
     if stats.get("aux"):
         a = Table(title="Aux layers (raw values on the child grid, sampled tiles)")
         for c in ("layer", "mean", "std", "max", "skew", "norm", "clip"):
-            a.add_column(c, justify="left" if c in ("layer", "norm") else "right", no_wrap=c == "layer")
+            a.add_column(c, justify="left" if c in ("layer", "norm") else "right", no_wrap=c in ("layer", "clip"))
         for e in stats["aux"]:
             a.add_row(escape(e["name"]), _f(e["raw_mean"], 3), _f(e["raw_std"], 3), _f(e["raw_max"], 3),
                       _f(e["skewness"], 2), e["transform"], f"{_f(e['clip_lo'], 2)}..{_f(e['clip_hi'], 2)}")

@@ -155,6 +155,9 @@ def save_checkpoint(path: str | os.PathLike[str], payload: dict) -> None:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=directory)
     tmp = Path(tmp_name)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; checkpoints are ordinary files
         with os.fdopen(fd, "wb") as fh:
             torch.save(data, fh)
             fh.flush()

@@ -176,37 +176,15 @@ class _Interrupt:
 
 
 def _stats_for_run(cfg: TrainConfig, main: MainData, stack: Any, run_dir: Path) -> dict:
+    """The run's statistics: ``cfg.stats`` if given, else computed (main pooled over all files)."""
     from carbonsr_cli import stats as stats_mod
 
     if cfg.stats:
         return dict(stats_mod.load_stats(cfg.stats))
-    log.info("computing statistics of %s and %d aux layers", cfg.main[0], len(stack.names))
-    st = stats_mod.compute_stats(cfg.main[0], stack)
-    if len(cfg.main) > 1:
-        st = _main_stats_all_files(st, main)
-    return st
-
-
-def _main_stats_all_files(st: dict, main: MainData) -> dict:
-    """Recompute the ``main`` loss statistics over every year of several main files."""
-    v = main.values[np.isfinite(main.values)].astype(np.float64)
-    nz = v[v > 0]
-    n_zero, n_nonzero = int((v == 0).sum()), int(nz.size)
-    logs = np.log1p(nz)
-    m = dict(st.get("main", {}))
-    m.update(
-        n_zero=n_zero,
-        n_nonzero=n_nonzero,
-        log_nz_over_nnz=float(math.log(max(n_zero, 1) / max(n_nonzero, 1))),
-        cv_log=float(logs.std() / logs.mean()) if logs.size and logs.mean() > 0 else 0.0,
-        mean_log=float(logs.mean()) if logs.size else None,
-        sum=float(v.sum()),
-    )
-    return {**st, "main": m}
-
-
-def _aux_names_of_stats(st: dict) -> list[str]:
-    return [a.get("name") for a in st.get("aux", [])]
+    log.info("computing statistics of %s and %d aux layers", ", ".join(cfg.main), len(stack.names))
+    if len(cfg.main) == 1:
+        return stats_mod.compute_stats(cfg.main[0], stack, factor=cfg.factor, fill_missing=cfg.fill_missing)
+    return stats_mod.compute_stats(cfg.main, cfg.aux, factor=cfg.factor, fill_missing=cfg.fill_missing)
 
 
 # --------------------------------------------------------------------------- validation
@@ -355,7 +333,7 @@ def evaluate_split(checkpoint: str | os.PathLike[str], *, device: str = "cpu") -
     main = load_main(cfg.main)
     child = main.grid.child(cfg.factor)
     with AuxStack(discover_aux(cfg.aux), child, main.years, fill_missing=cfg.fill_missing) as stack:
-        norm = AuxNormalizer.from_stats(ck["stats"])
+        norm = AuxNormalizer.from_stats(ck["stats"], stack.names)
         cache = AuxCache.build(stack, norm.apply, child.shape, len(main.years))
         split = Split.from_dict(ck["split"])
         t = int(ck["years_window"])
@@ -540,9 +518,6 @@ def train(config: TrainConfig) -> RunResult:
             log.info("resuming from %s (epoch %s, step %s)", resume_path, ck.get("epoch"), ck.get("step"))
         else:
             stats = _stats_for_run(cfg, main, stack, run_dir)
-            got = _aux_names_of_stats(stats)
-            if got and got != list(stack.names):
-                raise UsageError(f"stats aux layers {got} do not match the given aux layers {stack.names}", cfg.stats)
             valid = main.valid_all_years
             if cfg.val_region:
                 mask, method = parse_val_region(cfg.val_region, grid.transform, grid.height, grid.width, grid.crs)
@@ -554,7 +529,7 @@ def train(config: TrainConfig) -> RunResult:
                 )
             save_stats(stats, run_dir / "stats.json")
             _write_json(run_dir / "split.json", split.to_dict())
-        norm = AuxNormalizer.from_stats(stats)
+        norm = AuxNormalizer.from_stats(stats, stack.names)
         cache = AuxCache.build(
             stack, norm.apply, child.shape, n_years,
             cache_dir=run_dir / "cache", ram_limit_bytes=int(cfg.cache_ram_gb * (1 << 30)),

@@ -159,7 +159,7 @@ def assert_conserves(
         mtrans = m.window_transform(window) if window is not None else m.transform
         kids = o.read().astype(np.float64)
         assert o.crs == m.crs
-        assert o.transform.almost_equals(mtrans * Affine.scale(1.0 / factor), precision=1e-9)
+        assert o.transform.almost_equals(mtrans @ Affine.scale(1.0 / factor), precision=1e-9)
         onodata = o.nodata
     if mask is not None:
         par_nd |= ~mask[None]

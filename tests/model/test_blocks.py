@@ -196,3 +196,17 @@ def test_blocks_under_bf16_autocast(name: str) -> None:
         y = block(x)
     assert y.shape == x.shape and torch.isfinite(y).all()
     y.float().sum().backward()
+
+
+def test_group_norm_channels_last_input_without_grad() -> None:
+    """Regression: native CPU group_norm backward crashed for this case (PyTorch 2.13)."""
+    from models.blocks import group_norm
+
+    gn = group_norm(C)
+    x = torch.randn(2, C, 2, 6, 6).to(memory_format=torch.channels_last_3d)
+    y = gn(x)
+    (y * torch.randn_like(y)).sum().backward()
+    assert gn.weight.grad is not None and gn.weight.grad.abs().sum() > 0
+    ref = nn.GroupNorm(gn.num_groups, C)
+    ref.load_state_dict(gn.state_dict())
+    torch.testing.assert_close(y, ref(x.contiguous()))

@@ -147,6 +147,11 @@ def test_gradient_is_projection_jacobian() -> None:
     # support {0, 1, 2}: d x0 / d v = e0 - 1/3 on support, 0 off; d x0 / d S = 1/3
     torch.testing.assert_close(v.grad.reshape(-1), torch.tensor([2 / 3, -1 / 3, -1 / 3, 0], dtype=F64))
     torch.testing.assert_close(s.grad.reshape(-1), torch.tensor([1 / 3], dtype=F64))
+    # the float32 output path has the same gradient (the residual fix is not differentiated)
+    v32 = v.detach().float().requires_grad_()
+    water_fill(v32, s.detach(), 2, out_dtype=torch.float32).reshape(-1)[0].backward()
+    assert v32.grad.dtype == torch.float32
+    torch.testing.assert_close(v32.grad.double(), v.grad)
 
 
 def test_float32_input_and_grad_path_consistency() -> None:

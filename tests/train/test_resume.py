@@ -1,0 +1,95 @@
+"""Exact continuation: a run killed mid-epoch and resumed ends with bitwise the same weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from helpers import small_config  # noqa: E402
+
+from carbonsr_cli.train import checkpoints as ck  # noqa: E402
+
+_CHILD = """
+import json, sys
+from carbonsr_cli.train.config import TrainConfig
+from carbonsr_cli.train.loop import train
+train(TrainConfig.from_dict(json.loads(sys.argv[1])))
+"""
+
+
+def _spawn(cfg) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(cfg.to_dict())], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    t0 = time.monotonic()
+    while not path.exists():
+        if proc.poll() is not None:
+            out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            pytest.fail(f"training process ended (rc {proc.returncode}) before {path.name} appeared:\n{out[-3000:]}")
+        if time.monotonic() - t0 > timeout:
+            proc.kill()
+            pytest.fail(f"{path.name} did not appear within {timeout} s")
+        time.sleep(0.02)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return ck.load_checkpoint(path)["model_state"]
+
+
+def test_sigkill_then_resume_is_bitwise_identical(sample_dir: Path, tmp_path: Path) -> None:
+    from carbonsr_cli.train.loop import train
+
+    common = dict(epochs=2, steps_per_epoch=5, autosave_every=2, max_val_windows=2)
+    full = train(small_config(sample_dir, tmp_path, name="full", **common))
+    assert full.stopped == "completed" and full.global_step == 10
+
+    killed_cfg = small_config(sample_dir, tmp_path, name="killed", **common)
+    proc = _spawn(killed_cfg)
+    run = tmp_path / "killed"
+    _wait_for(run / "autosave_step_6.pth", proc)  # mid-epoch 2 (steps 5..9)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "the training process finished before it could be killed"
+    assert not (run / "latest.pth").exists() or ck.load_checkpoint(run / "latest.pth")["global_step"] < 10
+
+    resumed = train(small_config(sample_dir, tmp_path, name="killed", resume="latest", **common))
+    assert resumed.stopped == "completed" and resumed.global_step == 10
+    a, b = _weights(full.run_dir / "latest.pth"), _weights(run / "latest.pth")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    # the optimiser state and metric history continue exactly too
+    fa, fb = ck.load_checkpoint(full.run_dir / "latest.pth"), ck.load_checkpoint(run / "latest.pth")
+    for k, v in fa["optimizer_state"]["state"].items():
+        assert torch.equal(v["exp_avg_sq"], fb["optimizer_state"]["state"][k]["exp_avg_sq"])
+    assert [h["val_score"] for h in fa["metric_history"]] == [h["val_score"] for h in fb["metric_history"]]
+
+
+def test_sigint_saves_and_exits_130(sample_dir: Path, tmp_path: Path) -> None:
+    cfg = small_config(sample_dir, tmp_path, name="ctrlc", epochs=50, steps_per_epoch=5, autosave_every=1000)
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    main = cfg.main[0]
+    args = [sys.executable, "-m", "carbonsr_cli.cli", "train", main, "--aux", cfg.aux[0], "--runs-dir", str(tmp_path),
+            "--name", "ctrlc", "--device", "cpu", "--epochs", "50", "--steps-per-epoch", "1000", "--batch-size", "1",
+            "--autosave-every", "1000", "--quiet"]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    _wait_for(tmp_path / "ctrlc" / "config.json", proc)  # setup done, training starts
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out.decode(errors="replace")[-2000:]
+    saved = ck.load_checkpoint(tmp_path / "ctrlc" / "autosave_latest.pth")
+    assert saved["global_step"] >= 1 and saved["epoch"] == 0
+    assert "carbonsr resume" in out.decode(errors="replace")
