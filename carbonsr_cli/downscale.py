@@ -722,31 +722,40 @@ def downscale(
     if full.nodata is not None and plan.nodata_out != full.nodata:
         summary.notes.append(f"parent nodata {full.nodata:g} could be a valid child value; output nodata is {plan.nodata_out:g}")
 
-    from carbonsr_cli.downscale_pipeline import run_pipeline
+    import rasterio
 
     t0 = time.perf_counter()
-    run_pipeline(
-        plan,
-        dst_path,
-        summary,
-        loaded=loaded,
-        device=dev,
-        batch_size=int(batch_size),
-        dtype=dtype,
-        cog=cog,
-        overwrite=overwrite,
-        compress=compress,
-        uncertainty=unc_path,
-        progress=progress,
-        normalizer=normalizer,
-    )
+    # GDAL's block cache defaults to 5 % of RAM; bound it to what one strip of output blocks
+    # needs, so peak memory does not grow with the machine (or the raster).
+    with rasterio.Env(GDAL_CACHEMAX=_gdal_cache_bytes(plan, dtype, unc_path is not None)):
+        _run_and_check(
+            plan, dst_path, summary, t0, check=check, loaded=loaded, device=dev, batch_size=int(batch_size),
+            dtype=dtype, cog=cog, overwrite=overwrite, compress=compress, uncertainty=unc_path, progress=progress,
+            normalizer=normalizer,
+        )
+    return summary
+
+
+def _gdal_cache_bytes(plan: Plan, dtype: str, uncertainty: bool) -> int:
+    """GDAL block cache for a run: 1.5 strips of 512-row output blocks (+64 MiB), 128 MiB..1 GiB."""
+    from carbonsr_cli.writer import BLOCK
+
+    writers = 2 if uncertainty else 1
+    strip = writers * len(plan.out_bands) * BLOCK * plan.child.width * np.dtype(dtype).itemsize
+    return int(min(max(1.5 * strip + (64 << 20), 128 << 20), 1 << 30))
+
+
+def _run_and_check(plan: Plan, dst_path: Path, summary: DownscaleSummary, t0: float, *, check: bool, **kwargs: Any) -> None:
+    """Run the pipeline, then time and check the written file (fills ``summary``)."""
+    from carbonsr_cli.downscale_pipeline import run_pipeline
+
+    run_pipeline(plan, dst_path, summary, **kwargs)
     summary.seconds = time.perf_counter() - t0
     summary.km2_per_s = summary.area_km2 * len(plan.out_names) / max(summary.seconds, 1e-9)
     if check:
         t1 = time.perf_counter()
         summary.conservation = check_written_conservation(dst_path, plan)
         summary.check_seconds = time.perf_counter() - t1
-    return summary
 
 
 def _normalizer(loaded: Any) -> Any:

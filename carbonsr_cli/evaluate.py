@@ -723,7 +723,29 @@ def _reproject_sum(pred: DatasetReader, band: int, plan: _Aligned, a: int, b: in
     )
     if not has_sum:  # pragma: no cover - GDAL < 3.1 only: nominal cell-area ratio
         dst *= abs(plan.transform.a * plan.transform.e) / abs(pred.transform.a * pred.transform.e)
+    # a reference cell only partly covered by the prediction would get a partial sum: drop it
+    dst[~_fully_inside(pred, plan, a, b)] = np.nan
     return dst
+
+
+def _fully_inside(pred: DatasetReader, plan: _Aligned, a: int, b: int) -> np.ndarray:
+    """Bool ``[b - a, cols]``: reference cells whose four corners lie inside the prediction extent."""
+    from pyproj import Transformer
+
+    t = plan.transform
+    w = int(plan.window.width)
+    xs = t.c + np.arange(w + 1) * t.a
+    ys = t.f + np.arange(a, b + 1) * t.e
+    gx, gy = np.meshgrid(xs, ys)
+    tr = Transformer.from_crs(plan.crs, pred.crs, always_xy=True)
+    px, py = tr.transform(gx.ravel(), gy.ravel())
+    left, bottom, right, top = pred.bounds
+    eps = 1e-9 * max(abs(right - left), abs(top - bottom))
+    ok = (
+        np.isfinite(px) & np.isfinite(py)
+        & (px >= left - eps) & (px <= right + eps) & (py >= bottom - eps) & (py <= top + eps)
+    ).reshape(gx.shape)
+    return ok[:-1, :-1] & ok[:-1, 1:] & ok[1:, :-1] & ok[1:, 1:]
 
 
 def _in_region(plan: _Aligned, rows: tuple[int, int], region: tuple[float, float, float, float] | None) -> np.ndarray | None:

@@ -384,6 +384,8 @@ def compute_stats(
     grids: list[dict[str, Any]] = []
     for p in paths:
         desc, per_band = _main_file_stats(p, units=units, exact_limit=exact_quantile_limit)
+        if all(acc.cells == 0 for _, acc in per_band):
+            raise InputDataError("no valid cells: every cell is nodata (check the nodata value)", p)
         grids.append(desc)
         for name, acc in per_band:
             bands.append({"file": str(p), "name": name, **acc.result()})
@@ -404,9 +406,10 @@ def compute_stats(
     if aux is not None:
         stacks, owned = _aux_stacks(aux, paths, factor=factor, fill_missing=fill_missing)
         try:
-            stats["aux"], stats["aux_coverage"] = _aux_stats(
-                stacks, tile=aux_tile, max_tiles=aux_max_tiles, max_samples=aux_max_samples, seed=seed
-            )
+            if stacks:
+                stats["aux"], stats["aux_coverage"] = _aux_stats(
+                    stacks, tile=aux_tile, max_tiles=aux_max_tiles, max_samples=aux_max_samples, seed=seed
+                )
         finally:
             for st in owned:
                 st.close()

@@ -64,14 +64,13 @@ def dasymetric_fill(
         w = w.expand(shape)
     except RuntimeError:
         raise ValueError(f"weights of shape {tuple(w.shape)} do not broadcast to children {shape}") from None
-    # One row per block: row-wise sums are much faster than strided block pooling.
-    wb = to_blocks(w, block)
-    wb = torch.where(torch.isfinite(wb) & (wb > 0), wb, torch.zeros_like(wb))
+    # One row per block: row-wise sums are much faster than strided block pooling; in-place,
+    # fused ops (nan_to_num, clamp_) avoid slow torch.where passes on the CPU.
+    wb = to_blocks(w, block).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).clamp_(min=0)
     if power != 1.0:
-        wb = wb.pow(power)
-        wb = torch.where(torch.isfinite(wb), wb, torch.zeros_like(wb))
+        wb = wb.pow_(power).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
     wsum = wb.sum(dim=-1, keepdim=True)
     empty = wsum <= 0
-    share = torch.where(empty, torch.full_like(wb, 1.0 / (block * block)),
-                        wb / torch.where(empty, torch.ones_like(wsum), wsum))
-    return from_blocks(share * s.reshape(-1, 1), shape, block)
+    inv = torch.where(empty, torch.zeros_like(wsum), 1.0 / torch.where(empty, torch.ones_like(wsum), wsum))
+    share = wb.mul_(inv).add_(empty.to(wb.dtype) / (block * block))
+    return from_blocks(share.mul_(s.reshape(-1, 1)), shape, block)

@@ -226,9 +226,11 @@ def water_fill(
             (``x = v + (S - sum v) / n``: a uniform shift, children may have either sign), since
             a sign constraint is meaningless for a net sink; blocks with ``S >= 0`` are
             unaffected.
-        out_dtype: dtype of the result; None means float64. For a float32 output, the largest
-            child of each block absorbs the cast's rounding residual, so the float64 sum of the
-            float32 children equals ``S`` within ~1e-7 relative (guaranteed < 1e-6).
+        out_dtype: dtype of the result; None means float64. The projection is always float64;
+            for a float32 output every child is >= 0, so the float64 sum of the float32
+            children is within 2**-24 (6e-8) relative of ``S`` (for totals above float32's
+            smallest normal number, 1.2e-38). In signed blocks (``allow_signed``) the largest
+            child absorbs the cast's rounding residual instead.
 
     Returns:
         Children ``[B, 1, T, H, W]`` in ``out_dtype``: >= 0, finite where the total is finite,
@@ -273,23 +275,25 @@ def water_fill(
         shifted = v + (s_safe - v.sum(dim=-1)).unsqueeze(-1) / n
         x = torch.where(neg_s.unsqueeze(-1), shifted, x)
 
-    if out_dtype != f64:
+    # Children are all >= 0 in ordinary blocks, so the cast to float32 changes each block sum by
+    # at most 2**-24 * S (< 6e-8 relative): no correction needed, and the cast is fused into
+    # the final copy. Signed blocks may have sum |x| >> |S|, so there
+    if out_dtype != f64 and n_neg:
         x = x.to(out_dtype)
         with torch.no_grad():
-            # The largest child of each block absorbs the cast's rounding residual. Written in
+            # the largest child of each block absorbs the cast's rounding residual. Written in
             # place through a detached alias: the cast's backward saves nothing, so the gradient
             # stays the identity.
             xd = x.detach()
             resid = s_safe - xd.sum(dim=-1, dtype=f64)
             idx = xd.argmax(dim=-1, keepdim=True)
             top = xd.gather(-1, idx).to(f64) + resid.unsqueeze(-1)
-            if not n_neg:
-                top = top.clamp(min=0)
+            top = torch.where(neg_s.unsqueeze(-1), top, top.clamp(min=0))
             xd.scatter_(-1, idx, top.to(out_dtype))
 
     if n_nan:
         x = torch.where(nan_s.unsqueeze(-1), torch.full_like(x, float("nan")), x)
-    return from_blocks(x, values.shape, block)
+    return from_blocks(x, values.shape, block, dtype=out_dtype)
 
 
 class PhysicsHead(nn.Module):

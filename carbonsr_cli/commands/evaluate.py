@@ -141,10 +141,15 @@ def selfval_table(result: Any) -> Any:
 
     from carbonsr_cli.evaluate import METRIC_LABELS, METRICS
 
-    region = f" in region {tuple(result.region)}" if result.region else ""
-    t = Table(title=f"Scale-shift self-validation at parent resolution{region}")
+    where = result.region_label or (f"region {tuple(result.region)}" if result.region else "whole raster")
+    cells = result.rows[0]["cells"] if result.rows else 0
+    t = Table(
+        title=f"Scale-shift self-validation at parent resolution: {where}",
+        caption=f"{cells:,} parent cell-years scored per row; the main raster is coarsened to s x s parent cells, "
+        "downscaled back and compared with the real parent totals",
+    )
     t.add_column("scale", justify="right")
-    t.add_column("method")
+    t.add_column("method", no_wrap=True)
     shown = [m for m in METRICS if m in result.rows[0]] if result.rows else []
     for m in shown:
         t.add_column(METRIC_LABELS[m], justify="right")

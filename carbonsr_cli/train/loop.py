@@ -64,7 +64,7 @@ from carbonsr_cli.train.dataset import (
 )
 from carbonsr_cli.train.split import Split, make_block_split, make_region_split, parse_val_region
 
-__all__ = ["RunResult", "train", "resolve_device", "evaluate_split"]
+__all__ = ["RunResult", "train", "training_step", "resolve_device", "evaluate_split", "evaluate_against_truth"]
 
 log = logging.getLogger("carbonsr.train")
 
@@ -312,6 +312,51 @@ def _children(model: Any, raw: Any, totals: Any, block: int) -> Any:
     return values.clamp(min=0)
 
 
+def training_step(
+    model: Any,
+    batch: Batch,
+    loss_fn: Any,
+    optimizer: Any,
+    scheduler: Any,
+    *,
+    device: Any,
+    autocast: Any,
+    factor: int,
+    moe_weight: float,
+    grad_clip: float,
+) -> float:
+    """One optimisation step on a batch; returns the loss (float).
+
+    The model predicts log1p child totals from ``batch.aux [B, C, T, P, P]`` and
+    ``batch.main``; children are water-filled onto ``batch.totals`` (``block = s * factor``),
+    sum-pooled to parent cells and compared with ``batch.truth`` in the log domain.
+    """
+    import torch
+
+    from models.physics import block_sum
+
+    aux = torch.from_numpy(batch.aux).to(device, non_blocking=True)
+    mi = torch.from_numpy(batch.main).to(device, non_blocking=True)
+    totals = torch.from_numpy(batch.totals).to(device, non_blocking=True)
+    truth = torch.from_numpy(batch.truth).to(device, non_blocking=True)
+    mask = torch.from_numpy(batch.mask).to(device, non_blocking=True)
+    with autocast():
+        raw, _ = model(aux, mi)
+    children = _children(model, raw, totals, batch.scale * factor)
+    parent = block_sum(children, factor)
+    loss = loss_fn(torch.log1p(parent.clamp(min=0)), torch.log1p(truth.double()), mask)
+    aux_loss = getattr(model, "aux_loss", None)
+    if moe_weight and aux_loss is not None and torch.is_tensor(aux_loss) and aux_loss.requires_grad:
+        loss = loss + moe_weight * aux_loss.double()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return float(loss.detach())
+
+
 def evaluate_split(checkpoint: str | os.PathLike[str], *, device: str = "cpu") -> dict[int, dict[str, Any]]:
     """Re-score a checkpoint on its own run's validation windows (model and baselines).
 
@@ -434,13 +479,25 @@ def _plot(path: Path, history: list[dict[str, Any]], scales: Sequence[int]) -> N
 
 
 def _merge_resume_config(cfg: TrainConfig, ck: dict, path: Path) -> TrainConfig:
+    """The checkpoint's configuration, with the :data:`RESUME_MUTABLE` fields the caller set.
+
+    A mutable field counts as set when it differs from the ``TrainConfig`` default (so
+    ``carbonsr train ... --resume latest`` without ``--epochs`` keeps the run's epochs);
+    ``max_steps`` and ``max_time_s`` always come from the caller (limits of one invocation).
+    """
+    import dataclasses
+
     saved = TrainConfig.from_dict(ck["train_config"])
-    changes = {k: getattr(cfg, k) for k in RESUME_MUTABLE if k not in ("main", "aux")}
+    defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else None) for f in dataclasses.fields(TrainConfig)}
+    changes = {k: getattr(cfg, k) for k in RESUME_MUTABLE if k not in ("main", "aux") and getattr(cfg, k) != defaults.get(k)}
+    changes["max_steps"] = cfg.max_steps  # limits of this invocation, never inherited
+    changes["max_time_s"] = cfg.max_time_s
     if cfg.main:
         changes["main"] = cfg.main
     if cfg.aux:
         changes["aux"] = cfg.aux
     merged = saved.replace(**changes)
+    merged.resume = str(path)
     merged.runs_dir = str(path.parent.parent)
     merged.name = path.parent.name
     return merged
@@ -671,28 +728,13 @@ def train(config: TrainConfig) -> RunResult:
             halt: str | None = None
             try:
                 for b in prefetch:
-                    aux = torch.from_numpy(b.aux).to(device, non_blocking=True)
-                    mi = torch.from_numpy(b.main).to(device, non_blocking=True)
-                    totals = torch.from_numpy(b.totals).to(device, non_blocking=True)
-                    truth = torch.from_numpy(b.truth).to(device, non_blocking=True)
-                    mask = torch.from_numpy(b.mask).to(device, non_blocking=True)
-                    with autocast():
-                        raw, _ = model(aux, mi)
-                    children = _children(model, raw, totals, b.scale * f)
-                    parent = block_sum(children, f)
-                    loss = loss_fn(torch.log1p(parent.clamp(min=0)), torch.log1p(truth.double()), mask)
-                    aux_loss = getattr(model, "aux_loss", None)
-                    if cfg.moe_weight and aux_loss is not None and torch.is_tensor(aux_loss) and aux_loss.requires_grad:
-                        loss = loss + cfg.moe_weight * aux_loss.double()
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if cfg.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                    optimizer.step()
-                    scheduler.step()
+                    loss = training_step(
+                        model, b, loss_fn, optimizer, scheduler, device=device, autocast=autocast,
+                        factor=f, moe_weight=cfg.moe_weight, grad_clip=cfg.grad_clip,
+                    )
                     step += 1
                     global_step += 1
-                    lv = float(loss.detach())
+                    lv = loss
                     if not math.isfinite(lv):
                         raise UsageError(
                             f"training diverged (loss {lv}) at epoch {epoch} step {step}; try a smaller --lr "
@@ -781,3 +823,98 @@ def train(config: TrainConfig) -> RunResult:
         history=history,
         last_checkpoint=last_ckpt[-1] if last_ckpt else None,
     )
+
+
+def evaluate_against_truth(
+    checkpoint: str | os.PathLike[str],
+    truth_path: str | os.PathLike[str],
+    *,
+    device: str = "cpu",
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Score a checkpoint at child resolution on its run's validation windows, with a fine truth.
+
+    Each validation window (``patch x patch`` parent cells) of each year is downscaled as at
+    inference: ``main = log1p(parent total / factor**2)``, the model's children are
+    water-filled onto every parent cell (``block = factor``). The uniform baseline and the
+    dasymetric baseline of every aux layer get the same parent totals; the best dasymetric
+    layer is chosen on the same windows (with the truth, so the comparison favours it).
+    The truth is used **only** here, never in training.
+
+    Args:
+        checkpoint: A run's checkpoint (its ``train_config`` names the main and aux inputs).
+        truth_path: Child-resolution truth raster (same child grid, one band per year).
+        device: Torch device for the model.
+        batch_size: Windows per forward pass.
+
+    Returns:
+        ``{"model": metrics, "uniform": metrics, "dasymetric": metrics, "dasy_layer": name,
+        "all_dasymetric": {layer: metrics}, "cells": n}`` with metrics as in
+        :func:`_scores` (t CO2 / child cell / yr).
+    """
+    import torch
+    from rasterio.windows import Window
+
+    from carbonsr_cli.aux import AuxStack, discover_aux
+    from carbonsr_cli.rasters import open_raster, read_window
+    from carbonsr_cli.stats import AuxNormalizer
+    from carbonsr_cli.train.checkpoints import load_checkpoint, load_model_for_inference
+    from carbonsr_cli.train.dataset import degrade
+    from models.baselines import dasymetric_fill, uniform_fill
+    from models.physics import water_fill
+
+    ck = load_checkpoint(checkpoint)
+    cfg = TrainConfig.from_dict(ck["train_config"])
+    loaded = load_model_for_inference(checkpoint, device)
+    dev = torch.device(device)
+    main = load_main(cfg.main)
+    child = main.grid.child(cfg.factor)
+    split = Split.from_dict(ck["split"])
+    f, p, t = cfg.factor, split.patch, int(ck["years_window"])
+    pc = p * f
+    items = [(r, c, y0) for (r, c) in split.val_windows for y0 in range(len(main.years) - t + 1)]
+    preds: dict[str, list[np.ndarray]] = {}
+    truths: list[np.ndarray] = []
+    with AuxStack(discover_aux(cfg.aux), child, main.years, fill_missing=cfg.fill_missing) as stack, open_raster(truth_path) as tds:
+        if (tds.height, tds.width) != child.shape:
+            raise UsageError(f"truth grid {tds.height}x{tds.width} does not match the child grid {child.shape}", truth_path)
+        norm = AuxNormalizer.from_stats(ck["stats"], stack.names)
+        names = list(stack.names)
+        for k in range(0, len(items), batch_size):
+            chunk = items[k : k + batch_size]
+            raws, parents, fine = [], [], []
+            for r, c, y0 in chunk:
+                win = Window(c * f, r * f, pc, pc)
+                raws.append(np.asarray(stack.read(win))[:, y0 : y0 + t])
+                parents.append(main.values[y0 : y0 + t, r : r + p, c : c + p])
+                fine.append(read_window(tds, win, list(range(y0 + 1, y0 + t + 1)), out_dtype="float32"))
+            raw = np.stack(raws).astype(np.float32)  # [B, C, T, P, P]
+            par = np.stack(parents)[:, None]  # [B, 1, T, p, p]
+            ok_parent = np.isfinite(par)
+            par0 = np.where(ok_parent, par, 0.0).astype(np.float32)
+            totals, main_in = degrade(par0, 1, f)
+            truth = np.stack(fine)[:, None].astype(np.float64)
+            mask = np.repeat(np.repeat(ok_parent, f, axis=-2), f, axis=-1) & np.isfinite(truth)
+            if tds.nodata is not None:
+                mask &= truth != tds.nodata
+            tt = torch.from_numpy(totals)
+            with torch.no_grad():
+                out, _ = loaded.model(torch.from_numpy(norm.apply(raw)).to(dev), torch.from_numpy(main_in).to(dev))
+                model_children = water_fill(torch.expm1(out.double()), tt.to(dev), f).cpu().numpy()
+            preds.setdefault("model", []).append(model_children[mask])
+            preds.setdefault("uniform", []).append(uniform_fill(tt, f).numpy()[mask])
+            for j, n in enumerate(names):
+                w = torch.from_numpy(np.ascontiguousarray(raw[:, j : j + 1]))
+                preds.setdefault(n, []).append(dasymetric_fill(tt, w, f).numpy()[mask])
+            truths.append(truth[mask])
+    y = np.concatenate(truths)
+    scores = {k: _scores(np.concatenate(v), y) for k, v in preds.items()}
+    best = min(names, key=lambda n: (scores[n]["nonzero_mae"], n))
+    return {
+        "model": scores["model"],
+        "uniform": scores["uniform"],
+        "dasymetric": scores[best],
+        "dasy_layer": best,
+        "all_dasymetric": {n: scores[n] for n in names},
+        "cells": int(y.size),
+    }

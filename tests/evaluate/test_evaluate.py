@@ -294,6 +294,23 @@ class TestReference:
         assert abs(res["all"]["bias"]) < 1e-6
         assert res["all"]["rmse"] < 1e-6
 
+    def test_other_crs_reference(self, tmp_path: Path) -> None:
+        # prediction: 1 t per 10 m cell on a 1 km x 1 km UTM square; reference: 0.002 degree cells (EPSG:4326)
+        from pyproj import Geod, Transformer
+
+        pred = write_tif(tmp_path / "p.tif", np.ones((100, 100)), res=10.0, origin=(500_000.0, 4_000_000.0))
+        tr = Transformer.from_crs("EPSG:32633", "EPSG:4326", always_xy=True)
+        lon0, lat0 = tr.transform(499_900.0, 4_000_100.0)
+        ref = write_tif(tmp_path / "r.tif", np.ones((10, 10)), res=0.002, origin=(lon0, lat0), crs="EPSG:4326")
+        res = compare_to_reference(pred, ref, metrics=["bias"], plot=tmp_path / "x.png")
+        assert "Resampling.sum" in res["method"]
+        n = res["all"]["cells"]
+        assert 0 < n < 100  # cells only partly covered by the prediction are left out
+        # each fully covered cell holds its area in units of 100 m2 (1 t per 10 m x 10 m cell)
+        area = abs(Geod(ellps="WGS84").polygon_area_perimeter([0, 0.002, 0.002, 0], [lat0, lat0, lat0 - 0.002, lat0 - 0.002])[0])
+        mean_pred = (res["all"]["bias"] + 1.0)  # reference is 1 everywhere: bias + 1 = mean prediction
+        assert mean_pred == pytest.approx(area / 100.0, rel=0.03)
+
     def test_region_restricts_cells(self, hand_pair: tuple[Path, Path, np.ndarray, np.ndarray]) -> None:
         pred, ref, _, _ = hand_pair
         # grid origin (500000, 4000000), 100 m: region = cols 0..9, rows 0..4 (cell centres inside)

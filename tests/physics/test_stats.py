@@ -174,3 +174,6 @@ def test_cli_stats(make_raster, tmp_path: Path) -> None:
     res = runner.invoke(app, ["stats", str(bad)])
     assert res.exit_code == 1 and "not a raster" in res.output
     assert len([ln for ln in res.output.splitlines() if ln.strip()]) == 1
+    empty = make_raster("empty.tif", np.full((1, 5, 5), -1.0, dtype=np.float32), nodata=-1.0)
+    res = runner.invoke(app, ["stats", str(empty)])
+    assert res.exit_code == 1 and "no valid cells" in res.output

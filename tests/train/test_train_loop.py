@@ -148,3 +148,38 @@ def test_degrade_conserves_and_broadcasts() -> None:
         child = np.expm1(main.astype(np.float64))
         blocks = child.reshape(2, 1, 1, 12 // s, s * 10, 12 // s, s * 10).sum(axis=(-3, -1))
         assert np.allclose(blocks, totals, rtol=1e-5)
+
+
+def test_resume_helpers(tmp_path: Path) -> None:
+    from carbonsr_cli.train.resume import find_latest_run, list_checkpoints, newest_checkpoint, resolve_resume
+
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    base = {"model_config": {}, "model_state": {}, "aux_names": [], "stats": {}, "factor": 10, "years_window": 1}
+    ck.save_checkpoint(run / "latest.pth", {**base, "epoch": 2, "step": 0, "global_step": 20, "metric_history": [{"val_score": 3.0}]})
+    ck.save_checkpoint(run / "autosave_latest.pth", {**base, "epoch": 2, "step": 4, "global_step": 24})
+    ck.save_checkpoint(run / "best_model.pth", {**base, "epoch": 3, "step": 0, "global_step": 30})
+    (run / "autosave_step_28.pth").write_text("garbage")  # unreadable: skipped
+    assert find_latest_run(tmp_path / "runs") == run
+    assert newest_checkpoint(run).name == "autosave_latest.pth"  # best_model is never the resume point
+    assert [i.path.name for i in list_checkpoints(run)][0] == "best_model.pth"
+    assert resolve_resume("latest", tmp_path / "runs") == run / "autosave_latest.pth"
+    assert resolve_resume(str(run), tmp_path / "runs") == run / "autosave_latest.pth"
+    assert resolve_resume("auto", tmp_path / "empty") is None
+    with pytest.raises(UsageError):
+        resolve_resume("latest", tmp_path / "empty")
+
+
+def test_cli_resume_continues_run(finished_run) -> None:
+    """`carbonsr resume RUN --epochs 3` (not a TTY: newest checkpoint) trains one more epoch."""
+    from typer.testing import CliRunner
+
+    from carbonsr_cli.cli import app
+
+    d = finished_run.run_dir
+    res = CliRunner().invoke(app, ["resume", str(d), "--epochs", "3", "--device", "cpu", "--quiet"])
+    assert res.exit_code == 0, res.output
+    latest = ck.load_checkpoint(d / "latest.pth")
+    assert latest["epoch"] == 3 and latest["global_step"] == 9 and len(latest["metric_history"]) == 3
+    assert (d / "epoch_003.pth").exists()
+    assert "Run directory" in res.output
