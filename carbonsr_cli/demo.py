@@ -139,7 +139,7 @@ def run_demo(
         from carbonsr_cli.console import err
 
         def log(msg: str) -> None:
-            err.print(msg, highlight=False, markup=False)
+            err.print(msg, highlight=False, markup=False, soft_wrap=True)
 
     root_p = Path(root).expanduser().absolute()
     _prepare_dir(root_p, overwrite)

@@ -566,7 +566,9 @@ def downscale(
         overwrite: Replace an existing ``dst`` (and ``uncertainty``).
         years: Output years (band names of the main raster); None: every band.
         bands: Output bands (1-based) instead of ``years``.
-        aoi: Vector or raster whose extent (and polygon) limits the output.
+        aoi: Vector file (GeoPackage/GeoJSON/Shapefile, any CRS): only the window of parent
+            cells touching its polygons is written; cells of that window not touching them are
+            nodata.
         factor: Child cells per parent cell along an axis for the baselines (default 10); the
             model's factor comes from its checkpoint (a different value is an error).
         units: ``totals`` or a density unit of the main raster (e.g. ``kg m-2 s-1``).
@@ -615,8 +617,15 @@ def downscale(
         if factor is not None and int(factor) != loaded.factor:
             raise UsageError(f"--factor {factor} differs from the model's factor {loaded.factor}; omit --factor")
         f = loaded.factor
+        if int(loaded.years_window) > int(loaded.config.max_years):
+            raise CheckpointError(
+                f"years_window {loaded.years_window} exceeds the model's max_years {loaded.config.max_years}",
+                loaded.path,
+            )
     else:
-        dev = _resolve_device("cpu" if device in (None, "auto") else device)
+        import torch
+
+        dev = torch.device("cpu")  # baselines are memory-bound and run on the host (--device unused)
         f = validate_factor(10 if factor is None else factor)
 
     out_bands = _select_bands(full, years, bands)
@@ -756,6 +765,8 @@ def _run_and_check(plan: Plan, dst_path: Path, summary: DownscaleSummary, t0: fl
         t1 = time.perf_counter()
         summary.conservation = check_written_conservation(dst_path, plan)
         summary.check_seconds = time.perf_counter() - t1
+    else:
+        summary.notes.append("conservation of the written file was not checked (check=False)")
 
 
 def _normalizer(loaded: Any) -> Any:

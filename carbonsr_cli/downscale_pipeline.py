@@ -40,6 +40,8 @@ __all__ = ["BF16_TOL", "run_pipeline", "dihedral", "dihedral_inverse", "unique_w
 #: Largest tolerated |bf16 - fp32| difference of raw log-domain predictions on the first batch;
 #: above it the run falls back to fp32 (the result is always water-filled in float64).
 BF16_TOL = 0.05
+#: Target size of the raw aux inputs of one chunk of tiles (host memory per read, x2 with prefetch).
+CHUNK_BYTES = 64 << 20
 #: Pending writes allowed before the main thread waits for the writer.
 _MAX_PENDING_WRITES = 2
 
@@ -51,14 +53,15 @@ _MAX_PENDING_WRITES = 2
 
 @dataclass
 class BandData:
-    """Inputs of one tile row.
+    """Inputs of one chunk of a tile row (a run of consecutive tiles; baselines: the whole row).
 
     Attributes:
         i: Tile-row index.
         out_rows: ``(r0, r1)`` child rows finished by this tile row (multiples of factor).
-        totals: ``[Y, (r1 - r0) / factor, parent_cols]`` float64 parent totals, NaN = nodata.
+        totals: ``[Y, (r1 - r0) / factor, parent_cols]`` float64 parent totals, NaN = nodata
+            (first chunk of a row only, else None).
         main: Model only: ``[N_in, eh, ew]`` float32 ``log1p(total / factor**2)`` on the
-            children of the padded tile-row extent (nodata -> 0).
+            children of the padded extent of the chunk's tiles (nodata -> 0).
         aux: Model only: ``[C_aux, N_in, eh, ew]`` float32 raw aux values (model channel order).
         weights: Dasymetric only: ``[Y, r1 - r0, child_cols]`` float64 raw layer values.
         origin: ``(row, col)`` child coordinates of ``main[..., 0, 0]``.
@@ -66,7 +69,7 @@ class BandData:
 
     i: int
     out_rows: tuple[int, int]
-    totals: np.ndarray
+    totals: np.ndarray | None
     main: np.ndarray | None = None
     aux: np.ndarray | None = None
     weights: np.ndarray | None = None
@@ -76,9 +79,10 @@ class BandData:
 class _BandReader:
     """Reads :class:`BandData`; used from one thread only, which owns its dataset handles."""
 
-    def __init__(self, plan: Plan, layout: Any) -> None:
+    def __init__(self, plan: Plan, layout: Any, chunks: list[tuple[int, int]]) -> None:
         self.plan = plan
         self.layout = layout
+        self.chunks = chunks
         self._ds: Any = None
         self._aux: Any = None
         self._aux_order: list[int] = []
@@ -102,21 +106,23 @@ class _BandReader:
         r0 = self.layout.ready_until(i - 1) if i > 0 else 0
         return r0, max(r0, self.layout.ready_until(i))
 
-    def read(self, i: int) -> BandData:
-        """Read the inputs of tile row ``i``."""
+    def read(self, i: int, j: int = 0) -> BandData:
+        """Read the inputs of chunk ``j`` of tile row ``i`` (totals with chunk 0)."""
         if self._ds is None:
             self._open()
         from carbonsr_cli.downscale import read_totals
 
-        plan, lay = self.plan, self.layout
+        plan = self.plan
         f = plan.factor
         r0, r1 = self.out_rows(i)
-        totals = read_totals(self._ds, plan, r0 // f, r1 // f, plan.out_bands) if r1 > r0 else np.zeros(
-            (len(plan.out_bands), 0, plan.grid.width)
-        )
+        totals = None
+        if j == 0:
+            totals = read_totals(self._ds, plan, r0 // f, r1 // f, plan.out_bands) if r1 > r0 else np.zeros(
+                (len(plan.out_bands), 0, plan.grid.width)
+            )
         data = BandData(i=i, out_rows=(r0, r1), totals=totals)
         if plan.method.kind == "model":
-            self._read_model_inputs(i, data)
+            self._read_model_inputs(i, *self.chunks[j], data)
         elif plan.method.kind == "dasymetric" and r1 > r0:
             from rasterio.windows import Window
 
@@ -125,7 +131,7 @@ class _BandReader:
             data.weights = np.maximum(w, 0.0)
         return data
 
-    def _read_model_inputs(self, i: int, data: BandData) -> None:
+    def _read_model_inputs(self, i: int, j0: int, j1: int, data: BandData) -> None:
         from rasterio.windows import Window
 
         from carbonsr_cli.downscale import read_totals
@@ -135,15 +141,15 @@ class _BandReader:
         f = plan.factor
         o, tp = lay.overlap_parent, lay.tile_parent
         ph, pw = lay.parent_height, lay.parent_width
-        # Parent extent of the whole tile row (all tiles share rows; cols span the row).
+        # Parent extent of tiles j0..j1-1 of row i (tiles of a row share their rows).
         er0 = i * lay.stride_parent - o
         er1 = er0 + tp
-        ec0 = -o
-        ec1 = (lay.n_cols - 1) * lay.stride_parent - o + tp
+        ec0 = j0 * lay.stride_parent - o
+        ec1 = (j1 - 1) * lay.stride_parent - o + tp
         rr0, rr1 = max(er0, 0), min(er1, ph)
         cc0, cc1 = max(ec0, 0), min(ec1, pw)
         pad = ((rr0 - er0, er1 - rr1), (cc0 - ec0, ec1 - cc1))
-        tot = read_totals(self._ds, plan, rr0, rr1, [plan.in_bands[k] for k in range(len(plan.in_bands))], c0=cc0, c1=cc1)
+        tot = read_totals(self._ds, plan, rr0, rr1, plan.in_bands, c0=cc0, c1=cc1)
         main = np.log1p(np.nan_to_num(tot, nan=0.0) / (f * f)).astype(np.float32)
         main, _ = pad_reflect(main, pad)
         data.main = np.repeat(np.repeat(main, f, axis=-2), f, axis=-1)
@@ -208,32 +214,39 @@ class _Predictor:
         self.checked = not self.autocast
         summary.precision = "bf16" if self.autocast else "fp32"
 
-    def __call__(self, aux: np.ndarray, main: np.ndarray, d: int = 0) -> np.ndarray:
-        """Raw log-domain predictions.
+    def __call__(self, aux: np.ndarray, main: np.ndarray, n_views: int = 1) -> np.ndarray:
+        """Raw log-domain predictions, optionally for the 8 dihedral views of every sample.
 
         Args:
             aux: ``[B, C_aux, T, H, W]`` float32 raw aux (normalised here, on the device).
             main: ``[B, 1, T, H, W]`` float32 main input.
-            d: Dihedral transform applied to the inputs and undone on the outputs.
+            n_views: 1, or 8 for test-time augmentation: view ``d`` applies :func:`dihedral`
+                ``d`` to the inputs and undoes it on the outputs. All views of a sample go
+                through the model in the same forward pass.
 
         Returns:
-            ``[B, T, H, W]`` float32 raw predictions (log1p of child totals).
+            ``[n_views, B, T, H, W]`` float32 raw predictions (log1p of child totals).
         """
         import torch
 
         outs = []
+        step = max(1, self.batch_size // n_views)
         with torch.inference_mode():
-            for s in range(0, aux.shape[0], self.batch_size):
-                a = torch.from_numpy(aux[s : s + self.batch_size]).to(self.device, non_blocking=True)
+            for s in range(0, aux.shape[0], step):
+                a = torch.from_numpy(aux[s : s + step]).to(self.device, non_blocking=True)
                 a = self.normalizer.apply(a)
-                m = torch.from_numpy(main[s : s + self.batch_size]).to(self.device, non_blocking=True)
-                if d:
-                    a, m = dihedral(a, d), dihedral(m, d)
-                raw = self._forward(a, m)
-                if d:
-                    raw = dihedral_inverse(raw, d)
-                outs.append(raw[:, 0].float().cpu().numpy())
-        return np.concatenate(outs, axis=0) if outs else np.zeros((0, *main.shape[2:]), np.float32)
+                m = torch.from_numpy(main[s : s + step]).to(self.device, non_blocking=True)
+                if n_views > 1:
+                    a = torch.cat([dihedral(a, d) for d in range(n_views)]).contiguous()
+                    m = torch.cat([dihedral(m, d) for d in range(n_views)]).contiguous()
+                raw = self._forward(a, m)[:, 0]  # [n_views * b, T, H, W]
+                raw = raw.reshape(n_views, -1, *raw.shape[1:])
+                if n_views > 1:
+                    raw = torch.stack([dihedral_inverse(raw[d], d) for d in range(n_views)])
+                outs.append(raw.float().cpu().numpy())
+        if not outs:
+            return np.zeros((n_views, 0, *main.shape[2:]), np.float32)
+        return np.concatenate(outs, axis=1)
 
     def _forward(self, a: Any, m: Any) -> Any:
         import torch
@@ -304,9 +317,10 @@ def _predict_row(
     uniq, src = unique_windows(plan.windows)
     n_u = len(uniq)
     flat: list[list[np.ndarray]] = [[] for _ in range(n_views)]
-    for aux_b, main_b in _iter_batches(data, row, uniq, predictor.batch_size):
+    for aux_b, main_b in _iter_batches(data, row, uniq, max(1, predictor.batch_size // n_views)):
+        raw = predictor(aux_b, main_b, n_views)  # [n_views, b, T, H, W]
         for d in range(n_views):
-            flat[d].extend(predictor(aux_b, main_b, d))  # [T, H, W] each
+            flat[d].extend(raw[d])  # [T, H, W] each
         _advance(prog, aux_b.shape[0] * n_views)
     return [
         [np.stack([v[k * n_u + u][pos] for u, pos in src]) for k in range(len(row))]
@@ -474,7 +488,8 @@ def run_pipeline(
     if uncertainty is not None:
         tags["UNCERTAINTY"] = os.path.basename(str(uncertainty))
 
-    reader = _BandReader(plan, layout)
+    chunks = _tile_chunks(layout, plan, batch_size) if is_model else [(0, layout.n_cols)]
+    reader = _BandReader(plan, layout, chunks)
     streams = [BlendStream(layout, channels=n_years) for _ in range(n_views)] if is_model else []
     n_samples = len(unique_windows(plan.windows)[0]) if is_model else n_years
     prog = _progress(progress, layout.n_tiles * n_samples * n_views, f"downscale {plan.method.label}")
@@ -500,36 +515,53 @@ def run_pipeline(
         write_ex = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="carbonsr-write")
         reads: dict[int, cf.Future] = {}
         writes: collections.deque[cf.Future] = collections.deque()
+        units = [(i, j) for i in range(layout.n_rows) for j in range(len(chunks))]
+        row: list[Any] = []
+        totals: np.ndarray | None = None
+        preds: list[list[np.ndarray]] = []
         try:
-            reads[0] = read_ex.submit(reader.read, 0)
-            for i, row in enumerate(layout.rows()):
-                if i + 1 < layout.n_rows:
-                    reads[i + 1] = read_ex.submit(reader.read, i + 1)
-                data = reads.pop(i).result()
+            reads[0] = read_ex.submit(reader.read, *units[0])
+            for u, (i, j) in enumerate(units):
+                if u + 1 < len(units):
+                    reads[u + 1] = read_ex.submit(reader.read, *units[u + 1])  # prefetch
+                data = reads.pop(u).result()
                 r0, r1 = data.out_rows
+                if j == 0:
+                    row = layout.row(i)
+                    totals = data.totals
+                    preds = [[] for _ in range(n_views)]
+                if is_model:
+                    j0, j1 = chunks[j]
+                    got = _predict_row(predictor, data, row[j0:j1], plan, n_views, prog)
+                    for d in range(n_views):
+                        preds[d].extend(got[d])
+                    del got
+                data.aux = data.main = None  # free the chunk inputs early
+                if j < len(chunks) - 1:
+                    continue
+                assert totals is not None
                 summary.tiles += len(row) * n_samples * n_views
                 extra = None
                 if is_model:
-                    preds = _predict_row(predictor, data, row, plan, n_views, prog)
-                    data.aux = data.main = None  # free the row inputs early
                     views = [streams[d].push(i, row, preds[d]) for d in range(n_views)]
-                    del preds
+                    preds = []
                     if not views[0]:
                         continue
                     ((window, _band),) = views[0]
                     if int(window.row_off) != r0 or int(window.row_off + window.height) != r1:
                         raise RuntimeError(f"blend band {window} does not match the rows read ({r0}, {r1})")
-                    filled = [_water_fill(v[0][1], data.totals, f, device, out_dtype) for v in views]
-                    out = _finish_band(filled[0], data.totals, plan, r0, dtype)
+                    filled = [_water_fill(v[0][1], totals, f, device, out_dtype) for v in views]
+                    out = _finish_band(filled[0], totals, plan, r0, dtype)
                     if unc_writer is not None:
                         std = np.std(np.stack([x.astype(np.float64) for x in filled]), axis=0)
-                        extra = _finish_band(std, data.totals, plan, r0, dtype)
+                        extra = _finish_band(std, totals, plan, r0, dtype)
                     del filled, views
                 else:
                     _advance(prog, len(row) * n_years)
                     if r1 <= r0:
                         continue
-                    out = _finish_band(_baseline_fill(data, plan, out_dtype), data.totals, plan, r0, dtype)
+                    data.totals = totals
+                    out = _finish_band(_baseline_fill(data, plan, out_dtype), totals, plan, r0, dtype)
                 window = _row_window(plan, r0, r1)
                 writes.append(write_ex.submit(writer.write, out, window))
                 if extra is not None:
@@ -548,6 +580,22 @@ def run_pipeline(
             if prog is not None:
                 prog.stop()
         # Leaving the ExitStack closes the writers: flush, (COG), rename.
+
+
+def _tile_chunks(layout: Any, plan: Plan, batch_size: int) -> list[tuple[int, int]]:
+    """Split a tile row into runs of tiles whose aux inputs take about :data:`CHUNK_BYTES`.
+
+    Keeps host memory independent of the raster width; a run holds a multiple of the batch
+    size (when that fits) so that batches stay full.
+    """
+    per_tile = max(1, len(plan.aux_names)) * max(1, len(plan.in_bands)) * plan.tile_child * (
+        layout.stride_parent * plan.factor
+    ) * 4
+    k = max(1, CHUNK_BYTES // per_tile)
+    n_u = max(1, len(unique_windows(plan.windows)[0]))
+    per_batch = max(1, -(-batch_size // n_u))  # tiles per batch
+    k = max(per_batch, k // per_batch * per_batch)
+    return [(j, min(j + k, layout.n_cols)) for j in range(0, layout.n_cols, k)]
 
 
 def _row_window(plan: Plan, r0: int, r1: int) -> Any:

@@ -113,6 +113,9 @@ class DSTCarbonFormer(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         """Predict log-domain child values.
 
+        Inputs must be finite: replace nodata before calling (one NaN pixel would spread to the
+        whole patch through the per-sample GroupNorm statistics).
+
         Args:
             aux: Normalised auxiliary layers ``[B, C_aux, T, H, W]``.
             main: ``log1p(block_total / n_children)`` broadcast over each block's children

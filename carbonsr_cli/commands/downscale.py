@@ -14,20 +14,13 @@ from carbonsr_cli.options import Aoi, AuxPaths, Cog, Compress, Device, InputUnit
 
 HELP = """Downscale a 1 km emission raster to 100 m with a trained model or a baseline.
 
-Every factor x factor block of output cells sums to its 1 km total (float64 water-filling),
-values are >= 0, and cells are nodata exactly where the 1 km cell is nodata. The check table
-at the end re-reads the written file.
+Example: carbonsr downscale emissions_1km.tif --aux aux/ --model runs/r1/best_model.pth -o out_100m.tif
 
-Example:
-  carbonsr downscale emissions_1km.tif --aux 'aux/*' --model runs/r1/best_model.pth -o out_100m.tif
+Every factor x factor block of output cells sums to its 1 km total (float64 water-filling), values are >= 0, and cells are nodata exactly where the 1 km cell is nodata. The closing table checks this on the written file.
 
-[b]Methods[/b]: model (default with --model), uniform (S / factor^2 per child), dasymetric[:LAYER]
-(shares proportional to one aux layer, default the first; uniform where it sums to 0).
-The order of the aux layers does not matter; their names must match the model's.
-Temporal window: each output year uses the model's T years centred on it, shifted inside the
-available years at the ends (repeating the nearest year when the raster has fewer than T).
-Output nodata: the input's nodata if it is NaN or negative, else -9999.
-Shell globs work: extra paths after MAIN are taken as aux inputs (--aux aux/*.tif).
+[b]Methods[/b]: model (default with --model); uniform (total / factor^2 per child); dasymetric[:LAYER] (shares proportional to one aux layer, default the first; uniform where it sums to 0 in a block).
+
+Aux layers are matched to the model by name: their order does not matter. Shell globs work (--aux aux/*.tif: extra paths after MAIN are aux inputs). Each output year uses the model's T years centred on it, shifted inside the available years at the ends (the nearest year repeats when the raster has fewer than T). Output nodata: the input's nodata if it is NaN or negative, else -9999.
 """
 
 
@@ -54,7 +47,7 @@ def _print_table(summary: Any, console: Any) -> None:
     t.add_row("child cells", f"{summary.child_shape[0]:,} x {summary.child_shape[1]:,} per band")
     t.add_row("device", f"{summary.device} ({summary.precision}, batch {summary.batch_size})")
     t.add_row("time", f"{summary.seconds:.2f} s ({summary.tiles:,} tiles)")
-    t.add_row("throughput", f"{summary.km2_per_s:,.1f} km2/s")
+    t.add_row("throughput", f"{summary.km2_per_s:,.1f} km2/s (area x {len(summary.years)} year(s) / time)")
     t.add_row("output", f"{summary.dtype}, nodata {summary.nodata:g}, units {summary.units}")
     if summary.uncertainty:
         t.add_row("uncertainty", summary.uncertainty)

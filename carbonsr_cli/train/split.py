@@ -259,6 +259,49 @@ def make_block_split(
 ) -> Split:
     """Block split: compact clusters of blocks chosen by ``seed`` hold ~``val_fraction`` of the data.
 
+    On small grids where blocks of ``block_patches`` patches leave no training patch, smaller
+    blocks are tried (down to one patch) before giving up.
+
+    Args:
+        height: Parent grid rows.
+        width: Parent grid cols.
+        patch: Patch edge in parent cells.
+        block_patches: Block edge in patches (the largest tried).
+        val_fraction: Target share of valid parent cells in validation, in (0, 1).
+        seed: Seed of the block choice (same seed, same split).
+        buffer: Gap in parent cells between training patches and validation (default ``patch``).
+        valid: Optional boolean ``[height, width]`` mask of parent cells with data.
+        max_nodata: Largest nodata fraction of a usable window.
+
+    Raises:
+        UsageError: Bad fraction, grid too small for a validation window plus training.
+    """
+    for bp in range(max(int(block_patches), 1), 0, -1):
+        try:
+            return _make_block_split(
+                height, width, patch=patch, block_patches=bp, val_fraction=val_fraction, seed=seed,
+                buffer=buffer, valid=valid, max_nodata=max_nodata,
+            )
+        except UsageError:
+            if bp == 1:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _make_block_split(
+    height: int,
+    width: int,
+    *,
+    patch: int = 12,
+    block_patches: int = 3,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    buffer: int | None = None,
+    valid: np.ndarray | None = None,
+    max_nodata: float = 0.5,
+) -> Split:
+    """Block split: compact clusters of blocks chosen by ``seed`` hold ~``val_fraction`` of the data.
+
     Args:
         height: Parent grid rows.
         width: Parent grid cols.

@@ -68,14 +68,31 @@ def test_single_input_block_finite_for_zero_and_extreme_inputs(name: str, fill: 
     assert torch.isfinite(y).all()
 
 
-def test_t1_centre_tap_equals_zero_padded_conv() -> None:
-    """For T = 1 the shortcut through the centre temporal tap equals the full zero-padded conv."""
+def test_t1_temporal_branch_equals_zero_padded_conv() -> None:
+    """For T = 1 the centre-tap shortcut equals the full zero-padded temporal conv."""
     torch.manual_seed(0)
     block = MultiScaleDSConv3d(C, (3, 5), (1, 2), temporal_kernel=3)
-    x = torch.randn(2, C, 1, 9, 9)
-    h = block.norm(x)
-    for conv in block.branches:
-        torch.testing.assert_close(block._branch(conv, h), conv(h), rtol=1e-5, atol=1e-6)
+    h = torch.randn(2, C, 1, 9, 9)
+    assert block.temporal is not None
+    torch.testing.assert_close(block._temporal(h), block.temporal(h), rtol=1e-5, atol=1e-6)
+
+
+def test_msconv_is_spatial_per_year_with_temporal_kernel_1() -> None:
+    """temporal_kernel=1: years do not mix (except through GroupNorm statistics)."""
+    torch.manual_seed(0)
+    block = MultiScaleDSConv3d(C, (3, 5), (1, 1), temporal_kernel=1).eval()
+    with torch.no_grad():
+        block.proj.weight.mul_(10.0)
+    x = torch.randn(1, C, 3, 10, 10)
+    x2 = x.clone()
+    x2[:, :, 0, 5, 5] += 3.0
+    with torch.no_grad():
+        d = (block(x2) - block(x)).abs().sum(dim=(0, 1))
+    assert d[0, 5, 5] > 5 * d[1, 5, 5]
+    assert d[0, 5, 7] > 5 * d[0, 5, 8]  # receptive field of a 5x5 kernel: +-2 cells
+    # channels_last_3d input gives the same result (the fold is a view there).
+    with torch.no_grad():
+        torch.testing.assert_close(block(x.to(memory_format=torch.channels_last_3d)), block(x))
 
 
 def test_sft_shapes_gradients_and_modulation() -> None:

@@ -51,21 +51,22 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 def test_sigkill_then_resume_is_bitwise_identical(sample_dir: Path, tmp_path: Path) -> None:
     from carbonsr_cli.train.loop import train
 
-    common = dict(epochs=2, steps_per_epoch=5, autosave_every=2, max_val_windows=2)
+    common = dict(epochs=2, steps_per_epoch=4, autosave_every=2, max_val_windows=2)
     full = train(small_config(sample_dir, tmp_path, name="full", **common))
-    assert full.stopped == "completed" and full.global_step == 10
+    assert full.stopped == "completed" and full.global_step == 8
+    common["stats"] = str(full.run_dir / "stats.json")  # same statistics, computed once
 
     killed_cfg = small_config(sample_dir, tmp_path, name="killed", **common)
     proc = _spawn(killed_cfg)
     run = tmp_path / "killed"
-    _wait_for(run / "autosave_step_6.pth", proc)  # mid-epoch 2 (steps 5..9)
+    _wait_for(run / "autosave_step_6.pth", proc)  # mid-epoch 2 (global steps 5..8)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL, "the training process finished before it could be killed"
-    assert not (run / "latest.pth").exists() or ck.load_checkpoint(run / "latest.pth")["global_step"] < 10
+    assert not (run / "latest.pth").exists() or ck.load_checkpoint(run / "latest.pth")["global_step"] < 8
 
     resumed = train(small_config(sample_dir, tmp_path, name="killed", resume="latest", **common))
-    assert resumed.stopped == "completed" and resumed.global_step == 10
+    assert resumed.stopped == "completed" and resumed.global_step == 8
     a, b = _weights(full.run_dir / "latest.pth"), _weights(run / "latest.pth")
     assert a.keys() == b.keys()
     for k in a:
@@ -80,7 +81,8 @@ def test_sigkill_then_resume_is_bitwise_identical(sample_dir: Path, tmp_path: Pa
 def test_sigint_saves_autosave_and_raises_keyboardinterrupt(sample_dir: Path, tmp_path: Path) -> None:
     """Ctrl-C: the step in progress finishes, autosave_latest.pth is written, KeyboardInterrupt propagates
     (the CLI maps it to exit code 130)."""
-    cfg = small_config(sample_dir, tmp_path, name="ctrlc", epochs=50, steps_per_epoch=1000, autosave_every=1000)
+    cfg = small_config(sample_dir, tmp_path, name="ctrlc", epochs=50, steps_per_epoch=1000, autosave_every=1000,
+                       max_val_windows=1)
     script = _CHILD.replace("train(TrainConfig", "try:\n    train(TrainConfig") + (
         "except KeyboardInterrupt:\n    print('KeyboardInterrupt raised'); sys.exit(130)\n"
     )

@@ -111,3 +111,9 @@ def test_bbox_region() -> None:
         parse_val_region("1,2,3", transform, 96, 96)
     with pytest.raises(UsageError, match="minx < maxx"):
         parse_val_region("5,0,1,1", transform, 96, 96)
+
+
+def test_small_grid_falls_back_to_smaller_blocks() -> None:
+    split = make_block_split(36, 36, patch=12, block_patches=3, val_fraction=0.2, seed=0)
+    assert split.block_patches < 3
+    assert len(split.train_positions()) > 0 and split.val_windows
