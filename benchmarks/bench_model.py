@@ -9,6 +9,7 @@ Examples::
 
     python benchmarks/bench_model.py --device cpu --iters 3 --batch 4
     python benchmarks/bench_model.py --device cuda --batch 256 --iters 20 --compile
+    python benchmarks/bench_model.py --device cuda --batch 256 --contiguous   # memory format A/B
     python benchmarks/bench_model.py --device cuda --presets base --years 1 --dtypes bf16 \\
         --batch 512 --physics
 """
@@ -91,11 +92,12 @@ def _maybe_compile(model: torch.nn.Module, enabled: bool) -> tuple[torch.nn.Modu
 
 def bench_one(
     name: str, years: int, dtype: str, device: torch.device, batch: int, size: int,
-    warmup: int, iters: int, compile_model: bool, physics: bool,
+    warmup: int, iters: int, compile_model: bool, physics: bool, channels_last: bool = True,
 ) -> Row:
     """Benchmark one preset / T / precision combination."""
     torch.manual_seed(0)
     model = DSTCarbonFormer(preset(name, AUX_CHANNELS)).to(device)
+    model.channels_last = channels_last
     params = count_parameters(model)
     run_model, compiled = _maybe_compile(model, compile_model)
     aux = torch.randn(batch, AUX_CHANNELS, years, size, size, device=device)
@@ -173,8 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (eager fallback on failure)")
     p.add_argument("--physics", action="store_true", help="include the float64 water-filling (block 10)")
+    p.add_argument("--contiguous", action="store_true",
+                   help="run in the default contiguous memory format instead of channels_last_3d")
     args = p.parse_args(argv)
 
+    if args.physics and args.size % BLOCK:
+        p.error(f"--physics needs --size a multiple of {BLOCK}")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("CUDA is not available")
@@ -196,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                 if dtype not in ("fp32", "bf16"):
                     p.error(f"unknown dtype {dtype!r}")
                 rows.append(bench_one(name, years, dtype, device, batch, args.size, warmup, iters,
-                                      args.compile, args.physics))
+                                      args.compile, args.physics, not args.contiguous))
                 print(f"  done {name} T={years} {dtype}", file=sys.stderr, flush=True)
     print_table(rows, device)
     return 0

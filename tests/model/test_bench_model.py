@@ -18,7 +18,7 @@ def test_bench_model_prints_table(capsys: pytest.CaptureFixture[str], monkeypatc
     monkeypatch.setitem(sys.modules, "bench_model", bench)  # dataclasses need the module registered
     spec.loader.exec_module(bench)
     rc = bench.main(["--device", "cpu", "--presets", "tiny", "--years", "1,2", "--dtypes", "fp32",
-                     "--size", "24", "--batch", "1", "--iters", "1", "--warmup", "0", "--physics"])
+                     "--size", "40", "--batch", "1", "--iters", "1", "--warmup", "0", "--physics"])
     assert rc == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("tiny")]
     assert len(lines) == 2
