@@ -22,6 +22,7 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 
 def _gpu_util() -> str:
@@ -31,6 +32,127 @@ def _gpu_util() -> str:
         return f"{torch.cuda.utilization()}%"
     except Exception:  # noqa: BLE001 - pynvml missing or no GPU
         return "n/a"
+
+
+def measure(
+    data: Path,
+    *,
+    device_name: str = "auto",
+    presets: list[str] | None = None,
+    windows: list[int] | None = None,
+    precisions: list[str] | None = None,
+    batch_size: int = 8,
+    steps: int = 10,
+    warmup: int = 2,
+    workers: int = 2,
+    scales_spec: str = "12:0.5,4:0.25,2:0.25",
+    cache_dir: Path | None = None,
+    log: Any = print,
+) -> list[dict[str, Any]]:
+    """Time training steps on the sample region ``data``; one dict per configuration.
+
+    Keys: ``preset, params, T, precision, batch, prep_ms, step_ms, data_share`` (synchronous:
+    preparation / (preparation + step)), ``pps_sync``, ``pps_prefetch`` (patches/s with batches
+    prepared by ``workers`` threads, as in training), ``wait_share`` (share of the prefetched
+    run's wall time the training loop spent waiting for a batch), ``gpu_peak_mib``, ``gpu_util``.
+    """
+    import numpy as np
+    import torch
+
+    from carbonsr_cli.aux import AuxStack, discover_aux
+    from carbonsr_cli.stats import AuxNormalizer, compute_stats
+    from carbonsr_cli.train.dataset import AuxCache, PatchSampler, Prefetcher, build_batch, load_main, parse_scales
+    from carbonsr_cli.train.loop import _autocast_factory, resolve_device, training_step
+    from carbonsr_cli.train.split import make_block_split
+    from models.config import preset as model_preset
+    from models.losses import DualLayerWeightedLoss
+    from models.network import DSTCarbonFormer
+
+    presets = presets or ["tiny"]
+    windows = windows or [1]
+    precisions = precisions or ["auto"]
+    device = resolve_device(device_name)
+    t0 = time.perf_counter()
+    main = load_main([data / "emissions_1km.tif"])
+    child = main.grid.child(10)
+    stack = AuxStack(discover_aux([data / "aux"]), child, main.years)
+    stats = compute_stats(data / "emissions_1km.tif", stack)
+    norm = AuxNormalizer.from_stats(stats, stack.names)
+    t1 = time.perf_counter()
+    cache = AuxCache.build(stack, norm.apply, child.shape, len(main.years), cache_dir=cache_dir or data / "cache")
+    t2 = time.perf_counter()
+    stack.close()
+    log(
+        f"setup: stats {t1 - t0:.1f} s, aux cache {t2 - t1:.1f} s ({cache.array.nbytes / 2**20:.0f} MiB, "
+        f"{cache.channels} layers x {len(main.years)} years x {child.height}x{child.width})"
+    )
+    split = make_block_split(main.grid.height, main.grid.width, valid=main.valid_all_years)
+    positions = split.train_positions(main.valid_all_years)
+    scales = parse_scales(scales_spec)
+    st = stats["main"]
+    rows: list[dict[str, Any]] = []
+    for preset_name in presets:
+        for t in windows:
+            if t > len(main.years):
+                continue
+            for precision in precisions:
+                torch.manual_seed(0)
+                mcfg = model_preset(preset_name, aux_channels=cache.channels, max_years=max(t, 1))
+                model = DSTCarbonFormer(mcfg).to(device)
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+                sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+                loss_fn = DualLayerWeightedLoss(st["log_nz_over_nnz"], st["cv_log"])
+                autocast = _autocast_factory(device, precision)
+                sampler = PatchSampler(positions, len(main.years), t, scales, batch_size, seed=0)
+
+                def make(e: int, s: int, sampler: Any = sampler, t: int = t) -> object:
+                    return build_batch(sampler.spec(e, s), main, cache, factor=10, patch=12, years_window=t)
+
+                def sync() -> None:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+
+                kw = dict(device=device, autocast=autocast, factor=10, moe_weight=0.01, grad_clip=1.0)
+                for s in range(warmup):
+                    training_step(model, make(0, s), loss_fn, opt, sched, **kw)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                prep, step_t = [], []
+                for s in range(steps):
+                    a = time.perf_counter()
+                    b = make(1, s)
+                    c = time.perf_counter()
+                    sync()
+                    training_step(model, b, loss_fn, opt, sched, **kw)
+                    sync()
+                    d = time.perf_counter()
+                    prep.append(c - a)
+                    step_t.append(d - c)
+                sync()
+                a = time.perf_counter()
+                util = "n/a"
+                wait = 0.0
+                it = iter(Prefetcher(make, ((2, s) for s in range(steps)), workers=workers))
+                for k in range(steps):
+                    w0 = time.perf_counter()
+                    b = next(it)
+                    wait += time.perf_counter() - w0
+                    training_step(model, b, loss_fn, opt, sched, **kw)
+                    if k == steps // 2 and device.type == "cuda":
+                        util = _gpu_util()
+                sync()
+                pre_total = time.perf_counter() - a
+                p_ms, s_ms = 1000 * float(np.mean(prep)), 1000 * float(np.mean(step_t))
+                rows.append({
+                    "preset": preset_name, "params": sum(p.numel() for p in model.parameters()), "T": t,
+                    "precision": precision, "batch": batch_size, "prep_ms": p_ms, "step_ms": s_ms,
+                    "data_share": p_ms / (p_ms + s_ms), "pps_sync": batch_size / ((p_ms + s_ms) / 1000),
+                    "pps_prefetch": batch_size * steps / pre_total, "wait_share": wait / pre_total,
+                    "gpu_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+                    "gpu_util": util, "device": str(device),
+                })
+                del model, opt
+    return rows
 
 
 def main() -> None:  # noqa: D103
@@ -50,19 +172,9 @@ def main() -> None:  # noqa: D103
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = ap.parse_args()
 
-    import numpy as np
     import torch
     from rich.console import Console
     from rich.table import Table
-
-    from carbonsr_cli.aux import AuxStack, discover_aux
-    from carbonsr_cli.stats import AuxNormalizer, compute_stats
-    from carbonsr_cli.train.dataset import AuxCache, PatchSampler, Prefetcher, build_batch, load_main, parse_scales
-    from carbonsr_cli.train.loop import _autocast_factory, resolve_device, training_step
-    from carbonsr_cli.train.split import make_block_split
-    from models.config import preset as model_preset
-    from models.losses import DualLayerWeightedLoss
-    from models.network import DSTCarbonFormer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -77,83 +189,22 @@ def main() -> None:  # noqa: D103
         t0 = time.perf_counter()
         generate_sample_data(data, seed=0, size_km=args.size_km, years=tuple(range(2019, 2019 + args.years)))
         console.print(f"generated {args.size_km} km sample in {time.perf_counter() - t0:.1f} s")
-    device = resolve_device(args.device)
-    t0 = time.perf_counter()
-    main = load_main([data / "emissions_1km.tif"])
-    child = main.grid.child(10)
-    stack = AuxStack(discover_aux([data / "aux"]), child, main.years)
-    stats = compute_stats(data / "emissions_1km.tif", stack)
-    norm = AuxNormalizer.from_stats(stats, stack.names)
-    t1 = time.perf_counter()
-    cache = AuxCache.build(stack, norm.apply, child.shape, len(main.years), cache_dir=Path(tmp.name if tmp else ".") / "cache")
-    t2 = time.perf_counter()
-    stack.close()
-    console.print(
-        f"setup: stats {t1 - t0:.1f} s, aux cache {t2 - t1:.1f} s ({cache.array.nbytes / 2**20:.0f} MiB, "
-        f"{cache.channels} layers x {len(main.years)} years x {child.height}x{child.width})"
+    rows = measure(
+        data, device_name=args.device, presets=args.preset, windows=args.years_window, precisions=args.precision,
+        batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, workers=args.workers,
+        scales_spec=args.scales, cache_dir=Path(tmp.name if tmp else ".") / "cache", log=console.print,
     )
-    split = make_block_split(main.grid.height, main.grid.width, valid=main.valid_all_years)
-    positions = split.train_positions(main.valid_all_years)
-    scales = parse_scales(args.scales)
-    st = stats["main"]
-
-    table = Table(title=f"training throughput on {device} ({torch.get_num_threads()} CPU threads)")
+    table = Table(title=f"training throughput ({torch.get_num_threads()} CPU threads)")
     for col in ("preset", "params", "T", "precision", "batch", "prep ms/batch", "step ms", "data share",
-                "patches/s (sync)", "patches/s (prefetch)", "peak GPU MiB", "GPU util"):
+                "patches/s (sync)", "patches/s (prefetch)", "wait share (prefetch)", "peak GPU MiB", "GPU util"):
         table.add_column(col, justify="right")
-    for preset_name in args.preset:
-        for t in args.years_window:
-            if t > len(main.years):
-                continue
-            for precision in args.precision:
-                torch.manual_seed(0)
-                mcfg = model_preset(preset_name, aux_channels=cache.channels, max_years=max(t, 1))
-                model = DSTCarbonFormer(mcfg).to(device)
-                opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-                sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-                loss_fn = DualLayerWeightedLoss(st["log_nz_over_nnz"], st["cv_log"])
-                autocast = _autocast_factory(device, precision)
-                sampler = PatchSampler(positions, len(main.years), t, scales, args.batch_size, seed=0)
-
-                def make(e: int, s: int) -> object:
-                    return build_batch(sampler.spec(e, s), main, cache, factor=10, patch=12, years_window=t)
-
-                def sync() -> None:
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-
-                kw = dict(device=device, autocast=autocast, factor=10, moe_weight=0.01, grad_clip=1.0)
-                for s in range(args.warmup):
-                    training_step(model, make(0, s), loss_fn, opt, sched, **kw)
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                prep, step_t = [], []
-                for s in range(args.steps):
-                    a = time.perf_counter()
-                    b = make(1, s)
-                    c = time.perf_counter()
-                    sync()
-                    training_step(model, b, loss_fn, opt, sched, **kw)
-                    sync()
-                    d = time.perf_counter()
-                    prep.append(c - a)
-                    step_t.append(d - c)
-                a = time.perf_counter()
-                util = "n/a"
-                for k, b in enumerate(Prefetcher(make, ((2, s) for s in range(args.steps)), workers=args.workers)):
-                    training_step(model, b, loss_fn, opt, sched, **kw)
-                    if k == args.steps // 2 and device.type == "cuda":
-                        util = _gpu_util()
-                sync()
-                pre_total = time.perf_counter() - a
-                p_ms, s_ms = 1000 * float(np.mean(prep)), 1000 * float(np.mean(step_t))
-                peak = f"{torch.cuda.max_memory_allocated() / 2**20:.0f}" if device.type == "cuda" else "-"
-                table.add_row(
-                    preset_name, f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M", str(t), precision,
-                    str(args.batch_size), f"{p_ms:.1f}", f"{s_ms:.1f}", f"{100 * p_ms / (p_ms + s_ms):.1f}%",
-                    f"{args.batch_size / ((p_ms + s_ms) / 1000):.1f}", f"{args.batch_size * args.steps / pre_total:.1f}",
-                    peak, util,
-                )
+    for r in rows:
+        peak = f"{r['gpu_peak_mib']:.0f}" if r["gpu_peak_mib"] is not None else "-"
+        table.add_row(
+            r["preset"], f"{r['params'] / 1e6:.2f} M", str(r["T"]), r["precision"], str(r["batch"]),
+            f"{r['prep_ms']:.1f}", f"{r['step_ms']:.1f}", f"{100 * r['data_share']:.1f}%", f"{r['pps_sync']:.1f}",
+            f"{r['pps_prefetch']:.1f}", f"{100 * r['wait_share']:.1f}%", peak, r["gpu_util"],
+        )
     console.print(table)
     if tmp is not None:
         tmp.cleanup()

@@ -24,6 +24,26 @@ from carbonsr_cli.errors import CarbonSRError, CarbonSRWarning
 DEBUG = False
 
 
+def _pass_through_exceptions() -> tuple[type[BaseException], ...]:
+    """Exceptions that click/typer turn into exit codes themselves (usage errors exit 2).
+
+    Recent typer versions vendor their own copy of click, so both click's and typer's
+    classes are listed.
+    """
+    classes: list[type[BaseException]] = [click.exceptions.Exit, click.exceptions.Abort, click.ClickException]
+    for name in ("Exit", "Abort", "BadParameter"):
+        cls = getattr(typer, name, None)
+        if isinstance(cls, type):
+            classes.append(cls)
+    typer_base = getattr(getattr(typer, "exceptions", None), "TyperException", None)
+    if isinstance(typer_base, type):
+        classes.append(typer_base)
+    return tuple(classes)
+
+
+_PASS_THROUGH = _pass_through_exceptions()
+
+
 class CarbonSRGroup(TyperGroup):
     """Typer group that maps carbonsr errors to one line and an exit code."""
 
@@ -41,10 +61,10 @@ class CarbonSRGroup(TyperGroup):
         except KeyboardInterrupt:
             print_error("interrupted")
             raise typer.Exit(130) from None
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, typer.Exit):
+        except _PASS_THROUGH:
             raise
         except MemoryError:
-            print_error("out of memory: try a smaller --batch-size or --tile-rows")
+            print_error("out of memory: try a smaller --batch-size")
             raise typer.Exit(1) from None
         except OSError as exc:
             if DEBUG:

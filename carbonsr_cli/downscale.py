@@ -560,7 +560,7 @@ def downscale(
             is given.
         checkpoint: carbonsr checkpoint (``best_model.pth``), loaded with ``weights_only=True``.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        batch_size: Tiles per model batch (None: 32 on CUDA, 8 on CPU).
+        batch_size: Tiles per model batch (None: 128 on CUDA, 8 on CPU).
         dtype: ``float32`` or ``float64`` output.
         cog: Write a Cloud Optimized GeoTIFF.
         overwrite: Replace an existing ``dst`` (and ``uncertainty``).
@@ -707,7 +707,7 @@ def downscale(
         valid = _scan_main(ds, plan)
 
     if batch_size is None:
-        batch_size = 32 if dev.type == "cuda" else 8
+        batch_size = 128 if dev.type == "cuda" else 8
     summary = DownscaleSummary(
         output=str(dst_path),
         method=spec.label,

@@ -2,10 +2,10 @@
 
 The raster is processed one *row of tiles* at a time (:class:`~carbonsr_cli.tiling.TileLayout`):
 
-1. A reader thread (one worker, prefetching the next row while the current one is computed)
-   reads the parent totals of the rows the current tile row finishes, and for the model the
+1. Reader threads (:func:`reader_threads`, prefetching the next rows while the current one is
+   computed) read the parent totals of the rows the current tile row finishes, and for the model the
    main input (``log1p(total / factor**2)`` broadcast to the children) and the normalised aux
-   layers for the full extent of the tile row, mirror-padded at raster edges. The thread opens
+   layers for the full extent of the tile row, mirror-padded at raster edges. Each thread opens
    its own dataset handles (rasterio datasets are not thread-safe).
 2. The main thread runs the model on batches of tiles (``[B, C_aux, T, H, W]``; bf16 autocast
    on CUDA when a check on the first batch stays within :data:`BF16_TOL`), blends the
@@ -16,7 +16,8 @@ The raster is processed one *row of tiles* at a time (:class:`~carbonsr_cli.tili
    :class:`~carbonsr_cli.writer.RasterWriter` (temp file + rename: an error or Ctrl-C leaves no
    output).
 
-Memory is bounded by about two rows of tiles (current + prefetched) plus one batch on the device.
+Memory is bounded by about ``reader_threads() + 2`` rows of tiles (current + prefetched) plus one
+batch on the device.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import concurrent.futures as cf
 import contextlib
 import math
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +46,20 @@ BF16_TOL = 0.05
 CHUNK_BYTES = 64 << 20
 #: Pending writes allowed before the main thread waits for the writer.
 _MAX_PENDING_WRITES = 2
+
+
+def reader_threads() -> int:
+    """Reader threads of the model path: ``CARBONSR_READ_THREADS``, else half the CPU cores (1..8).
+
+    Aux reading (warping, class counting, vector rasterising) dominates the model path on a
+    many-core machine; GDAL and numpy release the GIL, so tile rows read in parallel threads
+    (each with its own dataset handles) scale with the cores. On a 2-core machine this is 1,
+    leaving the other core to the model.
+    """
+    env = os.environ.get("CARBONSR_READ_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 # --------------------------------------------------------------------------------------
@@ -489,7 +505,18 @@ def run_pipeline(
         tags["UNCERTAINTY"] = os.path.basename(str(uncertainty))
 
     chunks = _tile_chunks(layout, plan, batch_size) if is_model else [(0, layout.n_cols)]
-    reader = _BandReader(plan, layout, chunks)
+    n_readers = reader_threads() if is_model else 1
+    readers: list[_BandReader] = []
+    local = threading.local()
+
+    def read_unit(i: int, j: int) -> BandData:
+        # One _BandReader (own dataset handles) per reader thread.
+        rd = getattr(local, "reader", None)
+        if rd is None:
+            rd = local.reader = _BandReader(plan, layout, chunks)
+            readers.append(rd)
+        return rd.read(i, j)
+
     streams = [BlendStream(layout, channels=n_years) for _ in range(n_views)] if is_model else []
     n_samples = len(unique_windows(plan.windows)[0]) if is_model else n_years
     prog = _progress(progress, layout.n_tiles * n_samples * n_views, f"downscale {plan.method.label}")
@@ -511,7 +538,7 @@ def run_pipeline(
                     overwrite=overwrite, units=unc_tags["UNITS"], source=plan.main_path,
                 )
             )
-        read_ex = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="carbonsr-read")
+        read_ex = cf.ThreadPoolExecutor(max_workers=n_readers, thread_name_prefix="carbonsr-read")
         write_ex = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="carbonsr-write")
         reads: dict[int, cf.Future] = {}
         writes: collections.deque[cf.Future] = collections.deque()
@@ -520,10 +547,12 @@ def run_pipeline(
         totals: np.ndarray | None = None
         preds: list[list[np.ndarray]] = []
         try:
-            reads[0] = read_ex.submit(reader.read, *units[0])
+            ahead = n_readers + 1  # units read ahead of the one being computed
+            for u in range(min(ahead, len(units))):
+                reads[u] = read_ex.submit(read_unit, *units[u])
             for u, (i, j) in enumerate(units):
-                if u + 1 < len(units):
-                    reads[u + 1] = read_ex.submit(reader.read, *units[u + 1])  # prefetch
+                if u + ahead < len(units):
+                    reads[u + ahead] = read_ex.submit(read_unit, *units[u + ahead])  # prefetch
                 data = reads.pop(u).result()
                 r0, r1 = data.out_rows
                 if j == 0:
@@ -573,9 +602,10 @@ def run_pipeline(
         finally:
             for fut in list(reads.values()) + list(writes):
                 fut.cancel()
-            with contextlib.suppress(Exception):
-                read_ex.submit(reader.close)
-            read_ex.shutdown(wait=True, cancel_futures=False)
+            read_ex.shutdown(wait=True, cancel_futures=True)
+            for rd in readers:  # no reader thread is running any more
+                with contextlib.suppress(Exception):
+                    rd.close()
             write_ex.shutdown(wait=True, cancel_futures=True)
             if prog is not None:
                 prog.stop()

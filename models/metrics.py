@@ -311,6 +311,8 @@ class ConservationReport:
         nans: Non-finite child cells in valid blocks.
         nodata_blocks: Parent cells that are nodata.
         nodata_mismatch: Nodata parent cells whose children are not all nodata.
+        zero_total_violations: Blocks whose total is exactly 0 but whose children are not all
+            exactly 0 (a zero total must give exact zeros; relative error is undefined there).
     """
 
     blocks_checked: int = 0
@@ -322,6 +324,7 @@ class ConservationReport:
     nans: int = 0
     nodata_blocks: int = 0
     nodata_mismatch: int = 0
+    zero_total_violations: int = 0
     _worst_key: float = field(default=-1.0, repr=False)
 
     def ok(self, rtol: float = 1e-6, atol: float = 0.0) -> bool:
@@ -332,6 +335,7 @@ class ConservationReport:
             and self.negatives == 0
             and self.nans == 0
             and self.nodata_mismatch == 0
+            and self.zero_total_violations == 0
         )
 
     def merge(self, other: ConservationReport) -> ConservationReport:
@@ -346,6 +350,7 @@ class ConservationReport:
         self.nans += other.nans
         self.nodata_blocks += other.nodata_blocks
         self.nodata_mismatch += other.nodata_mismatch
+        self.zero_total_violations += other.zero_total_violations
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -406,6 +411,7 @@ def conservation_report(
         err = np.where(np.isfinite(vb).all(axis=-1), err, np.inf)
         sv = np.abs(s3[valid])
         rel = np.where(sv > 0, err / np.where(sv > 0, sv, 1.0), 0.0)
+        rep.zero_total_violations = int(((sv == 0) & (err > 0)).sum())
         rep.max_abs_error = float(err.max())
         rep.max_rel_error = float(rel.max())
         key = rel if rep.max_rel_error > 0 else err

@@ -13,7 +13,7 @@ import importlib
 import typer
 
 #: Command modules, in the order they appear in ``carbonsr --help``.
-COMMAND_MODULES: list[str] = ["evaluate", "sample_data", "downscale", "train", "stats", "demo"]
+COMMAND_MODULES: list[str] = ["sample_data", "stats", "train", "downscale", "evaluate", "demo"]
 
 
 def register_all(app: typer.Typer) -> None:

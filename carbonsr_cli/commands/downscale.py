@@ -81,7 +81,7 @@ def register(app: typer.Typer) -> None:
         band: Annotated[Optional[list[int]], typer.Option("--band", help="Output band (1-based) instead of --year; repeatable.")] = None,
         device: Device = "auto",
         batch_size: Annotated[
-            Optional[int], typer.Option("--batch-size", min=1, help="Tiles per model batch (default 32 on CUDA, 8 on CPU).")
+            Optional[int], typer.Option("--batch-size", min=1, help="Tiles per model batch (default 128 on CUDA, 8 on CPU).")
         ] = None,
         dtype: Annotated[str, typer.Option("--dtype", help="Output type: float32 or float64.")] = "float32",
         factor: Annotated[

@@ -169,19 +169,31 @@ def default_years_window(preset: str, n_years: int) -> int:
     return max(1, min(1 if preset == "tiny" else 3, n_years))
 
 
+#: A slimmer ``tiny`` (about 19 k parameters, one 3x3 branch, three levels) that learns the
+#: sample data in a few minutes on a CPU; used by the ``demo`` set-up.
+TINY_CPU_MODEL: dict[str, Any] = dict(
+    widths=[8, 16, 16], depths=[1, 1, 1], kernel_sizes=[3], dilations=[1], n_experts=2, top_k=1,
+    attn_heads=2, attn_pool=4, state_size=4,
+)
+
 #: Named training set-ups: field overrides for :class:`TrainConfig`. ``demo`` is what
-#: ``carbonsr demo`` trains (about 1-2 minutes on 2 CPU cores on the default sample data).
+#: ``carbonsr demo`` trains on the default sample data (CPU, about 90 steps of 4 patches).
+#: Measured on the sample data (seed 0) with the same settings run for 6 epochs x 30 steps:
+#: validation Nonzero-MAE model / best dasymetric 0.88 (s=12) and 0.49 (s=3) after 60 steps,
+#: 0.69 and 0.39 after 180 steps.
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "demo": dict(
         preset="tiny",
-        epochs=4,
-        steps_per_epoch=25,
-        batch_size=8,
+        model_overrides=TINY_CPU_MODEL,
+        epochs=3,
+        steps_per_epoch=30,
+        batch_size=4,
         lr=3e-3,
-        warmup_steps=10,
-        scales="12:0.4,6:0.3,3:0.3",
-        autosave_every=50,
+        warmup_steps=20,
+        scales="12:0.3,6:0.2,4:0.2,3:0.15,2:0.15",
+        autosave_every=30,
         patience=0,
+        max_val_windows=16,
         device="cpu",
     ),
 }

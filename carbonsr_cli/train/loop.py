@@ -275,7 +275,7 @@ def _baseline_scores(items: list[tuple[int, int, int]], scales: Sequence[int], m
 def _model_scores(model: Any, items: list[tuple[int, int, int]], scales: Sequence[int], main: MainData, cache: AuxCache, cfg: TrainConfig, t: int, device: Any, autocast: Any) -> dict[int, dict[str, float]]:
     import torch
 
-    from models.physics import block_sum, water_fill
+    from models.physics import block_sum
 
     f = cfg.factor
     was_training = model.training
@@ -527,7 +527,6 @@ def train(config: TrainConfig) -> RunResult:
     from models.config import preset as model_preset
     from models.losses import DualLayerWeightedLoss
     from models.network import DSTCarbonFormer
-    from models.physics import block_sum
 
     cfg = TrainConfig.from_dict(config.to_dict())
     resume_path = resolve_resume(cfg.resume, cfg.runs_dir, cfg.name)

@@ -131,3 +131,13 @@ def test_conservation_report() -> None:
     assert merged.blocks_checked == 46 and merged.negatives == 1
     d = merged.to_dict()
     assert "_worst_key" not in d and d["blocks_checked"] == 46
+
+
+def test_conservation_report_zero_total_must_give_exact_zeros() -> None:
+    totals = np.array([[[0.0, 5.0]]])
+    children = np.zeros((1, 10, 20))
+    children[:, :, 10:] = 0.05
+    assert conservation_report(children, totals, 10).ok()
+    children[0, 3, 4] = 1e-9  # mass inside a block whose total is 0
+    rep = conservation_report(children, totals, 10)
+    assert rep.zero_total_violations == 1 and not rep.ok()

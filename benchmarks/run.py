@@ -1,0 +1,317 @@
+"""One command for every speed figure of issue 10: downscaling, training, physics, memory.
+
+Generates its own synthetic input (``carbonsr sample-data``), then measures:
+
+* **downscaling** end to end through ``carbonsr_cli.downscale.downscale()`` (reading, model,
+  blending, water-filling, writing and the conservation re-read): ``uniform`` (the I/O limit)
+  and the ``base`` model (plus ``tiny`` on the CPU) on a ``size x size`` km region, one year,
+  every aux layer of the sample (one of them in EPSG:4326). Each run is a separate process,
+  so its peak RSS is its own. Per-stage times (read, model, water-fill, write) come from
+  timers wrapped around the pipeline's functions.
+* **physics**: the float64 water-filling's share of the model run's downscaling time.
+* **training**: ``base``, T = 3, batch 32 (CUDA) in bf16 and fp32: patches/s with batches
+  prepared by worker threads as in ``carbonsr train``, and the share of wall time the loop
+  waits for data (plus the synchronous preparation / step ratio).
+
+Prints one table (figure, value, reference, ratio, target) and the stage breakdown.
+
+Usage::
+
+    python benchmarks/run.py                       # auto device; 1000 km on CUDA, 100 km on CPU
+    python benchmarks/run.py --device cpu --quick  # small and quick (< 3 min on 2 cores)
+    python benchmarks/run.py --device cuda --size-km 1000 --json results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def _peak_rss_mb() -> float:
+    """Peak RSS of this process in MiB: ``VmHWM`` on Linux (``ru_maxrss`` survives exec, so a
+    child started by a big parent would report the parent's peak), else ``ru_maxrss``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
+
+
+# ------------------------------------------------------------------------------------------
+# Downscale worker (runs in its own process)
+# ------------------------------------------------------------------------------------------
+
+
+def _install_timers(device: str) -> dict[str, float]:
+    """Wrap the pipeline's stage functions with wall-clock accumulators (seconds)."""
+    import threading
+
+    import torch
+
+    from carbonsr_cli import downscale_pipeline as dp
+    from carbonsr_cli import writer as wr
+
+    acc: dict[str, float] = {"read": 0.0, "model": 0.0, "water_fill": 0.0, "baseline_fill": 0.0, "write": 0.0,
+                             "finish": 0.0}
+    lock = threading.Lock()
+    cuda = device.startswith("cuda") or device == "auto"
+
+    def timed(name: str, fn: Any, sync: bool = False) -> Any:
+        def wrapper(*a: Any, **k: Any) -> Any:
+            if sync and cuda and torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                if sync and cuda and torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                with lock:
+                    acc[name] += time.perf_counter() - t0
+
+        return wrapper
+
+    dp._BandReader.read = timed("read", dp._BandReader.read)
+    dp._Predictor.__call__ = timed("model", dp._Predictor.__call__, sync=True)
+    dp._water_fill = timed("water_fill", dp._water_fill, sync=True)
+    dp._baseline_fill = timed("baseline_fill", dp._baseline_fill)
+    dp._finish_band = timed("finish", dp._finish_band)
+    wr.RasterWriter.write = timed("write", wr.RasterWriter.write)
+    return acc
+
+
+def downscale_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one ``downscale()`` in this process; figures, stage times and peak RSS."""
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    acc = _install_timers(spec["device"])
+    from carbonsr_cli.downscale import downscale
+
+    t0 = time.perf_counter()
+    s = downscale(spec["main"], spec["aux"], spec["out"], method=spec["method"], checkpoint=spec.get("checkpoint"),
+                  device=spec["device"], batch_size=spec.get("batch_size"), overwrite=True, progress=False,
+                  check=True)
+    wall = time.perf_counter() - t0
+    return {
+        "label": spec["label"], "device": s.device, "precision": s.precision, "area_km2": s.area_km2,
+        "years": len(s.years), "tiles": s.tiles, "seconds": s.seconds, "wall_with_check": wall,
+        "km2_per_s": s.km2_per_s, "peak_rss_mb": _peak_rss_mb(), "conservation_ok": bool(s.conservation.ok),
+        "max_rel_error": s.conservation.max_rel_error, "stages": acc, "notes": list(s.notes),
+        "gpu_peak_mb": (torch.cuda.max_memory_allocated() / 2**20) if s.device.startswith("cuda") else None,
+    }
+
+
+def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Training throughput rows (``bench_train.measure``) in this process."""
+    import bench_train
+
+    rows = bench_train.measure(
+        Path(spec["data"]), device_name=spec["device"], presets=[spec["preset"]], windows=[spec["T"]],
+        precisions=spec["precisions"], batch_size=spec["batch"], steps=spec["steps"], warmup=spec["warmup"],
+        workers=spec["workers"], cache_dir=Path(spec["cache"]), log=lambda m: print(m, file=sys.stderr),
+    )
+    return {"rows": rows, "peak_rss_mb": _peak_rss_mb()}
+
+
+def _child(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+    env = dict(os.environ, **spec.get("env", {}))
+    proc = subprocess.run([sys.executable, __file__, "--worker", kind, json.dumps(spec)], capture_output=True,
+                          text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"{kind} run {spec.get('label', '')} failed:\n{proc.stderr[-4000:]}")
+    if proc.stderr.strip():
+        print(proc.stderr.strip()[-2000:], file=sys.stderr)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------
+# Driver
+# ------------------------------------------------------------------------------------------
+
+
+def _git_rev() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return f"uncommitted tree on top of {rev}" if dirty else rev
+    except Exception:  # noqa: BLE001 - not a git checkout (e.g. a copied tree)
+        return os.environ.get("CARBONSR_COMMIT", "unknown")
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, {os.cpu_count()} CPU cores"
+    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def _log(msg: str) -> None:
+    print(f"# [{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    """Parse arguments, generate data, run every measurement, print the table."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ap.add_argument("--size-km", type=int, default=None,
+                    help="edge of the downscaling region in km (default: 1000 on CUDA, 100 on CPU, 24 with --quick)")
+    ap.add_argument("--quick", action="store_true", help="small region and few training steps")
+    ap.add_argument("--batch-size", type=int, default=None, help="downscale tiles per batch (default: downscale's)")
+    ap.add_argument("--train-size-km", type=int, default=None, help="training region (default 200 CUDA, 48 CPU)")
+    ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--ablate", action="store_true",
+                    help="also run base with the first-pass settings (1 reader thread, batch 32) for the ratios")
+    ap.add_argument("--workdir", type=Path, default=None, help="where data and outputs go (default: a temp dir)")
+    ap.add_argument("--json", type=Path, default=None, help="also write every figure as JSON")
+    ap.add_argument("--worker", nargs=2, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        kind, spec = args.worker
+        fn = downscale_worker if kind == "downscale" else train_worker
+        print(json.dumps(fn(json.loads(spec))))
+        return
+
+    import torch
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = device.startswith("cuda")
+    size = args.size_km or (24 if args.quick else (1000 if gpu else 100))
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="carbonsr_bench_"))
+    work.mkdir(parents=True, exist_ok=True)
+    res: dict[str, Any] = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                           "device": _device_name(device), "commit": _git_rev(), "size_km": size}
+
+    from bench_downscale import _make_checkpoint
+
+    from carbonsr_cli.aux import discover_aux, layer_names
+    from carbonsr_cli.sample_data import generate_sample_data
+
+    t0 = time.perf_counter()
+    sd = generate_sample_data(work / f"region{size}", size_km=size, years=(2020,), overwrite=True)
+    res["sample_s"] = time.perf_counter() - t0
+    _log(f"sample-data {size} km, 1 year: {res['sample_s']:.1f} s")
+    aux_names = layer_names(discover_aux([sd.aux_dir]))
+    res["aux_layers"] = len(aux_names)
+
+    methods = ["uniform", "base"] if gpu else ["uniform", "tiny", "base"]
+    if args.ablate:
+        methods += ["base-1reader-b32"]
+    res["downscale"] = {}
+    for m in methods:
+        spec: dict[str, Any] = {"label": m, "main": str(sd.emissions), "aux": [str(sd.aux_dir)],
+                                "out": str(work / f"out_{m}.tif"), "device": device, "batch_size": args.batch_size}
+        if m == "uniform":
+            spec.update(method="uniform", aux=[])
+        else:
+            preset_name = m.split("-")[0]
+            spec.update(method="model",
+                        checkpoint=str(_make_checkpoint(work / f"{preset_name}.pth", preset_name, aux_names, 1)))
+            if m.endswith("-1reader-b32"):
+                spec.update(batch_size=32, env={"CARBONSR_READ_THREADS": "1"})
+        r = _child("downscale", spec)
+        res["downscale"][m] = r
+        _log(f"downscale {m}: {r['seconds']:.2f} s, {r['km2_per_s']:,.0f} km2/s, RSS {r['peak_rss_mb']:.0f} MB, "
+             f"conserved {r['conservation_ok']}, stages {json.dumps({k: round(v, 2) for k, v in r['stages'].items()})}")
+        Path(spec["out"]).unlink(missing_ok=True)
+
+    if not args.skip_train:
+        tsize = args.train_size_km or (48 if (args.quick or not gpu) else 200)
+        t0 = time.perf_counter()
+        td = generate_sample_data(work / f"train{tsize}", size_km=tsize, years=(2018, 2019, 2020), overwrite=True)
+        _log(f"training sample {tsize} km, 3 years: {time.perf_counter() - t0:.1f} s")
+        tspec = {"data": str(td.root if hasattr(td, "root") else td.emissions.parent), "device": device,
+                 "preset": "base", "T": 3, "precisions": ["bf16", "fp32"], "batch": 32 if gpu else 4,
+                 "steps": 20 if gpu else (2 if args.quick else 4), "warmup": 3 if gpu else 1,
+                 "workers": 4 if gpu else 2, "cache": str(work / "train_cache")}
+        res["train"] = _child("train", tspec)["rows"]
+        for r in res["train"]:
+            _log(f"train {r['preset']} T={r['T']} {r['precision']}: {r['pps_prefetch']:.1f} patches/s, "
+                 f"wait {100 * r['wait_share']:.1f}%, sync data share {100 * r['data_share']:.1f}%")
+
+    table = _table(res, gpu)
+    print(f"carbonsr benchmark  {res['date']}  device: {res['device']}  commit: {res['commit']}")
+    print(table)
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2, default=str))
+
+
+def _table(res: dict[str, Any], gpu: bool) -> str:
+    """Format the figures as a fixed-width table (one row per figure)."""
+    rows: list[tuple[str, str, str, str, str]] = []
+    ds = res["downscale"]
+    size = res["size_km"]
+    uni = ds["uniform"]
+    rows.append((f"sample-data {size} km, 1 yr (s)", f"{res['sample_s']:.1f}", "-", "-", "-"))
+    rows.append((f"downscale uniform {size**2:,} km2 (s)", f"{uni['seconds']:.2f}", "-", "-", "I/O limit"))
+    for m in [k for k in ds if k != "uniform"]:
+        r = ds[m]
+        tgt = "< 20 s (10 s)" if gpu and m == "base" else "-"
+        rows.append((f"downscale {m} end to end (s)", f"{r['seconds']:.2f}", "20 s" if gpu and m == "base" else "-",
+                     f"{r['seconds'] / 20:.2f}" if gpu and m == "base" else "-", tgt))
+        rows.append((f"  {m} throughput (km2/s)", f"{r['km2_per_s']:,.0f}", f"uniform {uni['km2_per_s']:,.0f}",
+                     f"{r['km2_per_s'] / uni['km2_per_s']:.2f}", ">= 0.50"))
+        st = r["stages"]
+        rows.append((f"  {m} physics (water-fill) share", f"{st['water_fill']:.2f} s",
+                     f"run {r['seconds']:.2f} s", f"{100 * st['water_fill'] / r['seconds']:.1f}%", "< 5%"))
+        rows.append((f"  {m} peak host RSS (MB)", f"{r['peak_rss_mb']:,.0f}", "4,096 MB",
+                     f"{r['peak_rss_mb'] / 4096:.2f}", "< 1.00"))
+    rows.append(("uniform peak host RSS (MB)", f"{uni['peak_rss_mb']:,.0f}", "4,096 MB",
+                 f"{uni['peak_rss_mb'] / 4096:.2f}", "< 1.00"))
+    ok = all(r["conservation_ok"] for r in ds.values())
+    worst = max(float(r["max_rel_error"] or 0.0) for r in ds.values())
+    rows.append(("conservation check (all outputs)", "pass" if ok else "FAIL", f"max rel err {worst:.1e}", "-",
+                 "pass"))
+    tr = {r["precision"]: r for r in res.get("train", [])}
+    if "bf16" in tr:
+        b = tr["bf16"]
+        rows.append((f"train base T=3 bf16 b{b['batch']} (patches/s)", f"{b['pps_prefetch']:.1f}", "-", "-", "-"))
+        rows.append(("  data wait share (prefetch)", f"{100 * b['wait_share']:.1f}%", "step time", "-", "< 10%"))
+        rows.append(("  batch prep / (prep + step), sync", f"{100 * b['data_share']:.1f}%",
+                     f"prep {b['prep_ms']:.0f} ms", f"step {b['step_ms']:.0f} ms", "-"))
+    if "fp32" in tr:
+        f = tr["fp32"]
+        ref = tr.get("bf16")
+        rows.append((f"train base T=3 fp32 b{f['batch']} (patches/s)", f"{f['pps_prefetch']:.1f}",
+                     f"bf16 {ref['pps_prefetch']:.1f}" if ref else "-",
+                     f"{f['pps_prefetch'] / ref['pps_prefetch']:.2f}" if ref else "-", "reported"))
+        rows.append(("  data wait share (prefetch)", f"{100 * f['wait_share']:.1f}%", "step time", "-", "< 10%"))
+    w = [max(len(r[i]) for r in rows + [("figure", "value", "reference", "ratio", "target")]) for i in range(5)]
+    head = ("figure", "value", "reference", "ratio", "target")
+    fmt = lambda r: "  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r))  # noqa: E731
+    lines = [fmt(head), "-" * (sum(w) + 8)] + [fmt(r) for r in rows]
+    lines.append("")
+    lines.append("stage seconds (summed over threads; read and write overlap the model):")
+    for m, r in ds.items():
+        st = r["stages"]
+        lines.append(f"  {m:<8} total {r['seconds']:6.2f}  " + "  ".join(f"{k} {v:6.2f}" for k, v in st.items())
+                     + f"  tiles {r['tiles']}  {r['precision']}  GPU MB {r['gpu_peak_mb'] or 0:.0f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
