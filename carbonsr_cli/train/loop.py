@@ -146,6 +146,8 @@ def _setup_logging(run_dir: Path) -> logging.Handler:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
+    # train.log gets INFO; the console only with -v (root logger at INFO or below)
+    log.propagate = logging.getLogger().getEffectiveLevel() <= logging.INFO
     return handler
 
 
