@@ -612,7 +612,10 @@ def downscale(
     if spec.kind == "model":
         from carbonsr_cli.train.checkpoints import load_model_for_inference
 
+        from carbonsr_cli import distributed
+
         dev = _resolve_device(device)
+        dev = distributed.context(use_cuda=dev.type == "cuda").device(dev)  # torchrun: cuda:<local rank>
         loaded = load_model_for_inference(checkpoint, dev)  # type: ignore[arg-type]
         if factor is not None and int(factor) != loaded.factor:
             raise UsageError(f"--factor {factor} differs from the model's factor {loaded.factor}; omit --factor")
@@ -756,8 +759,11 @@ def _gdal_cache_bytes(plan: Plan, dtype: str, uncertainty: bool) -> int:
 
 def _run_and_check(plan: Plan, dst_path: Path, summary: DownscaleSummary, t0: float, *, check: bool, **kwargs: Any) -> None:
     """Run the pipeline, then time and check the written file (fills ``summary``)."""
+    from carbonsr_cli.downscale_distributed import run_and_check as distributed_run_and_check
     from carbonsr_cli.downscale_pipeline import run_pipeline
 
+    if distributed_run_and_check(plan, dst_path, summary, t0, check=check, **kwargs):
+        return  # torchrun: rows split over the ranks, rank 0 assembled and checked the file
     run_pipeline(plan, dst_path, summary, **kwargs)
     summary.seconds = time.perf_counter() - t0
     summary.km2_per_s = summary.area_km2 * len(plan.out_names) / max(summary.seconds, 1e-9)

@@ -2,7 +2,7 @@
 
 The raster is processed one *row of tiles* at a time (:class:`~carbonsr_cli.tiling.TileLayout`):
 
-1. Reader threads (:func:`reader_threads`, prefetching the next rows while the current one is
+1. Reader threads or processes (:func:`reader_config`, prefetching the next rows while the current one is
    computed) read the parent totals of the rows the current tile row finishes, and for the model the
    main input (``log1p(total / factor**2)`` broadcast to the children) and the normalised aux
    layers for the full extent of the tile row, mirror-padded at raster edges. Each thread opens
@@ -16,7 +16,7 @@ The raster is processed one *row of tiles* at a time (:class:`~carbonsr_cli.tili
    :class:`~carbonsr_cli.writer.RasterWriter` (temp file + rename: an error or Ctrl-C leaves no
    output).
 
-Memory is bounded by about ``reader_threads() + 2`` rows of tiles (current + prefetched) plus one
+Memory is bounded by about ``readers + 2`` rows of tiles (current + prefetched) plus one
 batch on the device.
 """
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import contextlib
+import functools
 import math
 import os
 import threading
@@ -37,7 +38,7 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     from carbonsr_cli.downscale import DownscaleSummary, Plan
 
-__all__ = ["BF16_TOL", "run_pipeline", "dihedral", "dihedral_inverse", "unique_windows"]
+__all__ = ["BF16_TOL", "LAST_RUN_SECONDS", "reader_config", "run_pipeline", "dihedral", "dihedral_inverse", "unique_windows"]
 
 #: Largest tolerated |bf16 - fp32| difference of raw log-domain predictions on the first batch;
 #: above it the run falls back to fp32 (the result is always water-filled in float64).
@@ -48,18 +49,45 @@ CHUNK_BYTES = 64 << 20
 _MAX_PENDING_WRITES = 2
 
 
-def reader_threads() -> int:
-    """Reader threads of the model path: ``CARBONSR_READ_THREADS``, else half the CPU cores (1..8).
+#: Seconds the main thread of the last :func:`run_pipeline` call spent waiting for inputs
+#: (``"read_wait"``) and in total (``"total"``); for benchmarks.
+LAST_RUN_SECONDS: dict[str, float] = {}
 
-    Aux reading (warping, class counting, vector rasterising) dominates the model path on a
-    many-core machine; GDAL and numpy release the GIL, so tile rows read in parallel threads
-    (each with its own dataset handles) scale with the cores. On a 2-core machine this is 1,
-    leaving the other core to the model.
+
+def reader_config() -> tuple[int, bool]:
+    """``(readers, use_processes)`` for the model path's aux reading.
+
+    Aux reading (warping, class counting, vector rasterising) dominates the model path; one
+    reader thread reads a 1,000 x 1,000 km region in about 75 s on the 16-core GPU machine,
+    and threads scale poorly (GIL and GDAL locks: 8 threads took 42 s). With 8 or more cores
+    the rows are therefore read by ``min(8, cores // 2)`` spawned processes, each with its own
+    dataset handles. ``CARBONSR_READ_PROCS=N`` / ``CARBONSR_READ_THREADS=N`` override (N
+    processes / N threads); on a small machine one reader thread leaves the rest to the model.
     """
-    env = os.environ.get("CARBONSR_READ_THREADS", "").strip()
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    return max(1, min(8, (os.cpu_count() or 2) // 2))
+    for var, procs in (("CARBONSR_READ_PROCS", True), ("CARBONSR_READ_THREADS", False)):
+        env = os.environ.get(var, "").strip()
+        if env.isdigit() and int(env) > 0:
+            return int(env), procs
+    cores = os.cpu_count() or 2
+    if cores >= 8:
+        return min(8, cores // 2), True
+    return 1, False
+
+
+_PROC_READER: Any = None
+
+
+def _proc_init(plan: Any, layout: Any, chunks: list[tuple[int, int]]) -> None:
+    """Initializer of a reader process: one :class:`_BandReader` per process."""
+    global _PROC_READER
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _PROC_READER = _BandReader(plan, layout, chunks)
+
+
+def _proc_read(i: int, j: int) -> BandData:
+    """Read unit ``(i, j)`` in a reader process."""
+    assert _PROC_READER is not None
+    return _PROC_READER.read(i, j)
 
 
 # --------------------------------------------------------------------------------------
@@ -505,7 +533,7 @@ def run_pipeline(
         tags["UNCERTAINTY"] = os.path.basename(str(uncertainty))
 
     chunks = _tile_chunks(layout, plan, batch_size) if is_model else [(0, layout.n_cols)]
-    n_readers = reader_threads() if is_model else 1
+    n_readers, use_procs = reader_config() if is_model else (1, False)
     readers: list[_BandReader] = []
     local = threading.local()
 
@@ -538,7 +566,22 @@ def run_pipeline(
                     overwrite=overwrite, units=unc_tags["UNITS"], source=plan.main_path,
                 )
             )
-        read_ex = cf.ThreadPoolExecutor(max_workers=n_readers, thread_name_prefix="carbonsr-read")
+        read_ex: cf.Executor
+        if use_procs:
+            import multiprocessing as mp
+
+            read_ex = cf.ProcessPoolExecutor(
+                max_workers=n_readers, mp_context=mp.get_context("spawn"), initializer=_proc_init,
+                initargs=(plan, layout, chunks),
+            )
+            submit_read = functools.partial(read_ex.submit, _proc_read)
+        else:
+            read_ex = cf.ThreadPoolExecutor(max_workers=n_readers, thread_name_prefix="carbonsr-read")
+            submit_read = functools.partial(read_ex.submit, read_unit)
+        import time
+
+        t_start = time.perf_counter()
+        read_wait = 0.0
         write_ex = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="carbonsr-write")
         reads: dict[int, cf.Future] = {}
         writes: collections.deque[cf.Future] = collections.deque()
@@ -549,11 +592,13 @@ def run_pipeline(
         try:
             ahead = n_readers + 1  # units read ahead of the one being computed
             for u in range(min(ahead, len(units))):
-                reads[u] = read_ex.submit(read_unit, *units[u])
+                reads[u] = submit_read(*units[u])
             for u, (i, j) in enumerate(units):
                 if u + ahead < len(units):
-                    reads[u + ahead] = read_ex.submit(read_unit, *units[u + ahead])  # prefetch
+                    reads[u + ahead] = submit_read(*units[u + ahead])  # prefetch
+                tw = time.perf_counter()
                 data = reads.pop(u).result()
+                read_wait += time.perf_counter() - tw
                 r0, r1 = data.out_rows
                 if j == 0:
                     row = layout.row(i)
@@ -599,6 +644,8 @@ def run_pipeline(
                     writes.popleft().result()
             while writes:
                 writes.popleft().result()
+            LAST_RUN_SECONDS.clear()
+            LAST_RUN_SECONDS.update(read_wait=read_wait, total=time.perf_counter() - t_start)
         finally:
             for fut in list(reads.values()) + list(writes):
                 fut.cancel()

@@ -154,8 +154,9 @@ def _setup_logging(run_dir: Path) -> logging.Handler:
 class _Interrupt:
     """SIGINT -> flag checked after each step (a second Ctrl-C interrupts at once)."""
 
-    def __init__(self) -> None:
+    def __init__(self, patient: bool = False) -> None:
         self.flag = False
+        self.patient = patient  # distributed: torchrun forwards the Ctrl-C a second time
         self._old: Any = None
 
     def __enter__(self) -> _Interrupt:
@@ -165,7 +166,7 @@ class _Interrupt:
         return self
 
     def _handler(self, signum: int, frame: Any) -> None:
-        if self.flag:
+        if self.flag and not self.patient:
             raise KeyboardInterrupt
         self.flag = True
 
@@ -540,6 +541,10 @@ def train(config: TrainConfig) -> RunResult:
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     device = resolve_device(cfg.device)
+    from carbonsr_cli import distributed
+
+    dist_ctx = distributed.context(use_cuda=device.type == "cuda")  # torchrun: DDP (no-op otherwise)
+    device = dist_ctx.device(device)
     autocast = _autocast_factory(device, cfg.precision)
     scales = parse_scales(cfg.scales, cfg.patch)
 
@@ -554,8 +559,8 @@ def train(config: TrainConfig) -> RunResult:
     if ck is not None:
         run_dir = resume_path.parent  # type: ignore[union-attr]
     else:
-        run_dir = _new_run_dir(cfg)
-    handler = _setup_logging(run_dir)
+        run_dir = dist_ctx.from_main(lambda: _new_run_dir(cfg))
+    handler = _setup_logging(run_dir) if dist_ctx.is_main else logging.NullHandler()
     t_setup = time.perf_counter()
     try:
         stack = AuxStack(discover_aux(cfg.aux), child, main.years, fill_missing=cfg.fill_missing)
@@ -575,7 +580,7 @@ def train(config: TrainConfig) -> RunResult:
                 )
             log.info("resuming from %s (epoch %s, step %s)", resume_path, ck.get("epoch"), ck.get("step"))
         else:
-            stats = _stats_for_run(cfg, main, stack, run_dir)
+            stats = dist_ctx.from_main(lambda: _stats_for_run(cfg, main, stack, run_dir))
             valid = main.valid_all_years
             if cfg.val_region:
                 mask, method = parse_val_region(cfg.val_region, grid.transform, grid.height, grid.width, grid.crs)
@@ -585,12 +590,13 @@ def train(config: TrainConfig) -> RunResult:
                     grid.height, grid.width, patch=cfg.patch, block_patches=cfg.block_patches,
                     val_fraction=cfg.val_fraction, seed=cfg.seed, valid=valid, max_nodata=cfg.max_nodata,
                 )
-            save_stats(stats, run_dir / "stats.json")
-            _write_json(run_dir / "split.json", split.to_dict())
+            if dist_ctx.is_main:
+                save_stats(stats, run_dir / "stats.json")
+                _write_json(run_dir / "split.json", split.to_dict())
         norm = AuxNormalizer.from_stats(stats, stack.names)
         cache = AuxCache.build(
             stack, norm.apply, child.shape, n_years,
-            cache_dir=run_dir / "cache", ram_limit_bytes=int(cfg.cache_ram_gb * (1 << 30)),
+            cache_dir=run_dir / dist_ctx.rank_name("cache"), ram_limit_bytes=int(cfg.cache_ram_gb * (1 << 30)),
         )
         positions = split.train_positions(main.valid_all_years)
         sampler = PatchSampler(positions, n_years, t, scales, cfg.batch_size, cfg.seed, cfg.augment)
@@ -650,13 +656,15 @@ def train(config: TrainConfig) -> RunResult:
         epoch, step, global_step = int(ck["epoch"]), int(ck["step"]), int(ck["global_step"])
         history = [dict(h) for h in ck.get("metric_history", [])]
         ckpt_mod.restore_rng_state(ck["rng_state"])
-    else:
+    elif dist_ctx.is_main:
         _write_json(
             run_dir / "config.json",
             {"train_config": cfg.to_dict(), "model_config": mcfg.to_dict(), "aux_names": list(cache.names), "years": main.years,
              "years_window": t, "factor": cfg.factor, "software_version": __version__},
         )
     best_score = min((h["val_score"] for h in history), default=None)
+    train_model = dist_ctx.wrap_model(model)  # DDP under torchrun; the model itself otherwise
+    loss_fn = dist_ctx.shard_loss(loss_fn)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model %s: %d parameters on %s", cfg.preset, n_params, device)
 
@@ -698,6 +706,10 @@ def train(config: TrainConfig) -> RunResult:
     last_ckpt: list[Path] = []
 
     def autosave(ep: int, st: int, rotate: bool = True) -> None:
+        if not dist_ctx.is_main:  # rank 0 writes; the others wait until the file is complete
+            last_ckpt.append(run_dir / "autosave_latest.pth")
+            dist_ctx.barrier()
+            return
         data = payload(ep, st)
         if rotate:
             p = run_dir / f"autosave_step_{global_step}.pth"
@@ -710,9 +722,10 @@ def train(config: TrainConfig) -> RunResult:
             ckpt_mod.save_checkpoint(run_dir / "autosave_latest.pth", data)
         last_ckpt.append(run_dir / "autosave_latest.pth")
         log.info("autosave at epoch %d step %d (global step %d)", ep, st, global_step)
+        dist_ctx.barrier()
 
     def make_batch(ep: int, st: int) -> Batch:
-        return build_batch(sampler.spec(ep, st), main, cache, factor=cfg.factor, patch=cfg.patch, years_window=t)
+        return build_batch(dist_ctx.shard_spec(sampler.spec(ep, st)), main, cache, factor=cfg.factor, patch=cfg.patch, years_window=t)
 
     stopped = "completed"
     t0 = time.perf_counter()
@@ -720,7 +733,7 @@ def train(config: TrainConfig) -> RunResult:
     from carbonsr_cli.console import err, out
 
     show = cfg.progress
-    with _Interrupt() as intr:
+    with _Interrupt(patient=dist_ctx.active) as intr:
         while epoch < cfg.epochs:
             model.train()
             losses: list[float] = []
@@ -730,12 +743,12 @@ def train(config: TrainConfig) -> RunResult:
             try:
                 for b in prefetch:
                     loss = training_step(
-                        model, b, loss_fn, optimizer, scheduler, device=device, autocast=autocast,
+                        train_model, b, loss_fn, optimizer, scheduler, device=device, autocast=autocast,
                         factor=f, moe_weight=cfg.moe_weight, grad_clip=cfg.grad_clip,
                     )
                     step += 1
                     global_step += 1
-                    lv = loss
+                    lv = dist_ctx.mean_float(loss)  # global-batch loss (rank shares summed)
                     if not math.isfinite(lv):
                         raise UsageError(
                             f"training diverged (loss {lv}) at epoch {epoch} step {step}; try a smaller --lr "
@@ -750,6 +763,7 @@ def train(config: TrainConfig) -> RunResult:
                         halt = "max_steps"
                     elif cfg.max_time_s is not None and time.perf_counter() - t0 >= cfg.max_time_s:
                         halt = "max_time"
+                    halt = dist_ctx.agree_halt(halt)
                     if halt:
                         break
             finally:
@@ -767,7 +781,7 @@ def train(config: TrainConfig) -> RunResult:
                 break
 
             # ----------------------------------------------------------- epoch end
-            model_s = _model_scores(model, items, cfg.val_scales, main, cache, cfg, t, device, autocast)
+            model_s = dist_ctx.broadcast(_model_scores(model, items, cfg.val_scales, main, cache, cfg, t, device, autocast))
             score = float(np.mean([model_s[s]["nonzero_mae"] for s in cfg.val_scales]))
             improved = best_score is None or score < best_score
             train_loss = float(np.mean(losses)) if losses else float("nan")
@@ -775,15 +789,18 @@ def train(config: TrainConfig) -> RunResult:
             history.append(row)
             epoch += 1
             step = 0
-            data = payload(epoch, 0)
-            ckpt_mod.save_checkpoint(run_dir / "latest.pth", data)
             last_ckpt.append(run_dir / "latest.pth")
-            if epoch % cfg.snapshot_every == 0:
-                link_or_save(run_dir / "latest.pth", run_dir / f"epoch_{epoch:03d}.pth", data)
             if improved:
                 best_score = score
-                link_or_save(run_dir / "latest.pth", run_dir / "best_model.pth", data)
-            _write_metrics_csv(run_dir / "metrics.csv", history)
+            if dist_ctx.is_main:  # torchrun: run files from rank 0 only
+                data = payload(epoch, 0)
+                ckpt_mod.save_checkpoint(run_dir / "latest.pth", data)
+                if epoch % cfg.snapshot_every == 0:
+                    link_or_save(run_dir / "latest.pth", run_dir / f"epoch_{epoch:03d}.pth", data)
+                if improved:
+                    link_or_save(run_dir / "latest.pth", run_dir / "best_model.pth", data)
+                _write_metrics_csv(run_dir / "metrics.csv", history)
+            dist_ctx.barrier()
             log.info(
                 "epoch %d: loss %.4f, val score %.4g%s; %s", epoch, train_loss, score, " (best)" if improved else "",
                 ", ".join(f"s={s}: model {model_s[s]['nonzero_mae']:.4g} / dasymetric {baselines[s]['dasymetric']['nonzero_mae']:.4g} / uniform {baselines[s]['uniform']['nonzero_mae']:.4g}" for s in cfg.val_scales),
@@ -797,7 +814,7 @@ def train(config: TrainConfig) -> RunResult:
                     stopped = "early_stop"
                     log.info("early stop: no improvement in %d epochs", cfg.patience)
                     break
-            if intr.flag:
+            if dist_ctx.any(intr.flag):
                 autosave(epoch, 0, rotate=False)
                 log.removeHandler(handler)
                 handler.close()
@@ -807,7 +824,8 @@ def train(config: TrainConfig) -> RunResult:
                 autosave(epoch, 0, rotate=False)
                 break
     try:
-        _plot(run_dir / "training_curves.png", history, cfg.val_scales)
+        if dist_ctx.is_main:
+            _plot(run_dir / "training_curves.png", history, cfg.val_scales)
     except Exception as exc:  # noqa: BLE001 - a plot must never fail a finished run
         log.warning("could not draw the training curves: %s", exc)
     log.info("finished (%s): %d epochs, %d steps, best val score %s", stopped, epoch, global_step, best_score)

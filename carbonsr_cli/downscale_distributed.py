@@ -1,0 +1,186 @@
+"""``carbonsr downscale`` under torchrun: ranks split the rows of tiles, rank 0 assembles.
+
+Scheme (N ranks, the plan's :class:`~carbonsr_cli.tiling.TileLayout` with stride ``s`` and
+tile edge ``tp`` parent cells):
+
+1. The tile rows are split into N contiguous ranges (:func:`row_parts`); rank ``k`` *owns*
+   the parent rows ``[a_k, b_k)`` (core rows of its tile rows; ``a_k`` is a multiple of ``s``).
+2. Rank ``k`` runs the ordinary single-process pipeline on a sub-plan whose grid is the parent
+   rows ``[a_k - c, b_k + c)`` (clipped to the raster) with a context of
+   ``c = s * (ceil(tp / s) + 1)`` rows. ``c`` is a multiple of ``s``, so the sub-grid's tiles
+   are exactly the full grid's tiles (same windows, same tile columns, same batches per tile
+   row), and it exceeds ``tp + s``, so no tile that touches the owned rows is cut by the
+   sub-grid's edge (where the pipeline would mirror-pad). The blending, and therefore every
+   owned child row, is the same as in one process; the water-filling is per parent cell, so
+   every block still sums to its total (conservation holds across part borders).
+3. Each rank writes its sub-grid to a hidden part GeoTIFF next to the output
+   (``.<name>.part<k>of<N>.tif``, uncompressed, itself written temp + rename).
+4. After a collective status check, rank 0 copies the owned rows of every part into one
+   GeoTIFF (or COG) through :class:`~carbonsr_cli.writer.RasterWriter` (temp + rename; same
+   tags, band names, nodata, compression as a single-process run) and removes the parts; the
+   written file's conservation is checked on rank 0 and the result broadcast.
+
+Result: bitwise identical to the single-process file for the baselines, and for the model when
+every process uses the same number of CPU threads (CPU convolutions are deterministic for a
+fixed thread count and batch; with other thread counts the raw predictions may differ by float
+rounding, about 1e-7 relative). The context rows are computed twice (by two ranks):
+``2c / (H / N)`` extra work, e.g. 24 of 500 parent rows per rank for 1,000 rows on 2 ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from carbonsr_cli import distributed
+
+if TYPE_CHECKING:  # pragma: no cover
+    from carbonsr_cli.downscale import DownscaleSummary, Plan
+
+__all__ = ["context_rows", "row_parts", "part_path", "sub_plan", "run_and_check"]
+
+#: Child rows copied per read/write during assembly.
+_ASSEMBLE_ROWS = 512
+
+
+def context_rows(layout: Any) -> int:
+    """Context ``c`` in parent rows added above and below a rank's rows (a multiple of the stride)."""
+    s, tp = layout.stride_parent, layout.tile_parent
+    return s * (math.ceil(tp / s) + 1)
+
+
+def row_parts(layout: Any, world: int) -> list[tuple[int, int]]:
+    """Owned parent rows ``[a, b)`` of each rank (contiguous tile rows; empty when rows < ranks)."""
+    s, h = layout.stride_parent, layout.parent_height
+    out = []
+    for k in range(world):
+        i0, i1 = distributed.share_bounds(layout.n_rows, k, world)
+        out.append((min(i0 * s, h), min(i1 * s, h)))
+    return out
+
+
+def part_path(dst: Path, rank: int, world: int, suffix: str = "") -> Path:
+    """Hidden part file of ``rank`` next to ``dst``."""
+    return dst.with_name(f".{dst.name}{suffix}.part{rank}of{world}.tif")
+
+
+def sub_plan(plan: Plan, r0: int, r1: int) -> Plan:
+    """The plan restricted to parent rows ``[r0, r1)`` of ``plan.grid`` (like an AOI window)."""
+    from rasterio.windows import Window
+
+    g = plan.grid
+    grid = dataclasses.replace(g, transform=g.window_transform(Window(0, r0, g.width, r1 - r0)), height=r1 - r0)
+    mask = plan.aoi_mask[r0:r1] if plan.aoi_mask is not None else None
+    return dataclasses.replace(
+        plan, grid=grid, child=grid.child(plan.factor), offset=(plan.offset[0] + r0, plan.offset[1]), aoi_mask=mask
+    )
+
+
+def run_and_check(plan: Plan, dst_path: Path, summary: DownscaleSummary, t0: float, *, check: bool, **kwargs: Any) -> bool:
+    """Run the pipeline split over the torchrun ranks; False (nothing done) in one process.
+
+    Arguments as ``downscale._run_and_check`` (``kwargs`` go to ``run_pipeline``). Fills
+    ``summary`` on every rank (tiles summed over ranks, context tiles included; the
+    conservation check from rank 0).
+    """
+    ctx = distributed.context(use_cuda=getattr(kwargs.get("device"), "type", "cpu") == "cuda")
+    if not ctx.active:
+        return False
+    from carbonsr_cli.downscale import check_written_conservation
+    from carbonsr_cli.downscale_pipeline import run_pipeline
+    from carbonsr_cli.tiling import TileLayout
+
+    layout = TileLayout(plan.grid.height, plan.grid.width, plan.factor, plan.tile_child, plan.overlap_parent)
+    parts = row_parts(layout, ctx.world_size)
+    c = context_rows(layout)
+    unc = kwargs.get("uncertainty")
+    a, b = parts[ctx.rank]
+    s0, s1 = max(a - c, 0), min(b + c, layout.parent_height)
+    mine = part_path(dst_path, ctx.rank, ctx.world_size)
+    mine_unc = part_path(Path(unc), ctx.rank, ctx.world_size) if unc is not None else None
+    error: BaseException | None = None
+    try:
+        if b > a:
+            run_kw = dict(kwargs, compress="none", cog=False, overwrite=True, uncertainty=mine_unc)
+            run_kw["progress"] = bool(kwargs.get("progress")) and ctx.is_main
+            run_pipeline(sub_plan(plan, s0, s1), mine, summary, **run_kw)
+    except BaseException as exc:  # noqa: BLE001 - every rank must learn about it (check_all)
+        error = exc
+    states = ctx.all_gather(None if error is not None else (summary.tiles, summary.precision, list(summary.notes)))
+    try:
+        ctx.check_all(error)
+        summary.tiles = sum(st[0] for st in states)
+        summary.precision = states[0][1]
+        summary.notes.append(f"distributed over {ctx.world_size} processes (torchrun); tiles include {c} context parent rows per part border")
+        err2: BaseException | None = None
+        if ctx.is_main:
+            try:
+                spans = [(k, p, max(p[0] - c, 0)) for k, p in enumerate(parts) if p[1] > p[0]]
+                _assemble(plan, dst_path, [(part_path(dst_path, k, ctx.world_size), p, s) for k, p, s in spans], kwargs)
+                if unc is not None:
+                    _assemble(plan, Path(unc), [(part_path(Path(unc), k, ctx.world_size), p, s) for k, p, s in spans], kwargs)
+            except BaseException as exc:  # noqa: BLE001
+                err2 = exc
+        ctx.check_all(err2)
+    finally:
+        if ctx.is_main:
+            for k in range(ctx.world_size):
+                with contextlib.suppress(OSError):
+                    part_path(dst_path, k, ctx.world_size).unlink(missing_ok=True)
+                if unc is not None:
+                    with contextlib.suppress(OSError):
+                        part_path(Path(unc), k, ctx.world_size).unlink(missing_ok=True)
+        elif error is not None:
+            with contextlib.suppress(OSError):
+                mine.unlink(missing_ok=True)
+    summary.seconds = time.perf_counter() - t0
+    summary.km2_per_s = summary.area_km2 * len(plan.out_names) / max(summary.seconds, 1e-9)
+    if check:
+        def _check() -> tuple[Any, float]:
+            t1 = time.perf_counter()
+            return check_written_conservation(dst_path, plan), time.perf_counter() - t1
+
+        summary.conservation, summary.check_seconds = ctx.from_main(_check)
+    else:
+        summary.notes.append("conservation of the written file was not checked (check=False)")
+    return True
+
+
+def _assemble(plan: Plan, dst: Path, parts: list[tuple[Path, tuple[int, int], int]], kwargs: dict) -> None:
+    """Copy the owned rows of every part into ``dst`` (atomic, same metadata as one process).
+
+    Args:
+        plan: The full plan.
+        dst: Final output.
+        parts: ``(part file, (a, b) owned parent rows, first parent row of the part)``.
+        kwargs: ``run_pipeline`` arguments (dtype, compress, cog, overwrite).
+    """
+    import rasterio
+    from rasterio.windows import Window
+
+    from carbonsr_cli.writer import RasterWriter
+
+    f = plan.factor
+    w = plan.child.width
+    with rasterio.open(parts[0][0]) as ds0:
+        tags = ds0.tags()
+        descriptions = list(ds0.descriptions)
+        nodata = ds0.nodata
+        count = ds0.count
+        dtype = ds0.dtypes[0]
+    with RasterWriter(
+        dst, plan.child, count=count, dtype=dtype, nodata=nodata, band_descriptions=descriptions, tags=tags,
+        compress=kwargs.get("compress", "deflate"), cog=bool(kwargs.get("cog")), overwrite=bool(kwargs.get("overwrite")),
+    ) as writer:
+        for path, (a, b), start in parts:
+            with rasterio.open(path) as ds:
+                for r in range((a - start) * f, (b - start) * f, _ASSEMBLE_ROWS):
+                    h = min(_ASSEMBLE_ROWS, (b - start) * f - r)
+                    block = ds.read(window=Window(0, r, w, h))
+                    writer.write(np.asarray(block), Window(0, start * f + r, w, h))
