@@ -57,21 +57,19 @@ LAST_RUN_SECONDS: dict[str, float] = {}
 def reader_config() -> tuple[int, bool]:
     """``(readers, use_processes)`` for the model path's aux reading.
 
-    Aux reading (warping, class counting, vector rasterising) dominates the model path; one
-    reader thread reads a 1,000 x 1,000 km region in about 75 s on the 16-core GPU machine,
-    and threads scale poorly (GIL and GDAL locks: 8 threads took 42 s). With 8 or more cores
-    the rows are therefore read by ``min(8, cores // 2)`` spawned processes, each with its own
-    dataset handles. ``CARBONSR_READ_PROCS=N`` / ``CARBONSR_READ_THREADS=N`` override (N
-    processes / N threads); on a small machine one reader thread leaves the rest to the model.
+    Aux reading (warping, class counting, vector rasterising) dominates the model path: one
+    reader thread reads a 1,000 x 1,000 km region (14 aux channels) in about 75 s on the
+    16-core GPU machine. Threads (each with its own dataset handles) overlap it but scale
+    poorly (GIL and GDAL locks): 8 threads took the run from 78 s to 49 s and peak RSS from
+    2.7 to 5.0 GB; 8 spawned processes were no faster (51 s) and each held ~2.6 GB. The default
+    is therefore ``min(4, cores // 2)`` threads. ``CARBONSR_READ_THREADS=N`` or
+    ``CARBONSR_READ_PROCS=N`` (N processes) override.
     """
     for var, procs in (("CARBONSR_READ_PROCS", True), ("CARBONSR_READ_THREADS", False)):
         env = os.environ.get(var, "").strip()
         if env.isdigit() and int(env) > 0:
             return int(env), procs
-    cores = os.cpu_count() or 2
-    if cores >= 8:
-        return min(8, cores // 2), True
-    return 1, False
+    return max(1, min(4, (os.cpu_count() or 2) // 2)), False
 
 
 _PROC_READER: Any = None
@@ -262,7 +260,7 @@ class _Predictor:
         """Raw log-domain predictions, optionally for the 8 dihedral views of every sample.
 
         Args:
-            aux: ``[B, C_aux, T, H, W]`` float32 raw aux (normalised here, on the device).
+            aux: ``[B, C_aux, T, H, W]`` float32 raw aux (numpy or a tensor; normalised here, on the device).
             main: ``[B, 1, T, H, W]`` float32 main input.
             n_views: 1, or 8 for test-time augmentation: view ``d`` applies :func:`dihedral`
                 ``d`` to the inputs and undoes it on the outputs. All views of a sample go
@@ -277,9 +275,9 @@ class _Predictor:
         step = max(1, self.batch_size // n_views)
         with torch.inference_mode():
             for s in range(0, aux.shape[0], step):
-                a = torch.from_numpy(aux[s : s + step]).to(self.device, non_blocking=True)
+                a = torch.as_tensor(aux[s : s + step]).to(self.device, non_blocking=True)
                 a = self.normalizer.apply(a)
-                m = torch.from_numpy(main[s : s + step]).to(self.device, non_blocking=True)
+                m = torch.as_tensor(main[s : s + step]).to(self.device, non_blocking=True)
                 if n_views > 1:
                     a = torch.cat([dihedral(a, d) for d in range(n_views)]).contiguous()
                     m = torch.cat([dihedral(m, d) for d in range(n_views)]).contiguous()
@@ -328,30 +326,41 @@ def unique_windows(windows: list[tuple[list[int], int]]) -> tuple[list[list[int]
     return uniq, src
 
 
-def _iter_batches(data: BandData, row: list[Any], uniq: list[list[int]], batch_size: int) -> Any:
+def _iter_batches(data: BandData, row: list[Any], uniq: list[list[int]], batch_size: int, device: Any = None) -> Any:
     """Yield ``(aux [B, C, T, H, W], main [B, 1, T, H, W])`` over every (tile, window) of a row.
 
     Samples are ordered tile-major (``k * U + u`` for ``U`` distinct windows); at most
-    ``batch_size`` per batch, so the stacked copy never exceeds one batch.
+    ``batch_size`` per batch, so the stacked copy never exceeds one batch. With a CUDA
+    ``device`` the chunk's inputs are copied to the device once (one large transfer instead of
+    a host-side stack and a transfer per batch) and batches are torch tensors stacked there.
     """
     assert data.aux is not None and data.main is not None
     oy, ox = data.origin
-    auxs: list[np.ndarray] = []
-    mains: list[np.ndarray] = []
+    src_aux: Any = data.aux
+    src_main: Any = data.main
+    stack: Any = np.stack
+    if device is not None and getattr(device, "type", "cpu") == "cuda":
+        import torch
+
+        src_aux = torch.from_numpy(data.aux).to(device)
+        src_main = torch.from_numpy(data.main).to(device)
+        stack = torch.stack
+    auxs: list[Any] = []
+    mains: list[Any] = []
     for tile in row:
         cw = tile.child_window
         rs = slice(int(cw.row_off) - oy, int(cw.row_off + cw.height) - oy)
         cs = slice(int(cw.col_off) - ox, int(cw.col_off + cw.width) - ox)
-        a_t = data.aux[:, :, rs, cs]
-        m_t = data.main[:, rs, cs]
+        a_t = src_aux[:, :, rs, cs]
+        m_t = src_main[:, rs, cs]
         for idx in uniq:
             auxs.append(a_t[:, idx])
             mains.append(m_t[idx][None])
             if len(auxs) == batch_size:
-                yield np.stack(auxs), np.stack(mains)
+                yield stack(auxs), stack(mains)
                 auxs, mains = [], []
     if auxs:
-        yield np.stack(auxs), np.stack(mains)
+        yield stack(auxs), stack(mains)
 
 
 def _predict_row(
@@ -361,7 +370,7 @@ def _predict_row(
     uniq, src = unique_windows(plan.windows)
     n_u = len(uniq)
     flat: list[list[np.ndarray]] = [[] for _ in range(n_views)]
-    for aux_b, main_b in _iter_batches(data, row, uniq, max(1, predictor.batch_size // n_views)):
+    for aux_b, main_b in _iter_batches(data, row, uniq, max(1, predictor.batch_size // n_views), predictor.device):
         raw = predictor(aux_b, main_b, n_views)  # [n_views, b, T, H, W]
         for d in range(n_views):
             flat[d].extend(raw[d])  # [T, H, W] each

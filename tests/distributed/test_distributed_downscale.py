@@ -14,12 +14,16 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "downscale"))
 from dist_helpers import run_spec  # noqa: E402
 from ds_helpers import make_checkpoint, synthetic_totals, write_tif  # noqa: E402
 
-from carbonsr_cli.downscale_distributed import context_rows, row_parts  # noqa: E402
+from carbonsr_cli.downscale_distributed import align_rows, context_rows, part_extent, row_parts  # noqa: E402
 from carbonsr_cli.tiling import TileLayout  # noqa: E402
 
-#: 64 x 12 parent cells: 8 tile rows (stride 8); each rank owns 4 and reads 3 more of context,
-#: so both part grids are cut inside the raster (the border case is exercised).
-ROWS, COLS = 64, 12
+#: 192 x 8 parent cells (model) and the 192 km sample region (baselines): 24 tile rows
+#: (stride 8); rank 0 owns rows 0-96 and computes 0-128, rank 1 owns 96-192 and computes
+#: 64-192: both part grids are cut inside the raster (the border case is exercised). On the
+#: sample region GDAL's warp of ``ndvi_4326`` depends on the 128-row VRT block a pixel falls
+#: in: without the 64-row alignment of the part grids (``CARBONSR_DIST_ALIGN_VRT=0``)
+#: ``dasymetric:ndvi_4326`` differs from one process by up to 1.6 t (checked by hand).
+ROWS, COLS = 192, 8
 
 
 @pytest.fixture(scope="module")
@@ -37,20 +41,26 @@ def tall_region(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from rasterio.warp import transform_bounds
 
     left, bottom, right, top = transform_bounds("EPSG:32633", "EPSG:4326", origin[0], origin[1] - ROWS * 1000.0, origin[0] + COLS * 1000.0, origin[1])
-    res = 0.005
+    res = 0.001
     h, w = int((top - bottom) / res) + 6, int((right - left) / res) + 6
     yy, xx = np.mgrid[0:h, 0:w]
     lights = 30 + 20 * np.sin(xx / 3.0 + yy / 7.0) + rng.gamma(1.0, 3.0, xx.shape)
-    write_tif(aux / "lights.tif", lights, res=res, origin=(left - 3 * res, top + 3 * res), crs="EPSG:4326", nodata=None)
-    ckpt = make_checkpoint(d / "tiny.pth", ["built", "lights"])
-    return {"main": main, "aux": aux, "ckpt": ckpt}
+    write_tif(aux / "ndvi.tif", lights, res=res, origin=(left - 3 * res, top + 3 * res), crs="EPSG:4326", nodata=-9999.0)
+    ckpt = make_checkpoint(d / "tiny.pth", ["built", "ndvi"])
+    from carbonsr_cli.sample_data import generate_sample_data
+
+    sample = d / "sample192"
+    generate_sample_data(sample, seed=0, size_km=ROWS, years=(2019,))
+    return {"main": main, "aux": aux, "ckpt": ckpt, "wide": sample / "emissions_1km.tif", "ndvi": sample / "aux" / "ndvi_4326.tif"}
 
 
 def test_parts_partition_rows_on_tile_borders() -> None:
     lay = TileLayout(ROWS, COLS, 10, 120, 2)
     parts = row_parts(lay, 2)
-    assert parts == [(0, 32), (32, 64)]
+    assert parts == [(0, 96), (96, 192)]
+    assert [part_extent(lay, *p) for p in parts] == [(0, 128), (64, 192)]
     assert context_rows(lay) % lay.stride_parent == 0 and context_rows(lay) > lay.tile_parent + lay.stride_parent
+    assert align_rows(lay) == 64  # 8-row stride and 128-child-row VRT blocks at factor 10
     for world in (1, 2, 3, 5, 9):
         ps = row_parts(TileLayout(37, 5, 10, 120, 2), world)
         assert ps[0][0] == 0 and ps[-1][1] == 37 and all(ps[k][1] == ps[k + 1][0] for k in range(world - 1))
@@ -68,8 +78,10 @@ def test_two_ranks_write_the_single_process_file(tall_region: dict, tmp_path: Pa
     from carbonsr_cli.downscale import downscale
 
     common = dict(main_path=str(tall_region["main"]), aux_paths=[str(tall_region["aux"])], device="cpu", batch_size=4)
+    wide = dict(common, main_path=str(tall_region["wide"]), aux_paths=[str(tall_region["ndvi"])])
     jobs = [
-        dict(common, dst=str(tmp_path / "dist_uniform.tif"), method="uniform"),
+        dict(wide, dst=str(tmp_path / "dist_uniform.tif"), method="uniform"),
+        dict(wide, dst=str(tmp_path / "dist_dasy.tif"), method="dasymetric:ndvi_4326"),
         dict(common, dst=str(tmp_path / "dist_model.tif"), checkpoint=str(tall_region["ckpt"])),
     ]
     res = run_spec("downscale", {"jobs": jobs}, tmp_path / "ds.json")
@@ -86,7 +98,7 @@ def test_two_ranks_write_the_single_process_file(tall_region: dict, tmp_path: Pa
             a, meta_a = _read(Path(job["dst"]))
             b, meta_b = _read(ref)
             assert meta_a == meta_b
-            assert a.dtype == b.dtype and a.shape == b.shape == (2, ROWS * 10, COLS * 10)
+            assert a.dtype == b.dtype and a.shape == b.shape and a.shape[1] == ROWS * 10
             assert np.array_equal(a, b), f"{job['dst']}: max |diff| {np.nanmax(np.abs(a - b))}"
     finally:
         torch.set_num_threads(old)

@@ -57,24 +57,35 @@ def test_share_bounds_cover_batch_in_order() -> None:
     assert DistContext().shard_spec("unchanged") == "unchanged"  # one process: no-op
 
 
-def test_two_ranks_match_single_process(sample_dir: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def single_run(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The single-process reference run (one CPU thread, like each rank)."""
     from carbonsr_cli.train.loop import train
 
     old = torch.get_num_threads()
     try:
-        single = train(small_config(sample_dir, tmp_path / "runs", name="single", **CHANGES))
+        return train(small_config(sample_dir, tmp_path_factory.mktemp("runs1"), name="single", **CHANGES))
     finally:
         torch.set_num_threads(old)
-    res = run_spec("train", {"sample": str(sample_dir), "runs": str(tmp_path / "runs"), "changes": dict(CHANGES, name="ddp")}, tmp_path / "train.json")
-    assert res["world_size"] == 2 and res["global_step"] == single.global_step == 6
-    ddp_dir = Path(res["run_dir"])
-    assert len(res["history"]) == len(single.history) == 2
-    for hs, hd in zip(single.history, res["history"]):
+
+
+def _assert_same_history(got: list[dict], want: list[dict]) -> None:
+    assert len(got) == len(want) == 2
+    for hs, hd in zip(want, got):
         assert hd["val_score"] == pytest.approx(hs["val_score"], rel=RTOL)
-        assert hd["train_loss"] == pytest.approx(hs["train_loss"], rel=RTOL)
         for key, v in hs.items():
             if key.startswith("s") and "_model_" in key:
                 assert hd[key] == pytest.approx(v, rel=RTOL), key
+
+
+def test_two_ranks_match_single_process(sample_dir: Path, single_run, tmp_path: Path) -> None:
+    single = single_run
+    res = run_spec("train", {"sample": str(sample_dir), "runs": str(tmp_path / "runs"), "changes": dict(CHANGES, name="ddp")}, tmp_path / "train.json")
+    assert res["world_size"] == 2 and res["global_step"] == single.global_step == 6
+    ddp_dir = Path(res["run_dir"])
+    _assert_same_history(res["history"], single.history)
+    for hs, hd in zip(single.history, res["history"]):
+        assert hd["train_loss"] == pytest.approx(hs["train_loss"], rel=RTOL)
     ws, wd = _weights(single.run_dir / "latest.pth"), _weights(ddp_dir / "latest.pth")
     assert ws.keys() == wd.keys()
     # Convolution / linear weights agree elementwise. Biases are compared through the model
@@ -93,3 +104,22 @@ def test_two_ranks_match_single_process(sample_dir: Path, tmp_path: Path) -> Non
     assert not [n for n in names if "rank" in n or n.endswith(".tmp")], names
     ck_ddp = ck.load_checkpoint(ddp_dir / "latest.pth")
     assert ck_ddp["global_step"] == 6 and ck_ddp["train_config"]["batch_size"] == 4
+
+
+@pytest.mark.slow  # about 18 s on 2 cores (the directory's default tests take about 40 s)
+def test_resume_single_process_run_on_two_ranks(sample_dir: Path, single_run, tmp_path: Path) -> None:
+    """A run stopped after 4 of 6 steps in one process, resumed on 2 ranks, ends like the uninterrupted one."""
+    from carbonsr_cli.train.loop import train
+
+    old = torch.get_num_threads()
+    try:
+        part = train(small_config(sample_dir, tmp_path / "runs", name="r", max_steps=4, **CHANGES))
+    finally:
+        torch.set_num_threads(old)
+    assert part.stopped == "max_steps" and part.global_step == 4
+    changes = dict(CHANGES, name="r", resume="latest")
+    res = run_spec("train", {"sample": str(sample_dir), "runs": str(tmp_path / "runs"), "changes": changes}, tmp_path / "resume.json")
+    assert res["global_step"] == 6 and Path(res["run_dir"]) == part.run_dir
+    _assert_same_history(res["history"], single_run.history)
+    out_s, out_d = _predict(single_run.run_dir / "latest.pth"), _predict(part.run_dir / "latest.pth")
+    np.testing.assert_allclose(out_d, out_s, rtol=RTOL, atol=RTOL * float(np.abs(out_s).max()))
