@@ -286,6 +286,7 @@ class Plan:
     nodata_out: float
     tile_child: int = 120
     overlap_parent: int = 2
+    fill_missing: bool = False
 
 
 def _is_nodata(values: np.ndarray, nodata: float | None) -> np.ndarray:
@@ -547,6 +548,7 @@ def downscale(
     uncertainty: str | os.PathLike[str] | None = None,
     progress: bool = True,
     check: bool = True,
+    fill_missing: bool = False,
 ) -> DownscaleSummary:
     """Downscale a parent raster of totals to a child raster that conserves every total.
 
@@ -578,6 +580,8 @@ def downscale(
             (``model`` only; 8x the inference cost).
         progress: Show a progress bar on stderr (only on a terminal).
         check: Re-read the written file and check conservation (recommended).
+        fill_missing: Allow aux layers that do not cover the whole extent or are all nodata
+            (filled by the rule of ``carbonsr_cli.aux``, with a warning); otherwise an error.
 
     Returns:
         A :class:`DownscaleSummary` (conservation check included).
@@ -672,7 +676,7 @@ def downscale(
         from carbonsr_cli.aux import discover_aux
 
         sources = discover_aux(aux_list)
-        given = _layer_names(sources, child, aux_years)
+        given = _layer_names(sources, child, aux_years, fill_missing=fill_missing)
         if loaded is not None:
             order = _resolve_aux_order(given, loaded.aux_names, loaded.path)
             aux_names = list(loaded.aux_names)
@@ -705,6 +709,7 @@ def downscale(
         aux_channel_order=order,
         nodata_out=_output_nodata(full.nodata),
         tile_child=_tile_size(f, loaded.config.downsample_factor if loaded is not None else 1),
+        fill_missing=fill_missing,
     )
     with open_raster(main) as ds:
         valid = _scan_main(ds, plan)
@@ -787,11 +792,11 @@ def _normalizer(loaded: Any) -> Any:
         raise CheckpointError(f"aux statistics in the checkpoint are not usable: {msg}", loaded.path) from None
 
 
-def _layer_names(sources: Sequence[Any], child: ChildGrid, years: Sequence[str]) -> list[str]:
-    """Layer names of the aux sources, in AuxStack order."""
+def _layer_names(sources: Sequence[Any], child: ChildGrid, years: Sequence[str], *, fill_missing: bool = False) -> list[str]:
+    """Layer names of the aux sources, in AuxStack order (checks coverage on the way)."""
     from carbonsr_cli.aux import AuxStack
 
-    stack = AuxStack(sources, child, list(years))
+    stack = AuxStack(sources, child, list(years), fill_missing=fill_missing)
     try:
         return list(stack.names)
     finally:

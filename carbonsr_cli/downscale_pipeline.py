@@ -139,7 +139,7 @@ class _BandReader:
             sources = discover_aux(plan.aux_paths)
             if plan.method.kind == "dasymetric":
                 sources = [s for s in sources if plan.aux_names[0] in s.layers][:1]
-            self._aux = AuxStack(sources, plan.child, plan.aux_years)
+            self._aux = AuxStack(sources, plan.child, plan.aux_years, fill_missing=plan.fill_missing)
             names = list(self._aux.names)
             self._aux_order = [names.index(n) for n in plan.aux_names]
 

@@ -96,6 +96,10 @@ def register(app: typer.Typer) -> None:
             Optional[Path],
             typer.Option("--uncertainty", help="Also write the per-pixel std over 8 flips/rotations of each tile (model only, 8x slower)."),
         ] = None,
+        fill_missing: Annotated[
+            bool,
+            typer.Option("--fill-missing", help="Allow aux layers that do not cover the whole extent (gaps filled, with a warning)."),
+        ] = False,
         quiet: Quiet = False,
         json_out: JsonOut = None,
     ) -> None:
@@ -128,6 +132,7 @@ def register(app: typer.Typer) -> None:
             compress=compress,
             uncertainty=uncertainty,
             progress=not quiet,
+            fill_missing=fill_missing,
         )
         if json_out is not None:
             text = json.dumps(summary.to_dict(), indent=2, default=_json_default)

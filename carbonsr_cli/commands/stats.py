@@ -40,7 +40,7 @@ def stats_command(
                      "totals per cell."),
     ] = None,
     fill_missing_aux: Annotated[
-        bool, typer.Option("--fill-missing-aux", help="Allow aux layers that do not cover the whole extent (filled).")
+        bool, typer.Option("--fill-missing", "--fill-missing-aux", help="Allow aux layers that do not cover the whole extent (filled).")
     ] = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,

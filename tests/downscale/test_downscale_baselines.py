@@ -150,3 +150,32 @@ def test_density_units_round_trip(geo_region: dict, tmp_path: Path) -> None:
     sums = k_tot.reshape(grid.height, 10, grid.width, 10).sum(axis=(1, 3))
     ok = ~nd & (p_tot > 0)
     assert np.allclose(sums[ok], p_tot[ok], rtol=1e-9)
+
+
+def test_partial_aux_needs_fill_missing(sample_dir: Path, tmp_path: Path) -> None:
+    """An aux layer covering only part of the extent is an error naming it, unless --fill-missing."""
+    from typer.testing import CliRunner
+
+    from carbonsr_cli.cli import app
+    from carbonsr_cli.errors import InputDataError
+
+    main = sample_dir / "emissions_1km.tif"
+    src = sample_dir / "aux" / "population_100m.tif"
+    part = tmp_path / "population_west.tif"
+    with rasterio.open(src) as ds:
+        half = rasterio.windows.Window(0, 0, ds.width // 2, ds.height)
+        profile = ds.profile | {"width": half.width, "height": half.height, "transform": ds.window_transform(half)}
+        with rasterio.open(part, "w", **profile) as dst:
+            dst.write(ds.read(window=half))
+    out = tmp_path / "out.tif"
+    with pytest.raises(InputDataError, match="--fill-missing") as info:
+        downscale(main, [part], out, method="dasymetric", progress=False)
+    assert str(part) in str(info.value)
+    assert not out.exists() and no_temp_files(tmp_path) == []
+    result = CliRunner().invoke(app, ["downscale", str(main), "--aux", str(part), "--method", "dasymetric", "-o", str(out), "-q"])
+    assert result.exit_code == 1 and "--fill-missing" in result.output and not out.exists()
+    result = CliRunner().invoke(
+        app, ["downscale", str(main), "--aux", str(part), "--method", "dasymetric", "-o", str(out), "-q", "--fill-missing"]
+    )
+    assert result.exit_code == 0, result.output
+    assert_conserves(out, main, 10)
