@@ -7,8 +7,13 @@ child cells x channels x years per second. ``--device cuda`` also copies every w
 GPU (``torch.from_numpy(...).to(device)``) to show the host-to-device cost; reading itself is
 CPU work (GDAL warping, numpy).
 
+``--per-layer`` instead times each aux source alone (``AuxStack._read_slot``, one year):
+ms per 120 x 120 window (stride 80, as the model tiles) and per 120-row full-width band,
+each measurement on a fresh stack.
+
 Example:
     python benchmarks/bench_aux.py --size-km 100 --repeat 2
+    nice python benchmarks/bench_aux.py --size-km 200 --years 1 --per-layer
 """
 
 from __future__ import annotations

@@ -54,7 +54,14 @@ is always an error. Vector layers are only required to overlap (no features = 0)
 
 Performance: each source is opened once; its ``WarpedVRT`` objects (one per resampling) and
 reprojected, spatially indexed vectors are kept for the life of the stack, so use it as a
-context manager or call :meth:`AuxStack.close`.
+context manager or call :meth:`AuxStack.close`. Rasters in the child CRS (north-up, same pixel
+ratio on both axes, no mask but nodata) skip the warp where that gives the warp's result:
+same-size pixels on the child grid lines are read directly; integer-finer ones on the grid
+lines are block-averaged (``average``) or block-counted (categorical, ``f <= 10``: the same
+counts as the supersampled path); coarser ones are upsampled with GDAL's bilinear kernel
+(``bilinear``, any offset). The only known difference: with ``average`` from a finer source,
+cells entirely outside the source get the fill value where GDAL lets edge pixels leak into
+some of them. ``AuxStack.fast = False`` forces the warp everywhere (tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -442,6 +449,21 @@ class _Group:
     per_t: list[_Slot] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class _Align:
+    """A same-CRS, north-up raster source relative to the child grid.
+
+    Attributes:
+        ratio: Source pixel size / child cell size (both axes).
+        col0: Source column coordinate (pixels, fractional) of the child grid's left edge.
+        row0: Source row coordinate of the child grid's top edge.
+    """
+
+    ratio: float
+    col0: float
+    row0: float
+
+
 def _year_of(label: str) -> int | None:
     m = list(_YEAR_RE.finditer(str(label)))
     return int(m[-1].group(1)) if m else None
@@ -488,6 +510,9 @@ class AuxStack:
         self._vrts: dict[tuple[Path, str, int], Any] = {}
         self._vectors: dict[Path, Any] = {}
         self._res_ratio: dict[Path, float] = {}
+        self._align: dict[Path, _Align | None] = {}
+        #: Read same-CRS sources without a warp where that gives the warp's result (see _fast_value).
+        self.fast = True
         self._sample_xy: tuple[np.ndarray, np.ndarray] | None = None
         overrides = dict(resampling or {})
         known = {e.group for s in sources for e in s.entries} | {s.path.stem for s in sources}
@@ -636,6 +661,170 @@ class AuxStack:
     def _supersample(self, src: AuxSource) -> int:
         ratio = self._res_ratio_of(src)
         return int(min(10, max(2, math.ceil(1.0 / ratio - 1e-6))))
+
+    def _alignment(self, src: AuxSource) -> _Align | None:
+        """How a raster source sits on the child grid, or None if only a warp can align it.
+
+        Not None when the source has the child CRS, is north-up with square-ratio pixels
+        (same source pixel / child cell ratio on both axes) and has no mask other than nodata.
+        """
+        if src.path in self._align:
+            return self._align[src.path]
+        from rasterio.enums import MaskFlags
+
+        ds = self._dataset(src.path)
+        g = self.grid
+        t, gt = ds.transform, g.transform
+        out: _Align | None = None
+        try:
+            same_crs = ds.crs is not None and ds.crs == g.crs
+        except Exception:  # noqa: BLE001 - incomparable CRSs
+            same_crs = False
+        flags_ok = all(set(f) <= {MaskFlags.all_valid, MaskFlags.nodata} for f in ds.mask_flag_enums)
+        if (
+            same_crs
+            and flags_ok
+            and t.b == 0 and t.d == 0 and gt.b == 0 and gt.d == 0
+            and t.a > 0 and gt.a > 0 and t.e < 0 and gt.e < 0
+        ):
+            rx, ry = t.a / gt.a, t.e / gt.e
+            if abs(rx - ry) <= 1e-9 * rx:
+                out = _Align(rx, (gt.c - t.c) / t.a, (gt.f - t.f) / t.e)
+        self._align[src.path] = out
+        return out
+
+    def _src_block(self, slot: _Slot, r0: int, r1: int, c0: int, c1: int) -> tuple[np.ndarray, np.ndarray]:
+        """Source pixels ``[r0:r1, c0:c1]`` (may extend past the raster) and their validity.
+
+        Returns:
+            ``(raw values [r1 - r0, c1 - c0] in the source dtype (0 where invalid), valid bool mask)``;
+            outside the raster, nodata and non-finite values are invalid.
+        """
+        from rasterio.windows import Window
+
+        ds = self._dataset(slot.source.path)
+        h, w = r1 - r0, c1 - c0
+        dtype = np.dtype(ds.dtypes[slot.entry.band - 1])
+        raw = np.zeros((h, w), dtype=dtype)
+        valid = np.zeros((h, w), dtype=bool)
+        a0, a1 = max(r0, 0), min(r1, ds.height)
+        b0, b1 = max(c0, 0), min(c1, ds.width)
+        if a1 <= a0 or b1 <= b0:
+            return raw, valid
+        data = self._read_vrt(ds, slot.entry.band, Window(b0, a0, b1 - b0, a1 - a0), slot.source.path)
+        ok = np.ones(data.shape, dtype=bool) if ds.nodata is None else data != ds.nodata
+        if dtype.kind == "f":
+            ok &= np.isfinite(data)
+        raw[a0 - r0 : a1 - r0, b0 - c0 : b1 - c0] = np.where(ok, data, 0)
+        valid[a0 - r0 : a1 - r0, b0 - c0 : b1 - c0] = ok
+        return raw, valid
+
+    def _fast_value(self, slot: _Slot, win: Any) -> np.ndarray | None:
+        """Continuous layer on an inside-grid child window without a warp (NaN = fill), or None.
+
+        Same results as the ``WarpedVRT`` path (up to float rounding) for: same-size pixels on
+        the child grid lines (any of ``average``/``nearest``/``mode``: one pixel per cell);
+        integer-finer pixels on the child grid lines with ``average`` (mean of the valid
+        pixels of each cell; cells entirely outside the source are filled, where GDAL's
+        average lets edge pixels leak into some of them); coarser pixels with ``bilinear``
+        (GDAL's kernel: the 2 x 2 source pixels around each cell centre, weights of invalid
+        or outside pixels dropped and the rest renormalised; a cell whose centre is outside
+        the source or on an invalid pixel is filled).
+        """
+        al = self._alignment(slot.source)
+        if al is None:
+            return None
+        c, r, w, h = int(win.col_off), int(win.row_off), int(win.width), int(win.height)
+        tol = 1e-6
+        on_lines = abs(al.col0 - round(al.col0)) <= tol and abs(al.row0 - round(al.row0)) <= tol
+        if abs(al.ratio - 1.0) <= tol and on_lines and slot.resampling in ("average", "nearest", "mode"):
+            sc, sr = int(round(al.col0)) + c, int(round(al.row0)) + r
+            raw, valid = self._src_block(slot, sr, sr + h, sc, sc + w)
+            out = raw.astype(np.float32)
+            out[~valid] = np.nan
+            return out
+        inv = 1.0 / al.ratio
+        f = int(round(inv))
+        if al.ratio < 1.0 and f >= 2 and abs(inv - f) <= tol * f and slot.resampling == "average":
+            # child grid lines must fall on source grid lines: col0 (in source pixels) integer
+            if abs(al.col0 - round(al.col0)) > tol or abs(al.row0 - round(al.row0)) > tol:
+                return None
+            sc, sr = int(round(al.col0)) + c * f, int(round(al.row0)) + r * f
+            raw, valid = self._src_block(slot, sr, sr + h * f, sc, sc + w * f)
+            total = raw.astype(np.float64).reshape(h, f, w, f).sum(axis=(1, 3))
+            n = valid.reshape(h, f, w, f).sum(axis=(1, 3))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                return np.where(n > 0, total / n, np.nan).astype(np.float32)
+        if al.ratio > 1.0 + tol and slot.resampling == "bilinear":
+            return self._bilinear(slot, al, c, r, w, h)
+        return None
+
+    def _bilinear(self, slot: _Slot, al: _Align, c: int, r: int, w: int, h: int) -> np.ndarray:
+        """Bilinear upsampling of a coarser same-CRS source, as GDAL's warp kernel; NaN = fill."""
+        ds = self._dataset(slot.source.path)
+        u = al.col0 + (np.arange(c, c + w) + 0.5) / al.ratio  # cell centres in source pixels
+        v = al.row0 + (np.arange(r, r + h) + 0.5) / al.ratio
+        ix = np.floor(u - 0.5).astype(np.int64)
+        iy = np.floor(v - 0.5).astype(np.int64)
+        wx1, wy1 = u - 0.5 - ix, v - 0.5 - iy
+        wx0, wy0 = 1.0 - wx1, 1.0 - wy1
+        cs, ce = int(ix.min()), int(ix.max()) + 2
+        rs, re_ = int(iy.min()), int(iy.max()) + 2
+        raw, valid = self._src_block(slot, rs, re_, cs, ce)
+        jx, jy = ix - cs, iy - rs
+        all_valid = bool(valid.all())
+        a = raw.astype(np.float64)
+        if not all_valid:
+            m = valid.astype(np.float64)
+            a *= m
+        num = a[:, jx] * wx0 + a[:, jx + 1] * wx1  # [source rows, w]
+        num = num[jy] * wy0[:, None] + num[jy + 1] * wy1[:, None]
+        if all_valid:  # every weight counts: the divisor is 1 (up to rounding)
+            inside = ((v >= 0) & (v + 1e-10 <= ds.height))[:, None] & ((u >= 0) & (u + 1e-10 <= ds.width))[None, :]
+            out = num.astype(np.float32)
+            if not inside.all():
+                out[~inside] = np.nan
+            return out
+        den = m[:, jx] * wx0 + m[:, jx + 1] * wx1
+        den = den[jy] * wy0[:, None] + den[jy + 1] * wy1[:, None]
+        # As GDAL's warp kernel: a cell is skipped (filled) when its centre is outside the
+        # source or on an invalid source pixel (the pixel at floor(centre + 1e-10)).
+        inside = ((v >= 0) & (v + 1e-10 <= ds.height))[:, None] & ((u >= 0) & (u + 1e-10 <= ds.width))[None, :]
+        px = np.clip(np.floor(u + 1e-10).astype(np.int64) - cs, 0, ce - cs - 1)
+        py = np.clip(np.floor(v + 1e-10).astype(np.int64) - rs, 0, re_ - rs - 1)
+        ok = inside & valid[py][:, px] & (den >= 1e-5)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(ok, num / np.where(ok, den, 1.0), np.nan).astype(np.float32)
+
+    def _fast_counts(self, slot: _Slot, win: Any) -> tuple[int, np.ndarray] | None:
+        """``(f, per-class pixel counts [n_classes, h, w])`` for an inside-grid window without a warp, or None.
+
+        Applies when the categorical source is on the child grid lines with pixels equal to the
+        child cell or an integer ``f`` times finer (``f <= 10``, where the supersampled path is
+        exact too): each cell counts its ``f * f`` pixels.
+        """
+        al = self._alignment(slot.source)
+        if al is None:
+            return None
+        tol = 1e-6
+        inv = 1.0 / al.ratio
+        f = int(round(inv))
+        if f < 1 or f > 10 or abs(inv - f) > tol * f:
+            return None
+        if abs(al.col0 - round(al.col0)) > tol or abs(al.row0 - round(al.row0)) > tol:
+            return None
+        c, r, w, h = int(win.col_off), int(win.row_off), int(win.width), int(win.height)
+        sc, sr = int(round(al.col0)) + c * f, int(round(al.row0)) + r * f
+        raw, valid = self._src_block(slot, sr, sr + h * f, sc, sc + w * f)
+        classes = slot.entry.classes
+        out = np.zeros((len(classes), h, w), dtype=np.float32)
+        for i, code in enumerate(classes):
+            hit = (raw == code) & valid
+            if f == 1:
+                out[i] = hit
+            else:
+                out[i] = hit.reshape(h, f, w, f).sum(axis=(1, 3), dtype=np.int32)
+        return f, out
 
     def _vrt(self, src: AuxSource, resampling: str, k: int = 1) -> Any:
         """WarpedVRT of a source onto the child grid (``k`` times finer), opened once."""
@@ -898,7 +1087,9 @@ class AuxStack:
         if inner is None:
             return out
         win, (rs, cs) = inner
-        data = self._read_vrt(self._vrt(slot.source, slot.resampling), slot.entry.band, win, slot.source.path)
+        data = self._fast_value(slot, win) if self.fast else None
+        if data is None:
+            data = self._read_vrt(self._vrt(slot.source, slot.resampling), slot.entry.band, win, slot.source.path)
         data = data.astype(np.float32, copy=False)
         np.copyto(data, np.float32(slot.fill), where=~np.isfinite(data))
         out[rs, cs] = data
@@ -910,7 +1101,17 @@ class AuxStack:
         n = len(classes)
         k = self._supersample(slot.source)
         counts = np.zeros((n, h, w), dtype=np.float32)
-        if n:
+        inner = self._inner(c, r, w, h)
+        fast = self._fast_counts(slot, inner[0]) if (n and inner is not None and self.fast) else None
+        if fast is not None:
+            f, cnt = fast
+            if f == 1:  # one pixel per cell: the counts are the fractions (0 or 1)
+                if cnt.shape[1:] == (h, w):
+                    return dict(zip(names, cnt))
+                counts[(slice(None), *inner[1])] = cnt
+                return dict(zip(names, counts))
+            counts[(slice(None), *inner[1])] = cnt
+        elif n:
             # Column chunks keep the k-times finer code array at <= ~4 M samples.
             step = max(1, 4_000_000 // max(1, h * k * k))
             for cc in range(0, w, step):

@@ -258,23 +258,35 @@ def rasterize_window(
     a, e = transform.a, transform.e
     if op == "line_length":
         n_cls = len(data.classes)
-        out = np.zeros((1 + n_cls) * height * width, dtype=np.float64)
+        hw = height * width
         seg, seg_m, cls = data.segments_in(box)
-        if len(seg):
-            c0 = (seg[:, 0] - left) / a
-            r0 = (seg[:, 1] - top) / e
-            c1 = (seg[:, 2] - left) / a
-            r1 = (seg[:, 3] - top) / e
-            si, row, col, dt = clip_segments_to_grid(c0, r0, c1, r1, height, width)
-            length = dt * seg_m[si]
-            cell = row * width + col
-            out[: height * width] += np.bincount(cell, weights=length, minlength=height * width)
-            k = cls[si]
-            has = k >= 0
-            if n_cls and has.any():
-                idx = (k[has] + 1).astype(np.int64) * (height * width) + cell[has]
-                out += np.bincount(idx, weights=length[has], minlength=out.size)
-        return out.reshape(1 + n_cls, height, width).astype(np.float32)
+        if len(seg) == 0:
+            return np.zeros((1 + n_cls, height, width), dtype=np.float32)
+        c0 = (seg[:, 0] - left) / a
+        r0 = (seg[:, 1] - top) / e
+        c1 = (seg[:, 2] - left) / a
+        r1 = (seg[:, 3] - top) / e
+        # Lines are selected by envelope: drop their segments that miss the window (the clip
+        # would reject them too; the test is inclusive, so touching segments still go through).
+        near = np.nonzero(
+            (np.maximum(c0, c1) >= 0) & (np.minimum(c0, c1) <= width)
+            & (np.maximum(r0, r1) >= 0) & (np.minimum(r0, r1) <= height)
+        )[0]
+        if len(near) < len(seg):
+            c0, r0, c1, r1, seg_m, cls = c0[near], r0[near], c1[near], r1[near], seg_m[near], cls[near]
+        si, row, col, dt = clip_segments_to_grid(c0, r0, c1, r1, height, width)
+        length = dt * seg_m[si]
+        cell = row * width + col
+        k = cls[si]
+        has = k >= 0
+        if n_cls and has.any():
+            # One float64 accumulation for the total (channel 0) and every class channel.
+            idx = np.concatenate([cell, (k[has] + 1).astype(np.int64) * hw + cell[has]])
+            length = np.concatenate([length, length[has]])
+        else:
+            idx = cell
+        out = np.bincount(idx, weights=length, minlength=(1 + n_cls) * hw)
+        return out.astype(np.float32).reshape(1 + n_cls, height, width)
     if op == "polygon_cover":
         out = np.zeros((1, height, width), dtype=np.float32)
         if data._poly_tree is None:
