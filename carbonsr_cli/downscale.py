@@ -555,7 +555,7 @@ def downscale(
     Args:
         main_path: Main raster: totals per cell (t CO2 / cell / yr), one band per year, any
             CRS, north-up.
-        aux_paths: Aux inputs (files, globs, directories; see ``aux.discover_aux``). Needed for
+        aux_paths: Aux inputs (files, globs, directories; see ``auxlayers.discover_aux``). Needed for
             ``model`` and ``dasymetric``.
         dst: Output GeoTIFF (child grid, one band per output year).
         method: ``model``, ``uniform`` or ``dasymetric[:LAYER]``; None: ``model`` if a checkpoint
@@ -581,7 +581,7 @@ def downscale(
         progress: Show a progress bar on stderr (only on a terminal).
         check: Re-read the written file and check conservation (recommended).
         fill_missing: Allow aux layers that do not cover the whole extent or are all nodata
-            (filled by the rule of ``carbonsr_cli.aux``, with a warning); otherwise an error.
+            (filled by the rule of ``carbonsr_cli.auxlayers``, with a warning); otherwise an error.
 
     Returns:
         A :class:`DownscaleSummary` (conservation check included).
@@ -673,7 +673,7 @@ def downscale(
     if spec.kind in ("model", "dasymetric"):
         if not aux_list:
             raise UsageError(f"--method {spec.kind} needs aux layers (--aux aux/*.tif)")
-        from carbonsr_cli.aux import discover_aux
+        from carbonsr_cli.auxlayers import discover_aux
 
         sources = discover_aux(aux_list)
         given = _layer_names(sources, child, aux_years, fill_missing=fill_missing)
@@ -794,7 +794,7 @@ def _normalizer(loaded: Any) -> Any:
 
 def _layer_names(sources: Sequence[Any], child: ChildGrid, years: Sequence[str], *, fill_missing: bool = False) -> list[str]:
     """Layer names of the aux sources, in AuxStack order (checks coverage on the way)."""
-    from carbonsr_cli.aux import AuxStack
+    from carbonsr_cli.auxlayers import AuxStack
 
     stack = AuxStack(sources, child, list(years), fill_missing=fill_missing)
     try:

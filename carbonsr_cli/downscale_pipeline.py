@@ -130,7 +130,7 @@ class _BandReader:
         self._aux_order: list[int] = []
 
     def _open(self) -> None:
-        from carbonsr_cli.aux import AuxStack, discover_aux
+        from carbonsr_cli.auxlayers import AuxStack, discover_aux
         from carbonsr_cli.rasters import open_raster
 
         plan = self.plan

@@ -28,7 +28,7 @@ class TrainConfig:
     Attributes:
         main: Main raster(s): one file with a band per year, or one file per year
             (t CO2 / cell / yr, totals per parent cell).
-        aux: Aux layer paths, globs or directories (see ``carbonsr_cli.aux.discover_aux``).
+        aux: Aux layer paths, globs or directories (see ``carbonsr_cli.auxlayers.discover_aux``).
         preset: Model preset (``tiny``, ``base``, ``large``).
         model_overrides: ``ModelConfig`` field overrides (e.g. ``{"widths": [4, 8, 8, 8]}``).
         epochs: Epochs to train.

@@ -19,7 +19,7 @@ Determinism: the batch drawn at ``(epoch, step)`` is a pure function of
 data order of an uninterrupted one, whatever thread prepared the batch.
 
 Caching: the aux layers are aligned onto the child grid once per run (tile by tile,
-through :class:`carbonsr_cli.aux.AuxStack`), normalised with the run's statistics and
+through :class:`carbonsr_cli.auxlayers.AuxStack`), normalised with the run's statistics and
 kept as float16 ``[C_aux, Y, H_child, W_child]``: in memory when it fits
 ``ram_limit_bytes``, otherwise in a ``.npy`` memmap under ``<run>/cache/``. The main raster
 is kept in memory at parent resolution (float32 ``[Y, H, W]``).

@@ -10,7 +10,7 @@ import pytest
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
-from carbonsr_cli.aux import AuxStack, discover_aux
+from carbonsr_cli.auxlayers import AuxStack, discover_aux
 from carbonsr_cli.grids import ChildGrid
 
 # Child grid of utm_parent: 60 x 80 cells of 100 m from (500000, 5600000).

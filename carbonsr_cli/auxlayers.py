@@ -857,7 +857,7 @@ class AuxStack:
     def _vector(self, src: AuxSource) -> Any:
         data = self._vectors.get(src.path)
         if data is None:
-            from carbonsr_cli.aux_vector import VectorData
+            from carbonsr_cli.auxlayers_vector import VectorData
 
             line = next((e for e in src.entries if e.op == "line_length"), None)
             data = VectorData.build(src.gdf, self.grid.crs, line.classes if line else (), src.class_attr)
@@ -1049,7 +1049,7 @@ class AuxStack:
             return {slot.entry.group: self._read_value(slot, c, r, w, h)}
         if slot.op == "classes":
             return self._read_classes(slot, c, r, w, h)
-        from carbonsr_cli.aux_vector import rasterize_window
+        from carbonsr_cli.auxlayers_vector import rasterize_window
 
         data = self._vector(slot.source)
         arr = rasterize_window(data, slot.op, _subgrid(self.grid.transform, c, r), h, w)

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import parent_grid
+from aux_helpers import parent_grid
 from rasterio.windows import Window
 
-from carbonsr_cli.aux import AuxStack, discover_aux
-from carbonsr_cli.aux_vector import clip_segments_to_grid
+from carbonsr_cli.auxlayers import AuxStack, discover_aux
+from carbonsr_cli.auxlayers_vector import clip_segments_to_grid
 from carbonsr_cli.errors import InputDataError
 from carbonsr_cli.grids import ChildGrid
 
