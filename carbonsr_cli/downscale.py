@@ -549,6 +549,7 @@ def downscale(
     progress: bool = True,
     check: bool = True,
     fill_missing: bool = False,
+    overlap: int = 2,
 ) -> DownscaleSummary:
     """Downscale a parent raster of totals to a child raster that conserves every total.
 
@@ -582,6 +583,10 @@ def downscale(
         check: Re-read the written file and check conservation (recommended).
         fill_missing: Allow aux layers that do not cover the whole extent or are all nodata
             (filled by the rule of ``carbonsr_cli.auxlayers``, with a warning); otherwise an error.
+        overlap: Context margin of model tiles in parent cells on each side (tiles step by
+            ``tile - 2 * overlap``). 2 (default) blends tiles smoothly; 1 reads and predicts about
+            a third less (on the demo region: 1.7x faster on CPU, Nonzero-MAE vs the truth 1.6 %
+            worse); 0 shows tile seams.
 
     Returns:
         A :class:`DownscaleSummary` (conservation check included).
@@ -601,6 +606,8 @@ def downscale(
         raise UsageError(f"--dtype must be float32 or float64, got {dtype!r}")
     if uncertainty is not None and spec.kind != "model":
         raise UsageError("--uncertainty needs --method model (the baselines are deterministic)")
+    if int(overlap) < 0:
+        raise UsageError(f"--overlap must be >= 0 parent cells, got {overlap}")
     if batch_size is not None and int(batch_size) < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     unit, units_label = _parse_units(units)
@@ -710,6 +717,7 @@ def downscale(
         nodata_out=_output_nodata(full.nodata),
         tile_child=_tile_size(f, loaded.config.downsample_factor if loaded is not None else 1),
         fill_missing=fill_missing,
+        overlap_parent=int(overlap),
     )
     with open_raster(main) as ds:
         valid = _scan_main(ds, plan)

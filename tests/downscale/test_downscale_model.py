@@ -219,3 +219,23 @@ def test_cuda_bf16_conserves(small_region: dict, small_ckpt: Path, tmp_path: Pat
     s = downscale(small_region["main"], [small_region["aux"]], out, checkpoint=small_ckpt, device="cuda", progress=False)
     assert s.precision in ("bf16", "fp32")
     assert_conserves(out, small_region["main"], 10)
+
+
+@pytest.mark.parametrize("overlap", [0, 1, 3])
+def test_model_conserves_for_every_tile_overlap(small_region: dict, small_ckpt: Path, tmp_path: Path, overlap: int) -> None:
+    """--overlap changes how tiles are laid out and blended, never the block sums."""
+    out = tmp_path / f"ov{overlap}.tif"
+    s = downscale(small_region["main"], [small_region["aux"]], out, checkpoint=small_ckpt, device="cpu",
+                  progress=False, overlap=overlap)
+    assert s.conservation.ok
+    assert_conserves(out, small_region["main"], 10)
+
+
+def test_overlap_too_large_is_a_usage_error(small_region: dict, small_ckpt: Path, tmp_path: Path) -> None:
+    from carbonsr_cli.errors import UsageError
+
+    out = tmp_path / "big.tif"
+    with pytest.raises(UsageError, match="overlap"):
+        downscale(small_region["main"], [small_region["aux"]], out, checkpoint=small_ckpt, device="cpu",
+                  progress=False, overlap=6)
+    assert not out.exists()
