@@ -499,23 +499,6 @@ def _area_km2(grid: ParentGrid) -> float:
     return rx * ry * unit * unit * grid.width * grid.height / 1e6
 
 
-def _resolve_device(device: str) -> Any:
-    import torch
-
-    name = (device or "auto").strip().lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device {device!r}; use auto, cpu or cuda[:N]") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {device!r} requested but CUDA is not available; use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UsageError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
-    return dev
-
-
 def _tile_size(factor: int, multiple: int, target: int = 120) -> int:
     """Tile edge in child cells: a multiple of ``lcm(factor, multiple)`` close to ``target``."""
     step = factor * multiple // math.gcd(factor, multiple)
@@ -625,7 +608,9 @@ def downscale(
 
         from carbonsr_cli import distributed
 
-        dev = _resolve_device(device)
+        from carbonsr_cli.devices import resolve_device
+
+        dev = resolve_device(device)
         dev = distributed.context(use_cuda=dev.type == "cuda").device(dev)  # torchrun: cuda:<local rank>
         loaded = load_model_for_inference(checkpoint, dev)  # type: ignore[arg-type]
         if factor is not None and int(factor) != loaded.factor:

@@ -64,6 +64,8 @@ from carbonsr_cli.train.dataset import (
 )
 from carbonsr_cli.train.split import Split, make_block_split, make_region_split, parse_val_region
 
+from carbonsr_cli.devices import resolve_device  # re-exported for callers of train.loop
+
 __all__ = ["RunResult", "train", "training_step", "resolve_device", "evaluate_split", "evaluate_against_truth"]
 
 log = logging.getLogger("carbonsr.train")
@@ -95,21 +97,6 @@ class RunResult:
     stopped: str
     history: list[dict[str, Any]] = field(default_factory=list)
     last_checkpoint: Path | None = None
-
-
-def resolve_device(device: str) -> Any:
-    """``auto`` -> CUDA if available else CPU; validates explicit devices."""
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available (use --device cpu)")
-    return dev
 
 
 # --------------------------------------------------------------------------- run setup

@@ -1,0 +1,27 @@
+"""--device parsing shared by train, downscale and evaluate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from carbonsr_cli.devices import resolve_device
+from carbonsr_cli.errors import UsageError
+
+
+def test_auto_and_cpu() -> None:
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device(None).type in ("cuda", "cpu")
+    assert resolve_device(" CPU ") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("name", ["gpu0", "tpu", "cuda:x"])
+def test_unknown_device_is_a_usage_error(name: str) -> None:
+    with pytest.raises(UsageError, match="unknown device"):
+        resolve_device(name)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_cuda_without_cuda_says_so() -> None:
+    with pytest.raises(UsageError, match="CUDA is not available"):
+        resolve_device("cuda")
