@@ -894,16 +894,65 @@ class AuxStack:
         inside = np.isfinite(tx) & np.isfinite(ty) & (tx >= left) & (tx <= right) & (ty >= bottom) & (ty <= top)
         return float(inside.mean())
 
-    def _check_coverage(self) -> None:
-        from rasterio.crs import CRS
+    def _coverage_samples(self, by_source: Mapping[Path, list[_Slot]]) -> dict[Path, Any]:
+        """Start reading every raster source on the decimated sample grid, one thread per file.
+
+        The warp of a decimated grid still decompresses the whole source, ~1-2 s for a
+        10,000 x 10,000 layer; the files are read in parallel (GDAL releases the GIL). Datasets
+        are opened here, in this thread. Returns ``path -> Future`` of ``[bands, sh, sw]`` float64
+        (NaN = nodata/outside); ``result()`` raises ``InputDataError`` for an unreadable file.
+        """
+        import concurrent.futures as cf
+
         from rasterio.enums import Resampling
         from rasterio.vrt import WarpedVRT
+
+        t, sw, sh = self._sample_grid()
+
+        def sample(ds: Any, bands: list[int], path: Path) -> np.ndarray:
+            kwargs: dict[str, Any] = {}
+            if ds.nodata is not None:
+                kwargs["src_nodata"] = ds.nodata
+            try:
+                with WarpedVRT(
+                    ds, crs=self.grid.crs, transform=t, width=sw, height=sh, resampling=Resampling.nearest,
+                    nodata=float("nan"), dtype="float64", **kwargs,
+                ) as vrt:
+                    return vrt.read(bands)
+            except Exception as exc:  # noqa: BLE001 - GDAL read/warp error
+                msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                raise InputDataError(f"cannot read aux data (corrupt file?): {msg}", path) from None
+
+        rasters = [(p, sl) for p, sl in by_source.items() if sl[0].source.kind != "vector"]
+        out: dict[Path, Any] = {}
+        if not rasters:
+            return out
+        with cf.ThreadPoolExecutor(max_workers=min(len(rasters), 8)) as ex:
+            for path, sl in rasters:
+                try:
+                    ds = self._dataset(path)
+                except BaseException:
+                    ex.shutdown(wait=True, cancel_futures=True)
+                    raise
+                # A handle of its own: rasterio datasets are not thread-safe.
+                from carbonsr_cli.rasters import open_raster
+
+                own = open_raster(path, require_north_up=False)
+                fut = ex.submit(sample, own, sorted({s.entry.band for s in sl}), path)
+                fut.add_done_callback(lambda _f, d=own: d.close())
+                out[path] = fut
+            del ds
+        return out
+
+    def _check_coverage(self) -> None:
+        from rasterio.crs import CRS
 
         slots = {id(s): s for g in self._groups for s in [*g.by_year.values(), *([g.static] if g.static else [])]}
         by_source: dict[Path, list[_Slot]] = {}
         for s in slots.values():
             by_source.setdefault(s.source.path, []).append(s)
         used = {id(s) for g in self._groups for s in g.per_t}
+        samples = self._coverage_samples(by_source)
         for path, sl in by_source.items():
             src = sl[0].source
             if src.kind == "vector":
@@ -925,19 +974,7 @@ class AuxStack:
                     f"{tuple(round(v, 6) for v in ds.bounds)} in {ds.crs.to_string()}; check both CRSs",
                     path,
                 )
-            t, sw, sh = self._sample_grid()
-            kwargs: dict[str, Any] = {}
-            if ds.nodata is not None:
-                kwargs["src_nodata"] = ds.nodata
-            try:
-                with WarpedVRT(
-                    ds, crs=self.grid.crs, transform=t, width=sw, height=sh, resampling=Resampling.nearest,
-                    nodata=float("nan"), dtype="float64", **kwargs,
-                ) as vrt:
-                    sample = vrt.read(sorted({s.entry.band for s in sl}))
-            except Exception as exc:  # noqa: BLE001 - GDAL read/warp error
-                msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-                raise InputDataError(f"cannot read aux data (corrupt file?): {msg}", path) from None
+            sample = samples[path].result()
             bands = sorted({s.entry.band for s in sl})
             for s in sl:
                 arr = sample[bands.index(s.entry.band)]
@@ -995,22 +1032,27 @@ class AuxStack:
                     out.append(s.coverage)
         return out
 
-    def read(self, child_window: Window) -> np.ndarray:
+    def read(self, child_window: Window, out: np.ndarray | None = None) -> np.ndarray:
         """Read all aux layers for a child window.
 
         Args:
             child_window: Window in child cells; may extend past the grid (outside cells
                 get the layer's fill value).
+            out: Optional float32 ``[C_aux, T, h, w]`` array to fill (e.g. shared memory).
 
         Returns:
             float32 ``[C_aux, T, h, w]`` of raw physical values (units of each source;
-            metres of line, fractions in [0, 1], counts).
+            metres of line, fractions in [0, 1], counts); ``out`` when given.
         """
         from carbonsr_cli.grids import window_ints
 
         self._check_process()
         c, r, w, h = window_ints(child_window)
-        out = np.empty((self.channels, len(self.years), h, w), dtype=np.float32)
+        shape = (self.channels, len(self.years), h, w)
+        if out is None:
+            out = np.empty(shape, dtype=np.float32)
+        elif out.shape != shape or out.dtype != np.float32:
+            raise ValueError(f"out has shape {out.shape} {out.dtype}, expected {shape} float32")
         cache: dict[int, dict[str, np.ndarray]] = {}
         ch = 0
         for g in self._groups:
@@ -1026,6 +1068,44 @@ class AuxStack:
                         out[ch + i, t] = a
             ch += len(g.names)
         return out
+
+    def prepare(self) -> None:
+        """Build what every read needs (vector indexes, source alignments) once, before copies.
+
+        Copies of a prepared stack (pickled to reader processes, or one per reader thread)
+        start reading at once instead of each rebuilding the vector index.
+        """
+        self._check_process()
+        for g in self._groups:
+            for slot in g.per_t:
+                if slot.source.kind == "vector":
+                    self._vector(slot.source)
+                else:
+                    self._alignment(slot.source)
+                    self._res_ratio_of(slot.source)
+
+    def reader_copy(self) -> AuxStack:
+        """A prepared copy that pickles small: vector sources without their GeoDataFrame.
+
+        For reader processes: once a vector source's index (:class:`VectorData`) is built the
+        GeoDataFrame is not read again, and pickling it would send every geometry twice.
+        """
+        import copy
+        import dataclasses
+
+        self.prepare()
+        memo: dict[int, Any] = {}
+        for g in self._groups:
+            for slot in [*g.by_year.values(), *([g.static] if g.static else []), *g.per_t]:
+                src = slot.source
+                if src.kind == "vector" and src.path in self._vectors and id(src) not in memo:
+                    memo[id(src)] = dataclasses.replace(src, gdf=None)
+        state = self.__getstate__()
+        state["_groups"] = copy.deepcopy(self._groups, memo)
+        state["_vectors"] = dict(self._vectors)
+        new = AuxStack.__new__(AuxStack)
+        new.__setstate__(state)
+        return new
 
     def read_rows(self, child_row_window: Window) -> np.ndarray:
         """Read a full-width band of child rows (one query/warp per layer for the whole band).

@@ -287,6 +287,9 @@ class Plan:
     tile_child: int = 120
     overlap_parent: int = 2
     fill_missing: bool = False
+    #: The coverage-checked AuxStack of the model's aux layers on ``child`` (reused by the
+    #: pipeline; a plan for another grid must not carry it).
+    aux_stack: Any = field(default=None, repr=False, compare=False)
 
 
 def _is_nodata(values: np.ndarray, nodata: float | None) -> np.ndarray:
@@ -661,6 +664,7 @@ def downscale(
     aux_list = list(aux_paths or [])
     aux_names: list[str] = []
     order: list[int] = []
+    stack: Any = None
     aux_years = [full.band_names[b - 1] for b in (in_bands if loaded is not None else out_bands)]
     if spec.kind in ("model", "dasymetric"):
         if not aux_list:
@@ -668,7 +672,11 @@ def downscale(
         from carbonsr_cli.auxlayers import discover_aux
 
         sources = discover_aux(aux_list)
-        given = _layer_names(sources, child, aux_years, fill_missing=fill_missing)
+        stack = _checked_stack(sources, child, aux_years, fill_missing=fill_missing)
+        given = list(stack.names)
+        if loaded is None:  # baselines read their one layer themselves
+            stack.close()
+            stack = None
         if loaded is not None:
             order = _resolve_aux_order(given, loaded.aux_names, loaded.path)
             aux_names = list(loaded.aux_names)
@@ -702,6 +710,7 @@ def downscale(
         nodata_out=_output_nodata(full.nodata),
         tile_child=_tile_size(f, loaded.config.downsample_factor if loaded is not None else 1),
         fill_missing=fill_missing,
+        aux_stack=stack if spec.kind == "model" else None,
         overlap_parent=int(overlap),
     )
     with open_raster(main) as ds:
@@ -785,17 +794,19 @@ def _normalizer(loaded: Any) -> Any:
         raise CheckpointError(f"aux statistics in the checkpoint are not usable: {msg}", loaded.path) from None
 
 
-def _layer_names(sources: Sequence[Any], child: ChildGrid, years: Sequence[str], *, fill_missing: bool = False) -> list[str]:
-    """Layer names of the aux sources, in AuxStack order (checks coverage on the way)."""
+def _checked_stack(sources: Sequence[Any], child: ChildGrid, years: Sequence[str], *, fill_missing: bool = False) -> Any:
+    """The AuxStack of the aux sources on ``child`` (its construction checks their coverage).
+
+    The check decompresses every aux raster once (in parallel); GDAL's block cache (default 5%
+    of the RAM) is capped at 128 MiB meanwhile, unless ``GDAL_CACHEMAX`` is set.
+    """
+    import rasterio
+
     from carbonsr_cli.auxlayers import AuxStack
 
-    stack = AuxStack(sources, child, list(years), fill_missing=fill_missing)
-    try:
-        return list(stack.names)
-    finally:
-        close = getattr(stack, "close", None)
-        if callable(close):
-            close()
+    env = {} if "GDAL_CACHEMAX" in os.environ else {"GDAL_CACHEMAX": 128 << 20}
+    with rasterio.Env(**env):
+        return AuxStack(sources, child, list(years), fill_missing=fill_missing)
 
 
 def check_written_conservation(path: str | os.PathLike[str], plan: Plan) -> ConservationCheck:

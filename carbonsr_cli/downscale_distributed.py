@@ -113,7 +113,8 @@ def sub_plan(plan: Plan, r0: int, r1: int) -> Plan:
     grid = dataclasses.replace(g, transform=g.window_transform(Window(0, r0, g.width, r1 - r0)), height=r1 - r0)
     mask = plan.aoi_mask[r0:r1] if plan.aoi_mask is not None else None
     return dataclasses.replace(
-        plan, grid=grid, child=grid.child(plan.factor), offset=(plan.offset[0] + r0, plan.offset[1]), aoi_mask=mask
+        plan, grid=grid, child=grid.child(plan.factor), offset=(plan.offset[0] + r0, plan.offset[1]), aoi_mask=mask,
+        aux_stack=None,  # the checked stack is for the whole grid
     )
 
 

@@ -2,11 +2,13 @@
 
 The raster is processed one *row of tiles* at a time (:class:`~carbonsr_cli.tiling.TileLayout`):
 
-1. Reader threads or processes (:func:`reader_config`, prefetching the next rows while the current one is
-   computed) read the parent totals of the rows the current tile row finishes, and for the model the
-   main input (``log1p(total / factor**2)`` broadcast to the children) and the normalised aux
-   layers for the full extent of the tile row, mirror-padded at raster edges. Each thread opens
-   its own dataset handles (rasterio datasets are not thread-safe).
+1. A preparing thread reads the parent totals of the rows the current tile row finishes and,
+   for the model, the main input (``log1p(total / factor**2)`` broadcast to the children) of
+   the tile row, mirror-padded at raster edges, and assembles its aux inputs from row strips
+   that reader threads or processes read once each, ahead of use
+   (:mod:`carbonsr_cli.downscale_strips`; on CUDA the strips are copied to the device once and
+   joined there). Each thread opens its own dataset handles (rasterio datasets are not
+   thread-safe).
 2. The main thread runs the model on batches of tiles (``[B, C_aux, T, H, W]``; bf16 autocast
    on CUDA when a check on the first batch stays within :data:`BF16_TOL`), blends the
    overlapping raw predictions in the log domain (:class:`~carbonsr_cli.tiling.BlendStream`)
@@ -16,8 +18,8 @@ The raster is processed one *row of tiles* at a time (:class:`~carbonsr_cli.tili
    :class:`~carbonsr_cli.writer.RasterWriter` (temp file + rename: an error or Ctrl-C leaves no
    output).
 
-Memory is bounded by about ``readers + 2`` rows of tiles (current + prefetched) plus one
-batch on the device.
+Memory is bounded by the strip reader's slots (about ``readers + 2`` strips ahead plus the
+strips of the current tile row), two prepared tile rows and one batch on the device.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     from carbonsr_cli.downscale import DownscaleSummary, Plan
 
-__all__ = ["BF16_TOL", "LAST_RUN_SECONDS", "reader_config", "run_pipeline", "dihedral", "dihedral_inverse", "unique_windows"]
+__all__ = ["BF16_TOL", "LAST_RUN_SECONDS", "run_pipeline", "dihedral", "dihedral_inverse", "unique_windows"]
 
 #: Largest tolerated |bf16 - fp32| difference of raw log-domain predictions on the first batch;
 #: above it the run falls back to fp32 (the result is always water-filled in float64).
@@ -52,40 +54,6 @@ _MAX_PENDING_WRITES = 2
 #: Seconds the main thread of the last :func:`run_pipeline` call spent waiting for inputs
 #: (``"read_wait"``) and in total (``"total"``); for benchmarks.
 LAST_RUN_SECONDS: dict[str, float] = {}
-
-
-def reader_config() -> tuple[int, bool]:
-    """``(readers, use_processes)`` for the model path's aux reading.
-
-    Aux reading (warping, class counting, vector rasterising) dominates the model path: one
-    reader thread reads a 1,000 x 1,000 km region (14 aux channels) in about 75 s on the
-    16-core GPU machine. Threads (each with its own dataset handles) overlap it but scale
-    poorly (GIL and GDAL locks): 8 threads took the run from 78 s to 49 s and peak RSS from
-    2.7 to 5.0 GB; 8 spawned processes were no faster (51 s) and each held ~2.6 GB. The default
-    is therefore ``min(4, cores // 2)`` threads. ``CARBONSR_READ_THREADS=N`` or
-    ``CARBONSR_READ_PROCS=N`` (N processes) override.
-    """
-    for var, procs in (("CARBONSR_READ_PROCS", True), ("CARBONSR_READ_THREADS", False)):
-        env = os.environ.get(var, "").strip()
-        if env.isdigit() and int(env) > 0:
-            return int(env), procs
-    return max(1, min(4, (os.cpu_count() or 2) // 2)), False
-
-
-_PROC_READER: Any = None
-
-
-def _proc_init(plan: Any, layout: Any, chunks: list[tuple[int, int]]) -> None:
-    """Initializer of a reader process: one :class:`_BandReader` per process."""
-    global _PROC_READER
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    _PROC_READER = _BandReader(plan, layout, chunks)
-
-
-def _proc_read(i: int, j: int) -> BandData:
-    """Read unit ``(i, j)`` in a reader process."""
-    assert _PROC_READER is not None
-    return _PROC_READER.read(i, j)
 
 
 # --------------------------------------------------------------------------------------
@@ -135,10 +103,9 @@ class _BandReader:
 
         plan = self.plan
         self._ds = open_raster(plan.main_path)
-        if plan.method.kind in ("model", "dasymetric"):
+        if plan.method.kind == "dasymetric":  # the model's aux layers come from the strip reader
             sources = discover_aux(plan.aux_paths)
-            if plan.method.kind == "dasymetric":
-                sources = [s for s in sources if plan.aux_names[0] in s.layers][:1]
+            sources = [s for s in sources if plan.aux_names[0] in s.layers][:1]
             self._aux = AuxStack(sources, plan.child, plan.aux_years, fill_missing=plan.fill_missing)
             names = list(self._aux.names)
             self._aux_order = [names.index(n) for n in plan.aux_names]
@@ -174,8 +141,6 @@ class _BandReader:
         return data
 
     def _read_model_inputs(self, i: int, j0: int, j1: int, data: BandData) -> None:
-        from rasterio.windows import Window
-
         from carbonsr_cli.downscale import read_totals
         from carbonsr_cli.tiling import pad_reflect
 
@@ -195,13 +160,8 @@ class _BandReader:
         main = np.log1p(np.nan_to_num(tot, nan=0.0) / (f * f)).astype(np.float32)
         main, _ = pad_reflect(main, pad)
         data.main = np.repeat(np.repeat(main, f, axis=-2), f, axis=-1)
-        aux = self._aux.read(Window(cc0 * f, rr0 * f, (cc1 - cc0) * f, (rr1 - rr0) * f))
-        aux = aux[self._aux_order] if self._aux_order != list(range(aux.shape[0])) else aux
-        # Raw values are padded here and normalised per batch on the device (elementwise, so
-        # the order does not matter, and it avoids full-band temporaries on the host).
-        aux, _ = pad_reflect(aux, tuple((a * f, b * f) for a, b in pad))
-        data.aux = np.ascontiguousarray(aux)
         data.origin = (er0 * f, ec0 * f)
+        # The aux inputs come from the strip reader (carbonsr_cli.downscale_strips).
 
     def close(self) -> None:
         """Close the handles (call from the reader thread)."""
@@ -254,6 +214,8 @@ class _Predictor:
         self.summary = summary
         self.autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
         self.checked = not self.autocast
+        #: Keep predictions on the device (CUDA): blending and water-filling run there.
+        self.on_device = device.type == "cuda"
         summary.precision = "bf16" if self.autocast else "fp32"
 
     def __call__(self, aux: np.ndarray, main: np.ndarray, n_views: int = 1) -> np.ndarray:
@@ -267,7 +229,8 @@ class _Predictor:
                 through the model in the same forward pass.
 
         Returns:
-            ``[n_views, B, T, H, W]`` float32 raw predictions (log1p of child totals).
+            ``[n_views, B, T, H, W]`` float32 raw predictions (log1p of child totals): numpy,
+            or a tensor on the device for CUDA (blending and water-filling stay there).
         """
         import torch
 
@@ -285,7 +248,11 @@ class _Predictor:
                 raw = raw.reshape(n_views, -1, *raw.shape[1:])
                 if n_views > 1:
                     raw = torch.stack([dihedral_inverse(raw[d], d) for d in range(n_views)])
-                outs.append(raw.float().cpu().numpy())
+                outs.append(raw.float() if self.on_device else raw.float().cpu().numpy())
+        if self.on_device:
+            if not outs:
+                return torch.zeros((n_views, 0, *main.shape[2:]), dtype=torch.float32, device=self.device)
+            return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         if not outs:
             return np.zeros((n_views, 0, *main.shape[2:]), np.float32)
         return np.concatenate(outs, axis=1)
@@ -342,9 +309,11 @@ def _iter_batches(data: BandData, row: list[Any], uniq: list[list[int]], batch_s
     if device is not None and getattr(device, "type", "cpu") == "cuda":
         import torch
 
-        src_aux = torch.from_numpy(data.aux).to(device)
+        if isinstance(src_aux, np.ndarray):
+            src_aux = torch.from_numpy(src_aux).to(device)
         src_main = torch.from_numpy(data.main).to(device)
         stack = torch.stack
+    slices = [slice(idx[0], idx[-1] + 1) if list(idx) == list(range(idx[0], idx[-1] + 1)) else list(idx) for idx in uniq]
     auxs: list[Any] = []
     mains: list[Any] = []
     for tile in row:
@@ -353,9 +322,9 @@ def _iter_batches(data: BandData, row: list[Any], uniq: list[list[int]], batch_s
         cs = slice(int(cw.col_off) - ox, int(cw.col_off + cw.width) - ox)
         a_t = src_aux[:, :, rs, cs]
         m_t = src_main[:, rs, cs]
-        for idx in uniq:
-            auxs.append(a_t[:, idx])
-            mains.append(m_t[idx][None])
+        for idx, sl in zip(uniq, slices):
+            auxs.append(a_t[:, sl])  # a view when the window is a run of years
+            mains.append(m_t[sl][None])
             if len(auxs) == batch_size:
                 yield stack(auxs), stack(mains)
                 auxs, mains = [], []
@@ -375,8 +344,16 @@ def _predict_row(
         for d in range(n_views):
             flat[d].extend(raw[d])  # [T, H, W] each
         _advance(prog, aux_b.shape[0] * n_views)
+    stack: Any = np.stack
+    if predictor.on_device:
+        import torch
+
+        stack = torch.stack
+    if len(src) == 1:  # one output year: views, no per-tile copy
+        ((u, pos),) = src
+        return [[v[k * n_u + u][pos : pos + 1] for k in range(len(row))] for v in flat]
     return [
-        [np.stack([v[k * n_u + u][pos] for u, pos in src]) for k in range(len(row))]
+        [stack([v[k * n_u + u][pos] for u, pos in src]) for k in range(len(row))]
         for v in flat
     ]
 
@@ -386,13 +363,15 @@ def _predict_row(
 # --------------------------------------------------------------------------------------
 
 
-def _water_fill(values_log: np.ndarray, totals: np.ndarray, f: int, device: Any, out_dtype: Any) -> np.ndarray:
+def _water_fill(values_log: Any, totals: np.ndarray, f: int, device: Any, out_dtype: Any) -> np.ndarray:
     """Water-fill a band: ``values_log [Y, h, w]`` (log1p domain), ``totals [Y, h/f, w/f]`` -> children."""
     import torch
 
     from models.physics import water_fill
 
-    v = torch.from_numpy(np.ascontiguousarray(values_log)).to(device=device, dtype=torch.float64)
+    if isinstance(values_log, np.ndarray):
+        values_log = torch.from_numpy(np.ascontiguousarray(values_log))
+    v = values_log.to(device=device, dtype=torch.float64)  # no copy when blended on the device
     v = torch.expm1(v)[None, None]
     t = torch.from_numpy(np.ascontiguousarray(totals)).to(device=device, dtype=torch.float64)[None, None]
     out = water_fill(v, t, f, out_dtype=out_dtype)
@@ -542,19 +521,25 @@ def run_pipeline(
         tags["UNCERTAINTY"] = os.path.basename(str(uncertainty))
 
     chunks = _tile_chunks(layout, plan, batch_size) if is_model else [(0, layout.n_cols)]
-    n_readers, use_procs = reader_config() if is_model else (1, False)
     readers: list[_BandReader] = []
     local = threading.local()
+    feed: Any = None
 
     def read_unit(i: int, j: int) -> BandData:
-        # One _BandReader (own dataset handles) per reader thread.
+        # One _BandReader (own dataset handles) per thread: totals, main input, baseline weights.
         rd = getattr(local, "reader", None)
         if rd is None:
             rd = local.reader = _BandReader(plan, layout, chunks)
             readers.append(rd)
-        return rd.read(i, j)
+        data = rd.read(i, j)
+        if feed is not None:  # model: aux inputs assembled from the row strips
+            from carbonsr_cli.downscale_strips import assemble
 
-    streams = [BlendStream(layout, channels=n_years) for _ in range(n_views)] if is_model else []
+            data.aux = assemble(feed.geom, i, j, feed.get(i, j), aux_order)
+        return data
+
+    blend_device = device if (is_model and predictor is not None and predictor.on_device) else None
+    streams = [BlendStream(layout, channels=n_years, device=blend_device) for _ in range(n_views)] if is_model else []
     n_samples = len(unique_windows(plan.windows)[0]) if is_model else n_years
     prog = _progress(progress, layout.n_tiles * n_samples * n_views, f"downscale {plan.method.label}")
     with contextlib.ExitStack() as stack:
@@ -575,18 +560,13 @@ def run_pipeline(
                     overwrite=overwrite, units=unc_tags["UNITS"], source=plan.main_path,
                 )
             )
-        read_ex: cf.Executor
-        if use_procs:
-            import multiprocessing as mp
-
-            read_ex = cf.ProcessPoolExecutor(
-                max_workers=n_readers, mp_context=mp.get_context("spawn"), initializer=_proc_init,
-                initargs=(plan, layout, chunks),
-            )
-            submit_read = functools.partial(read_ex.submit, _proc_read)
-        else:
-            read_ex = cf.ThreadPoolExecutor(max_workers=n_readers, thread_name_prefix="carbonsr-read")
-            submit_read = functools.partial(read_ex.submit, read_unit)
+        aux_order: list[int] | None = None
+        if is_model:
+            feed, aux_order = _open_strip_feed(plan, layout, chunks, device)
+            stack.callback(feed.close)
+        # One thread prepares the units (model: assembles the aux strips) ahead of the main thread.
+        read_ex = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="carbonsr-read")
+        submit_read = functools.partial(read_ex.submit, read_unit)
         import time
 
         t_start = time.perf_counter()
@@ -599,7 +579,7 @@ def run_pipeline(
         totals: np.ndarray | None = None
         preds: list[list[np.ndarray]] = []
         try:
-            ahead = n_readers + 1  # units read ahead of the one being computed
+            ahead = 2  # units prepared ahead of the one being computed
             for u in range(min(ahead, len(units))):
                 reads[u] = submit_read(*units[u])
             for u, (i, j) in enumerate(units):
@@ -620,6 +600,8 @@ def run_pipeline(
                         preds[d].extend(got[d])
                     del got
                 data.aux = data.main = None  # free the chunk inputs early
+                if feed is not None:
+                    feed.done(i, j)
                 if j < len(chunks) - 1:
                     continue
                 assert totals is not None
@@ -666,6 +648,32 @@ def run_pipeline(
             if prog is not None:
                 prog.stop()
         # Leaving the ExitStack closes the writers: flush, (COG), rename.
+
+
+def _open_strip_feed(plan: Plan, layout: Any, chunks: list[tuple[int, int]], device: Any) -> tuple[Any, list[int] | None]:
+    """The model path's aux strip reader (threads or processes) and the stack->model channel order."""
+    from carbonsr_cli import downscale_strips as strips
+    from carbonsr_cli.auxlayers import AuxStack, discover_aux
+
+    aux = plan.aux_stack
+    if aux is None or aux.grid != plan.child or list(aux.years) != list(plan.aux_years):
+        aux = AuxStack(discover_aux(plan.aux_paths), plan.child, plan.aux_years, fill_missing=plan.fill_missing)
+    names = list(aux.names)
+    order: list[int] | None = [names.index(n) for n in plan.aux_names]
+    if order == list(range(len(names))):
+        order = None
+    aux.prepare()
+    geom = strips.StripGeometry(layout, tuple(chunks), plan.factor)
+    n_readers, use_procs = strips.reader_config(plan.child.width * plan.child.height)
+    ahead = n_readers + 2
+    reader: Any
+    if use_procs:
+        span = max(len(geom.strips_of_row(i)) for i in range(layout.n_rows))
+        capacity = (span + 1) * len(chunks) + ahead
+        reader = strips.ProcessStripReader(aux, geom, n_readers, capacity)
+    else:
+        reader = strips.ThreadStripReader(aux, geom, n_readers)
+    return strips.StripFeed(reader, geom, ahead, device), order
 
 
 def _tile_chunks(layout: Any, plan: Plan, batch_size: int) -> list[tuple[int, int]]:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 from functools import lru_cache
 
 import numpy as np
@@ -327,11 +328,21 @@ class Blender:
         col_off: Child col of the band's first col.
     """
 
-    def __init__(self, height: int, width: int, channels: int = 1, *, row_off: int = 0, col_off: int = 0) -> None:
+    def __init__(
+        self, height: int, width: int, channels: int = 1, *, row_off: int = 0, col_off: int = 0, device: Any = None
+    ) -> None:
         self.height, self.width, self.channels = int(height), int(width), int(channels)
         self.row_off, self.col_off = int(row_off), int(col_off)
-        self.acc = np.zeros((self.channels, self.height, self.width), dtype=np.float32)
-        self.wsum = np.zeros((self.height, self.width), dtype=np.float32)
+        self.device = device
+        if device is None:
+            self.acc = np.zeros((self.channels, self.height, self.width), dtype=np.float32)
+            self.wsum = np.zeros((self.height, self.width), dtype=np.float32)
+        else:  # torch tensors on the device (predictions stay where the model made them)
+            import torch
+
+            self.acc = torch.zeros((self.channels, self.height, self.width), dtype=torch.float32, device=device)
+            self.wsum = torch.zeros((self.height, self.width), dtype=torch.float32, device=device)
+            self._w_cache: dict[tuple[int, ...], Any] = {}
 
     def add(self, pred: np.ndarray, tile: Tile | Window, weights: np.ndarray | None = None) -> None:
         """Add a tile prediction.
@@ -343,14 +354,24 @@ class Blender:
             weights: ``[th, tw]`` weights; default ``tile.weights()`` (ones for a bare window).
         """
         window = tile.child_window if isinstance(tile, Tile) else tile
-        p = np.asarray(pred, dtype=np.float32)
+        p = np.asarray(pred, dtype=np.float32) if self.device is None else pred.float()
         if p.ndim == 2:
             p = p[None]
         th, tw = int(window.height), int(window.width)
-        if p.shape != (self.channels, th, tw):
-            raise ValueError(f"prediction shape {p.shape} != ({self.channels}, {th}, {tw})")
+        if tuple(p.shape) != (self.channels, th, tw):
+            raise ValueError(f"prediction shape {tuple(p.shape)} != ({self.channels}, {th}, {tw})")
         if weights is None:
             weights = tile.weights() if isinstance(tile, Tile) else np.ones((th, tw), np.float32)
+        if self.device is not None:
+            key = (th, tw, tile.overlap_parent * tile.factor if isinstance(tile, Tile) else -1)
+            if isinstance(tile, Tile) and key in self._w_cache:
+                weights = self._w_cache[key]
+            else:
+                import torch
+
+                weights = torch.as_tensor(np.asarray(weights, dtype=np.float32)).to(self.device)
+                if isinstance(tile, Tile):
+                    self._w_cache[key] = weights
         r0 = int(window.row_off) - self.row_off
         c0 = int(window.col_off) - self.col_off
         br0, br1 = max(r0, 0), min(r0 + th, self.height)
@@ -369,7 +390,7 @@ class Blender:
         w = self.wsum[rows]
         with np.errstate(invalid="ignore", divide="ignore"):
             out = self.acc[:, rows] / w
-        out[:, w <= 0] = np.nan
+        out[:, w <= 0] = float("nan")
         return out
 
 
@@ -391,9 +412,10 @@ class BlendStream:
         channels: Channels of each prediction.
     """
 
-    def __init__(self, layout: TileLayout, channels: int = 1) -> None:
+    def __init__(self, layout: TileLayout, channels: int = 1, device: Any = None) -> None:
         self.layout = layout
         self.channels = int(channels)
+        self.device = device  # None: numpy bands; a torch device: tensor bands there
         self.done = 0  # child rows already handed back
         self._blender: Blender | None = None
 
@@ -403,7 +425,7 @@ class BlendStream:
         old = self._blender
         if old is not None and old.row_off == self.done and old.row_off + old.height >= stop:
             return old
-        new = Blender(stop - self.done, w, self.channels, row_off=self.done)
+        new = Blender(stop - self.done, w, self.channels, row_off=self.done, device=self.device)
         if old is not None:
             lo = max(self.done, old.row_off)
             hi = min(old.row_off + old.height, stop)
@@ -419,8 +441,8 @@ class BlendStream:
         The list is empty or has one element (not a generator: the predictions are added even
         if the result is ignored).
 
-        ``band`` is ``[channels, h, child_width]`` float32 and ``child_window`` starts and ends
-        on parent-cell boundaries. After the last row, every child row has been yielded once.
+        ``band`` is ``[channels, h, child_width]`` float32 (a tensor on ``device`` when the
+        stream has one) and ``child_window`` starts and ends on parent-cell boundaries. After the last row, every child row has been yielded once.
         """
         if len(row) != len(preds):
             raise ValueError("one prediction per tile is required")

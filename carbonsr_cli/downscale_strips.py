@@ -1,0 +1,508 @@
+"""Aux inputs of the downscale model path, read once per row strip by threads or processes.
+
+Tiles overlap: with 12-parent-cell tiles and a 2-cell margin a tile row spans 12 parent rows
+but advances by 8, so reading each tile row's extent reads most aux rows 1.5 times. Here the
+rows are cut into *strips* of ``stride_parent`` rows (strip ``k``: parent rows
+``[k * s - o, (k + 1) * s - o)`` clipped to the grid), each strip is read once per column
+chunk, and a tile row is assembled from the two or three strips it spans
+(:meth:`StripGeometry.parts`), mirror-padded at the raster edges exactly as
+:func:`carbonsr_cli.tiling.pad_reflect` pads (numpy ``symmetric``).
+
+Readers: aux reading (GDAL warps, class counting, vector rasterising) holds the GIL for much
+of its time. On the 16-core GPU host four reader threads read a 500 x 500 km region no faster
+than one (6.0 s vs 5.6 s), and pickling the results of reader processes through a pipe cost
+more than the reading. :class:`ProcessStripReader` therefore uses spawned worker processes
+(they never import torch) that write every strip into a shared-memory slot the main process
+reads without a copy; :class:`ThreadStripReader` (one or two threads) serves small rasters and
+small machines. :func:`reader_config` picks one.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import math
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["StripGeometry", "ThreadStripReader", "ProcessStripReader", "reader_config", "symmetric_index"]
+
+#: Child cells of a raster from which :func:`reader_config` switches to reader processes.
+PROCESS_MIN_CELLS = 16_000_000
+#: Most reader processes (memory: ~230 MB each).
+MAX_PROCESSES = 4
+#: GDAL block cache of each reader process (MB); GDAL's default is 5% of the RAM per process.
+WORKER_GDAL_CACHE_MB = 32
+
+
+def reader_config(child_cells: int, cpu_count: int | None = None) -> tuple[int, bool]:
+    """``(readers, use_processes)`` for the model path's aux reading.
+
+    Processes when the output has at least :data:`PROCESS_MIN_CELLS` cells and the machine
+    has 6 or more cores (``min(MAX_PROCESSES, cores - 2)`` of them: the main thread drives the
+    model and a writer thread compresses); else one thread (two from 4 cores). Spawning a
+    worker costs ~1-3 s (imports, aux index), which small rasters would not win back. Each
+    worker holds ~230 MB; on the 16-core GPU host (1,000 km, base) 4 workers kept the whole
+    process tree under 4 GB, 8 were ~10% faster but took 4.6 GB.
+    ``CARBONSR_READ_PROCS=N`` / ``CARBONSR_READ_THREADS=N`` override.
+    """
+    for var, procs in (("CARBONSR_READ_PROCS", True), ("CARBONSR_READ_THREADS", False)):
+        env = os.environ.get(var, "").strip()
+        if env.isdigit() and int(env) > 0:
+            return int(env), procs
+    cores = cpu_count or os.cpu_count() or 2
+    if cores >= 6 and child_cells >= PROCESS_MIN_CELLS:
+        return min(MAX_PROCESSES, cores - 2), True
+    return (2 if cores >= 4 else 1), False
+
+
+def symmetric_index(start: int, stop: int, n: int) -> np.ndarray:
+    """Indices into ``[0, n)`` of positions ``start..stop-1`` mirrored at both ends.
+
+    The mirror includes the edge cell (numpy ``symmetric``) and repeats for positions more
+    than ``n`` outside, as ``np.pad(..., mode="symmetric")`` does.
+    """
+    x = np.arange(start, stop, dtype=np.int64) % (2 * n)
+    return np.where(x >= n, 2 * n - 1 - x, x)
+
+
+@dataclass(frozen=True)
+class StripGeometry:
+    """Strips of a :class:`~carbonsr_cli.tiling.TileLayout`, per column chunk of tiles.
+
+    Attributes:
+        layout: Tile layout (parent cells).
+        chunks: ``(j0, j1)`` tile-column runs of a tile row.
+        factor: Child cells per parent cell.
+    """
+
+    layout: Any
+    chunks: tuple[tuple[int, int], ...]
+    factor: int
+
+    @property
+    def n_strips(self) -> int:
+        """Strips down to the last row any tile row needs."""
+        lay = self.layout
+        last = min((lay.n_rows - 1) * lay.stride_parent - lay.overlap_parent + lay.tile_parent, lay.parent_height)
+        return (last - 1 + lay.overlap_parent) // lay.stride_parent + 1
+
+    def strip_rows(self, k: int) -> tuple[int, int]:
+        """Parent rows ``[a, b)`` of strip ``k`` (clipped to the grid; may be empty)."""
+        lay = self.layout
+        a = k * lay.stride_parent - lay.overlap_parent
+        a, b = max(a, 0), min(a + lay.stride_parent, lay.parent_height)
+        return a, max(a, b)
+
+    def row_extent(self, i: int) -> tuple[int, int]:
+        """Parent rows ``[er0, er1)`` of tile row ``i`` (unclipped: may pass the raster edges)."""
+        lay = self.layout
+        er0 = i * lay.stride_parent - lay.overlap_parent
+        return er0, er0 + lay.tile_parent
+
+    def col_extent(self, j: int) -> tuple[int, int]:
+        """Parent cols ``[ec0, ec1)`` of chunk ``j``'s tiles (unclipped)."""
+        lay = self.layout
+        j0, j1 = self.chunks[j]
+        return j0 * lay.stride_parent - lay.overlap_parent, (j1 - 1) * lay.stride_parent - lay.overlap_parent + lay.tile_parent
+
+    def clipped_cols(self, j: int) -> tuple[int, int]:
+        """Parent cols ``[cc0, cc1)`` of chunk ``j`` inside the grid (what a strip reads)."""
+        ec0, ec1 = self.col_extent(j)
+        return max(ec0, 0), min(ec1, self.layout.parent_width)
+
+    def strips_of_row(self, i: int) -> list[int]:
+        """Non-empty strips holding the rows of tile row ``i`` inside the grid."""
+        lay = self.layout
+        er0, er1 = self.row_extent(i)
+        rr0, rr1 = max(er0, 0), min(er1, lay.parent_height)
+        s, o = lay.stride_parent, lay.overlap_parent
+        return [k for k in range((rr0 + o) // s, (rr1 - 1 + o) // s + 1) if self.strip_rows(k)[1] > self.strip_rows(k)[0]]
+
+    def child_window(self, k: int, j: int) -> Any:
+        """Child window read for strip ``k`` of chunk ``j``."""
+        from rasterio.windows import Window
+
+        f = self.factor
+        a, b = self.strip_rows(k)
+        c0, c1 = self.clipped_cols(j)
+        return Window(c0 * f, a * f, (c1 - c0) * f, (b - a) * f)
+
+    def parts(self, i: int) -> list[tuple[int, slice]]:
+        """``(strip k, child-row slice of that strip)`` making up tile row ``i``'s clipped rows, top to bottom."""
+        f = self.factor
+        er0, er1 = self.row_extent(i)
+        rr0, rr1 = max(er0, 0), min(er1, self.layout.parent_height)
+        out = []
+        for k in self.strips_of_row(i):
+            a, b = self.strip_rows(k)
+            out.append((k, slice((max(a, rr0) - a) * f, (min(b, rr1) - a) * f)))
+        return out
+
+    def pad_maps(self, i: int, j: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Row and column index maps from the clipped rows/cols to the padded extent (None: no padding).
+
+        Mirrors at the edges of the clipped extent, repeating the mirror where a pad is longer
+        than the clipped extent (tiny rasters), exactly as ``pad_reflect`` pads it.
+        """
+        f, lay = self.factor, self.layout
+        er0, er1 = self.row_extent(i)
+        ec0, ec1 = self.col_extent(j)
+        rows = cols = None
+        # As np.pad(mode="symmetric") of the clipped extent (what pad_reflect does).
+        if er0 < 0 or er1 > lay.parent_height:
+            rr0, rr1 = max(er0, 0), min(er1, lay.parent_height)
+            rows = symmetric_index((er0 - rr0) * f, (er1 - rr0) * f, (rr1 - rr0) * f)
+        if ec0 < 0 or ec1 > lay.parent_width:
+            cc0, cc1 = max(ec0, 0), min(ec1, lay.parent_width)
+            cols = symmetric_index((ec0 - cc0) * f, (ec1 - cc0) * f, (cc1 - cc0) * f)
+        return rows, cols
+
+    def release_before(self, i: int) -> int:
+        """Strips below this index are not needed by tile rows ``>= i``."""
+        if i >= self.layout.n_rows:
+            return self.n_strips
+        ks = self.strips_of_row(i)
+        return ks[0] if ks else self.n_strips
+
+
+def assemble(geom: StripGeometry, i: int, j: int, strips: dict[int, Any], order: Sequence[int] | None) -> Any:
+    """Aux input ``[C, T, eh, ew]`` of chunk ``j`` of tile row ``i`` from its strips.
+
+    Args:
+        geom: Strip geometry.
+        i: Tile row.
+        j: Column chunk.
+        strips: ``k -> [C_stack, T, h_k, w]`` float32 raw aux values of this chunk: numpy arrays,
+            or torch tensors (already on the device; joined there).
+        order: Stack channel of every model channel (None: same order).
+
+    Returns:
+        A new numpy array (never sharing memory with the strips, whose shared-memory slots
+        are reused after release), or a tensor on the strips' device.
+    """
+    parts = [strips[k][:, :, sl] for k, sl in geom.parts(i)]
+    rows, cols = geom.pad_maps(i, j)
+    if not isinstance(parts[0], np.ndarray):
+        import torch
+
+        dev = parts[0].device
+        x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+        if order is not None:
+            x = x.index_select(0, torch.as_tensor(list(order), device=dev))
+        if rows is not None:
+            x = x.index_select(2, torch.from_numpy(rows).to(dev))
+        if cols is not None:
+            x = x.index_select(3, torch.from_numpy(cols).to(dev))
+        return x  # a view of a device strip keeps its memory alive after the strip is released
+    x = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=2)
+    if order is not None:
+        x = x[list(order)]
+    if rows is not None:
+        x = np.take(x, rows, axis=2)
+    if cols is not None:
+        x = np.take(x, cols, axis=3)
+    return np.array(x, dtype=np.float32, order="C", copy=True) if x is parts[0] else np.ascontiguousarray(x)
+
+
+# --------------------------------------------------------------------------------------
+# Readers
+# --------------------------------------------------------------------------------------
+
+
+def _copy_stack(stack: Any) -> Any:
+    """A copy of an AuxStack with its own (lazily reopened) dataset handles."""
+    from carbonsr_cli.auxlayers import AuxStack
+
+    state = stack.__getstate__()
+    state["_vectors"] = dict(state["_vectors"])  # the copy's close() must not clear the original's
+    new = AuxStack.__new__(AuxStack)
+    new.__setstate__(state)
+    return new
+
+
+class ThreadStripReader:
+    """Reads strips in threads, each with its own AuxStack handles; results are numpy arrays."""
+
+    def __init__(self, stack: Any, geom: StripGeometry, n_threads: int) -> None:
+        self.stack = stack
+        self.geom = geom
+        self.local = threading.local()
+        self.stacks: list[Any] = []
+        self.ex = cf.ThreadPoolExecutor(max_workers=max(1, n_threads), thread_name_prefix="carbonsr-read")
+        self.capacity = 10**9  # no slot limit (memory is bounded by the caller's read-ahead)
+
+    def _read(self, k: int, j: int) -> np.ndarray:
+        st = getattr(self.local, "stack", None)
+        if st is None:
+            st = self.local.stack = _copy_stack(self.stack)
+            self.stacks.append(st)
+        return st.read(self.geom.child_window(k, j))
+
+    def submit(self, k: int, j: int) -> cf.Future:
+        """Start reading strip ``(k, j)``; the future gives ``[C, T, h, w]`` float32."""
+        return self.ex.submit(self._read, k, j)
+
+    def release(self, k: int, j: int) -> None:
+        """Strip no longer needed (nothing to free for threads)."""
+
+    def close(self) -> None:
+        self.ex.shutdown(wait=True, cancel_futures=True)
+        for st in [*self.stacks, self.stack]:
+            with contextlib.suppress(Exception):
+                st.close()
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(stack_path: str, slot_names: list[str], cache_mb: int) -> None:
+    """Initializer of a reader process: load the pickled stack, attach the shared-memory slots."""
+    import pickle
+
+    os.environ.setdefault("GDAL_CACHEMAX", str(cache_mb))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    with open(stack_path, "rb") as fh:
+        _WORKER["stack"] = pickle.load(fh)  # written by ProcessStripReader from the caller's own AuxStack
+    _WORKER["slots"] = [_attach(name) for name in slot_names]
+    import atexit
+
+    atexit.register(_worker_exit)
+
+
+def _worker_exit() -> None:
+    """Close the datasets and detach the slots before the interpreter tears modules down."""
+    stack = _WORKER.pop("stack", None)
+    if stack is not None:
+        with contextlib.suppress(Exception):
+            stack.close()
+    for shm in _WORKER.pop("slots", []):
+        with contextlib.suppress(Exception):
+            shm.close()
+
+
+def _attach(name: str) -> Any:
+    """Attach to a shared-memory block created by the main process (without owning it)."""
+    from multiprocessing import shared_memory
+
+    try:
+        return shared_memory.SharedMemory(name=name, track=False)  # type: ignore[call-arg]  # Python >= 3.13
+    except TypeError:
+        # Python < 3.13 registers every attached block with the (shared) resource tracker,
+        # which would unlink it when this worker exits: attach without registering.
+        from multiprocessing import resource_tracker
+
+        register = resource_tracker.register
+        resource_tracker.register = lambda *a, **k: None  # type: ignore[assignment]
+        try:
+            return shared_memory.SharedMemory(name=name)
+        finally:
+            resource_tracker.register = register  # type: ignore[assignment]
+
+
+def _worker_read(window: Any, slot: int) -> tuple[int, ...]:
+    """Read one strip into shared-memory ``slot``; returns its shape."""
+    stack = _WORKER["stack"]
+    shm = _WORKER["slots"][slot]
+    shape = (stack.channels, len(stack.years), int(window.height), int(window.width))
+    out = np.ndarray(shape, dtype=np.float32, buffer=shm.buf)
+    stack.read(window, out=out)
+    return shape
+
+
+class ProcessStripReader:
+    """Reads strips in spawned worker processes into shared-memory slots.
+
+    ``capacity`` strips may be held at once (submitted and not released); the caller must
+    not exceed it. Results are numpy views onto the slots, valid until :meth:`release`.
+    """
+
+    def __init__(self, stack: Any, geom: StripGeometry, n_procs: int, capacity: int) -> None:
+        import multiprocessing as mp
+        from multiprocessing import shared_memory
+
+        self.geom = geom
+        self.stack = stack
+        c, t = stack.channels, len(stack.years)
+        f = geom.factor
+        width = max(geom.clipped_cols(j)[1] - geom.clipped_cols(j)[0] for j in range(len(geom.chunks))) * f
+        self.slot_bytes = max(1, c * t * geom.layout.stride_parent * f * width * 4)
+        self.capacity = max(2, int(capacity))
+        self.slots: list[Any] = []
+        self.stack_path = ""
+        try:
+            for _ in range(self.capacity):
+                self.slots.append(shared_memory.SharedMemory(create=True, size=self.slot_bytes))
+            self.free = list(range(self.capacity))
+            self.held: dict[tuple[int, int], int] = {}
+            # The stack (vector data included) goes to the workers through a file: a large spawn
+            # payload blocks the parent forever if a worker dies before reading it.
+            import pickle
+            import tempfile
+
+            fd, self.stack_path = tempfile.mkstemp(prefix="carbonsr-aux-", suffix=".pkl")
+            with os.fdopen(fd, "wb") as fh:
+                pickle.dump(stack.reader_copy(), fh, protocol=pickle.HIGHEST_PROTOCOL)
+            self.ex = cf.ProcessPoolExecutor(
+                max_workers=max(1, n_procs), mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                initargs=(self.stack_path, [s.name for s in self.slots], WORKER_GDAL_CACHE_MB),
+            )
+        except BaseException:
+            self._unlink()
+            raise
+
+    def submit(self, k: int, j: int) -> cf.Future:
+        """Start reading strip ``(k, j)`` into a free slot; the future gives a view ``[C, T, h, w]``."""
+        slot = self.free.pop()
+        self.held[(k, j)] = slot
+        inner = self.ex.submit(_worker_read, self.geom.child_window(k, j), slot)
+        outer: cf.Future = cf.Future()
+
+        def done(fut: cf.Future) -> None:
+            if outer.cancelled() or not self.slots:  # cancelled, or the reader is closed
+                return
+            with contextlib.suppress(cf.InvalidStateError):
+                if fut.cancelled():
+                    outer.cancel()
+                elif fut.exception() is not None:
+                    outer.set_exception(fut.exception())  # type: ignore[arg-type]
+                else:
+                    n = math.prod(fut.result())
+                    outer.set_result(np.ndarray(fut.result(), dtype=np.float32, buffer=self.slots[slot].buf[: n * 4]))
+
+        inner.add_done_callback(done)
+        return outer
+
+    def release(self, k: int, j: int) -> None:
+        """Give strip ``(k, j)``'s slot back (its array must no longer be used)."""
+        slot = self.held.pop((k, j), None)
+        if slot is not None:
+            self.free.append(slot)
+
+    def close(self) -> None:
+        self.ex.shutdown(wait=True, cancel_futures=True)
+        self._unlink()
+        with contextlib.suppress(Exception):
+            self.stack.close()
+
+    def _unlink(self) -> None:
+        if self.stack_path:
+            with contextlib.suppress(OSError):
+                os.unlink(self.stack_path)
+            self.stack_path = ""
+        for s in self.slots:
+            with contextlib.suppress(Exception):
+                s.close()
+            with contextlib.suppress(Exception):
+                s.unlink()
+        self.slots = []
+
+
+class StripFeed:
+    """Schedules strip reads ahead of the tile rows and hands out assembled aux inputs.
+
+    Strips are submitted in ``(k, j)`` order, at most ``ahead`` beyond those the current
+    tile row needs (and never more than the reader's capacity); a strip is released once no
+    later tile row needs it.
+    """
+
+    def __init__(self, reader: Any, geom: StripGeometry, ahead: int, device: Any = None) -> None:
+        self.reader = reader
+        self.device = device if device is not None and getattr(device, "type", "cpu") == "cuda" else None
+        self.on_device: dict[tuple[int, int], Any] = {}
+        self.lock = threading.Lock()
+        self.geom = geom
+        self.order = [(k, j) for k in range(geom.n_strips) for j in range(len(geom.chunks))
+                      if geom.strip_rows(k)[1] > geom.strip_rows(k)[0]]
+        self.pos = {key: n for n, key in enumerate(self.order)}
+        self.next = 0  # position of the next strip to submit
+        self.need = 0  # position of the last strip the current tile row needs
+        self.futures: dict[tuple[int, int], cf.Future] = {}
+        self.ahead = max(0, ahead)
+
+    def _fill(self) -> None:
+        """Submit strips up to ``need + ahead`` in read order, as far as the reader's capacity allows."""
+        cap = self.reader.capacity
+        while self.next < len(self.order) and self.next <= self.need + self.ahead and len(self.futures) < cap:
+            key = self.order[self.next]
+            self.futures[key] = self.reader.submit(*key)
+            self.next += 1
+
+    def get(self, i: int, j: int) -> dict[int, Any]:
+        """Strips of chunk ``j`` that tile row ``i`` needs, ``k -> [C, T, h, w]`` (waits for them).
+
+        With a CUDA device every strip is copied there once (tile rows share strips) and the
+        values are tensors on the device; else numpy arrays.
+        """
+        ks = self.geom.strips_of_row(i)
+        with self.lock:
+            self.need = max(self.need, max(self.pos[(k, j)] for k in ks))
+            self._fill()
+            if any((k, j) not in self.futures for k in ks):
+                raise RuntimeError(f"strip reader capacity {self.reader.capacity} too small for tile row {i}")
+            futs = {k: self.futures[(k, j)] for k in ks}
+        try:
+            out = {k: fut.result() for k, fut in futs.items()}
+        except cf.process.BrokenProcessPool:
+            self._fall_back_to_threads()
+            return self.get(i, j)
+        if self.device is None:
+            return out
+        import torch
+
+        for k in ks:
+            with self.lock:
+                t = self.on_device.get((k, j))
+            if t is None:
+                t = torch.from_numpy(out[k]).to(self.device)
+                with self.lock:
+                    self.on_device[(k, j)] = t
+            out[k] = t
+        return out
+
+    def _fall_back_to_threads(self) -> None:
+        """Reader processes died or could not start: read the outstanding strips with a thread.
+
+        Spawned workers import the caller's main module; a script that calls ``downscale()``
+        without an ``if __name__ == "__main__":`` guard cannot start them.
+        """
+        import warnings
+
+        from carbonsr_cli.errors import CarbonSRWarning
+
+        warnings.warn(
+            "aux reader processes could not run (a script calling downscale() needs an "
+            "'if __name__ == \"__main__\":' guard); reading with one thread instead", CarbonSRWarning, stacklevel=3,
+        )
+        old = self.reader
+        with self.lock:
+            self.reader = ThreadStripReader(old.stack, self.geom, 1)
+            old.stack = _copy_stack(old.stack)  # the old reader closes its own copy
+            keys = list(self.futures)
+            self.futures = {key: self.reader.submit(*key) for key in keys}
+        with contextlib.suppress(Exception):
+            old.close()
+
+    def done(self, i: int, j: int) -> None:
+        """Tile row ``i`` chunk ``j`` is computed: release the strips later rows do not need."""
+        keep_from = self.geom.release_before(i + 1)
+        with self.lock:
+            for key in [key for key in self.futures if key[1] == j and key[0] < keep_from]:
+                self.futures.pop(key)
+                self.on_device.pop(key, None)
+                self.reader.release(*key)
+            self._fill()
+
+    def close(self) -> None:
+        """Cancel pending reads and close the reader (its processes, slots and datasets)."""
+        with self.lock:
+            for fut in self.futures.values():
+                fut.cancel()
+            self.futures.clear()
+            self.on_device.clear()
+        self.reader.close()
