@@ -1084,6 +1084,66 @@ class AuxStack:
                     self._alignment(slot.source)
                     self._res_ratio_of(slot.source)
 
+    def materialize_warps(self, directory: Path, threads: int, rows_per_band: int = 1024) -> list[Path]:
+        """Warp every continuous raster that needs a warp onto the child grid once, up front.
+
+        Each such file (e.g. an EPSG:4326 layer under a UTM grid) is warped by GDAL with
+        ``threads`` threads, in bands of ``rows_per_band`` child rows, into an uncompressed
+        float32 GeoTIFF on the child grid in ``directory`` (NaN = nodata/outside); its slots
+        then read that file without a warp. Same warp options as the per-window reads (the
+        slot's resampling, the source nodata); values can differ from a per-window warp by
+        GDAL's approximate-transformer error (<= 0.125 source pixel of position).
+
+        Returns:
+            The files written (the caller deletes them, after closing this stack).
+        """
+        import dataclasses
+
+        import rasterio
+        from rasterio.enums import Resampling
+        from rasterio.warp import reproject
+        from rasterio.windows import Window
+
+        self._check_process()
+        by_path: dict[Path, list[_Slot]] = {}
+        for g in self._groups:
+            for slot in [*g.by_year.values(), *([g.static] if g.static else [])]:
+                if slot.op == "value" and slot.source.kind == "continuous" and self._alignment(slot.source) is None:
+                    by_path.setdefault(slot.source.path, []).append(slot)
+        written: list[Path] = []
+        grid = self.grid
+        for n, (path, slots) in enumerate(by_path.items()):
+            ds = self._dataset(path)
+            keys = sorted({(s.entry.band, s.resampling) for s in slots})
+            out = Path(directory) / f"warp{n}_{path.stem}.tif"
+            profile = {
+                "driver": "GTiff", "width": grid.width, "height": grid.height, "count": len(keys), "dtype": "float32",
+                "crs": grid.crs, "transform": grid.transform, "nodata": float("nan"), "tiled": True,
+                "blockxsize": 256, "blockysize": 256, "BIGTIFF": "IF_SAFER",
+            }
+            written.append(out)
+            with rasterio.open(out, "w", **profile) as dst:
+                for r0 in range(0, grid.height, rows_per_band):
+                    h = min(rows_per_band, grid.height - r0)
+                    for b, (band, resampling) in enumerate(keys, start=1):
+                        arr = np.full((h, grid.width), np.nan, dtype=np.float32)
+                        try:
+                            reproject(
+                                rasterio.band(ds, band), arr, src_nodata=ds.nodata, dst_nodata=float("nan"),
+                                dst_transform=grid.window_transform(Window(0, r0, grid.width, h)), dst_crs=grid.crs,
+                                resampling=Resampling[resampling], num_threads=max(1, int(threads)),
+                            )
+                        except Exception as exc:  # noqa: BLE001 - GDAL read/warp error
+                            msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                            raise InputDataError(f"cannot read aux data (truncated or corrupt file?): {msg}", path) from None
+                        dst.write(arr, b, window=Window(0, r0, grid.width, h))
+            warped = dataclasses.replace(slots[0].source, path=out, nodata=float("nan"))
+            for s in slots:
+                s.source = warped
+                s.entry = dataclasses.replace(s.entry, band=keys.index((s.entry.band, s.resampling)) + 1)
+                s.resampling = "average"  # one pixel per child cell: any of average/nearest reads it as is
+        return written
+
     def reader_copy(self) -> AuxStack:
         """A prepared copy that pickles small: vector sources without their GeoDataFrame.
 

@@ -562,7 +562,7 @@ def run_pipeline(
             )
         aux_order: list[int] | None = None
         if is_model:
-            feed, aux_order = _open_strip_feed(plan, layout, chunks, device)
+            feed, aux_order = _open_strip_feed(plan, layout, chunks, device, Path(dst).parent)
             stack.callback(feed.close)
         # One thread prepares the units (model: assembles the aux strips) ahead of the main thread.
         read_ex = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="carbonsr-read")
@@ -650,8 +650,15 @@ def run_pipeline(
         # Leaving the ExitStack closes the writers: flush, (COG), rename.
 
 
-def _open_strip_feed(plan: Plan, layout: Any, chunks: list[tuple[int, int]], device: Any) -> tuple[Any, list[int] | None]:
-    """The model path's aux strip reader (threads or processes) and the stack->model channel order."""
+def _open_strip_feed(
+    plan: Plan, layout: Any, chunks: list[tuple[int, int]], device: Any, work_dir: Path
+) -> tuple[Any, list[int] | None]:
+    """The model path's aux strip reader (threads or processes) and the stack->model channel order.
+
+    With reader processes, layers that need a warp are first warped once onto the child grid
+    (GDAL, all cores) into a hidden folder in ``work_dir`` (the output's folder), removed at
+    the end.
+    """
     from carbonsr_cli import downscale_strips as strips
     from carbonsr_cli.auxlayers import AuxStack, discover_aux
 
@@ -670,7 +677,12 @@ def _open_strip_feed(plan: Plan, layout: Any, chunks: list[tuple[int, int]], dev
     if use_procs:
         span = max(len(geom.strips_of_row(i)) for i in range(layout.n_rows))
         capacity = (span + 1) * len(chunks) + ahead
-        reader = strips.ProcessStripReader(aux, geom, n_readers, capacity)
+        warp_dir = strips.materialize_warps(aux, work_dir)
+        try:
+            reader = strips.ProcessStripReader(aux, geom, n_readers, capacity, cleanup_dir=warp_dir)
+        except BaseException:
+            strips.remove_dir(warp_dir)
+            raise
     else:
         reader = strips.ThreadStripReader(aux, geom, n_readers)
     return strips.StripFeed(reader, geom, ahead, device), order

@@ -26,6 +26,7 @@ import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,7 +36,7 @@ __all__ = ["StripGeometry", "ThreadStripReader", "ProcessStripReader", "reader_c
 #: Child cells of a raster from which :func:`reader_config` switches to reader processes.
 PROCESS_MIN_CELLS = 16_000_000
 #: Most reader processes (memory: ~230 MB each).
-MAX_PROCESSES = 4
+MAX_PROCESSES = 5
 #: GDAL block cache of each reader process (MB); GDAL's default is 5% of the RAM per process.
 WORKER_GDAL_CACHE_MB = 32
 
@@ -47,8 +48,9 @@ def reader_config(child_cells: int, cpu_count: int | None = None) -> tuple[int, 
     has 6 or more cores (``min(MAX_PROCESSES, cores - 2)`` of them: the main thread drives the
     model and a writer thread compresses); else one thread (two from 4 cores). Spawning a
     worker costs ~1-3 s (imports, aux index), which small rasters would not win back. Each
-    worker holds ~230 MB; on the 16-core GPU host (1,000 km, base) 4 workers kept the whole
-    process tree under 4 GB, 8 were ~10% faster but took 4.6 GB.
+    worker holds ~250-300 MB. On the 16-core GPU host (1,000 km, base, one run): 4 workers
+    18.9 s with 3.5 GB for the whole process tree (PSS), 6 workers 15.3 s / 4.1 GB, 8 workers
+    14.3 s / 4.5 GB; the default of 5 keeps the tree under the 4 GB budget.
     ``CARBONSR_READ_PROCS=N`` / ``CARBONSR_READ_THREADS=N`` override.
     """
     for var, procs in (("CARBONSR_READ_PROCS", True), ("CARBONSR_READ_THREADS", False)):
@@ -236,6 +238,7 @@ class ThreadStripReader:
         self.stacks: list[Any] = []
         self.ex = cf.ThreadPoolExecutor(max_workers=max(1, n_threads), thread_name_prefix="carbonsr-read")
         self.capacity = 10**9  # no slot limit (memory is bounded by the caller's read-ahead)
+        self.cleanup_dir: Path | None = None  # removed by close()
 
     def _read(self, k: int, j: int) -> np.ndarray:
         st = getattr(self.local, "stack", None)
@@ -256,6 +259,8 @@ class ThreadStripReader:
         for st in [*self.stacks, self.stack]:
             with contextlib.suppress(Exception):
                 st.close()
+        remove_dir(self.cleanup_dir)
+        self.cleanup_dir = None
 
 
 _WORKER: dict[str, Any] = {}
@@ -315,6 +320,50 @@ def _worker_read(window: Any, slot: int) -> tuple[int, ...]:
     return shape
 
 
+def materialize_warps(stack: Any, work_dir: Path) -> Path | None:
+    """Warp the stack's layers that need a warp once, into a hidden folder of ``work_dir``.
+
+    Returns the folder (remove it with :func:`remove_dir` after the readers are closed), or
+    None when nothing needed a warp. Writing problems (disk full, read-only folder) only cost
+    speed: the layers are then warped per strip, with a warning.
+    """
+    import tempfile
+    import warnings
+
+    from carbonsr_cli.errors import CarbonSRWarning
+
+    if not any(
+        s.op == "value" and s.source.kind == "continuous" and stack._alignment(s.source) is None
+        for g in stack._groups for s in g.per_t
+    ):
+        return None
+    try:
+        folder = Path(tempfile.mkdtemp(prefix=".carbonsr-warp-", dir=work_dir))
+    except OSError as exc:
+        warnings.warn(f"{work_dir}: cannot create a folder for pre-warped aux layers ({exc}); warping per strip",
+                      CarbonSRWarning, stacklevel=2)
+        return None
+    try:
+        stack.materialize_warps(folder, threads=os.cpu_count() or 1)
+    except OSError as exc:
+        remove_dir(folder)
+        warnings.warn(f"{work_dir}: cannot write pre-warped aux layers ({exc}); warping per strip",
+                      CarbonSRWarning, stacklevel=2)
+        return None
+    except BaseException:
+        remove_dir(folder)
+        raise
+    return folder
+
+
+def remove_dir(folder: Path | None) -> None:
+    """Remove a folder made by :func:`materialize_warps` (best effort)."""
+    if folder is not None:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 class ProcessStripReader:
     """Reads strips in spawned worker processes into shared-memory slots.
 
@@ -322,12 +371,13 @@ class ProcessStripReader:
     not exceed it. Results are numpy views onto the slots, valid until :meth:`release`.
     """
 
-    def __init__(self, stack: Any, geom: StripGeometry, n_procs: int, capacity: int) -> None:
+    def __init__(self, stack: Any, geom: StripGeometry, n_procs: int, capacity: int, cleanup_dir: Path | None = None) -> None:
         import multiprocessing as mp
         from multiprocessing import shared_memory
 
         self.geom = geom
         self.stack = stack
+        self.cleanup_dir = cleanup_dir  # removed by close(), after the workers and the stack
         c, t = stack.channels, len(stack.years)
         f = geom.factor
         width = max(geom.clipped_cols(j)[1] - geom.clipped_cols(j)[0] for j in range(len(geom.chunks))) * f
@@ -389,6 +439,8 @@ class ProcessStripReader:
         self._unlink()
         with contextlib.suppress(Exception):
             self.stack.close()
+        remove_dir(self.cleanup_dir)
+        self.cleanup_dir = None
 
     def _unlink(self) -> None:
         if self.stack_path:
@@ -482,6 +534,7 @@ class StripFeed:
         old = self.reader
         with self.lock:
             self.reader = ThreadStripReader(old.stack, self.geom, 1)
+            self.reader.cleanup_dir, old.cleanup_dir = old.cleanup_dir, None  # pre-warped files stay in use
             old.stack = _copy_stack(old.stack)  # the old reader closes its own copy
             keys = list(self.futures)
             self.futures = {key: self.reader.submit(*key) for key in keys}

@@ -189,3 +189,31 @@ def assert_conserves(
 def no_temp_files(directory: Path) -> list[str]:
     """Hidden temp files left by the atomic writer in ``directory`` (should be empty)."""
     return sorted(p.name for p in directory.iterdir() if p.name.startswith(".") and ".tmp" in p.name)
+
+
+class FailingStack:
+    """A picklable stand-in for AuxStack whose reads fail from child row ``fail_from`` on.
+
+    Used to test errors raised inside spawned reader processes.
+    """
+
+    def __init__(self, channels: int, fail_from: int, path: str) -> None:
+        self.channels, self.years, self.fail_from, self.path = channels, ["2020"], fail_from, path
+
+    def reader_copy(self) -> "FailingStack":
+        return self
+
+    def read(self, window: Any, out: np.ndarray | None = None) -> np.ndarray:
+        from carbonsr_cli.errors import InputDataError
+
+        if int(window.row_off) >= self.fail_from:
+            raise InputDataError("cannot read aux data (truncated or corrupt file?): test", self.path)
+        h, w = int(window.height), int(window.width)
+        arr = np.full((self.channels, 1, h, w), float(window.row_off), np.float32)
+        if out is not None:
+            out[...] = arr
+            return out
+        return arr
+
+    def close(self) -> None:
+        pass

@@ -124,7 +124,7 @@ def test_reader_config_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CARBONSR_READ_PROCS", raising=False)
     monkeypatch.delenv("CARBONSR_READ_THREADS", raising=False)
     assert reader_config(100_000_000, cpu_count=2) == (1, False)
-    assert reader_config(100_000_000, cpu_count=16) == (4, True)
+    assert reader_config(100_000_000, cpu_count=16) == (5, True)
     assert reader_config(100_000_000, cpu_count=6) == (4, True)
     assert reader_config(1_000_000, cpu_count=16) == (2, False)
     monkeypatch.setenv("CARBONSR_READ_PROCS", "3")
@@ -134,15 +134,20 @@ def test_reader_config_rules(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_reader_processes_give_the_thread_result(
     small_region: dict, small_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Spawned reader processes with shared-memory strips write the same file as one thread."""
+    """Spawned reader processes with shared-memory strips write the same file as one thread.
+
+    Pre-warping (process mode only) is switched off here so that the results must be equal;
+    ``test_prewarped_layers_match_per_strip_warps`` covers it.
+    """
     from carbonsr_cli import downscale_pipeline, downscale_strips
 
     monkeypatch.setattr(downscale_pipeline, "CHUNK_BYTES", 1)  # several column chunks per tile row
+    monkeypatch.setattr(downscale_strips, "materialize_warps", lambda stack, work_dir: None)
     made: list[str] = []
     for cls in (downscale_strips.ThreadStripReader, downscale_strips.ProcessStripReader):
-        def init(self: object, *a: object, _cls: type = cls, _real: object = cls.__init__) -> None:
+        def init(self: object, *a: object, _cls: type = cls, _real: object = cls.__init__, **k: object) -> None:
             made.append(_cls.__name__)
-            _real(self, *a)  # type: ignore[operator]
+            _real(self, *a, **k)  # type: ignore[operator]
 
         monkeypatch.setattr(cls, "__init__", init)
     outs = {}
@@ -186,3 +191,72 @@ def test_blending_on_the_device_matches_the_host(
         va, vb = a.read(masked=True), b.read(masked=True)
     assert np.array_equal(va.mask, vb.mask)
     assert np.allclose(va.filled(0), vb.filled(0), rtol=1e-5, atol=1e-7)
+
+
+def test_error_in_a_reader_process_reaches_the_caller(tmp_path: Path) -> None:
+    """An InputDataError raised in a worker arrives as that error; closing frees the slots."""
+    import os
+
+    from ds_helpers import FailingStack
+
+    from carbonsr_cli.downscale_strips import ProcessStripReader
+    from carbonsr_cli.errors import InputDataError
+
+    lay = TileLayout(30, 12, F, 12 * F, 2)
+    geom = StripGeometry(lay, _chunks(lay.n_cols, lay.n_cols), F)
+    stack = FailingStack(2, fail_from=20 * F, path=str(tmp_path / "bad.tif"))
+    reader = ProcessStripReader(stack, geom, 1, capacity=6)
+    names = [s.name for s in reader.slots]
+    feed = StripFeed(reader, geom, ahead=2)
+    try:
+        got = assemble(geom, 0, 0, feed.get(0, 0), None)
+        ec0, ec1 = geom.col_extent(0)
+        assert got.shape == (2, 1, 12 * F, (ec1 - ec0) * F)
+        feed.done(0, 0)
+        with pytest.raises(InputDataError, match="truncated or corrupt") as ei:
+            for i in range(1, lay.n_rows):
+                feed.get(i, 0)
+                feed.done(i, 0)
+        assert str(tmp_path / "bad.tif") in str(ei.value)
+    finally:
+        feed.close()
+    if os.path.isdir("/dev/shm"):
+        assert not [n for n in names if os.path.exists(f"/dev/shm/{n.lstrip('/')}")]
+
+
+def test_prewarped_layers_match_per_strip_warps(
+    small_region: dict, small_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reader processes warp the EPSG:4326 / EPSG:3857 layers once up front; the result stays
+    within GDAL's approximate-transformer differences of the per-strip warps, conserves, and
+    the hidden warp folder is gone afterwards."""
+    from carbonsr_cli import downscale_strips
+
+    made: list[Path] = []
+    real = downscale_strips.materialize_warps
+
+    def spy(stack: object, work_dir: Path) -> Path | None:
+        folder = real(stack, work_dir)
+        made.append(folder)  # type: ignore[arg-type]
+        assert folder is not None and len(list(folder.iterdir())) == 2  # lights (4326) and pop (3857)
+        return folder
+
+    monkeypatch.setattr(downscale_strips, "materialize_warps", spy)
+    outs = {}
+    for mode, env in (("threads", "CARBONSR_READ_THREADS"), ("procs", "CARBONSR_READ_PROCS")):
+        monkeypatch.delenv("CARBONSR_READ_PROCS", raising=False)
+        monkeypatch.delenv("CARBONSR_READ_THREADS", raising=False)
+        monkeypatch.setenv(env, "2" if mode == "procs" else "1")
+        out = outs[mode] = tmp_path / f"{mode}.tif"
+        s = downscale(small_region["main"], [small_region["aux"]], out, checkpoint=small_ckpt, device="cpu",
+                      progress=False, batch_size=4)
+        assert s.conservation.ok
+        assert_conserves(out, small_region["main"], 10)
+    assert len(made) == 1 and not made[0].exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    with rasterio.open(outs["threads"]) as a, rasterio.open(outs["procs"]) as b:
+        va, vb = a.read(masked=True), b.read(masked=True)
+    assert np.array_equal(va.mask, vb.mask)
+    d = np.abs(va - vb).filled(0)
+    assert d.sum() <= 1e-3 * np.abs(va).filled(0).sum()
+    assert np.allclose(va.filled(0), vb.filled(0), rtol=2e-2, atol=1e-3)
