@@ -677,11 +677,12 @@ def _open_strip_feed(
     if use_procs:
         span = max(len(geom.strips_of_row(i)) for i in range(layout.n_rows))
         capacity = (span + 1) * len(chunks) + ahead
-        warp_dir = strips.materialize_warps(aux, work_dir)
+        reader = strips.ProcessStripReader(aux, geom, n_readers, capacity)  # workers start importing now
         try:
-            reader = strips.ProcessStripReader(aux, geom, n_readers, capacity, cleanup_dir=warp_dir)
+            reader.cleanup_dir = strips.materialize_warps(aux, work_dir)
+            reader.set_stack(aux)
         except BaseException:
-            strips.remove_dir(warp_dir)
+            reader.close()
             raise
     else:
         reader = strips.ThreadStripReader(aux, geom, n_readers)

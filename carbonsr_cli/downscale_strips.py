@@ -35,8 +35,8 @@ __all__ = ["StripGeometry", "ThreadStripReader", "ProcessStripReader", "reader_c
 
 #: Child cells of a raster from which :func:`reader_config` switches to reader processes.
 PROCESS_MIN_CELLS = 16_000_000
-#: Most reader processes (memory: ~230 MB each).
-MAX_PROCESSES = 5
+#: Most reader processes (memory: ~250-300 MB each; see :func:`reader_config`).
+MAX_PROCESSES = 3
 #: GDAL block cache of each reader process (MB); GDAL's default is 5% of the RAM per process.
 WORKER_GDAL_CACHE_MB = 32
 
@@ -48,9 +48,10 @@ def reader_config(child_cells: int, cpu_count: int | None = None) -> tuple[int, 
     has 6 or more cores (``min(MAX_PROCESSES, cores - 2)`` of them: the main thread drives the
     model and a writer thread compresses); else one thread (two from 4 cores). Spawning a
     worker costs ~1-3 s (imports, aux index), which small rasters would not win back. Each
-    worker holds ~250-300 MB. On the 16-core GPU host (1,000 km, base, one run): 4 workers
-    18.9 s with 3.5 GB for the whole process tree (PSS), 6 workers 15.3 s / 4.1 GB, 8 workers
-    14.3 s / 4.5 GB; the default of 5 keeps the tree under the 4 GB budget.
+    worker holds ~250-300 MB. On the 16-core GPU host (1,000 km, base, layers needing a warp
+    pre-warped by :func:`materialize_warps`; one run): 3 workers 16.3 s with 3.6 GB for the
+    whole process tree (PSS), 5 workers 17.1 s / 3.9 GB, 8 workers 15.7 s / 4.6 GB: the main
+    thread (model, blending) is the limit from 3 workers on, so 3 is the default.
     ``CARBONSR_READ_PROCS=N`` / ``CARBONSR_READ_THREADS=N`` override.
     """
     for var, procs in (("CARBONSR_READ_PROCS", True), ("CARBONSR_READ_THREADS", False)):
@@ -266,18 +267,36 @@ class ThreadStripReader:
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_init(stack_path: str, slot_names: list[str], cache_mb: int) -> None:
-    """Initializer of a reader process: load the pickled stack, attach the shared-memory slots."""
-    import pickle
-
+def _worker_init(slot_names: list[str], cache_mb: int) -> None:
+    """Initializer of a reader process: attach the shared-memory slots (the stack comes later)."""
     os.environ.setdefault("GDAL_CACHEMAX", str(cache_mb))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    with open(stack_path, "rb") as fh:
-        _WORKER["stack"] = pickle.load(fh)  # written by ProcessStripReader from the caller's own AuxStack
     _WORKER["slots"] = [_attach(name) for name in slot_names]
     import atexit
 
     atexit.register(_worker_exit)
+
+
+def _worker_warm() -> int:
+    """First task of a worker: import what reading needs while the main process prepares."""
+    import rasterio  # noqa: F401
+    import shapely  # noqa: F401
+
+    import carbonsr_cli.auxlayers  # noqa: F401
+    import carbonsr_cli.auxlayers_vector  # noqa: F401
+
+    return os.getpid()
+
+
+def _worker_stack(stack_path: str) -> Any:
+    """The pickled AuxStack at ``stack_path``, loaded once per worker."""
+    if _WORKER.get("stack_path") != stack_path:
+        import pickle
+
+        with open(stack_path, "rb") as fh:
+            _WORKER["stack"] = pickle.load(fh)  # written by ProcessStripReader from the caller's own AuxStack
+        _WORKER["stack_path"] = stack_path
+    return _WORKER["stack"]
 
 
 def _worker_exit() -> None:
@@ -310,9 +329,9 @@ def _attach(name: str) -> Any:
             resource_tracker.register = register  # type: ignore[assignment]
 
 
-def _worker_read(window: Any, slot: int) -> tuple[int, ...]:
+def _worker_read(stack_path: str, window: Any, slot: int) -> tuple[int, ...]:
     """Read one strip into shared-memory ``slot``; returns its shape."""
-    stack = _WORKER["stack"]
+    stack = _worker_stack(stack_path)
     shm = _WORKER["slots"][slot]
     shape = (stack.channels, len(stack.years), int(window.height), int(window.width))
     out = np.ndarray(shape, dtype=np.float32, buffer=shm.buf)
@@ -372,11 +391,17 @@ class ProcessStripReader:
     """
 
     def __init__(self, stack: Any, geom: StripGeometry, n_procs: int, capacity: int, cleanup_dir: Path | None = None) -> None:
+        """Create the slots and start the workers; reading waits for :meth:`set_stack`.
+
+        ``stack`` gives the strip shape (channels, years) only; the stack the workers read is
+        the one passed to :meth:`set_stack` (e.g. after :func:`materialize_warps` changed it),
+        so that spawning and importing in the workers overlaps the caller's preparation.
+        """
         import multiprocessing as mp
         from multiprocessing import shared_memory
 
         self.geom = geom
-        self.stack = stack
+        self.stack: Any = None
         self.cleanup_dir = cleanup_dir  # removed by close(), after the workers and the stack
         c, t = stack.channels, len(stack.years)
         f = geom.factor
@@ -390,27 +415,36 @@ class ProcessStripReader:
                 self.slots.append(shared_memory.SharedMemory(create=True, size=self.slot_bytes))
             self.free = list(range(self.capacity))
             self.held: dict[tuple[int, int], int] = {}
-            # The stack (vector data included) goes to the workers through a file: a large spawn
-            # payload blocks the parent forever if a worker dies before reading it.
-            import pickle
-            import tempfile
-
-            fd, self.stack_path = tempfile.mkstemp(prefix="carbonsr-aux-", suffix=".pkl")
-            with os.fdopen(fd, "wb") as fh:
-                pickle.dump(stack.reader_copy(), fh, protocol=pickle.HIGHEST_PROTOCOL)
             self.ex = cf.ProcessPoolExecutor(
                 max_workers=max(1, n_procs), mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                initargs=(self.stack_path, [s.name for s in self.slots], WORKER_GDAL_CACHE_MB),
+                initargs=([s.name for s in self.slots], WORKER_GDAL_CACHE_MB),
             )
+            self.warm = [self.ex.submit(_worker_warm) for _ in range(max(1, n_procs))]  # spawns the workers now
         except BaseException:
             self._unlink()
             raise
+
+    def set_stack(self, stack: Any) -> None:
+        """The stack to read (owned and closed by this reader from now on).
+
+        It goes to the workers through a file: a large spawn payload blocks the parent forever
+        if a worker dies before reading it.
+        """
+        import pickle
+        import tempfile
+
+        self.stack = stack
+        fd, self.stack_path = tempfile.mkstemp(prefix="carbonsr-aux-", suffix=".pkl")
+        with os.fdopen(fd, "wb") as fh:
+            pickle.dump(stack.reader_copy(), fh, protocol=pickle.HIGHEST_PROTOCOL)
 
     def submit(self, k: int, j: int) -> cf.Future:
         """Start reading strip ``(k, j)`` into a free slot; the future gives a view ``[C, T, h, w]``."""
         slot = self.free.pop()
         self.held[(k, j)] = slot
-        inner = self.ex.submit(_worker_read, self.geom.child_window(k, j), slot)
+        if not self.stack_path:
+            raise RuntimeError("ProcessStripReader.set_stack() was not called")
+        inner = self.ex.submit(_worker_read, self.stack_path, self.geom.child_window(k, j), slot)
         outer: cf.Future = cf.Future()
 
         def done(fut: cf.Future) -> None:
@@ -437,8 +471,9 @@ class ProcessStripReader:
     def close(self) -> None:
         self.ex.shutdown(wait=True, cancel_futures=True)
         self._unlink()
-        with contextlib.suppress(Exception):
-            self.stack.close()
+        if self.stack is not None:
+            with contextlib.suppress(Exception):
+                self.stack.close()
         remove_dir(self.cleanup_dir)
         self.cleanup_dir = None
 
@@ -492,15 +527,17 @@ class StripFeed:
         values are tensors on the device; else numpy arrays.
         """
         ks = self.geom.strips_of_row(i)
-        with self.lock:
-            self.need = max(self.need, max(self.pos[(k, j)] for k in ks))
-            self._fill()
-            if any((k, j) not in self.futures for k in ks):
-                raise RuntimeError(f"strip reader capacity {self.reader.capacity} too small for tile row {i}")
-            futs = {k: self.futures[(k, j)] for k in ks}
         try:
+            with self.lock:
+                self.need = max(self.need, max(self.pos[(k, j)] for k in ks))
+                self._fill()
+                if any((k, j) not in self.futures for k in ks):
+                    raise RuntimeError(f"strip reader capacity {self.reader.capacity} too small for tile row {i}")
+                futs = {k: self.futures[(k, j)] for k in ks}
             out = {k: fut.result() for k, fut in futs.items()}
         except cf.process.BrokenProcessPool:
+            if isinstance(self.reader, ThreadStripReader):
+                raise
             self._fall_back_to_threads()
             return self.get(i, j)
         if self.device is None:

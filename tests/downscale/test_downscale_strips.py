@@ -124,8 +124,8 @@ def test_reader_config_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CARBONSR_READ_PROCS", raising=False)
     monkeypatch.delenv("CARBONSR_READ_THREADS", raising=False)
     assert reader_config(100_000_000, cpu_count=2) == (1, False)
-    assert reader_config(100_000_000, cpu_count=16) == (5, True)
-    assert reader_config(100_000_000, cpu_count=6) == (4, True)
+    assert reader_config(100_000_000, cpu_count=16) == (3, True)
+    assert reader_config(100_000_000, cpu_count=6) == (3, True)
     assert reader_config(1_000_000, cpu_count=16) == (2, False)
     monkeypatch.setenv("CARBONSR_READ_PROCS", "3")
     assert reader_config(1, cpu_count=2) == (3, True)
@@ -206,6 +206,7 @@ def test_error_in_a_reader_process_reaches_the_caller(tmp_path: Path) -> None:
     geom = StripGeometry(lay, _chunks(lay.n_cols, lay.n_cols), F)
     stack = FailingStack(2, fail_from=20 * F, path=str(tmp_path / "bad.tif"))
     reader = ProcessStripReader(stack, geom, 1, capacity=6)
+    reader.set_stack(stack)
     names = [s.name for s in reader.slots]
     feed = StripFeed(reader, geom, ahead=2)
     try:
