@@ -214,6 +214,8 @@ def _child(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _git_rev() -> str:
+    if os.environ.get("CARBONSR_COMMIT"):  # a copied tree whose .git is not the one it came from
+        return os.environ["CARBONSR_COMMIT"]
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              check=True).stdout.strip()
