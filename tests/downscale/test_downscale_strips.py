@@ -131,6 +131,23 @@ def test_reader_config_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     assert reader_config(1, cpu_count=2) == (3, True)
 
 
+def _thread_and_process_runs(
+    region: dict, ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, Path]:
+    """Downscale ``region`` with one reader thread, then two reader processes; both conserve."""
+    outs = {}
+    for mode, env in (("threads", "CARBONSR_READ_THREADS"), ("procs", "CARBONSR_READ_PROCS")):
+        monkeypatch.delenv("CARBONSR_READ_PROCS", raising=False)
+        monkeypatch.delenv("CARBONSR_READ_THREADS", raising=False)
+        monkeypatch.setenv(env, "2" if mode == "procs" else "1")
+        out = outs[mode] = tmp_path / f"{mode}.tif"
+        s = downscale(region["main"], [region["aux"]], out, checkpoint=ckpt, device="cpu", progress=False,
+                      batch_size=4)
+        assert s.conservation.ok
+        assert_conserves(out, region["main"], 10)
+    return outs
+
+
 def test_reader_processes_give_the_thread_result(
     small_region: dict, small_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -150,16 +167,7 @@ def test_reader_processes_give_the_thread_result(
             _real(self, *a, **k)  # type: ignore[operator]
 
         monkeypatch.setattr(cls, "__init__", init)
-    outs = {}
-    for mode, env in (("threads", "CARBONSR_READ_THREADS"), ("procs", "CARBONSR_READ_PROCS")):
-        monkeypatch.delenv("CARBONSR_READ_PROCS", raising=False)
-        monkeypatch.delenv("CARBONSR_READ_THREADS", raising=False)
-        monkeypatch.setenv(env, "2" if mode == "procs" else "1")
-        out = outs[mode] = tmp_path / f"{mode}.tif"
-        s = downscale(small_region["main"], [small_region["aux"]], out, checkpoint=small_ckpt, device="cpu",
-                      progress=False, batch_size=4)
-        assert s.conservation.ok
-        assert_conserves(out, small_region["main"], 10)
+    outs = _thread_and_process_runs(small_region, small_ckpt, tmp_path, monkeypatch)
     assert made == ["ThreadStripReader", "ProcessStripReader"]
     with rasterio.open(outs["threads"]) as a, rasterio.open(outs["procs"]) as b:
         assert np.array_equal(a.read(), b.read())
@@ -243,16 +251,7 @@ def test_prewarped_layers_match_per_strip_warps(
         return folder
 
     monkeypatch.setattr(downscale_strips, "materialize_warps", spy)
-    outs = {}
-    for mode, env in (("threads", "CARBONSR_READ_THREADS"), ("procs", "CARBONSR_READ_PROCS")):
-        monkeypatch.delenv("CARBONSR_READ_PROCS", raising=False)
-        monkeypatch.delenv("CARBONSR_READ_THREADS", raising=False)
-        monkeypatch.setenv(env, "2" if mode == "procs" else "1")
-        out = outs[mode] = tmp_path / f"{mode}.tif"
-        s = downscale(small_region["main"], [small_region["aux"]], out, checkpoint=small_ckpt, device="cpu",
-                      progress=False, batch_size=4)
-        assert s.conservation.ok
-        assert_conserves(out, small_region["main"], 10)
+    outs = _thread_and_process_runs(small_region, small_ckpt, tmp_path, monkeypatch)
     assert len(made) == 1 and not made[0].exists()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     with rasterio.open(outs["threads"]) as a, rasterio.open(outs["procs"]) as b:
