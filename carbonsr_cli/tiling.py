@@ -384,6 +384,53 @@ class Blender:
         self.acc[:, br0:br1, bc0:bc1] += p[:, tr, tc] * w
         self.wsum[br0:br1, bc0:bc1] += w
 
+    def add_row(self, row: Sequence[Tile], preds: Sequence[Any]) -> bool:
+        """Add a row of equally spaced, equally shaped tiles with one ``fold`` (torch only).
+
+        Same sums as :meth:`add` tile by tile (up to float rounding of the summation order),
+        in a handful of kernels instead of four per tile. Returns False (nothing added) when
+        the row does not qualify; the caller then adds tile by tile.
+        """
+        if self.device is None or len(row) < 2:
+            return False
+        import torch
+        import torch.nn.functional as F  # noqa: N812
+
+        wins = [t.child_window for t in row]
+        th, tw = int(wins[0].height), int(wins[0].width)
+        step = int(wins[1].col_off - wins[0].col_off)
+        if step <= 0 or any(
+            int(w.height) != th or int(w.width) != tw or int(w.row_off) != int(wins[0].row_off)
+            or int(w.col_off) != int(wins[0].col_off) + k * step
+            for k, w in enumerate(wins)
+        ):
+            return False
+        n = len(row)
+        p = torch.stack([q.float() if q.ndim == 3 else q.float()[None] for q in preds])  # [N, C, th, tw]
+        if tuple(p.shape[1:]) != (self.channels, th, tw):
+            raise ValueError(f"prediction shape {tuple(p.shape[1:])} != ({self.channels}, {th}, {tw})")
+        key = (th, tw, row[0].overlap_parent * row[0].factor)
+        w = self._w_cache.get(key)
+        if w is None:
+            w = self._w_cache[key] = torch.as_tensor(np.asarray(row[0].weights(), dtype=np.float32)).to(self.device)
+        width = (n - 1) * step + tw
+        fold = {"output_size": (th, width), "kernel_size": (th, tw), "stride": (th, step)}
+        cols = (p * w).permute(1, 2, 3, 0).reshape(1, self.channels * th * tw, n)
+        acc = F.fold(cols, **fold)[0]  # [C, th, width]
+        wkey = ("wsum", th, tw, step, n, key[2])
+        wsum = self._w_cache.get(wkey)
+        if wsum is None:
+            wsum = self._w_cache[wkey] = F.fold(w.reshape(1, th * tw, 1).expand(1, th * tw, n).contiguous(), **fold)[0, 0]
+        r0 = int(wins[0].row_off) - self.row_off
+        c0 = int(wins[0].col_off) - self.col_off
+        br0, br1 = max(r0, 0), min(r0 + th, self.height)
+        bc0, bc1 = max(c0, 0), min(c0 + width, self.width)
+        if br1 > br0 and bc1 > bc0:
+            tr, tc = slice(br0 - r0, br1 - r0), slice(bc0 - c0, bc1 - c0)
+            self.acc[:, br0:br1, bc0:bc1] += acc[:, tr, tc]
+            self.wsum[br0:br1, bc0:bc1] += wsum[tr, tc]
+        return True
+
     def finalize(self, rows: slice | None = None) -> np.ndarray:
         """Blended band ``[channels, height, width]`` float32 (NaN where nothing was added)."""
         rows = rows or slice(None)
@@ -449,8 +496,9 @@ class BlendStream:
         ch = self.layout.child_height
         stop = min(max(int(t.child_window.row_off + t.child_window.height) for t in row), ch)
         blender = self._ensure(self.done, max(stop, self.done))
-        for tile, pred in zip(row, preds):
-            blender.add(pred, tile)
+        if self.device is None or not blender.add_row(row, preds):
+            for tile, pred in zip(row, preds):
+                blender.add(pred, tile)
         ready = self.layout.ready_until(i)
         if ready <= self.done:
             return []

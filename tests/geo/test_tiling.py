@@ -160,3 +160,27 @@ def test_blender_weighted_average_in_overlap() -> None:
     assert np.allclose(out[:, :2], 1.0) and np.allclose(out[:, 2:4], 3.0) and np.allclose(out[:, 4:], 4.0)
     empty = Blender(2, 2).finalize()
     assert np.isnan(empty).all()
+
+
+@pytest.mark.parametrize("ph,pw,overlap", [(30, 41, 2), (13, 9, 1), (25, 25, 0), (8, 30, 5), (1, 1, 2)])
+def test_device_blend_stream_matches_numpy(ph: int, pw: int, overlap: int) -> None:
+    """The torch BlendStream (CUDA path; one ``fold`` per tile row) hands back the numpy bands."""
+    import torch
+
+    lay = TileLayout(ph, pw, 2, 24, overlap)
+    rng = np.random.default_rng(0)
+    host = BlendStream(lay, channels=2)
+    dev = BlendStream(lay, channels=2, device=torch.device("cpu"))
+    rows_out = 0
+    for i, row in enumerate(lay.rows()):
+        preds = [rng.standard_normal((2, *t.shape)).astype(np.float32) for t in row]
+        got_h = host.push(i, row, preds)
+        got_d = dev.push(i, row, [torch.from_numpy(p) for p in preds])
+        assert len(got_h) == len(got_d)
+        for (wh, bh), (wd, bd) in zip(got_h, got_d):
+            assert wh == wd
+            bd = bd.numpy()
+            assert np.array_equal(np.isnan(bh), np.isnan(bd))
+            assert np.allclose(bh, bd, rtol=1e-5, atol=1e-6, equal_nan=True)
+            rows_out += int(wh.height)
+    assert rows_out == lay.child_height
