@@ -927,21 +927,16 @@ class AuxStack:
         out: dict[Path, Any] = {}
         if not rasters:
             return out
+        from carbonsr_cli.rasters import open_raster
+
         with cf.ThreadPoolExecutor(max_workers=min(len(rasters), 8)) as ex:
             for path, sl in rasters:
-                try:
-                    ds = self._dataset(path)
-                except BaseException:
-                    ex.shutdown(wait=True, cancel_futures=True)
-                    raise
-                # A handle of its own: rasterio datasets are not thread-safe.
-                from carbonsr_cli.rasters import open_raster
-
+                # A handle of its own: rasterio datasets are not thread-safe. An unreadable file
+                # raises here, in order, after waiting for the samples already started.
                 own = open_raster(path, require_north_up=False)
                 fut = ex.submit(sample, own, sorted({s.entry.band for s in sl}), path)
                 fut.add_done_callback(lambda _f, d=own: d.close())
                 out[path] = fut
-            del ds
         return out
 
     def _check_coverage(self) -> None:
@@ -1084,6 +1079,22 @@ class AuxStack:
                     self._alignment(slot.source)
                     self._res_ratio_of(slot.source)
 
+    def warp_targets(self) -> dict[Path, list[_Slot]]:
+        """Continuous raster files read by this stack that only a warp can align to the child grid.
+
+        Returns ``path -> slots`` (each slot once; slots of years the stack does not use are left out).
+        """
+        by_path: dict[Path, list[_Slot]] = {}
+        seen: set[int] = set()
+        for g in self._groups:
+            for slot in g.per_t:
+                if id(slot) in seen:
+                    continue
+                seen.add(id(slot))
+                if slot.op == "value" and slot.source.kind == "continuous" and self._alignment(slot.source) is None:
+                    by_path.setdefault(slot.source.path, []).append(slot)
+        return by_path
+
     def materialize_warps(self, directory: Path, threads: int, rows_per_band: int = 1024) -> list[Path]:
         """Warp every continuous raster that needs a warp onto the child grid once, up front.
 
@@ -1105,11 +1116,7 @@ class AuxStack:
         from rasterio.windows import Window
 
         self._check_process()
-        by_path: dict[Path, list[_Slot]] = {}
-        for g in self._groups:
-            for slot in [*g.by_year.values(), *([g.static] if g.static else [])]:
-                if slot.op == "value" and slot.source.kind == "continuous" and self._alignment(slot.source) is None:
-                    by_path.setdefault(slot.source.path, []).append(slot)
+        by_path = self.warp_targets()
         written: list[Path] = []
         grid = self.grid
         for n, (path, slots) in enumerate(by_path.items()):

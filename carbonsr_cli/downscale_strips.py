@@ -351,10 +351,7 @@ def materialize_warps(stack: Any, work_dir: Path) -> Path | None:
 
     from carbonsr_cli.errors import CarbonSRWarning
 
-    if not any(
-        s.op == "value" and s.source.kind == "continuous" and stack._alignment(s.source) is None
-        for g in stack._groups for s in g.per_t
-    ):
+    if not stack.warp_targets():
         return None
     try:
         folder = Path(tempfile.mkdtemp(prefix=".carbonsr-warp-", dir=work_dir))
