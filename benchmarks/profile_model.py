@@ -66,6 +66,29 @@ def main() -> None:  # noqa: D103
                 pps = timeit(lambda a, m: net(a, m), b, prec)
                 print(f"{('channels_last_3d' if cl else 'contiguous') + ' ' + prec:<28} {b:>6} {pps:>10.0f}", flush=True)
     net.channels_last = True
+    if dev.type == "cuda":
+        # What the downscaling pipeline runs: a bf16 copy of the model, full batches replayed
+        # from a CUDA graph (models/inference.py); checked against eager float32.
+        from models.inference import GraphedForward, low_precision_copy
+
+        low = low_precision_copy(net)
+        b = args.batches[0]
+        a = torch.randn(b, args.aux, args.T, 120, 120, device=dev)
+        m = torch.rand(b, 1, args.T, 120, 120, device=dev)
+        with torch.inference_mode():
+            ref = net(a, m)[0]
+        variants = {
+            "bf16 weights eager": lambda a_, m_: low(a_, m_)[0].float(),
+            "bf16 weights graph": GraphedForward(lambda a_, m_: low(a_, m_)[0].float()),
+            "fp32 graph": GraphedForward(lambda a_, m_: net(a_, m_)[0].float()),
+        }
+        for name, fn in variants.items():
+            pps = timeit(fn, b, "fp32")
+            with torch.inference_mode():
+                diff = float((fn(a, m) - ref).abs().max())
+            err = getattr(fn, "error", None)
+            print(f"{name:<28} {b:>6} {pps:>10.0f}  max |diff| vs fp32 eager {diff:.2e}"
+                  + (f"  CAPTURE FAILED: {err}" if err else ""), flush=True)
     if args.compile:
         t0 = time.perf_counter()
         cnet = torch.compile(net)

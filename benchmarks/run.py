@@ -70,7 +70,7 @@ def _install_timers(device: str) -> dict[str, float]:
     from carbonsr_cli import writer as wr
 
     acc: dict[str, float] = {"read": 0.0, "model": 0.0, "water_fill": 0.0, "baseline_fill": 0.0, "write": 0.0,
-                             "finish": 0.0}
+                             "finish": 0.0, "open_feed": 0.0, "predict_row": 0.0, "blend": 0.0}
     lock = threading.Lock()
     cuda = device.startswith("cuda") or device == "auto"
 
@@ -94,6 +94,11 @@ def _install_timers(device: str) -> dict[str, float]:
     dp._water_fill = timed("water_fill", dp._water_fill, sync=True)
     dp._baseline_fill = timed("baseline_fill", dp._baseline_fill)
     dp._finish_band = timed("finish", dp._finish_band)
+    dp._open_strip_feed = timed("open_feed", dp._open_strip_feed)  # reader start-up and pre-warp
+    dp._predict_row = timed("predict_row", dp._predict_row, sync=True)  # model + batch slicing
+    from carbonsr_cli import tiling
+
+    tiling.BlendStream.push = timed("blend", tiling.BlendStream.push, sync=True)
     wr.RasterWriter.write = timed("write", wr.RasterWriter.write)
     return acc
 
@@ -172,6 +177,7 @@ def downscale_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from carbonsr_cli import downscale_strips
 
     acc["read_wait"] = dp.LAST_RUN_SECONDS.get("read_wait", 0.0)
+    acc["loop"] = dp.LAST_RUN_SECONDS.get("total", 0.0)  # the row loop, after readers are open
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # largest reader process, MiB
     n_read, procs = (downscale_strips.reader_config(s.child_cells) if spec["method"] == "model" else (1, False))
     return {
@@ -252,6 +258,8 @@ def main() -> None:
     ap.add_argument("--ablate", action="store_true",
                     help="also run base with 8 reader threads, 8 reader processes and the first-pass settings "
                          "(1 reader thread, batch 32) for the ratios")
+    ap.add_argument("--variants", nargs="*", default=[],
+                    help="extra downscale runs: base-eager (no CUDA graph), base-8threads, base-8procs, base-1reader-b32")
     ap.add_argument("--workdir", type=Path, default=None, help="where data and outputs go (default: a temp dir)")
     ap.add_argument("--json", type=Path, default=None, help="also write every figure as JSON")
     ap.add_argument("--worker", nargs=2, default=None, help=argparse.SUPPRESS)
@@ -288,7 +296,8 @@ def main() -> None:
 
     methods = ["uniform", "base"] if gpu else ["uniform", "tiny", "base"]
     if args.ablate:
-        methods += ["base-8threads", "base-8procs", "base-1reader-b32"]
+        methods += ["base-eager", "base-8threads", "base-8procs", "base-1reader-b32"]
+    methods += [v for v in args.variants if v not in methods]
     res["downscale"] = {}
     for m in methods:
         spec: dict[str, Any] = {"label": m, "main": str(sd.emissions), "aux": [str(sd.aux_dir)],
@@ -303,6 +312,8 @@ def main() -> None:
                 spec.update(batch_size=32, env={"CARBONSR_READ_THREADS": "1"})
             if m.endswith("-8threads"):
                 spec.update(env={"CARBONSR_READ_THREADS": "8"})
+            if m.endswith("-eager"):
+                spec.update(env={"CARBONSR_CUDA_GRAPHS": "0"})
             if m.endswith("-8procs"):
                 spec.update(env={"CARBONSR_READ_PROCS": "8"})
         r = _child("downscale", spec)

@@ -181,7 +181,7 @@ class DownscaleSummary:
         dtype: Output dtype.
         nodata: Output nodata value.
         device: Torch device used.
-        precision: ``fp32``, ``bf16`` (autocast) or ``float64`` (baselines compute in float64).
+        precision: ``fp32``, ``bf16`` (a bfloat16 copy of the model, CUDA) or ``float64`` (baselines compute in float64).
         batch_size: Tiles per model batch.
         parent_shape: ``(rows, cols)`` of the processed parent window.
         child_shape: ``(rows, cols)`` of the output.

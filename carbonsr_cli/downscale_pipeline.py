@@ -9,8 +9,9 @@ The raster is processed one *row of tiles* at a time (:class:`~carbonsr_cli.tili
    (:mod:`carbonsr_cli.downscale_strips`; on CUDA the strips are copied to the device once and
    joined there). Each thread opens its own dataset handles (rasterio datasets are not
    thread-safe).
-2. The main thread runs the model on batches of tiles (``[B, C_aux, T, H, W]``; bf16 autocast
-   on CUDA when a check on the first batch stays within :data:`BF16_TOL`), blends the
+2. The main thread runs the model on batches of tiles (``[B, C_aux, T, H, W]``; on CUDA a
+   bfloat16 copy of the model when a check on the first batch stays within :data:`BF16_TOL`,
+   full batches replayed from a CUDA graph), blends the
    overlapping raw predictions in the log domain (:class:`~carbonsr_cli.tiling.BlendStream`)
    and water-fills every parent cell in float64 on the device. Baselines skip the model and
    fill the same rows from the totals (and one aux layer for ``dasymetric``).
@@ -202,7 +203,14 @@ def dihedral_inverse(x: Any, d: int) -> Any:
 
 
 class _Predictor:
-    """Runs the model on batches of tiles; decides bf16 vs fp32 on the first CUDA batch."""
+    """Runs the model on batches of tiles.
+
+    On CUDA the first batch decides the precision: a bfloat16 copy of the model
+    (:func:`models.inference.low_precision_copy`) is used when its raw output stays within
+    :data:`BF16_TOL` of float32, else float32. Full batches then replay one CUDA graph
+    (:class:`models.inference.GraphedForward`; ``CARBONSR_CUDA_GRAPHS=0`` turns that off).
+    On CPU the model runs as is (float32, eager).
+    """
 
     def __init__(self, model: Any, normalizer: Any, device: Any, batch_size: int, summary: DownscaleSummary) -> None:
         import torch
@@ -212,11 +220,13 @@ class _Predictor:
         self.device = device
         self.batch_size = max(1, int(batch_size))
         self.summary = summary
-        self.autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        self.checked = not self.autocast
+        self.low_precision = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.use_graphs = device.type == "cuda" and os.environ.get("CARBONSR_CUDA_GRAPHS", "1") != "0"
         #: Keep predictions on the device (CUDA): blending and water-filling run there.
         self.on_device = device.type == "cuda"
-        summary.precision = "bf16" if self.autocast else "fp32"
+        self._run: Any = None  # (normalised aux, main) -> raw [B, 1, T, H, W] float32
+        self.graphed: Any = None
+        summary.precision = "bf16" if self.low_precision else "fp32"
 
     def __call__(self, aux: np.ndarray, main: np.ndarray, n_views: int = 1) -> np.ndarray:
         """Raw log-domain predictions, optionally for the 8 dihedral views of every sample.
@@ -249,6 +259,8 @@ class _Predictor:
                 if n_views > 1:
                     raw = torch.stack([dihedral_inverse(raw[d], d) for d in range(n_views)])
                 outs.append(raw.float() if self.on_device else raw.float().cpu().numpy())
+        if self.graphed is not None and self.graphed.error and not any("CUDA graph" in n for n in self.summary.notes):
+            self.summary.notes.append(f"CUDA graph capture failed ({self.graphed.error}); ran eagerly")
         if self.on_device:
             if not outs:
                 return torch.zeros((n_views, 0, *main.shape[2:]), dtype=torch.float32, device=self.device)
@@ -258,24 +270,33 @@ class _Predictor:
         return np.concatenate(outs, axis=1)
 
     def _forward(self, a: Any, m: Any) -> Any:
-        import torch
+        if self._run is None:
+            self._run = self._choose(a, m)
+        return self._run(a, m)
 
-        if not self.checked:
-            self.checked = True
-            ref, _ = self.model(a, m)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                low, _ = self.model(a, m)
-            diff = float((low.float() - ref.float()).abs().max())
-            if not math.isfinite(diff) or diff > BF16_TOL:
-                self.autocast = False
+    def _choose(self, a: Any, m: Any) -> Any:
+        """The forward function for all batches, decided on the first one."""
+        from models.inference import GraphedForward, low_precision_copy
+
+        model = self.model
+        if self.low_precision:
+            ref = model(a, m)[0]
+            low = low_precision_copy(model)
+            diff = float((low(a, m)[0].float() - ref.float()).abs().max())
+            if math.isfinite(diff) and diff <= BF16_TOL:
+                model = low
+            else:
+                self.low_precision = False
                 self.summary.precision = "fp32"
                 self.summary.notes.append(f"bf16 differed from fp32 by {diff:.3g} (> {BF16_TOL}); ran in fp32")
-                return ref
-            return low
-        if self.autocast:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                return self.model(a, m)[0]
-        return self.model(a, m)[0]
+
+        def run(a_: Any, m_: Any) -> Any:
+            return model(a_, m_)[0].float()
+
+        if self.use_graphs:
+            self.graphed = GraphedForward(run)
+            return self.graphed
+        return run
 
 
 def unique_windows(windows: list[tuple[list[int], int]]) -> tuple[list[list[int]], list[tuple[int, int]]]:

@@ -161,6 +161,10 @@ class DSTCarbonFormer(nn.Module):
         cfg = self.config
         n_levels = len(cfg.widths)
         skips: list[Tensor] = []
+        # Inputs follow the weights' dtype (a bf16 copy of the model for inference); the
+        # residual ``main + delta`` in ``forward`` keeps the caller's (float32) ``main``.
+        dtype = (self.aux_stem if cfg.use_sft else self.stem).weight.dtype
+        aux, main = aux.to(dtype), main.to(dtype)
         if cfg.use_sft:
             a = self.aux_stem(aux)
             x = self.main_stem(main)
