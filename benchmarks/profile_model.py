@@ -77,8 +77,16 @@ def main() -> None:  # noqa: D103
         m = torch.rand(b, 1, args.T, 120, 120, device=dev)
         with torch.inference_mode():
             ref = net(a, m)[0]
+        def contiguous(a_: torch.Tensor, m_: torch.Tensor) -> torch.Tensor:
+            low.channels_last = False
+            try:
+                return low(a_, m_)[0].float()
+            finally:
+                low.channels_last = True
+
         variants = {
             "bf16 weights eager": lambda a_, m_: low(a_, m_)[0].float(),
+            "bf16 weights contiguous": contiguous,
             "bf16 weights graph": GraphedForward(lambda a_, m_: low(a_, m_)[0].float()),
             "fp32 graph": GraphedForward(lambda a_, m_: net(a_, m_)[0].float()),
         }

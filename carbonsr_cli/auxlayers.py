@@ -898,7 +898,8 @@ class AuxStack:
         """Start reading every raster source on the decimated sample grid, one thread per file.
 
         The warp of a decimated grid still decompresses the whole source, ~1-2 s for a
-        10,000 x 10,000 layer; the files are read in parallel (GDAL releases the GIL). Datasets
+        10,000 x 10,000 layer; the files are read in parallel (GDAL releases the GIL), each with
+        multi-threaded block decoding (:func:`~carbonsr_cli.rasters.decode_threads_env`). Datasets
         are opened here, in this thread. Returns ``path -> Future`` of ``[bands, sh, sw]`` float64
         (NaN = nodata/outside); ``result()`` raises ``InputDataError`` for an unreadable file.
         """
@@ -914,7 +915,7 @@ class AuxStack:
             if ds.nodata is not None:
                 kwargs["src_nodata"] = ds.nodata
             try:
-                with WarpedVRT(
+                with decode_threads_env(), WarpedVRT(
                     ds, crs=self.grid.crs, transform=t, width=sw, height=sh, resampling=Resampling.nearest,
                     nodata=float("nan"), dtype="float64", **kwargs,
                 ) as vrt:
@@ -927,7 +928,7 @@ class AuxStack:
         out: dict[Path, Any] = {}
         if not rasters:
             return out
-        from carbonsr_cli.rasters import open_raster
+        from carbonsr_cli.rasters import decode_threads_env, open_raster
 
         with cf.ThreadPoolExecutor(max_workers=min(len(rasters), 8)) as ex:
             for path, sl in rasters:
@@ -1098,57 +1099,94 @@ class AuxStack:
     def materialize_warps(self, directory: Path, threads: int, rows_per_band: int = 1024) -> list[Path]:
         """Warp every continuous raster that needs a warp onto the child grid once, up front.
 
-        Each such file (e.g. an EPSG:4326 layer under a UTM grid) is warped by GDAL with
-        ``threads`` threads, in bands of ``rows_per_band`` child rows, into an uncompressed
-        float32 GeoTIFF on the child grid in ``directory`` (NaN = nodata/outside); its slots
-        then read that file without a warp. Same warp options as the per-window reads (the
-        slot's resampling, the source nodata); values can differ from a per-window warp by
+        Each such file (e.g. an EPSG:4326 layer under a UTM grid) is warped by GDAL in bands
+        of ``rows_per_band`` child rows, several bands at once (each in a thread with its own
+        dataset handle, warping and decoding blocks with a share of ``threads``), into an
+        uncompressed float32 GeoTIFF on the child grid in ``directory`` (NaN = nodata/outside);
+        its slots then read that file without a warp. Same warp options as the per-window reads
+        (the slot's resampling, the source nodata); values can differ from a per-window warp by
         GDAL's approximate-transformer error (<= 0.125 source pixel of position).
 
         Returns:
             The files written (the caller deletes them, after closing this stack).
         """
+        import concurrent.futures as cf
         import dataclasses
+        import threading
 
         import rasterio
         from rasterio.enums import Resampling
         from rasterio.warp import reproject
         from rasterio.windows import Window
 
+        from carbonsr_cli.rasters import decode_threads_env, open_raster
+
         self._check_process()
         by_path = self.warp_targets()
         written: list[Path] = []
         grid = self.grid
-        for n, (path, slots) in enumerate(by_path.items()):
-            ds = self._dataset(path)
-            keys = sorted({(s.entry.band, s.resampling) for s in slots})
-            out = Path(directory) / f"warp{n}_{path.stem}.tif"
-            profile = {
-                "driver": "GTiff", "width": grid.width, "height": grid.height, "count": len(keys), "dtype": "float32",
-                "crs": grid.crs, "transform": grid.transform, "nodata": float("nan"), "tiled": True,
-                "blockxsize": 256, "blockysize": 256, "BIGTIFF": "IF_SAFER",
-            }
-            written.append(out)
-            with rasterio.open(out, "w", **profile) as dst:
-                for r0 in range(0, grid.height, rows_per_band):
-                    h = min(rows_per_band, grid.height - r0)
-                    for b, (band, resampling) in enumerate(keys, start=1):
-                        arr = np.full((h, grid.width), np.nan, dtype=np.float32)
+        threads = max(1, int(threads))
+        n_par = min(4, threads, -(-grid.height // rows_per_band))
+        per = max(1, threads // n_par)
+        local = threading.local()
+        write_lock = threading.Lock()
+        opened: list[Any] = []
+
+        def warp_band(path: Path, dst: Any, r0: int, keys: list[tuple[int, str]], nodata: Any) -> None:
+            handles = getattr(local, "handles", None)
+            if handles is None:
+                handles = local.handles = {}
+            src = handles.get(path)
+            if src is None:
+                src = handles[path] = open_raster(path, require_north_up=False)
+                opened.append(src)
+            h = min(rows_per_band, grid.height - r0)
+            win = Window(0, r0, grid.width, h)
+            for b, (band, resampling) in enumerate(keys, start=1):
+                arr = np.full((h, grid.width), np.nan, dtype=np.float32)
+                try:
+                    with decode_threads_env(per):
+                        reproject(
+                            rasterio.band(src, band), arr, src_nodata=nodata, dst_nodata=float("nan"),
+                            dst_transform=grid.window_transform(win), dst_crs=grid.crs,
+                            resampling=Resampling[resampling], num_threads=per,
+                        )
+                except Exception as exc:  # noqa: BLE001 - GDAL read/warp error
+                    msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                    raise InputDataError(f"cannot read aux data (truncated or corrupt file?): {msg}", path) from None
+                with write_lock:
+                    dst.write(arr, b, window=win)
+
+        try:
+            with cf.ThreadPoolExecutor(max_workers=n_par, thread_name_prefix="carbonsr-warp") as ex:
+                for n, (path, slots) in enumerate(by_path.items()):
+                    ds = self._dataset(path)
+                    keys = sorted({(s.entry.band, s.resampling) for s in slots})
+                    out = Path(directory) / f"warp{n}_{path.stem}.tif"
+                    profile = {
+                        "driver": "GTiff", "width": grid.width, "height": grid.height, "count": len(keys),
+                        "dtype": "float32", "crs": grid.crs, "transform": grid.transform, "nodata": float("nan"),
+                        "tiled": True, "blockxsize": 256, "blockysize": 256, "BIGTIFF": "IF_SAFER",
+                    }
+                    written.append(out)
+                    with rasterio.open(out, "w", **profile) as dst:
+                        futs = [ex.submit(warp_band, path, dst, r0, keys, ds.nodata)
+                                for r0 in range(0, grid.height, rows_per_band)]
                         try:
-                            reproject(
-                                rasterio.band(ds, band), arr, src_nodata=ds.nodata, dst_nodata=float("nan"),
-                                dst_transform=grid.window_transform(Window(0, r0, grid.width, h)), dst_crs=grid.crs,
-                                resampling=Resampling[resampling], num_threads=max(1, int(threads)),
-                            )
-                        except Exception as exc:  # noqa: BLE001 - GDAL read/warp error
-                            msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-                            raise InputDataError(f"cannot read aux data (truncated or corrupt file?): {msg}", path) from None
-                        dst.write(arr, b, window=Window(0, r0, grid.width, h))
-            warped = dataclasses.replace(slots[0].source, path=out, nodata=float("nan"))
-            for s in slots:
-                s.source = warped
-                s.entry = dataclasses.replace(s.entry, band=keys.index((s.entry.band, s.resampling)) + 1)
-                s.resampling = "average"  # one pixel per child cell: any of average/nearest reads it as is
+                            for fut in futs:
+                                fut.result()
+                        finally:
+                            for fut in futs:
+                                fut.cancel()
+                            cf.wait(futs)
+                    warped = dataclasses.replace(slots[0].source, path=out, nodata=float("nan"))
+                    for s in slots:
+                        s.source = warped
+                        s.entry = dataclasses.replace(s.entry, band=keys.index((s.entry.band, s.resampling)) + 1)
+                        s.resampling = "average"  # one pixel per child cell: any of average/nearest reads it as is
+        finally:
+            for src in opened:
+                src.close()
         return written
 
     def reader_copy(self) -> AuxStack:

@@ -156,6 +156,16 @@ class ConservationCheck:
     nodata_mismatch: int = 0
     ok: bool = True
 
+    def merge(self, other: ConservationCheck) -> None:
+        """Add the counts and take the largest errors of ``other`` (a check of other rows)."""
+        self.max_rel_error = max(self.max_rel_error, other.max_rel_error)
+        self.max_abs_error = max(self.max_abs_error, other.max_abs_error)
+        self.blocks += other.blocks
+        self.zero_blocks_violated += other.zero_blocks_violated
+        self.negatives += other.negatives
+        self.nans += other.nans
+        self.nodata_mismatch += other.nodata_mismatch
+
     def finish(self) -> ConservationCheck:
         """Set :attr:`ok` from the other fields and return self."""
         self.ok = bool(
@@ -812,7 +822,8 @@ def _checked_stack(sources: Sequence[Any], child: ChildGrid, years: Sequence[str
 def check_written_conservation(path: str | os.PathLike[str], plan: Plan) -> ConservationCheck:
     """Re-read the written output and compare its block sums with the parent totals.
 
-    Streams over bands of parent rows; child values are summed in float64. Nodata children
+    Streams over bands of parent rows (up to 6 bands at once, in threads with their own
+    dataset handles); child values are summed in float64. Nodata children
     must coincide exactly with nodata parents.
 
     Args:
@@ -822,50 +833,78 @@ def check_written_conservation(path: str | os.PathLike[str], plan: Plan) -> Cons
     Returns:
         A :class:`ConservationCheck`.
     """
+    import concurrent.futures as cf
+    import threading
+
+    from carbonsr_cli.rasters import decode_threads_env, open_raster
+
+    h, w = plan.grid.height, plan.grid.width
+    step = max(1, (1 << 21) // max(1, w * plan.factor**2 * len(plan.out_bands)))
+    n_threads = max(1, min(6, (os.cpu_count() or 1), -(-h // step)))
+    local = threading.local()
+    opened: list[Any] = []
+
+    def band(r0: int) -> ConservationCheck:
+        handles = getattr(local, "handles", None)
+        if handles is None:  # rasterio datasets are not thread-safe: one pair per thread
+            handles = local.handles = (open_raster(plan.main_path), open_raster(path))
+            opened.extend(handles)
+        with decode_threads_env(1 if n_threads > 1 else "ALL_CPUS"):
+            return _check_rows(handles[0], handles[1], plan, r0, min(h, r0 + step))
+
+    res = ConservationCheck()
+    try:
+        with cf.ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="carbonsr-check") as ex:
+            for part in ex.map(band, range(0, h, step)):
+                res.merge(part)
+    finally:
+        for ds in opened:
+            ds.close()
+    return res.finish()
+
+
+def _check_rows(main_ds: Any, out_ds: Any, plan: Plan, r0: int, r1: int) -> ConservationCheck:
+    """Conservation figures of parent rows ``[r0, r1)`` (one band of :func:`check_written_conservation`)."""
     from rasterio.windows import Window
 
-    from carbonsr_cli.rasters import open_raster, read_window
+    from carbonsr_cli.rasters import read_window
 
     f = plan.factor
+    w = plan.grid.width
     res = ConservationCheck()
-    h, w = plan.grid.height, plan.grid.width
-    step = max(1, (1 << 21) // max(1, w * f * f * len(plan.out_bands)))
-    with open_raster(plan.main_path) as main_ds, open_raster(path) as out_ds:
-        nodata = out_ds.nodata
-        for r0 in range(0, h, step):
-            r1 = min(h, r0 + step)
-            totals = read_totals(main_ds, plan, r0, r1, plan.out_bands)
-            kids = read_window(out_ds, Window(0, r0 * f, w * f, (r1 - r0) * f), out_dtype="float64")
-            kid_nd = _is_nodata(kids, nodata)
-            if plan.unit is not None:
-                kids = _child_density_to_totals(kids, plan, r0, r1)
-            nb = kids.shape[0]
-            kb = kids.reshape(nb, r1 - r0, f, w, f)
-            ndb = kid_nd.reshape(nb, r1 - r0, f, w, f)
-            par_nd = np.isnan(totals)
-            any_nd = ndb.any(axis=(2, 4))
-            all_nd = ndb.all(axis=(2, 4))
-            res.nodata_mismatch += int((par_nd & ~all_nd).sum() + (~par_nd & any_nd).sum())
-            valid = ~par_nd & ~any_nd
-            vk = np.where(ndb, 0.0, kb)
-            nonfinite = ~np.isfinite(vk)
-            res.nans += int((nonfinite & valid[:, :, None, :, None]).sum())
-            vk = np.where(nonfinite, 0.0, vk)
-            res.negatives += int(((vk < 0) & valid[:, :, None, :, None]).sum())
-            sums = vk.sum(axis=(2, 4))
-            s = totals[valid]
-            got = sums[valid]
-            res.blocks += int(valid.sum())
-            if s.size:
-                err = np.abs(got - s)
-                res.max_abs_error = max(res.max_abs_error, float(err.max()))
-                pos = s > 0
-                if pos.any():
-                    res.max_rel_error = max(res.max_rel_error, float((err[pos] / s[pos]).max()))
-                zero_blocks = (totals == 0) & valid
-                nz_child = (vk != 0).any(axis=(2, 4))
-                res.zero_blocks_violated += int((zero_blocks & nz_child).sum())
-    return res.finish()
+    nodata = out_ds.nodata
+    totals = read_totals(main_ds, plan, r0, r1, plan.out_bands)
+    kids = read_window(out_ds, Window(0, r0 * f, w * f, (r1 - r0) * f), out_dtype="float64")
+    kid_nd = _is_nodata(kids, nodata)
+    if plan.unit is not None:
+        kids = _child_density_to_totals(kids, plan, r0, r1)
+    nb = kids.shape[0]
+    kb = kids.reshape(nb, r1 - r0, f, w, f)
+    ndb = kid_nd.reshape(nb, r1 - r0, f, w, f)
+    par_nd = np.isnan(totals)
+    any_nd = ndb.any(axis=(2, 4))
+    all_nd = ndb.all(axis=(2, 4))
+    res.nodata_mismatch += int((par_nd & ~all_nd).sum() + (~par_nd & any_nd).sum())
+    valid = ~par_nd & ~any_nd
+    vk = np.where(ndb, 0.0, kb)
+    nonfinite = ~np.isfinite(vk)
+    res.nans += int((nonfinite & valid[:, :, None, :, None]).sum())
+    vk = np.where(nonfinite, 0.0, vk)
+    res.negatives += int(((vk < 0) & valid[:, :, None, :, None]).sum())
+    sums = vk.sum(axis=(2, 4))
+    s = totals[valid]
+    got = sums[valid]
+    res.blocks += int(valid.sum())
+    if s.size:
+        err = np.abs(got - s)
+        res.max_abs_error = max(res.max_abs_error, float(err.max()))
+        pos = s > 0
+        if pos.any():
+            res.max_rel_error = max(res.max_rel_error, float((err[pos] / s[pos]).max()))
+        zero_blocks = (totals == 0) & valid
+        nz_child = (vk != 0).any(axis=(2, 4))
+        res.zero_blocks_violated += int((zero_blocks & nz_child).sum())
+    return res
 
 
 def _child_density_to_totals(kids: np.ndarray, plan: Plan, r0: int, r1: int) -> np.ndarray:

@@ -85,6 +85,8 @@ class BandData:
     aux: np.ndarray | None = None
     weights: np.ndarray | None = None
     origin: tuple[int, int] = (0, 0)
+    #: The tiles of tile-row ``i`` (first chunk of a row only; built here, off the main thread).
+    row: list[Any] | None = None
 
 
 class _BandReader:
@@ -320,21 +322,33 @@ def _iter_batches(data: BandData, row: list[Any], uniq: list[list[int]], batch_s
     Samples are ordered tile-major (``k * U + u`` for ``U`` distinct windows); at most
     ``batch_size`` per batch, so the stacked copy never exceeds one batch. With a CUDA
     ``device`` the chunk's inputs are copied to the device once (one large transfer instead of
-    a host-side stack and a transfer per batch) and batches are torch tensors stacked there.
+    a host-side stack and a transfer per batch) and batches are torch tensors made there.
+    Tiles at a regular column step (every row of a :class:`~carbonsr_cli.tiling.TileLayout`)
+    are cut out of the chunk by one strided view per batch instead of one slice per tile.
     """
     assert data.aux is not None and data.main is not None
-    oy, ox = data.origin
     src_aux: Any = data.aux
     src_main: Any = data.main
-    stack: Any = np.stack
-    if device is not None and getattr(device, "type", "cpu") == "cuda":
+    on_cuda = device is not None and getattr(device, "type", "cpu") == "cuda"
+    if on_cuda:
         import torch
 
         if isinstance(src_aux, np.ndarray):
             src_aux = torch.from_numpy(src_aux).to(device)
         src_main = torch.from_numpy(data.main).to(device)
-        stack = torch.stack
     slices = [slice(idx[0], idx[-1] + 1) if list(idx) == list(range(idx[0], idx[-1] + 1)) else list(idx) for idx in uniq]
+    views = _tile_views(src_aux, src_main, row, slices, data.origin)
+    if views is not None:
+        aux_v, main_v = views  # [N, C, T, th, tw] and [N, 1, T, th, tw] strided views
+        for s in range(0, aux_v.shape[0], batch_size):
+            a, m = aux_v[s : s + batch_size], main_v[s : s + batch_size]
+            if isinstance(a, np.ndarray):
+                yield np.ascontiguousarray(a), np.ascontiguousarray(m)
+            else:
+                yield a.contiguous(), m.contiguous()
+        return
+    stack: Any = torch.stack if on_cuda else np.stack
+    oy, ox = data.origin
     auxs: list[Any] = []
     mains: list[Any] = []
     for tile in row:
@@ -343,7 +357,7 @@ def _iter_batches(data: BandData, row: list[Any], uniq: list[list[int]], batch_s
         cs = slice(int(cw.col_off) - ox, int(cw.col_off + cw.width) - ox)
         a_t = src_aux[:, :, rs, cs]
         m_t = src_main[:, rs, cs]
-        for idx, sl in zip(uniq, slices):
+        for sl in slices:
             auxs.append(a_t[:, sl])  # a view when the window is a run of years
             mains.append(m_t[sl][None])
             if len(auxs) == batch_size:
@@ -351,6 +365,46 @@ def _iter_batches(data: BandData, row: list[Any], uniq: list[list[int]], batch_s
                 auxs, mains = [], []
     if auxs:
         yield stack(auxs), stack(mains)
+
+
+def _tile_views(src_aux: Any, src_main: Any, row: list[Any], slices: list[Any], origin: tuple[int, int]) -> Any:
+    """All samples of ``row`` as strided views ``([N, C, T, th, tw], [N, 1, T, th, tw])``.
+
+    Works for numpy arrays and torch tensors. Returns None unless there is one window of
+    consecutive years (one sample per tile) and the tiles share their rows and size and sit at
+    a constant column step; then the caller slices tile by tile.
+    """
+    if not row or len(slices) != 1 or isinstance(slices[0], list):
+        return None
+    wins = [t.child_window for t in row]
+    oy, ox = origin
+    th, tw = int(wins[0].height), int(wins[0].width)
+    r0, c0 = int(wins[0].row_off) - oy, int(wins[0].col_off) - ox
+    step = int(wins[1].col_off - wins[0].col_off) if len(wins) > 1 else tw
+    if step <= 0 or any(
+        int(w.height) != th or int(w.width) != tw or int(w.row_off) - oy != r0 or int(w.col_off) - ox != c0 + k * step
+        for k, w in enumerate(wins)
+    ):
+        return None
+    n = len(wins)
+    width = (n - 1) * step + tw
+    a = src_aux[:, :, r0 : r0 + th, c0 : c0 + width]  # [C, T_all, th, width]
+    m = src_main[:, r0 : r0 + th, c0 : c0 + width][None]  # [1, T_all, th, width]
+    if a.shape[-1] != width or m.shape[-1] != width:
+        return None
+    if isinstance(a, np.ndarray):
+        from numpy.lib.stride_tricks import sliding_window_view
+
+        def tiles(x: Any) -> Any:  # [c, t, th, width] -> [n, c, t, th, tw]
+            return np.moveaxis(sliding_window_view(x, tw, axis=-1)[..., ::step, :], -2, 0)
+
+    else:
+
+        def tiles(x: Any) -> Any:
+            return x.unfold(-1, tw, step).movedim(-2, 0)
+
+    (sl,) = slices
+    return tiles(a[:, sl]), tiles(m[:, sl])
 
 
 def _predict_row(
@@ -553,6 +607,8 @@ def run_pipeline(
             rd = local.reader = _BandReader(plan, layout, chunks)
             readers.append(rd)
         data = rd.read(i, j)
+        if j == 0:
+            data.row = layout.row(i)
         if feed is not None:  # model: aux inputs assembled from the row strips
             from carbonsr_cli.downscale_strips import assemble
 
@@ -611,7 +667,7 @@ def run_pipeline(
                 read_wait += time.perf_counter() - tw
                 r0, r1 = data.out_rows
                 if j == 0:
-                    row = layout.row(i)
+                    row = data.row if data.row is not None else layout.row(i)
                     totals = data.totals
                     preds = [[] for _ in range(n_views)]
                 if is_model:

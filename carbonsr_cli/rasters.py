@@ -27,10 +27,25 @@ if TYPE_CHECKING:
     from rasterio.io import DatasetReader
     from rasterio.windows import Window
 
-__all__ = ["open_raster", "read_window", "read_years", "year_in_name", "check_north_up"]
+__all__ = ["open_raster", "read_window", "read_years", "year_in_name", "check_north_up", "decode_threads_env"]
 
 #: A 4-digit year (1900-2099) not embedded in a longer number.
 _YEAR_RE = re.compile(r"(?<!\d)(19\d{2}|20\d{2})(?!\d)")
+
+
+def decode_threads_env(threads: int | str = "ALL_CPUS") -> Any:
+    """A ``rasterio.Env`` in which GDAL decodes the blocks of one read in parallel threads.
+
+    ``GDAL_NUM_THREADS`` makes the GTiff driver (GDAL >= 3.6; older versions ignore it)
+    decompress the blocks of a read that spans several blocks in parallel, e.g. a whole-raster
+    warp or a band of rows of a DEFLATE file. Enter it in the thread that reads: rasterio sets
+    config options per thread. A ``GDAL_NUM_THREADS`` environment variable wins.
+    """
+    import rasterio
+
+    if "GDAL_NUM_THREADS" in os.environ:
+        return rasterio.Env()
+    return rasterio.Env(GDAL_NUM_THREADS=str(threads))
 
 
 def _gdal_message(exc: BaseException) -> str:

@@ -29,6 +29,7 @@ The JSON written here travels with every training run and checkpoint. Keys:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -497,6 +498,16 @@ def load_stats(path: str | os.PathLike[str]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- normalisation
 
 
+@functools.lru_cache(maxsize=64)
+def _torch_const(values: tuple[Any, ...], dtype: Any, device: Any, shape: tuple[int, ...]) -> Any:
+    """A per-channel constant as a tensor on ``device`` (cached: a host-to-device copy per batch
+    would otherwise cost more than the arithmetic it feeds)."""
+    import torch
+
+    with torch.inference_mode(False):  # a normal tensor: usable in and outside inference mode
+        return torch.tensor(values, dtype=dtype, device=device).reshape(shape)
+
+
 @dataclass(frozen=True)
 class AuxNormalizer:
     """Per-channel normalisation of aux stacks: transform, clip, standardise.
@@ -561,8 +572,8 @@ class AuxNormalizer:
 
             dt = x.dtype if x.is_floating_point() else torch.float32
 
-            def const(v: Sequence[Any]) -> Any:
-                return torch.tensor(v, dtype=dt, device=x.device).reshape(shape)
+            def const(v: tuple[Any, ...]) -> Any:
+                return _torch_const(v, dt, x.device, tuple(shape))
 
             y = x.to(dt)
             logm = const(self.log1p).bool()
