@@ -60,47 +60,66 @@ def _peak_rss_mb() -> float:
 # ------------------------------------------------------------------------------------------
 
 
-def _install_timers(device: str) -> dict[str, float]:
-    """Wrap the pipeline's stage functions with wall-clock accumulators (seconds)."""
+def _install_timers(device: str) -> tuple[dict[str, float], Any]:
+    """Wrap the pipeline's stage functions with accumulators (seconds).
+
+    Host stages accumulate wall-clock time. GPU stages (model, batch slicing, blending,
+    water-fill) on CUDA accumulate the time between two CUDA events recorded around each call
+    (no host synchronisation, which would serialise the pipeline being measured): the span
+    from the end of the work queued before the call to the end of the call's own work.
+    Returns the accumulator and a function that adds the event times (call it at the end).
+    """
     import threading
 
     import torch
 
     from carbonsr_cli import downscale_pipeline as dp
+    from carbonsr_cli import tiling
     from carbonsr_cli import writer as wr
 
     acc: dict[str, float] = {"read": 0.0, "model": 0.0, "water_fill": 0.0, "baseline_fill": 0.0, "write": 0.0,
                              "finish": 0.0, "open_feed": 0.0, "predict_row": 0.0, "blend": 0.0}
+    events: dict[str, list[Any]] = {}
     lock = threading.Lock()
-    cuda = device.startswith("cuda") or device == "auto"
+    cuda = (device.startswith("cuda") or device == "auto") and torch.cuda.is_available()
 
-    def timed(name: str, fn: Any, sync: bool = False) -> Any:
+    def timed(name: str, fn: Any, gpu: bool = False) -> Any:
         def wrapper(*a: Any, **k: Any) -> Any:
-            if sync and cuda and torch.cuda.is_available():
-                torch.cuda.synchronize()
+            ev = gpu and cuda
+            if ev:
+                e0 = torch.cuda.Event(enable_timing=True)
+                e0.record()
             t0 = time.perf_counter()
             try:
                 return fn(*a, **k)
             finally:
-                if sync and cuda and torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                with lock:
-                    acc[name] += time.perf_counter() - t0
+                if ev:
+                    e1 = torch.cuda.Event(enable_timing=True)
+                    e1.record()
+                    with lock:
+                        events.setdefault(name, []).append((e0, e1))
+                else:
+                    with lock:
+                        acc[name] += time.perf_counter() - t0
 
         return wrapper
 
-    dp._BandReader.read = timed("read", dp._BandReader.read)
-    dp._Predictor.__call__ = timed("model", dp._Predictor.__call__, sync=True)
-    dp._water_fill = timed("water_fill", dp._water_fill, sync=True)
-    dp._baseline_fill = timed("baseline_fill", dp._baseline_fill)
-    dp._finish_band = timed("finish", dp._finish_band)
-    dp._open_strip_feed = timed("open_feed", dp._open_strip_feed)  # reader start-up and pre-warp
-    dp._predict_row = timed("predict_row", dp._predict_row, sync=True)  # model + batch slicing
-    from carbonsr_cli import tiling
+    def collect() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+        for name, pairs in events.items():
+            acc[name] += sum(e0.elapsed_time(e1) for e0, e1 in pairs) / 1000.0
 
-    tiling.BlendStream.push = timed("blend", tiling.BlendStream.push, sync=True)
+    dp._BandReader.read = timed("read", dp._BandReader.read)
+    dp._Predictor.__call__ = timed("model", dp._Predictor.__call__, gpu=True)
+    dp._water_fill = timed("water_fill", dp._water_fill, gpu=True)
+    dp._baseline_fill = timed("baseline_fill", dp._baseline_fill)
+    dp._finish_band = timed("finish", dp._finish_band)  # writer thread; waits for the GPU copy
     wr.RasterWriter.write = timed("write", wr.RasterWriter.write)
-    return acc
+    dp._open_strip_feed = timed("open_feed", dp._open_strip_feed)  # reader start-up and pre-warp
+    dp._predict_row = timed("predict_row", dp._predict_row, gpu=True)  # model + batch slicing
+    tiling.BlendStream.push = timed("blend", tiling.BlendStream.push, gpu=True)
+    return acc, collect
 
 
 def _tree_pids(pid: int) -> list[int]:
@@ -163,7 +182,7 @@ def downscale_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
-    acc = _install_timers(spec["device"])
+    acc, collect_gpu_times = _install_timers(spec["device"])
     from carbonsr_cli.downscale import downscale
 
     sampler = _PssSampler()
@@ -173,6 +192,7 @@ def downscale_worker(spec: dict[str, Any]) -> dict[str, Any]:
                   check=True)
     wall = time.perf_counter() - t0
     tree_pss = sampler.stop()
+    collect_gpu_times()
     from carbonsr_cli import downscale_pipeline as dp
     from carbonsr_cli import downscale_strips
 
@@ -396,9 +416,10 @@ def _table(res: dict[str, Any], gpu: bool) -> str:
     fmt = lambda r: "  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r))  # noqa: E731
     lines = [fmt(head), "-" * (sum(w) + 8)] + [fmt(r) for r in rows]
     lines.append("")
-    lines.append("stage seconds (read: totals, main input and strip assembly in the preparing thread, which waits for "
-                 "the strip readers; read_wait: main thread waiting for prepared tile rows; read and write overlap "
-                 "the model):")
+    lines.append("stage seconds (CUDA: model, predict_row, blend and water_fill are GPU time between CUDA events, no "
+                 "host sync; read: totals, main input and strip assembly in the preparing thread, which waits for the "
+                 "strip readers; finish + write: writer thread; read_wait: main thread waiting for prepared tile rows; "
+                 "open_feed: reader start-up and pre-warp; loop: the row loop after open_feed):")
     for m, r in ds.items():
         st = r["stages"]
         lines.append(f"  {m:<8} total {r['seconds']:6.2f}  " + "  ".join(f"{k} {v:6.2f}" for k, v in st.items())

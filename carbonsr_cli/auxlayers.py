@@ -934,7 +934,8 @@ class AuxStack:
             for path, sl in rasters:
                 # A handle of its own: rasterio datasets are not thread-safe. An unreadable file
                 # raises here, in order, after waiting for the samples already started.
-                own = open_raster(path, require_north_up=False)
+                with decode_threads_env():  # GTiff reads the option when the file is opened
+                    own = open_raster(path, require_north_up=False)
                 fut = ex.submit(sample, own, sorted({s.entry.band for s in sl}), path)
                 fut.add_done_callback(lambda _f, d=own: d.close())
                 out[path] = fut
@@ -1138,7 +1139,8 @@ class AuxStack:
                 handles = local.handles = {}
             src = handles.get(path)
             if src is None:
-                src = handles[path] = open_raster(path, require_north_up=False)
+                with decode_threads_env(per):  # GTiff reads the option when the file is opened
+                    src = handles[path] = open_raster(path, require_north_up=False)
                 opened.append(src)
             h = min(rows_per_band, grid.height - r0)
             win = Window(0, r0, grid.width, h)

@@ -841,16 +841,17 @@ def check_written_conservation(path: str | os.PathLike[str], plan: Plan) -> Cons
     h, w = plan.grid.height, plan.grid.width
     step = max(1, (1 << 21) // max(1, w * plan.factor**2 * len(plan.out_bands)))
     n_threads = max(1, min(6, (os.cpu_count() or 1), -(-h // step)))
+    decode = max(1, (os.cpu_count() or 1) // n_threads)  # block-decoding threads per read
     local = threading.local()
     opened: list[Any] = []
 
     def band(r0: int) -> ConservationCheck:
         handles = getattr(local, "handles", None)
         if handles is None:  # rasterio datasets are not thread-safe: one pair per thread
-            handles = local.handles = (open_raster(plan.main_path), open_raster(path))
+            with decode_threads_env(decode):  # GTiff reads the option when the file is opened
+                handles = local.handles = (open_raster(plan.main_path), open_raster(path))
             opened.extend(handles)
-        with decode_threads_env(1 if n_threads > 1 else "ALL_CPUS"):
-            return _check_rows(handles[0], handles[1], plan, r0, min(h, r0 + step))
+        return _check_rows(handles[0], handles[1], plan, r0, min(h, r0 + step))
 
     res = ConservationCheck()
     try:

@@ -49,7 +49,7 @@ BF16_TOL = 0.05
 #: Target size of the raw aux inputs of one chunk of tiles (host memory per read, x2 with prefetch).
 CHUNK_BYTES = 64 << 20
 #: Pending writes allowed before the main thread waits for the writer.
-_MAX_PENDING_WRITES = 2
+_MAX_PENDING_WRITES = 3
 
 
 #: Seconds the main thread of the last :func:`run_pipeline` call spent waiting for inputs
@@ -333,9 +333,11 @@ def _iter_batches(data: BandData, row: list[Any], uniq: list[list[int]], batch_s
     if on_cuda:
         import torch
 
+        from carbonsr_cli.devices import to_device
+
         if isinstance(src_aux, np.ndarray):
-            src_aux = torch.from_numpy(src_aux).to(device)
-        src_main = torch.from_numpy(data.main).to(device)
+            src_aux = to_device(src_aux, device)
+        src_main = to_device(data.main, device)
     slices = [slice(idx[0], idx[-1] + 1) if list(idx) == list(range(idx[0], idx[-1] + 1)) else list(idx) for idx in uniq]
     views = _tile_views(src_aux, src_main, row, slices, data.origin)
     if views is not None:
@@ -438,19 +440,32 @@ def _predict_row(
 # --------------------------------------------------------------------------------------
 
 
-def _water_fill(values_log: Any, totals: np.ndarray, f: int, device: Any, out_dtype: Any) -> np.ndarray:
-    """Water-fill a band: ``values_log [Y, h, w]`` (log1p domain), ``totals [Y, h/f, w/f]`` -> children."""
+def _water_fill(values_log: Any, totals: np.ndarray, f: int, device: Any, out_dtype: Any) -> Any:
+    """Water-fill a band: ``values_log [Y, h, w]`` (log1p domain), ``totals [Y, h/f, w/f]`` -> children.
+
+    Returns a :class:`~carbonsr_cli.devices.HostResult` (``.numpy()`` gives ``[Y, h, w]``). On
+    CUDA nothing here waits for the GPU: the totals' counts of inf/negative/NaN are taken on
+    the host, the totals go up and the children come back through page-locked memory.
+    """
     import torch
 
+    from carbonsr_cli.devices import HostResult, to_device
     from models.physics import water_fill
 
     if isinstance(values_log, np.ndarray):
-        values_log = torch.from_numpy(np.ascontiguousarray(values_log))
+        values_log = to_device(values_log, device)
     v = values_log.to(device=device, dtype=torch.float64)  # no copy when blended on the device
     v = torch.expm1(v)[None, None]
-    t = torch.from_numpy(np.ascontiguousarray(totals)).to(device=device, dtype=torch.float64)[None, None]
-    out = water_fill(v, t, f, out_dtype=out_dtype)
-    return out[0, 0].cpu().numpy()
+    tot = np.ascontiguousarray(totals, dtype=np.float64)
+    counts = (int(np.isinf(tot).sum()), int((tot < 0).sum()), int(np.isnan(tot).sum()))
+    t = to_device(tot, device)[None, None]
+    out = water_fill(v, t, f, out_dtype=out_dtype, totals_counts=counts)
+    return HostResult(out[0, 0])
+
+
+def _write_band(writer: Any, band: Any, window: Any) -> None:
+    """Writer-thread job: ``band`` is an array, or a callable that makes it (waiting for the GPU)."""
+    writer.write(band() if callable(band) else band, window)
 
 
 def _baseline_fill(data: BandData, plan: Plan, out_dtype: Any) -> np.ndarray:
@@ -473,10 +488,13 @@ def _baseline_fill(data: BandData, plan: Plan, out_dtype: Any) -> np.ndarray:
     return x[0, 0].numpy()
 
 
-def _finish_band(children: np.ndarray, totals: np.ndarray, plan: Plan, r0: int, out_dtype: str) -> np.ndarray:
-    """Cast, convert to density if needed and put nodata where the parent is nodata."""
+def _finish_band(children: Any, totals: np.ndarray, plan: Plan, r0: int, out_dtype: str) -> np.ndarray:
+    """Cast, convert to density if needed and put nodata where the parent is nodata.
+
+    ``children`` is an array ``[Y, h, w]`` or a :class:`~carbonsr_cli.devices.HostResult`.
+    """
     f = plan.factor
-    out = children
+    out = children.numpy() if hasattr(children, "numpy") and not isinstance(children, np.ndarray) else children
     if plan.unit is not None:
         from rasterio.windows import Window
 
@@ -693,10 +711,14 @@ def run_pipeline(
                     if int(window.row_off) != r0 or int(window.row_off + window.height) != r1:
                         raise RuntimeError(f"blend band {window} does not match the rows read ({r0}, {r1})")
                     filled = [_water_fill(v[0][1], totals, f, device, out_dtype) for v in views]
-                    out = _finish_band(filled[0], totals, plan, r0, dtype)
-                    if unc_writer is not None:
-                        std = np.std(np.stack([x.astype(np.float64) for x in filled]), axis=0)
+                    if unc_writer is None:  # the writer waits for the copy to the host, not this thread
+                        out = functools.partial(_finish_band, filled[0], totals, plan, r0, dtype)
+                    else:
+                        arrays = [h.numpy() for h in filled]
+                        out = _finish_band(arrays[0], totals, plan, r0, dtype)
+                        std = np.std(np.stack([x.astype(np.float64) for x in arrays]), axis=0)
                         extra = _finish_band(std, totals, plan, r0, dtype)
+                        del arrays
                     del filled, views
                 else:
                     _advance(prog, len(row) * n_years)
@@ -705,7 +727,7 @@ def run_pipeline(
                     data.totals = totals
                     out = _finish_band(_baseline_fill(data, plan, out_dtype), totals, plan, r0, dtype)
                 window = _row_window(plan, r0, r1)
-                writes.append(write_ex.submit(writer.write, out, window))
+                writes.append(write_ex.submit(_write_band, writer, out, window))
                 if extra is not None:
                     writes.append(write_ex.submit(unc_writer.write, extra, window))
                 while len(writes) > _MAX_PENDING_WRITES:

@@ -539,13 +539,13 @@ class StripFeed:
             return self.get(i, j)
         if self.device is None:
             return out
-        import torch
+        from carbonsr_cli.devices import to_device
 
         for k in ks:
             with self.lock:
                 t = self.on_device.get((k, j))
             if t is None:
-                t = torch.from_numpy(out[k]).to(self.device)
+                t = to_device(out[k], self.device)  # page-locked, does not wait for queued GPU work
                 with self.lock:
                     self.on_device[(k, j)] = t
             out[k] = t

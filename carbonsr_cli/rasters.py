@@ -38,8 +38,9 @@ def decode_threads_env(threads: int | str = "ALL_CPUS") -> Any:
 
     ``GDAL_NUM_THREADS`` makes the GTiff driver (GDAL >= 3.6; older versions ignore it)
     decompress the blocks of a read that spans several blocks in parallel, e.g. a whole-raster
-    warp or a band of rows of a DEFLATE file. Enter it in the thread that reads: rasterio sets
-    config options per thread. A ``GDAL_NUM_THREADS`` environment variable wins.
+    warp or a band of rows of a DEFLATE file. The driver takes the option when the dataset is
+    opened, so open the file inside this environment (rasterio sets config options per thread).
+    A ``GDAL_NUM_THREADS`` environment variable wins.
     """
     import rasterio
 

@@ -435,6 +435,10 @@ class Blender:
         """Blended band ``[channels, height, width]`` float32 (NaN where nothing was added)."""
         rows = rows or slice(None)
         w = self.wsum[rows]
+        if self.device is not None:  # torch: no boolean-mask assignment (it waits for the GPU)
+            import torch
+
+            return torch.where(w > 0, self.acc[:, rows] / w, float("nan"))
         with np.errstate(invalid="ignore", divide="ignore"):
             out = self.acc[:, rows] / w
         out[:, w <= 0] = float("nan")

@@ -210,6 +210,7 @@ def water_fill(
     *,
     allow_signed: bool = False,
     out_dtype: torch.dtype | None = None,
+    totals_counts: tuple[int, int, int] | None = None,
 ) -> Tensor:
     """Project every ``block x block`` block of ``values`` onto ``{x >= 0, sum x = total}``.
 
@@ -231,6 +232,10 @@ def water_fill(
             children is within 2**-24 (6e-8) relative of ``S`` (for totals above float32's
             smallest normal number, 1.2e-38). In signed blocks (``allow_signed``) the largest
             child absorbs the cast's rounding residual instead.
+        totals_counts: ``(infinite, negative, NaN)`` counts of ``totals`` when the caller
+            knows them (e.g. computed on the host before the upload). Then the function never
+            waits for the device: non-finite values are handled branch-free (same result)
+            instead of after a check that copies counts back to the host.
 
     Returns:
         Children ``[B, 1, T, H, W]`` in ``out_dtype``: >= 0, finite where the total is finite,
@@ -255,9 +260,12 @@ def water_fill(
     nan_s = torch.isnan(s)
     neg_s = s < 0
     # A NaN/inf value makes its row sum non-finite (an overflowing sum only costs the slow path).
-    n_inf, n_neg, n_nan, all_finite = torch.stack(
-        [torch.isinf(s).sum(), neg_s.sum(), nan_s.sum(), torch.isfinite(v.detach().sum(dim=-1)).all().to(torch.long)]
-    ).tolist()
+    if totals_counts is None:
+        n_inf, n_neg, n_nan, all_finite = torch.stack(
+            [torch.isinf(s).sum(), neg_s.sum(), nan_s.sum(), torch.isfinite(v.detach().sum(dim=-1)).all().to(torch.long)]
+        ).tolist()
+    else:  # no device-to-host sync: the values are sanitised unconditionally (a no-op when finite)
+        (n_inf, n_neg, n_nan), all_finite = totals_counts, False
     if n_inf:
         raise ValueError(f"{n_inf} block total(s) are infinite; use NaN for nodata")
     if n_neg and not allow_signed:

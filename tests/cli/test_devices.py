@@ -25,3 +25,18 @@ def test_unknown_device_is_a_usage_error(name: str) -> None:
 def test_cuda_without_cuda_says_so() -> None:
     with pytest.raises(UsageError, match="CUDA is not available"):
         resolve_device("cuda")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_transfers_round_trip(device: str) -> None:
+    """to_device (page-locked, non-blocking on CUDA) and HostResult give back the same values."""
+    import numpy as np
+
+    from carbonsr_cli.devices import HostResult, to_device
+
+    arr = np.arange(24, dtype=np.float64).reshape(2, 3, 4)[:, ::-1]  # not contiguous
+    t = to_device(arr, torch.device(device))
+    assert t.device.type == device and t.dtype == torch.float64
+    back = HostResult(t * 2).numpy()
+    np.testing.assert_array_equal(back, arr * 2)

@@ -160,6 +160,12 @@ def test_blender_weighted_average_in_overlap() -> None:
     assert np.allclose(out[:, :2], 1.0) and np.allclose(out[:, 2:4], 3.0) and np.allclose(out[:, 4:], 4.0)
     empty = Blender(2, 2).finalize()
     assert np.isnan(empty).all()
+    import torch
+
+    dev = Blender(3, 4, device=torch.device("cpu"))  # the torch path (CUDA in use)
+    dev.add(torch.ones(2, 2), Window(0, 0, 2, 2))
+    band = dev.finalize().numpy()
+    assert np.isnan(band[0, 2:]).all() and np.isnan(band[0, :, 2:]).all() and (band[0, :2, :2] == 1).all()
 
 
 @pytest.mark.parametrize("ph,pw,overlap", [(30, 41, 2), (13, 9, 1), (25, 25, 0), (8, 30, 5), (1, 1, 2)])

@@ -201,6 +201,30 @@ def test_nonfinite_values() -> None:
     torch.testing.assert_close(x[3], torch.tensor([0, 2.5, 0, 0.5], dtype=F64))
 
 
+@pytest.mark.parametrize("signed", [False, True])
+def test_host_counts_path_equals_the_checked_path(signed: bool) -> None:
+    """``totals_counts`` (no device sync) gives the same children, also for non-finite values."""
+    nan, inf = float("nan"), float("inf")
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(1, 1, 2, 6, 8, generator=g, dtype=F64).exp()
+    v[0, 0, 0, 0, 0], v[0, 0, 0, 3, 5], v[0, 0, 1, 4, 1] = nan, inf, -inf
+    s = torch.rand(1, 1, 2, 3, 4, generator=g, dtype=F64) * 10
+    s[0, 0, 0, 1, 1], s[0, 0, 1, 0, 0] = nan, 0.0
+    if signed:
+        s[0, 0, 1, 2, 3] = -2.0
+    counts = (int(torch.isinf(s).sum()), int((s < 0).sum()), int(torch.isnan(s).sum()))
+    for out_dtype in (torch.float64, torch.float32):
+        ref = water_fill(v, s, 2, allow_signed=signed, out_dtype=out_dtype)
+        got = water_fill(v, s, 2, allow_signed=signed, out_dtype=out_dtype, totals_counts=counts)
+        torch.testing.assert_close(got, ref, rtol=0, atol=0, equal_nan=True)
+    finite = v.clone()
+    finite[~torch.isfinite(finite)] = 1.0
+    torch.testing.assert_close(water_fill(finite, s, 2, allow_signed=signed, totals_counts=counts),
+                               water_fill(finite, s, 2, allow_signed=signed), rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(ValueError, match="infinite"):
+        water_fill(v, torch.full_like(s, inf), 2, totals_counts=(s.numel(), 0, 0))
+
+
 def project_like_water_fill(v: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     vals = from_blocks(v, (1, 1, 1, 2, 2 * v.shape[0]), 2)
     return to_blocks(water_fill(vals, s.reshape(1, 1, 1, 1, -1), 2), 2)
