@@ -226,7 +226,8 @@ class _Predictor:
         self.use_graphs = device.type == "cuda" and os.environ.get("CARBONSR_CUDA_GRAPHS", "1") != "0"
         #: Keep predictions on the device (CUDA): blending and water-filling run there.
         self.on_device = device.type == "cuda"
-        self._run: Any = None  # (normalised aux, main) -> raw [B, 1, T, H, W] float32
+        self._run: Any = None  # (raw aux, main) -> raw predictions [B, 1, T, H, W] float32
+        self._low: Any = None  # the bf16 copy, once built
         self.graphed: Any = None
         summary.precision = "bf16" if self.low_precision else "fp32"
 
@@ -250,8 +251,7 @@ class _Predictor:
         step = max(1, self.batch_size // n_views)
         with torch.inference_mode():
             for s in range(0, aux.shape[0], step):
-                a = torch.as_tensor(aux[s : s + step]).to(self.device, non_blocking=True)
-                a = self.normalizer.apply(a)
+                a = torch.as_tensor(aux[s : s + step]).to(self.device, non_blocking=True)  # raw: normalised in _run
                 m = torch.as_tensor(main[s : s + step]).to(self.device, non_blocking=True)
                 if n_views > 1:
                     a = torch.cat([dihedral(a, d) for d in range(n_views)]).contiguous()
@@ -271,19 +271,45 @@ class _Predictor:
             return np.zeros((n_views, 0, *main.shape[2:]), np.float32)
         return np.concatenate(outs, axis=1)
 
+    def warm_up(self, batch: int, channels: int, years: int, tile: int) -> None:
+        """Load the CUDA kernels and build the bf16 copy on zeros of the batch shape.
+
+        The first forward pass on a device loads kernels and picks algorithms (about 1 s for
+        ``base``); :func:`run_pipeline` runs this in a thread while the aux readers start, so
+        that the first real batch (which decides the precision) does not pay for it. Any error
+        is left for the real batches to raise.
+        """
+        if not self.on_device:
+            return
+        import torch
+
+        try:
+            with torch.inference_mode():
+                a = torch.zeros((batch, channels, years, tile, tile), device=self.device)
+                m = torch.zeros((batch, 1, years, tile, tile), device=self.device)
+                self.model(self.normalizer.apply(a), m)
+                if self.low_precision:
+                    self._low = self._low or _low_precision_copy(self.model)
+                    self._low(self.normalizer.apply(a), m)
+                torch.cuda.synchronize(self.device)
+        except Exception:  # noqa: BLE001 - the real batches report problems
+            pass
+
     def _forward(self, a: Any, m: Any) -> Any:
         if self._run is None:
             self._run = self._choose(a, m)
         return self._run(a, m)
 
-    def _choose(self, a: Any, m: Any) -> Any:
-        """The forward function for all batches, decided on the first one."""
-        from models.inference import GraphedForward, low_precision_copy
+    def _choose(self, a_raw: Any, m: Any) -> Any:
+        """The forward function for all batches (normalisation included), decided on the first one."""
+        from models.inference import GraphedForward
 
         model = self.model
+        normalize = self.normalizer.apply
         if self.low_precision:
+            a = normalize(a_raw)
             ref = model(a, m)[0]
-            low = low_precision_copy(model)
+            low = self._low or _low_precision_copy(model)
             diff = float((low(a, m)[0].float() - ref.float()).abs().max())
             if math.isfinite(diff) and diff <= BF16_TOL:
                 model = low
@@ -293,12 +319,18 @@ class _Predictor:
                 self.summary.notes.append(f"bf16 differed from fp32 by {diff:.3g} (> {BF16_TOL}); ran in fp32")
 
         def run(a_: Any, m_: Any) -> Any:
-            return model(a_, m_)[0].float()
+            return model(normalize(a_), m_)[0].float()
 
         if self.use_graphs:
             self.graphed = GraphedForward(run)
             return self.graphed
         return run
+
+
+def _low_precision_copy(model: Any) -> Any:
+    from models.inference import low_precision_copy
+
+    return low_precision_copy(model)
 
 
 def unique_windows(windows: list[tuple[list[int], int]]) -> tuple[list[list[int]], list[tuple[int, int]]]:
@@ -337,7 +369,8 @@ def _iter_batches(data: BandData, row: list[Any], uniq: list[list[int]], batch_s
 
         if isinstance(src_aux, np.ndarray):
             src_aux = to_device(src_aux, device)
-        src_main = to_device(data.main, device)
+        if isinstance(src_main, np.ndarray):  # else uploaded by the preparing thread
+            src_main = to_device(src_main, device)
     slices = [slice(idx[0], idx[-1] + 1) if list(idx) == list(range(idx[0], idx[-1] + 1)) else list(idx) for idx in uniq]
     views = _tile_views(src_aux, src_main, row, slices, data.origin)
     if views is not None:
@@ -631,6 +664,10 @@ def run_pipeline(
             from carbonsr_cli.downscale_strips import assemble
 
             data.aux = assemble(feed.geom, i, j, feed.get(i, j), aux_order)
+            if feed.device is not None:  # upload here, not in the thread that feeds the GPU
+                from carbonsr_cli.devices import to_device
+
+                data.main = to_device(data.main, feed.device)
         return data
 
     blend_device = device if (is_model and predictor is not None and predictor.on_device) else None
@@ -657,7 +694,20 @@ def run_pipeline(
             )
         aux_order: list[int] | None = None
         if is_model:
-            feed, aux_order = _open_strip_feed(plan, layout, chunks, device, Path(dst).parent)
+            warm = None
+            if predictor is not None and predictor.on_device:  # overlaps the readers' start-up
+                n_u = len(unique_windows(plan.windows)[0])
+                first = min(max(1, batch_size // n_views), (chunks[0][1] - chunks[0][0]) * n_u) * n_views
+                warm = threading.Thread(
+                    target=predictor.warm_up, name="carbonsr-warm-up", daemon=True,
+                    args=(first, len(plan.aux_names), len(plan.windows[0][0]), plan.tile_child),
+                )
+                warm.start()
+            try:
+                feed, aux_order = _open_strip_feed(plan, layout, chunks, device, Path(dst).parent)
+            finally:
+                if warm is not None:
+                    warm.join()
             stack.callback(feed.close)
         # One thread prepares the units (model: assembles the aux strips) ahead of the main thread.
         read_ex = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="carbonsr-read")

@@ -356,3 +356,35 @@ def test_unreadable_aux_files_are_one_line_errors(tmp_path: Path) -> None:
     odd.write_text("a,b\n")
     with pytest.raises(UsageError, match="unsupported aux file type"):
         discover_aux([odd])
+
+
+def test_prewarp_in_parallel_bands_matches_window_reads(utm_parent: object, tmp_path: Path) -> None:
+    """materialize_warps (several row bands at once, each in its own thread and dataset handle)
+    gives the per-window warp's values; nothing warns (e.g. a source read without its
+    georeferencing would warn NotGeoreferencedWarning and put the values in the wrong place)."""
+
+    def f(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return (x - 500_000.0) / 1000.0 + 3.0 * (y - 5_594_000.0) / 1000.0
+
+    cg = ChildGrid(utm_parent, 10)
+    path = coordinate_raster(tmp_path / "ll.tif", target_crs="EPSG:32632", func=f, aux_crs="EPSG:4326",
+                             bounds_target=tuple(utm_parent.bounds), aux_res=0.0005)
+    win = Window(0, 0, cg.width, cg.height)
+    with AuxStack(discover_aux([path]), cg, ["2020"]) as ref_stack:
+        ref = ref_stack.read(win)
+    work = tmp_path / "warp"
+    work.mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with AuxStack(discover_aux([path]), cg, ["2020"]) as stack:
+            assert list(stack.warp_targets()) == [path]
+            written = stack.materialize_warps(work, threads=4, rows_per_band=8)  # 60 rows: 8 bands
+            assert [p.parent for p in written] == [work]
+            assert stack.warp_targets() == {}  # now read from the pre-warped file
+            got = stack.read(win)
+    assert got.shape == ref.shape
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    xs, ys = child_centres(cg, win)
+    # both within a fraction of an aux pixel (~50 m, i.e. ~0.2 units of f) of the true field
+    np.testing.assert_allclose(got[0, 0], f(xs, ys), atol=0.5)
+    np.testing.assert_allclose(got, ref, atol=0.2)
