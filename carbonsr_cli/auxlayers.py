@@ -1102,7 +1102,7 @@ class AuxStack:
 
         Each such file (e.g. an EPSG:4326 layer under a UTM grid) is warped by GDAL in bands
         of ``rows_per_band`` child rows, several bands at once (each in a thread with its own
-        dataset handle, warping and decoding blocks with a share of ``threads``), into an
+        dataset handle and WarpedVRT, warping and decoding blocks with a share of ``threads``), into an
         uncompressed float32 GeoTIFF on the child grid in ``directory`` (NaN = nodata/outside);
         its slots then read that file without a warp. Same warp options as the per-window reads
         (the slot's resampling, the source nodata); values can differ from a per-window warp by
@@ -1117,7 +1117,7 @@ class AuxStack:
 
         import rasterio
         from rasterio.enums import Resampling
-        from rasterio.warp import reproject
+        from rasterio.vrt import WarpedVRT
         from rasterio.windows import Window
 
         from carbonsr_cli.rasters import decode_threads_env, open_raster
@@ -1134,25 +1134,33 @@ class AuxStack:
         opened: list[Any] = []
 
         def warp_band(path: Path, dst: Any, r0: int, keys: list[tuple[int, str]], nodata: Any) -> None:
+            # Per thread: one dataset handle and one WarpedVRT per resampling, as the window reads
+            # use (rasterio's reproject() is not safe to call from several threads: with
+            # rasterio 1.5 a concurrent call may see a destination without its transform).
             handles = getattr(local, "handles", None)
             if handles is None:
                 handles = local.handles = {}
-            src = handles.get(path)
-            if src is None:
-                with decode_threads_env(per):  # GTiff reads the option when the file is opened
-                    src = handles[path] = open_raster(path, require_north_up=False)
-                opened.append(src)
             h = min(rows_per_band, grid.height - r0)
             win = Window(0, r0, grid.width, h)
             for b, (band, resampling) in enumerate(keys, start=1):
-                arr = np.full((h, grid.width), np.nan, dtype=np.float32)
                 try:
-                    with decode_threads_env(per):
-                        reproject(
-                            rasterio.band(src, band), arr, src_nodata=nodata, dst_nodata=float("nan"),
-                            dst_transform=grid.window_transform(win), dst_crs=grid.crs,
-                            resampling=Resampling[resampling], num_threads=per,
+                    vrt = handles.get((path, resampling))
+                    if vrt is None:
+                        src = handles.get(path)
+                        if src is None:
+                            with decode_threads_env(per):  # GTiff reads the option when the file is opened
+                                src = handles[path] = open_raster(path, require_north_up=False)
+                            opened.append(src)
+                        extra = {"src_nodata": nodata} if nodata is not None else {}
+                        vrt = handles[(path, resampling)] = WarpedVRT(
+                            src, crs=grid.crs, transform=grid.transform, width=grid.width, height=grid.height,
+                            resampling=Resampling[resampling], nodata=float("nan"), dtype="float32",
+                            NUM_THREADS=str(per), **extra,
                         )
+                        opened.insert(0, vrt)  # closed before the datasets
+                    arr = vrt.read(band, window=win)
+                except InputDataError:
+                    raise
                 except Exception as exc:  # noqa: BLE001 - GDAL read/warp error
                     msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
                     raise InputDataError(f"cannot read aux data (truncated or corrupt file?): {msg}", path) from None

@@ -473,12 +473,16 @@ def _predict_row(
 # --------------------------------------------------------------------------------------
 
 
-def _water_fill(values_log: Any, totals: np.ndarray, f: int, device: Any, out_dtype: Any) -> Any:
+def _water_fill(
+    values_log: Any, totals: np.ndarray, f: int, device: Any, out_dtype: Any, graphs: dict | None = None
+) -> Any:
     """Water-fill a band: ``values_log [Y, h, w]`` (log1p domain), ``totals [Y, h/f, w/f]`` -> children.
 
     Returns a :class:`~carbonsr_cli.devices.HostResult` (``.numpy()`` gives ``[Y, h, w]``). On
     CUDA nothing here waits for the GPU: the totals' counts of inf/negative/NaN are taken on
-    the host, the totals go up and the children come back through page-locked memory.
+    the host, the totals go up and the children come back through page-locked memory. With a
+    ``graphs`` dict (CUDA), bands of a repeated shape replay a captured CUDA graph (one per
+    shape and kind of totals: with or without negative / NaN totals).
     """
     import torch
 
@@ -487,13 +491,23 @@ def _water_fill(values_log: Any, totals: np.ndarray, f: int, device: Any, out_dt
 
     if isinstance(values_log, np.ndarray):
         values_log = to_device(values_log, device)
-    v = values_log.to(device=device, dtype=torch.float64)  # no copy when blended on the device
-    v = torch.expm1(v)[None, None]
     tot = np.ascontiguousarray(totals, dtype=np.float64)
     counts = (int(np.isinf(tot).sum()), int((tot < 0).sum()), int(np.isnan(tot).sum()))
     t = to_device(tot, device)[None, None]
-    out = water_fill(v, t, f, out_dtype=out_dtype, totals_counts=counts)
-    return HostResult(out[0, 0])
+
+    def fill(v_log: Any, t_: Any, c: tuple[int, int, int] = counts) -> Any:
+        v = torch.expm1(v_log.to(dtype=torch.float64))[None, None]  # no copy when blended on the device
+        return water_fill(v, t_, f, out_dtype=out_dtype, totals_counts=c)[0, 0]
+
+    if graphs is not None and getattr(device, "type", "") == "cuda" and counts[0] == 0:
+        from models.inference import GraphedForward
+
+        kind = (0, int(counts[1] > 0), int(counts[2] > 0))  # water_fill only tests the counts for > 0
+        run = graphs.get(kind)
+        if run is None:
+            run = graphs[kind] = GraphedForward(functools.partial(fill, c=kind), max_graphs=2)
+        return HostResult(run(values_log.to(device=device), t))
+    return HostResult(fill(values_log.to(device=device), t))
 
 
 def _write_band(writer: Any, band: Any, window: Any) -> None:
@@ -671,6 +685,7 @@ def run_pipeline(
         return data
 
     blend_device = device if (is_model and predictor is not None and predictor.on_device) else None
+    fill_graphs: dict | None = {} if (blend_device is not None and predictor.use_graphs) else None
     streams = [BlendStream(layout, channels=n_years, device=blend_device) for _ in range(n_views)] if is_model else []
     n_samples = len(unique_windows(plan.windows)[0]) if is_model else n_years
     prog = _progress(progress, layout.n_tiles * n_samples * n_views, f"downscale {plan.method.label}")
@@ -760,7 +775,7 @@ def run_pipeline(
                     ((window, _band),) = views[0]
                     if int(window.row_off) != r0 or int(window.row_off + window.height) != r1:
                         raise RuntimeError(f"blend band {window} does not match the rows read ({r0}, {r1})")
-                    filled = [_water_fill(v[0][1], totals, f, device, out_dtype) for v in views]
+                    filled = [_water_fill(v[0][1], totals, f, device, out_dtype, fill_graphs) for v in views]
                     if unc_writer is None:  # the writer waits for the copy to the host, not this thread
                         out = functools.partial(_finish_band, filled[0], totals, plan, r0, dtype)
                     else:

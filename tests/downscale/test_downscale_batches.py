@@ -65,3 +65,24 @@ def test_single_tile_row_is_batched() -> None:
     ref_a, ref_m = _sliced(data, row, [[0]])
     np.testing.assert_array_equal(a, ref_a)
     np.testing.assert_array_equal(m, ref_m)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_graphed_water_fill_equals_eager_on_cuda() -> None:
+    """Bands of a repeated shape replay a CUDA graph of the water-fill: same children."""
+    from carbonsr_cli.downscale_pipeline import _water_fill
+
+    dev = torch.device("cuda")
+    rng = np.random.default_rng(5)
+    vals = rng.normal(size=(1, 20, 30)).astype(np.float32)
+    totals = rng.random((1, 2, 3)) * 100
+    totals[0, 0, 0] = np.nan
+    graphs: dict = {}
+    outs = [_water_fill(vals, totals, 10, dev, torch.float32, graphs).numpy() for _ in range(3)]
+    ref = _water_fill(vals, totals, 10, dev, torch.float32, None).numpy()
+    assert graphs and all(g.error is None for g in graphs.values())
+    assert sum(g.replays for g in graphs.values()) == 2  # eager, capture + replay, replay
+    for out in outs:
+        np.testing.assert_array_equal(out, ref)
+    sums = np.nansum(ref.reshape(1, 2, 10, 3, 10), axis=(2, 4))
+    np.testing.assert_allclose(sums[0].ravel()[1:], totals[0].ravel()[1:], rtol=1e-6)
