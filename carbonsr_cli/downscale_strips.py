@@ -194,14 +194,17 @@ def assemble(geom: StripGeometry, i: int, j: int, strips: dict[int, Any], order:
     if not isinstance(parts[0], np.ndarray):
         import torch
 
+        from carbonsr_cli.devices import to_device
+
         dev = parts[0].device
         x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+        # index uploads through page-locked memory: no wait for the GPU work queued meanwhile
         if order is not None:
-            x = x.index_select(0, torch.as_tensor(list(order), device=dev))
+            x = x.index_select(0, to_device(np.asarray(order, dtype=np.int64), dev))
         if rows is not None:
-            x = x.index_select(2, torch.from_numpy(rows).to(dev))
+            x = x.index_select(2, to_device(np.asarray(rows, dtype=np.int64), dev))
         if cols is not None:
-            x = x.index_select(3, torch.from_numpy(cols).to(dev))
+            x = x.index_select(3, to_device(np.asarray(cols, dtype=np.int64), dev))
         return x  # a view of a device strip keeps its memory alive after the strip is released
     x = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=2)
     if order is not None:

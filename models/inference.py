@@ -46,7 +46,8 @@ class GraphedForward:
     pipeline shares with its reader and writer threads).
 
     The first call with a new signature (shapes, dtypes, device) runs eagerly; the second
-    captures the graph (after a warm-up on a side stream) and every later call copies its
+    captures the graph (after a warm-up on a side stream; capture errors are checked for this
+    thread only, so other threads may use the GPU meanwhile) and every later call copies its
     inputs into the graph's static inputs and replays it. Signatures seen once (a partial last
     batch) therefore never pay for a capture. The result is a copy of the graph's output buffer,
     so it stays valid after the next call.
@@ -109,6 +110,9 @@ class GraphedForward:
                 self.fn(*static)
         torch.cuda.current_stream(xs[0].device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: other threads (the downscaling pipeline's reader and writer) may keep
+        # uploading and synchronising on their own streams while this thread captures; the
+        # default "global" mode would make their calls fail during the capture.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             out = self.fn(*static)
         return _Captured(graph, static, out)

@@ -75,3 +75,40 @@ def test_graphed_forward_replays_equal_eager_on_cuda(tiny: DSTCarbonFormer) -> N
         assert tail.shape[0] == 3
     finally:
         tiny.to("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_capture_while_another_thread_uses_the_gpu(tiny: DSTCarbonFormer) -> None:
+    """The downscaling pipeline captures while its preparing thread uploads (pageable copies
+    synchronise): the capture must neither fail nor break the other thread."""
+    import threading
+
+    net = tiny.to("cuda")
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def uploads() -> None:
+        try:
+            host = torch.arange(4096, dtype=torch.float32)
+            while not stop.is_set():
+                (host.to("cuda") * 2).sum().item()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    worker = threading.Thread(target=uploads)
+    worker.start()
+    try:
+        run = GraphedForward(lambda a, m: net(a, m)[0].float())
+        with torch.inference_mode():
+            batches = [_inputs(4, seed=s, device="cuda") for s in range(6)]
+            outs = [run(a, m) for a, m in batches]
+            refs = [net(a, m)[0].float() for a, m in batches]
+    finally:
+        stop.set()
+        worker.join()
+        tiny.to("cpu")
+    assert not errors, errors
+    assert run.error is None, run.error
+    assert run.replays == 5
+    for out, ref in zip(outs, refs):
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
