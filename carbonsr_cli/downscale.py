@@ -819,7 +819,9 @@ def _checked_stack(sources: Sequence[Any], child: ChildGrid, years: Sequence[str
         return AuxStack(sources, child, list(years), fill_missing=fill_missing)
 
 
-def check_written_conservation(path: str | os.PathLike[str], plan: Plan) -> ConservationCheck:
+def check_written_conservation(
+    path: str | os.PathLike[str], plan: Plan, *, rows_per_band: int | None = None
+) -> ConservationCheck:
     """Re-read the written output and compare its block sums with the parent totals.
 
     Streams over bands of parent rows (up to 6 bands at once, in threads with their own
@@ -829,6 +831,7 @@ def check_written_conservation(path: str | os.PathLike[str], plan: Plan) -> Cons
     Args:
         path: Written child raster (one band per output year).
         plan: The run plan (main raster, bands, AOI, factor, units).
+        rows_per_band: Parent rows per band (default: about 2 x 10^6 child values per band).
 
     Returns:
         A :class:`ConservationCheck`.
@@ -839,7 +842,7 @@ def check_written_conservation(path: str | os.PathLike[str], plan: Plan) -> Cons
     from carbonsr_cli.rasters import decode_threads_env, open_raster
 
     h, w = plan.grid.height, plan.grid.width
-    step = max(1, (1 << 21) // max(1, w * plan.factor**2 * len(plan.out_bands)))
+    step = rows_per_band or max(1, (1 << 21) // max(1, w * plan.factor**2 * len(plan.out_bands)))
     n_threads = max(1, min(6, (os.cpu_count() or 1), -(-h // step)))
     decode = max(1, (os.cpu_count() or 1) // n_threads)  # block-decoding threads per read
     local = threading.local()

@@ -283,13 +283,15 @@ class _Predictor:
             return
         import torch
 
+        from models.inference import low_precision_copy
+
         try:
             with torch.inference_mode():
                 a = torch.zeros((batch, channels, years, tile, tile), device=self.device)
                 m = torch.zeros((batch, 1, years, tile, tile), device=self.device)
                 self.model(self.normalizer.apply(a), m)
                 if self.low_precision:
-                    self._low = self._low or _low_precision_copy(self.model)
+                    self._low = self._low or low_precision_copy(self.model)
                     self._low(self.normalizer.apply(a), m)
                 torch.cuda.synchronize(self.device)
         except Exception:  # noqa: BLE001 - the real batches report problems
@@ -302,14 +304,14 @@ class _Predictor:
 
     def _choose(self, a_raw: Any, m: Any) -> Any:
         """The forward function for all batches (normalisation included), decided on the first one."""
-        from models.inference import GraphedForward
+        from models.inference import GraphedForward, low_precision_copy
 
         model = self.model
         normalize = self.normalizer.apply
         if self.low_precision:
             a = normalize(a_raw)
             ref = model(a, m)[0]
-            low = self._low or _low_precision_copy(model)
+            low = self._low or low_precision_copy(model)
             diff = float((low(a, m)[0].float() - ref.float()).abs().max())
             if math.isfinite(diff) and diff <= BF16_TOL:
                 model = low
@@ -325,12 +327,6 @@ class _Predictor:
             self.graphed = GraphedForward(run)
             return self.graphed
         return run
-
-
-def _low_precision_copy(model: Any) -> Any:
-    from models.inference import low_precision_copy
-
-    return low_precision_copy(model)
 
 
 def unique_windows(windows: list[tuple[list[int], int]]) -> tuple[list[list[int]], list[tuple[int, int]]]:
@@ -504,7 +500,7 @@ def _water_fill(
 
         kind = (0, int(counts[1] > 0), int(counts[2] > 0))  # water_fill only tests the counts for > 0
         run = graphs.get(kind)
-        if run is None:
+        if run is None:  # ``fill`` closes over f and out_dtype only, which are fixed for a run
             run = graphs[kind] = GraphedForward(functools.partial(fill, c=kind), max_graphs=2)
         return HostResult(run(values_log.to(device=device), t))
     return HostResult(fill(values_log.to(device=device), t))
@@ -540,8 +536,10 @@ def _finish_band(children: Any, totals: np.ndarray, plan: Plan, r0: int, out_dty
 
     ``children`` is an array ``[Y, h, w]`` or a :class:`~carbonsr_cli.devices.HostResult`.
     """
+    from carbonsr_cli.devices import HostResult
+
     f = plan.factor
-    out = children.numpy() if hasattr(children, "numpy") and not isinstance(children, np.ndarray) else children
+    out = children.numpy() if isinstance(children, HostResult) else children
     if plan.unit is not None:
         from rasterio.windows import Window
 

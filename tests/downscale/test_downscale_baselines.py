@@ -179,3 +179,32 @@ def test_partial_aux_needs_fill_missing(sample_dir: Path, tmp_path: Path) -> Non
     )
     assert result.exit_code == 0, result.output
     assert_conserves(out, main, 10)
+
+
+def test_conservation_check_in_bands_finds_violations(
+    small_region: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The re-read check gives the same figures in many bands (threads) as in one, and finds a
+    negative child and a broken block sum wherever they are."""
+    import dataclasses
+
+    from rasterio.windows import Window
+
+    from carbonsr_cli import downscale as ds_mod
+
+    plans = []
+    real = ds_mod.check_written_conservation
+    monkeypatch.setattr(ds_mod, "check_written_conservation", lambda p, plan: plans.append(plan) or real(p, plan))
+    out = tmp_path / "u.tif"
+    s = downscale(small_region["main"], [], out, method="uniform", progress=False)
+    (plan,) = plans
+    one = real(out, plan)
+    banded = real(out, plan, rows_per_band=3)  # 20 parent rows: 7 bands
+    assert one.ok and banded.ok and dataclasses.asdict(one) == dataclasses.asdict(banded) == dataclasses.asdict(s.conservation)
+    with rasterio.open(out, "r+") as dst:  # break two blocks in different bands
+        dst.write(np.full((1, 1), -1.0, np.float32), 1, window=Window(35, 175, 1, 1))  # parent row 17
+        v = dst.read(2, window=Window(100, 40, 1, 1))
+        dst.write(v + 1000.0, 2, window=Window(100, 40, 1, 1))  # parent row 4
+    bad = real(out, plan, rows_per_band=3)
+    assert not bad.ok and bad.negatives == 1 and bad.max_rel_error > 1e-3
+    assert dataclasses.asdict(bad) == dataclasses.asdict(real(out, plan))
