@@ -183,6 +183,13 @@ def downscale_worker(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     acc, collect_gpu_times = _install_timers(spec["device"])
+    if spec.get("stub_model"):
+        # Everything of the model path but the network: the "prediction" is the main input
+        # itself (log1p of the uniform share), so reading and warping the aux layers, batching,
+        # blending, water-filling and writing still run. The floor the model path cannot beat.
+        from carbonsr_cli import downscale_pipeline as dp
+
+        dp._Predictor._choose = lambda self, a, m: (lambda a_, m_: m_.float())
     from carbonsr_cli.downscale import downscale
 
     sampler = _PssSampler()
@@ -279,7 +286,9 @@ def main() -> None:
                     help="also run base with 8 reader threads, 8 reader processes and the first-pass settings "
                          "(1 reader thread, batch 32) for the ratios")
     ap.add_argument("--variants", nargs="*", default=[],
-                    help="extra downscale runs: base-eager (no CUDA graph), base-8threads, base-8procs, base-1reader-b32")
+                    help="extra downscale runs: base-eager (no CUDA graph), base-nomodel (the model path with the "
+                         "network replaced by its input: the floor of reading, warping, blending, water-filling and "
+                         "writing), base-8threads, base-8procs, base-1reader-b32")
     ap.add_argument("--workdir", type=Path, default=None, help="where data and outputs go (default: a temp dir)")
     ap.add_argument("--json", type=Path, default=None, help="also write every figure as JSON")
     ap.add_argument("--worker", nargs=2, default=None, help=argparse.SUPPRESS)
@@ -334,6 +343,8 @@ def main() -> None:
                 spec.update(env={"CARBONSR_READ_THREADS": "8"})
             if m.endswith("-eager"):
                 spec.update(env={"CARBONSR_CUDA_GRAPHS": "0"})
+            if m.endswith("-nomodel"):
+                spec.update(stub_model=True)
             if m.endswith("-8procs"):
                 spec.update(env={"CARBONSR_READ_PROCS": "8"})
         r = _child("downscale", spec)
