@@ -469,6 +469,32 @@ def _year_of(label: str) -> int | None:
     return int(m[-1].group(1)) if m else None
 
 
+
+def _warped_vrt(ds: Any, grid: ChildGrid, resampling: str, k: int = 1, **warp_extras: Any) -> Any:
+    """WarpedVRT of dataset ``ds`` onto ``grid`` (``k`` times finer), NaN outside and for nodata.
+
+    float32 on the grid itself (``k == 1``) or for sources of <= 16 bits, else float64. The one
+    definition of the warp used by window reads and by :meth:`AuxStack.materialize_warps`.
+    """
+    from rasterio.enums import Resampling
+    from rasterio.vrt import WarpedVRT
+
+    kwargs: dict[str, Any] = dict(warp_extras)
+    if ds.nodata is not None:
+        kwargs["src_nodata"] = ds.nodata
+    dtype = "float32" if np.dtype(ds.dtypes[0]).itemsize <= 2 or k == 1 else "float64"
+    return WarpedVRT(
+        ds,
+        crs=grid.crs,
+        transform=_subgrid(grid.transform, 0, 0, 1.0 / k, 1.0 / k),
+        width=grid.width * k,
+        height=grid.height * k,
+        resampling=Resampling[resampling],
+        nodata=float("nan"),
+        dtype=dtype,
+        **kwargs,
+    )
+
 class AuxStack:
     """Aux layers of several sources aligned on a child grid, read by window.
 
@@ -831,27 +857,7 @@ class AuxStack:
         key = (src.path, resampling, k)
         vrt = self._vrts.get(key)
         if vrt is None:
-            from rasterio.enums import Resampling
-            from rasterio.vrt import WarpedVRT
-
-            ds = self._dataset(src.path)
-            g = self.grid
-            kwargs: dict[str, Any] = {}
-            if ds.nodata is not None:
-                kwargs["src_nodata"] = ds.nodata
-            dtype = "float32" if np.dtype(ds.dtypes[0]).itemsize <= 2 or k == 1 else "float64"
-            vrt = WarpedVRT(
-                ds,
-                crs=g.crs,
-                transform=_subgrid(g.transform, 0, 0, 1.0 / k, 1.0 / k),
-                width=g.width * k,
-                height=g.height * k,
-                resampling=Resampling[resampling],
-                nodata=float("nan"),
-                dtype=dtype,
-                **kwargs,
-            )
-            self._vrts[key] = vrt
+            vrt = self._vrts[key] = _warped_vrt(self._dataset(src.path), self.grid, resampling, k)
         return vrt
 
     def _vector(self, src: AuxSource) -> Any:
@@ -1116,8 +1122,6 @@ class AuxStack:
         import threading
 
         import rasterio
-        from rasterio.enums import Resampling
-        from rasterio.vrt import WarpedVRT
         from rasterio.windows import Window
 
         from carbonsr_cli.rasters import decode_threads_env, open_raster
@@ -1133,7 +1137,7 @@ class AuxStack:
         write_lock = threading.Lock()
         opened: list[Any] = []
 
-        def warp_band(path: Path, dst: Any, r0: int, keys: list[tuple[int, str]], nodata: Any) -> None:
+        def warp_band(path: Path, dst: Any, r0: int, keys: list[tuple[int, str]]) -> None:
             # Per thread: one dataset handle and one WarpedVRT per resampling, as the window reads
             # use (rasterio's reproject() is not safe to call from several threads: with
             # rasterio 1.5 a concurrent call may see a destination without its transform).
@@ -1151,12 +1155,7 @@ class AuxStack:
                             with decode_threads_env(per):  # GTiff reads the option when the file is opened
                                 src = handles[path] = open_raster(path, require_north_up=False)
                             opened.append(src)
-                        extra = {"src_nodata": nodata} if nodata is not None else {}
-                        vrt = handles[(path, resampling)] = WarpedVRT(
-                            src, crs=grid.crs, transform=grid.transform, width=grid.width, height=grid.height,
-                            resampling=Resampling[resampling], nodata=float("nan"), dtype="float32",
-                            NUM_THREADS=str(per), **extra,
-                        )
+                        vrt = handles[(path, resampling)] = _warped_vrt(src, grid, resampling, NUM_THREADS=str(per))
                         opened.insert(0, vrt)  # closed before the datasets
                     arr = vrt.read(band, window=win)
                 except InputDataError:
@@ -1170,7 +1169,6 @@ class AuxStack:
         try:
             with cf.ThreadPoolExecutor(max_workers=n_par, thread_name_prefix="carbonsr-warp") as ex:
                 for n, (path, slots) in enumerate(by_path.items()):
-                    ds = self._dataset(path)
                     keys = sorted({(s.entry.band, s.resampling) for s in slots})
                     out = Path(directory) / f"warp{n}_{path.stem}.tif"
                     profile = {
@@ -1180,8 +1178,7 @@ class AuxStack:
                     }
                     written.append(out)
                     with rasterio.open(out, "w", **profile) as dst:
-                        futs = [ex.submit(warp_band, path, dst, r0, keys, ds.nodata)
-                                for r0 in range(0, grid.height, rows_per_band)]
+                        futs = [ex.submit(warp_band, path, dst, r0, keys) for r0 in range(0, grid.height, rows_per_band)]
                         try:
                             for fut in futs:
                                 fut.result()
