@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import raster_files
 
 
 def write_raster(
@@ -19,30 +20,8 @@ def write_raster(
     descriptions: Sequence[str] | None = None,
     tags: dict[str, str] | None = None,
 ) -> Path:
-    """Write ``data`` ``[bands, rows, cols]`` (or ``[rows, cols]``) as a GeoTIFF."""
-    import rasterio
-
-    arr = np.asarray(data)
-    if arr.ndim == 2:
-        arr = arr[None]
-    profile = {
-        "driver": "GTiff",
-        "width": arr.shape[2],
-        "height": arr.shape[1],
-        "count": arr.shape[0],
-        "dtype": arr.dtype.name,
-        "crs": crs,
-        "transform": transform,
-        "nodata": nodata,
-    }
-    with rasterio.open(path, "w", **profile) as ds:
-        ds.write(arr)
-        if descriptions:
-            for i, d in enumerate(descriptions, start=1):
-                ds.set_band_description(i, d)
-        if tags:
-            ds.update_tags(**tags)
-    return path
+    """Write ``data`` ``[bands, rows, cols]`` (or ``[rows, cols]``) as a GeoTIFF (its own dtype)."""
+    return raster_files.write_raster(path, data, crs, transform, nodata, descriptions, tags=tags)
 
 
 def parent_grid(crs: str, origin: tuple[float, float], res: float, shape: tuple[int, int]) -> object:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import raster_files
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
@@ -27,14 +28,8 @@ WINDOWS = [
 
 
 def write_raster(path: Path, data: np.ndarray, *, transform: object, crs: str, nodata: float | None) -> Path:
-    """Write a one-band GeoTIFF (local: ``from conftest import`` clashes across test folders)."""
-    import rasterio
-
-    profile = {"driver": "GTiff", "width": data.shape[1], "height": data.shape[0], "count": 1,
-               "dtype": data.dtype.name, "crs": crs, "transform": transform, "nodata": nodata}
-    with rasterio.open(path, "w", **profile) as ds:
-        ds.write(data, 1)
-    return path
+    """Write a one-band GeoTIFF of ``data`` ``[rows, cols]`` (its own dtype)."""
+    return raster_files.write_raster(path, data, crs, transform, nodata)
 
 
 def _both(paths: list[Path], cg: ChildGrid, **kw: object) -> tuple[AuxStack, AuxStack]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from raster_files import write_north_up
 
 #: A model configuration small enough for CPU tests (untrained weights are fine).
 TEST_MODEL = dict(
@@ -36,34 +37,11 @@ def write_tif(
     res: float | tuple[float, float],
     origin: tuple[float, float],
     crs: str,
-    nodata: float | None = -9999.0,
-    descriptions: Sequence[str] | None = None,
-    dtype: str = "float32",
+    **kw: Any,
 ) -> Path:
-    """Write ``data`` ``[bands, rows, cols]`` (or ``[rows, cols]``) as a north-up GeoTIFF."""
-    import rasterio
-    from rasterio.transform import from_origin
-
-    arr = np.asarray(data)
-    if arr.ndim == 2:
-        arr = arr[None]
-    rx, ry = (res, res) if np.isscalar(res) else res
-    profile = {
-        "driver": "GTiff",
-        "width": arr.shape[2],
-        "height": arr.shape[1],
-        "count": arr.shape[0],
-        "dtype": dtype,
-        "crs": crs,
-        "transform": from_origin(origin[0], origin[1], rx, ry),
-        "nodata": nodata,
-    }
-    with rasterio.open(path, "w", **profile) as ds:
-        ds.write(arr.astype(dtype))
-        if descriptions:
-            for i, d in enumerate(descriptions, start=1):
-                ds.set_band_description(i, d)
-    return path
+    """Write ``data`` ``[bands, rows, cols]`` (or ``[rows, cols]``) as a north-up GeoTIFF
+    (float32, nodata -9999 unless given; :func:`raster_files.write_north_up`)."""
+    return write_north_up(path, data, res=res, origin=origin, crs=crs, **kw)
 
 
 def synthetic_totals(rows: int, cols: int, years: int = 2, *, seed: int = 0, nodata: float = -9999.0) -> np.ndarray:

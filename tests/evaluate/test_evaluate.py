@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
+from raster_files import write_north_up
 from typer.testing import CliRunner
 
 from carbonsr_cli.cli import app
@@ -20,40 +20,9 @@ runner = CliRunner()
 # ----------------------------------------------------------------------------- fixtures
 
 
-def write_tif(
-    path: Path,
-    data: np.ndarray,
-    *,
-    res: float,
-    origin: tuple[float, float] = (500_000.0, 4_000_000.0),
-    crs: str = "EPSG:32633",
-    nodata: float | None = -9999.0,
-    descriptions: Sequence[str] | None = None,
-    dtype: str = "float32",
-) -> Path:
-    """Write ``data`` ``[bands, rows, cols]`` (or ``[rows, cols]``) as a north-up GeoTIFF."""
-    import rasterio
-    from rasterio.transform import from_origin
-
-    arr = np.asarray(data)
-    if arr.ndim == 2:
-        arr = arr[None]
-    profile = {
-        "driver": "GTiff",
-        "width": arr.shape[2],
-        "height": arr.shape[1],
-        "count": arr.shape[0],
-        "dtype": dtype,
-        "crs": crs,
-        "transform": from_origin(origin[0], origin[1], res, res),
-        "nodata": nodata,
-    }
-    with rasterio.open(path, "w", **profile) as ds:
-        ds.write(arr.astype(dtype))
-        if descriptions:
-            for i, d in enumerate(descriptions, start=1):
-                ds.set_band_description(i, d)
-    return path
+def write_tif(path: Path, data: np.ndarray, *, res: float, **kw: object) -> Path:
+    """Write ``data`` as a north-up float32 GeoTIFF (:func:`raster_files.write_north_up`)."""
+    return write_north_up(path, data, res=res, **kw)
 
 
 def uniform_children(totals: np.ndarray, f: int, nodata: float = -9999.0) -> np.ndarray:
