@@ -1212,9 +1212,18 @@ class AuxStack:
                 src = slot.source
                 if src.kind == "vector" and src.path in self._vectors and id(src) not in memo:
                     memo[id(src)] = dataclasses.replace(src, gdf=None)
+        return self.copy(groups=copy.deepcopy(self._groups, memo))
+
+    def copy(self, groups: list[Any] | None = None) -> AuxStack:
+        """A copy with its own (lazily reopened) dataset handles, e.g. for another thread.
+
+        Layer definitions are shared (or replaced by ``groups``); the copy's :meth:`close`
+        leaves this stack's handles and vector indexes alone.
+        """
         state = self.__getstate__()
-        state["_groups"] = copy.deepcopy(self._groups, memo)
-        state["_vectors"] = dict(self._vectors)
+        if groups is not None:
+            state["_groups"] = groups
+        state["_vectors"] = dict(state["_vectors"])
         new = AuxStack.__new__(AuxStack)
         new.__setstate__(state)
         return new

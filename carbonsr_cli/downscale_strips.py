@@ -221,17 +221,6 @@ def assemble(geom: StripGeometry, i: int, j: int, strips: dict[int, Any], order:
 # --------------------------------------------------------------------------------------
 
 
-def _copy_stack(stack: Any) -> Any:
-    """A copy of an AuxStack with its own (lazily reopened) dataset handles."""
-    from carbonsr_cli.auxlayers import AuxStack
-
-    state = stack.__getstate__()
-    state["_vectors"] = dict(state["_vectors"])  # the copy's close() must not clear the original's
-    new = AuxStack.__new__(AuxStack)
-    new.__setstate__(state)
-    return new
-
-
 class ThreadStripReader:
     """Reads strips in threads, each with its own AuxStack handles; results are numpy arrays."""
 
@@ -247,7 +236,7 @@ class ThreadStripReader:
     def _read(self, k: int, j: int) -> np.ndarray:
         st = getattr(self.local, "stack", None)
         if st is None:
-            st = self.local.stack = _copy_stack(self.stack)
+            st = self.local.stack = self.stack.copy()
             self.stacks.append(st)
         return st.read(self.geom.child_window(k, j))
 
@@ -572,7 +561,7 @@ class StripFeed:
         with self.lock:
             self.reader = ThreadStripReader(old.stack, self.geom, 1)
             self.reader.cleanup_dir, old.cleanup_dir = old.cleanup_dir, None  # pre-warped files stay in use
-            old.stack = _copy_stack(old.stack)  # the old reader closes its own copy
+            old.stack = old.stack.copy()  # the old reader closes its own copy
             keys = list(self.futures)
             self.futures = {key: self.reader.submit(*key) for key in keys}
         with contextlib.suppress(Exception):
