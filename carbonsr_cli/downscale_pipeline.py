@@ -214,10 +214,14 @@ class _Predictor:
     On CPU the model runs as is (float32, eager).
     """
 
-    def __init__(self, model: Any, normalizer: Any, device: Any, batch_size: int, summary: DownscaleSummary) -> None:
+    def __init__(self, model: Any, normalizer: Any, device: Any, batch_size: int, summary: DownscaleSummary,
+                 block: int = 10) -> None:
         import torch
 
         self.model = model
+        #: Parent block edge in child cells: a dasymetric model's log-weights become log1p
+        #: children per tile (``models.dasymetric.log_children``) before blending.
+        self.block = int(block)
         self.normalizer = normalizer
         self.device = device
         self.batch_size = max(1, int(batch_size))
@@ -304,6 +308,7 @@ class _Predictor:
 
     def _choose(self, a_raw: Any, m: Any) -> Any:
         """The forward function for all batches (normalisation included), decided on the first one."""
+        from models.dasymetric import log_children
         from models.inference import GraphedForward, low_precision_copy
 
         model = self.model
@@ -320,8 +325,12 @@ class _Predictor:
                 self.summary.precision = "fp32"
                 self.summary.notes.append(f"bf16 differed from fp32 by {diff:.3g} (> {BF16_TOL}); ran in fp32")
 
+        dasymetric = getattr(model.config, "allocation", "water_fill") == "dasymetric"
+        block = self.block
+
         def run(a_: Any, m_: Any) -> Any:
-            return model(normalize(a_), m_)[0].float()
+            raw = model(normalize(a_), m_)[0].float()
+            return log_children(raw, m_, block) if dasymetric else raw
 
         if self.use_graphs:
             self.graphed = GraphedForward(run)
@@ -642,7 +651,7 @@ def run_pipeline(
     is_model = plan.method.kind == "model"
     predictor = None
     if is_model:
-        predictor = _Predictor(loaded.model, normalizer, device, batch_size, summary)
+        predictor = _Predictor(loaded.model, normalizer, device, batch_size, summary, block=plan.factor)
     n_views = 8 if (is_model and uncertainty is not None) else 1
     tags = {
         "UNITS": f"{summary.units} (cell = child cell, 1/{f * f} of a parent cell)" if plan.unit is None else summary.units,

@@ -56,6 +56,18 @@ class ModelConfig:
         use_temporal: Temporal state-space scan at the bottleneck. Off: no scan block.
         use_physics: Water-filling projection of the output onto the block totals. Off:
             ``constrained`` is always None (raw-output ablation).
+        allocation: How raw outputs become children. ``water_fill`` (the seed's design): raw =
+            log1p of children, projected onto the block totals. ``dasymetric``: raw =
+            per-pixel log-weights ``prior + pointwise + context`` and children =
+            ``S * softmax_block(raw)`` (exact by construction); see :mod:`models.dasymetric`.
+        use_prior: (dasymetric) the additive layer mix of :class:`models.dasymetric.DasymetricPrior`,
+            fitted on the parent cells before training. Off: a uniform prior.
+        use_pointwise: (dasymetric) a per-pixel MLP of the local aux values (POMELO-style
+            occupancy correction), zero at initialisation.
+        use_context: (dasymetric) the U-Net path (SFT, MoE, attention, temporal scan) as a
+            log-weight residual behind a gain initialised at 0. Off: the U-Net is not built.
+        prior_exponents: Powers of each layer in the prior's basis.
+        pointwise_hidden: Hidden width of the pointwise MLP.
     """
 
     aux_channels: int
@@ -79,6 +91,12 @@ class ModelConfig:
     use_attention: bool = True
     use_temporal: bool = True
     use_physics: bool = True
+    allocation: str = "water_fill"
+    use_prior: bool = True
+    use_pointwise: bool = True
+    use_context: bool = True
+    prior_exponents: tuple[float, ...] = (0.5, 1.0, 2.0)
+    pointwise_hidden: int = 32
 
     def __post_init__(self) -> None:
         """Normalise sequences to tuples, derive ``widths`` and validate every field."""
@@ -88,6 +106,7 @@ class ModelConfig:
         self.depths = tuple(int(d) for d in self.depths)
         self.kernel_sizes = tuple(int(k) for k in self.kernel_sizes)
         self.dilations = tuple(int(d) for d in self.dilations)
+        self.prior_exponents = tuple(float(p) for p in self.prior_exponents)
         self.validate()
 
     def validate(self) -> None:
@@ -126,6 +145,12 @@ class ModelConfig:
             raise bad("max_years", "must be >= 1")
         if not 0.0 <= self.dropout < 1.0:
             raise bad("dropout", "must be in [0, 1)")
+        if self.allocation not in ("water_fill", "dasymetric"):
+            raise bad("allocation", "must be 'water_fill' or 'dasymetric'")
+        if not self.prior_exponents or any(not p > 0 for p in self.prior_exponents):
+            raise bad("prior_exponents", "need at least one power > 0")
+        if self.pointwise_hidden < 1:
+            raise bad("pointwise_hidden", "must be >= 1")
 
     @property
     def downsample_factor(self) -> int:
@@ -170,6 +195,7 @@ class ModelConfig:
 #: Preset name -> field overrides (``aux_channels`` is always given by the caller).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
+        allocation="dasymetric",
         base_width=8,
         widths=(8, 16, 24, 32),
         depths=(1, 1, 1, 1),
@@ -181,6 +207,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         temporal_kernel=1,
     ),
     "base": dict(
+        allocation="dasymetric",
         base_width=16,
         widths=(16, 32, 64, 128),
         depths=(1, 1, 2, 2),
@@ -192,6 +219,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         temporal_kernel=3,
     ),
     "large": dict(
+        allocation="dasymetric",
         base_width=24,
         widths=(24, 48, 96, 192),
         depths=(1, 2, 3, 4),

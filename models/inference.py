@@ -26,6 +26,13 @@ def low_precision_copy(model: nn.Module, dtype: torch.dtype = torch.bfloat16) ->
     residual keeps float32 precision. The original model is not changed.
     """
     low = copy.deepcopy(model).to(dtype).eval()
+    for name in ("prior", "pointwise"):  # the dasymetric prior and head stay float32 (few flops)
+        part = getattr(low, name, None)
+        if isinstance(part, nn.Module):
+            part.float()
+    gain = getattr(low, "context_gain", None)
+    if isinstance(gain, nn.Parameter):
+        gain.data = gain.data.float()
     for p in low.parameters():
         p.requires_grad_(False)
     return low

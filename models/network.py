@@ -10,6 +10,14 @@ Data flow (``L = len(config.widths)`` levels, level ``l`` at ``1 / 2**l`` resolu
     raw = main + head(features)                       (log domain, residual uniform prior)
     constrained = log1p(water_fill(expm1(raw), block_totals, block))   (float64)
 
+With ``config.allocation == "dasymetric"`` the output is a per-pixel log-weight instead::
+
+    raw = prior(aux) + pointwise(aux) + gain * head(features)   (gain starts at 0)
+    constrained = log1p(S * softmax_block(raw))                  (float64, exact)
+
+so that placement inside a block follows the aux at each pixel (the prior is the fitted
+additive layer mix of :mod:`models.dasymetric`), and the U-Net only corrects it.
+
 With ``use_sft=False`` there is one stream whose stem sees ``concat([aux, main])``.
 """
 
@@ -30,6 +38,7 @@ from models.blocks import (
     UpFuse,
 )
 from models.config import ModelConfig
+from models.dasymetric import DasymetricPrior, softmax_children
 from models.physics import water_fill
 
 __all__ = ["DSTCarbonFormer", "count_parameters"]
@@ -38,6 +47,27 @@ __all__ = ["DSTCarbonFormer", "count_parameters"]
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class PointwiseMLP(nn.Module):
+    """Per-pixel MLP of the local aux values: a log-weight correction, 0 at initialisation.
+
+    Shapes:
+        ``[B, C, T, H, W] -> [B, 1, T, H, W]`` (float32), bounded to +-12 by ``12 tanh(y / 12)``.
+    """
+
+    def __init__(self, channels: int, hidden: int = 32, bound: float = 12.0) -> None:
+        super().__init__()
+        self.bound = bound
+        self.net = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        with torch.no_grad():
+            self.net[-1].weight.zero_()
+            self.net[-1].bias.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Correction ``[B, 1, T, H, W]``."""
+        y = self.net(x.movedim(1, -1).to(self.net[0].weight.dtype)).movedim(-1, 1).float()
+        return self.bound * torch.tanh(y / self.bound)
 
 
 class DSTCarbonFormer(nn.Module):
@@ -55,6 +85,16 @@ class DSTCarbonFormer(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
+        self.dasymetric = config.allocation == "dasymetric"
+        self.prior = DasymetricPrior(config.aux_channels, config.prior_exponents) if self.dasymetric and config.use_prior else None
+        self.pointwise = PointwiseMLP(config.aux_channels, config.pointwise_hidden) if self.dasymetric and config.use_pointwise else None
+        self.context_gain = nn.Parameter(torch.zeros(())) if self.dasymetric and config.use_context else None
+        self.aux_loss: Tensor = torch.zeros(())
+        #: Run convolutions in ``channels_last_3d`` memory format (depthwise 3D convs are up to
+        #: 20x faster so on CPU with oneDNN). A runtime choice, not part of the config.
+        self.channels_last = True
+        if self.dasymetric and not config.use_context:
+            return  # no U-Net
         w = config.widths
         n_levels = len(w)
 
@@ -89,10 +129,6 @@ class DSTCarbonFormer(nn.Module):
         self.ups = nn.ModuleList(UpFuse(w[i + 1], w[i]) for i in reversed(range(n_levels - 1)))
         self.dec_blocks = nn.ModuleList(ms_block(w[i], config.dropout) for i in reversed(range(n_levels - 1)))
         self.head = OutputHead(w[0], config.dropout)
-        self.aux_loss: Tensor = torch.zeros(())
-        #: Run convolutions in ``channels_last_3d`` memory format (depthwise 3D convs are up to
-        #: 20x faster so on CPU with oneDNN). A runtime choice, not part of the config.
-        self.channels_last = True
 
     def _check_inputs(self, aux: Tensor, main: Tensor) -> None:
         cfg = self.config
@@ -135,6 +171,8 @@ class DSTCarbonFormer(nn.Module):
         self._check_inputs(aux, main)
         if (block_totals is None) != (block is None):
             raise ValueError("give both block_totals and block, or neither")
+        if self.dasymetric:
+            return self._forward_dasymetric(aux, main, block_totals, block)
         h, w = aux.shape[-2:]
         f = self.config.downsample_factor
         pad_h, pad_w = (-h) % f, (-w) % f
@@ -155,6 +193,35 @@ class DSTCarbonFormer(nn.Module):
         if block_totals is not None and block is not None and self.config.use_physics:
             constrained = self.project(raw, block_totals, block)
         return raw, constrained
+
+    def _context(self, aux: Tensor, main: Tensor) -> Tensor:
+        """U-Net correction ``[B, 1, T, H, W]`` (float32), any H, W (replicate-padded)."""
+        h, w = aux.shape[-2:]
+        f = self.config.downsample_factor
+        pad_h, pad_w = (-h) % f, (-w) % f
+        if pad_h or pad_w:
+            pad = (0, pad_w, 0, pad_h, 0, 0)
+            aux, main = F.pad(aux, pad, mode="replicate"), F.pad(main, pad, mode="replicate")
+        if self.channels_last:
+            aux = aux.contiguous(memory_format=torch.channels_last_3d)
+            main = main.contiguous(memory_format=torch.channels_last_3d)
+        return self.head(self._features(aux, main))[..., :h, :w].float()
+
+    def _forward_dasymetric(self, aux: Tensor, main: Tensor, block_totals: Tensor | None,
+                            block: int | None) -> tuple[Tensor, Tensor | None]:
+        """Log-weights ``prior + pointwise + gain * context`` (see the module docstring)."""
+        log_w = self.prior(aux) if self.prior is not None else aux.new_zeros((aux.shape[0], 1, *aux.shape[2:]), dtype=torch.float32)
+        if self.pointwise is not None:
+            log_w = log_w + self.pointwise(aux)
+        if self.context_gain is not None:
+            log_w = log_w + self.context_gain.float() * self._context(aux, main)
+        else:
+            self.aux_loss = aux.new_zeros((), dtype=torch.float32)
+        constrained = None
+        if block_totals is not None and block is not None and self.config.use_physics:
+            with torch.autocast(device_type=log_w.device.type, enabled=False):
+                constrained = torch.log1p(softmax_children(log_w, block_totals, block))
+        return log_w, constrained
 
     def _features(self, aux: Tensor, main: Tensor) -> Tensor:
         """Encoder, bottleneck and decoder: ``[B, C_aux, T, H, W]`` -> ``[B, w0, T, H, W]``."""

@@ -62,7 +62,9 @@ from carbonsr_cli.train.dataset import (
     load_main,
     parse_scales,
 )
+from carbonsr_cli.train.prior_fit import PriorFit, build_fitted_prior, fit_prior_on_cache
 from carbonsr_cli.train.split import Split, make_block_split, make_region_split, parse_val_region
+from models.dasymetric import DEFAULT_EXPONENTS
 
 from carbonsr_cli.devices import resolve_device  # re-exported for callers of train.loop
 
@@ -221,12 +223,14 @@ def _val_items(split: Split, n_years: int, t: int, max_items: int) -> list[tuple
     return items
 
 
-def _baseline_scores(items: list[tuple[int, int, int]], scales: Sequence[int], main: MainData, cache: AuxCache, stack: Any, cfg: TrainConfig, t: int) -> dict[int, dict[str, Any]]:
-    """Uniform and per-layer dasymetric baselines on the validation items (computed once)."""
+def _baseline_scores(items: list[tuple[int, int, int]], scales: Sequence[int], main: MainData, cache: AuxCache, stack: Any, cfg: TrainConfig, t: int, fitted: Any = None) -> dict[int, dict[str, Any]]:
+    """Uniform, per-layer dasymetric and fitted (layer mix) baselines on the validation items
+    (computed once). ``fitted``: the fitted ``DasymetricPrior`` (None: not scored)."""
     import torch
     from rasterio.windows import Window
 
     from models.baselines import dasymetric_fill, uniform_fill
+    from models.dasymetric import softmax_children
     from models.physics import block_sum
 
     f, p = cfg.factor, cfg.patch
@@ -234,7 +238,7 @@ def _baseline_scores(items: list[tuple[int, int, int]], scales: Sequence[int], m
     raw_cache: dict[tuple[int, int], np.ndarray] = {}
     out: dict[int, dict[str, Any]] = {}
     for s in scales:
-        preds: dict[str, list[np.ndarray]] = {"uniform": [], **{n: [] for n in names}}
+        preds: dict[str, list[np.ndarray]] = {"uniform": [], "fitted": [], **{n: [] for n in names}}
         truths: list[np.ndarray] = []
         for chunk, b in _val_batches(items, s, main, cache, cfg, t):
             totals = torch.from_numpy(b.totals)
@@ -242,6 +246,10 @@ def _baseline_scores(items: list[tuple[int, int, int]], scales: Sequence[int], m
             m = b.mask
             truths.append(b.truth[m])
             preds["uniform"].append(block_sum(uniform_fill(totals, block), f).numpy()[m])
+            if fitted is not None:
+                with torch.no_grad():
+                    lw = fitted(torch.from_numpy(b.aux))
+                preds["fitted"].append(block_sum(softmax_children(lw, totals, block), f).numpy()[m])
             raws = []
             for r, c, y0 in chunk:
                 key = (r, c)
@@ -259,6 +267,8 @@ def _baseline_scores(items: list[tuple[int, int, int]], scales: Sequence[int], m
         dasy = {n: _scores(np.concatenate(preds[n]), truth) for n in names}
         best = min(names, key=lambda n: (dasy[n]["nonzero_mae"], n))
         out[s] = {"uniform": uni, "dasymetric": dasy[best], "dasy_layer": best, "all_dasymetric": dasy}
+        if fitted is not None:
+            out[s]["fitted"] = _scores(np.concatenate(preds["fitted"]), truth)
     return out
 
 
@@ -291,15 +301,12 @@ def _model_scores(model: Any, items: list[tuple[int, int, int]], scales: Sequenc
 
 
 def _children(model: Any, raw: Any, totals: Any, block: int) -> Any:
-    """Linear child totals: water-filled onto the block totals (float64), or raw for ablations."""
-    import torch
+    """Linear child totals (float64) from the model's raw output, by its allocation (see
+    :func:`models.dasymetric.children_from_raw`)."""
+    from models.dasymetric import children_from_raw
 
-    from models.physics import water_fill
-
-    values = torch.expm1(raw.double())
-    if getattr(model.config, "use_physics", True):
-        return water_fill(values, totals, block)
-    return values.clamp(min=0)
+    cfg = model.config
+    return children_from_raw(raw, totals, block, getattr(cfg, "allocation", "water_fill"), getattr(cfg, "use_physics", True))
 
 
 def training_step(
@@ -588,7 +595,11 @@ def train(config: TrainConfig) -> RunResult:
         positions = split.train_positions(main.valid_all_years)
         sampler = PatchSampler(positions, n_years, t, scales, cfg.batch_size, cfg.seed, cfg.augment)
         items = _val_items(split, n_years, t, cfg.max_val_windows)
-        baselines = _baseline_scores(items, cfg.val_scales, main, cache, stack, cfg, t)
+        prior_fit = fit_prior_on_cache(cache, main, ~split.forbidden_mask(), norm, cfg.factor,
+                                       exponents=tuple(cfg.model_overrides.get("prior_exponents", DEFAULT_EXPONENTS)))
+        log.info("fitted layer mix on %d training parent cells: %s", prior_fit.cells,
+                 ", ".join(f"{k} {v:.0%}" for k, v in list(prior_fit.terms.items())[:6]))
+        baselines = _baseline_scores(items, cfg.val_scales, main, cache, stack, cfg, t, fitted=build_fitted_prior(prior_fit, norm))
     except BaseException:
         stack.close()
         log.removeHandler(handler)
@@ -611,7 +622,10 @@ def train(config: TrainConfig) -> RunResult:
     mcfg = model_preset(cfg.preset, aux_channels=cache.channels, **overrides)
     if ck is not None:
         ckpt_mod.check_compatible(ck, resume_path, model_config=mcfg.to_dict())  # type: ignore[arg-type]
-    model = DSTCarbonFormer(mcfg).to(device)
+    model = DSTCarbonFormer(mcfg)
+    if model.prior is not None:  # start at the fitted baseline (resume: overwritten by the checkpoint)
+        model.prior.load_state_dict(build_fitted_prior(prior_fit, norm).state_dict())
+    model = model.to(device)
     total_steps = cfg.epochs * cfg.steps_per_epoch
     decay, no_decay = [], []
     for n, p in model.named_parameters():
@@ -673,6 +687,8 @@ def train(config: TrainConfig) -> RunResult:
             "rng_state": ckpt_mod.capture_rng_state(),
             "sampler_state": sampler.state(ep, st),
             "split": split.to_dict(),
+            "prior_fit": prior_fit.to_dict(),
+            "baselines": {str(k): v for k, v in baselines.items()},
             "metric_history": history,
             "years": list(main.years),
         }
@@ -867,7 +883,7 @@ def evaluate_against_truth(
     from carbonsr_cli.train.checkpoints import load_checkpoint, load_model_for_inference
     from carbonsr_cli.train.dataset import degrade
     from models.baselines import dasymetric_fill, uniform_fill
-    from models.physics import water_fill
+    from models.dasymetric import softmax_children
 
     ck = load_checkpoint(checkpoint)
     cfg = TrainConfig.from_dict(ck["train_config"])
@@ -886,6 +902,7 @@ def evaluate_against_truth(
             raise UsageError(f"truth grid {tds.height}x{tds.width} does not match the child grid {child.shape}", truth_path)
         norm = AuxNormalizer.from_stats(ck["stats"], stack.names)
         names = list(stack.names)
+        fitted = build_fitted_prior(PriorFit.from_dict(ck["prior_fit"]), norm) if ck.get("prior_fit") else None
         for k in range(0, len(items), batch_size):
             chunk = items[k : k + batch_size]
             raws, parents, fine = [], [], []
@@ -905,8 +922,11 @@ def evaluate_against_truth(
                 mask &= truth != tds.nodata
             tt = torch.from_numpy(totals)
             with torch.no_grad():
-                out, _ = loaded.model(torch.from_numpy(norm.apply(raw)).to(dev), torch.from_numpy(main_in).to(dev))
-                model_children = water_fill(torch.expm1(out.double()), tt.to(dev), f).cpu().numpy()
+                xn = torch.from_numpy(norm.apply(raw))
+                out, _ = loaded.model(xn.to(dev), torch.from_numpy(main_in).to(dev))
+                model_children = _children(loaded.model, out, tt.to(dev), f).cpu().numpy()
+                if fitted is not None:
+                    preds.setdefault("fitted", []).append(softmax_children(fitted(xn), tt, f).numpy()[mask])
             preds.setdefault("model", []).append(model_children[mask])
             preds.setdefault("uniform", []).append(uniform_fill(tt, f).numpy()[mask])
             for j, n in enumerate(names):
@@ -916,7 +936,7 @@ def evaluate_against_truth(
     y = np.concatenate(truths)
     scores = {k: _scores(np.concatenate(v), y) for k, v in preds.items()}
     best = min(names, key=lambda n: (scores[n]["nonzero_mae"], n))
-    return {
+    out = {
         "model": scores["model"],
         "uniform": scores["uniform"],
         "dasymetric": scores[best],
@@ -924,3 +944,6 @@ def evaluate_against_truth(
         "all_dasymetric": {n: scores[n] for n in names},
         "cells": int(y.size),
     }
+    if "fitted" in scores:
+        out["fitted"] = scores["fitted"]
+    return out

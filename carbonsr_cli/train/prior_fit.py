@@ -1,0 +1,126 @@
+"""Fit the additive layer mix (:class:`models.dasymetric.DasymetricPrior`) on training parent cells.
+
+This is the "fitted dasymetric" baseline (popRF's idea: a regression from aux layers to emissions
+fitted on the parent cells, predicted per child cell, rescaled per block) and the initial state of
+a dasymetric network's prior. Only parent cells outside the buffered validation region are used,
+so validation stays held out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["PriorFit", "fit_prior_on_cache", "prior_module"]
+
+
+@dataclass(frozen=True)
+class PriorFit:
+    """A fitted layer mix (everything needed to rebuild the prior module).
+
+    Attributes:
+        exponents: Powers of the basis.
+        coef: ``[C * J]`` coefficients (>= 0), per unit of ``(u / ref) ** p``.
+        floor: Weight of every child cell (> 0).
+        ref: Per-channel conditioning scale (mean positive raw value).
+        cells: Parent cells (x years) the fit used.
+        terms: ``{"<layer>^p": share of the fitted weight}``, the mix in words, largest first.
+    """
+
+    exponents: tuple[float, ...]
+    coef: tuple[float, ...]
+    floor: float
+    ref: tuple[float, ...]
+    cells: int
+    terms: dict[str, float]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PriorFit:
+        """Inverse of :meth:`to_dict`."""
+        return cls(tuple(float(v) for v in d["exponents"]), tuple(float(v) for v in d["coef"]), float(d["floor"]),
+                   tuple(float(v) for v in d["ref"]), int(d.get("cells", 0)), dict(d.get("terms", {})))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (stored in checkpoints and run files)."""
+        return {"exponents": list(self.exponents), "coef": list(self.coef), "floor": self.floor,
+                "ref": list(self.ref), "cells": self.cells, "terms": dict(self.terms)}
+
+
+def prior_module(normalizer: Any, exponents: tuple[float, ...], ref: tuple[float, ...] | None = None) -> Any:
+    """A :class:`DasymetricPrior` whose basis inverts ``normalizer`` (an ``AuxNormalizer``)."""
+    from models.dasymetric import DasymetricPrior
+
+    prior = DasymetricPrior(len(normalizer.names), exponents)
+    prior.basis.set_normalisation(normalizer.log1p, normalizer.mean, normalizer.std, normalizer.clip_lo, ref)
+    return prior
+
+
+def fit_prior_on_cache(cache: Any, main: Any, train_mask: np.ndarray, normalizer: Any, factor: int, *,
+                       exponents: tuple[float, ...], rows_per_chunk: int = 16) -> PriorFit:
+    """Fit the layer mix on the training parent cells of every year.
+
+    Args:
+        cache: ``AuxCache`` (normalised aux, float16 ``[C, Y, H * f, W * f]``).
+        main: ``MainData`` (parent totals ``[Y, H, W]``, NaN = nodata).
+        train_mask: bool ``[H, W]``: parent cells the fit may use (outside the buffered
+            validation region).
+        normalizer: The ``AuxNormalizer`` the cache was built with.
+        factor: Child cells per parent cell along an axis.
+        exponents: Powers of the basis.
+
+    Returns:
+        The :class:`PriorFit`.
+    """
+    import torch
+
+    from models.dasymetric import fit_prior, share_blocks_of
+    from models.physics import block_sum
+
+    arr = cache.array
+    c, n_years, hc, wc = arr.shape
+    h, w = hc // factor, wc // factor
+    prior = prior_module(normalizer, exponents)
+    # Conditioning scale: mean positive raw value per channel over the cache (subsampled).
+    with torch.no_grad():
+        sample = torch.from_numpy(np.asarray(arr[:, :, ::7, ::7], dtype=np.float32))[None]
+        raw = prior.basis.raw(sample)[0].reshape(c, -1)
+        pos = raw > 0
+        ref = tuple(float(raw[k][pos[k]].mean()) if bool(pos[k].any()) else 1.0 for k in range(c))
+    prior.basis.set_normalisation(normalizer.log1p, normalizer.mean, normalizer.std, normalizer.clip_lo, ref)
+
+    sums, totals, counts, groups = [], [], [], []
+    k = prior.basis.size
+    with torch.no_grad():
+        for y in range(n_years):
+            grid = np.zeros((k, h, w))
+            for r0 in range(0, h, rows_per_chunk):
+                r1 = min(h, r0 + rows_per_chunk)
+                x = torch.from_numpy(np.asarray(arr[:, y : y + 1, r0 * factor : r1 * factor], dtype=np.float32))[None]
+                grid[:, r0:r1] = block_sum(prior.basis(x).double(), factor)[0, :, 0].numpy()  # [K, r1 - r0, W]
+            keep = train_mask & np.isfinite(main.values[y])
+            sums.append(grid.transpose(1, 2, 0)[keep])
+            totals.append(main.values[y][keep].astype(np.float64))
+            counts.append(np.full(int(keep.sum()), float(factor * factor)))
+            groups.extend(share_blocks_of(grid, np.full((h, w), float(factor * factor)), main.values[y].astype(np.float64), keep))
+    phi_all = np.concatenate(sums) if sums else np.zeros((0, k))
+    t_all = np.concatenate(totals) if totals else np.zeros(0)
+    n_all = np.concatenate(counts) if counts else np.zeros(0)
+    coef, floor = fit_prior(phi_all, n_all, t_all, share_blocks=groups)
+    nonzero = t_all > 0
+    phi_all, n_all = phi_all[nonzero], n_all[nonzero]
+    names = [f"{name}^{p:g}" for name in normalizer.names for p in exponents]
+    contrib = coef * (phi_all.sum(axis=0) if len(phi_all) else np.zeros(k))
+    total = float(contrib.sum() + floor * n_all.sum()) or 1.0
+    terms = {n: float(v / total) for n, v in sorted(zip(names, contrib), key=lambda kv: -kv[1]) if v > 0}
+    terms["(floor)"] = float(floor * n_all.sum() / total)
+    return PriorFit(tuple(float(p) for p in exponents), tuple(float(v) for v in coef), float(floor), ref,
+                    int(t_all.size), terms)
+
+
+def build_fitted_prior(fit: PriorFit, normalizer: Any) -> Any:
+    """The prior module of a fit (eval mode)."""
+    prior = prior_module(normalizer, fit.exponents, fit.ref)
+    prior.set_coefficients(np.asarray(fit.coef), fit.floor)
+    return prior.eval()

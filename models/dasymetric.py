@@ -1,0 +1,367 @@
+"""Dasymetric structure: per-pixel weights from the aux layers, shared by the fitted baseline and
+the network's prior.
+
+A child cell's emission is modelled as an additive mix of sectors, each proportional to a power
+of one aux layer in its raw units (road length, persons, radiance, t CO2 of a listed plant)::
+
+    w(x) = floor + sum_k sum_j coef[k, j] * (u_k(x) / ref_k) ** p_j          (coef >= 0)
+
+where ``u_k`` is the raw value of aux channel ``k`` recovered from its normalised value (see
+:class:`PriorBasis`). Because the mix is linear in ``coef``, the block sum of ``w`` is the same
+mix of block sums of the basis, so ``coef`` can be fitted by non-negative least squares on the
+parent cells alone (:func:`fit_prior`), which is WorldPop's popRF idea with a model that is exact
+under aggregation: a point layer keeps its weight in the one child cell that holds the point.
+
+Children are then ``S * w / sum_block(w)`` (:func:`softmax_children` in the log domain), which
+is non-negative and sums to every block total ``S`` exactly (float64).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from models.physics import from_blocks, to_blocks, water_fill
+
+__all__ = [
+    "DEFAULT_EXPONENTS",
+    "DasymetricPrior",
+    "PriorBasis",
+    "children_from_raw",
+    "fit_prior",
+    "log_children",
+    "nnls",
+    "softmax_children",
+]
+
+#: Powers ``p_j`` of each layer's basis functions.
+DEFAULT_EXPONENTS: tuple[float, ...] = (0.5, 1.0, 2.0)
+#: Coefficient value standing for "off" in the log parametrisation (exp(-30) ~ 1e-13).
+_LOG_ZERO = -30.0
+
+
+class PriorBasis(nn.Module):
+    """Raw-unit basis functions of every aux channel, from its normalised value.
+
+    The normaliser of :mod:`carbonsr_cli.stats` maps a raw value ``v`` to
+    ``x = (clip(f(v)) - mean) / std`` with ``f = log1p`` or the identity. This module inverts it:
+    ``u = expm1(x * std + mean)`` (log1p channels) or ``u = x * std + mean - lo`` (identity
+    channels, shifted so that the smallest value is 0), clamped at 0, then divided by ``ref``
+    (a typical positive value, for conditioning) and raised to each power of ``exponents``.
+    Until :meth:`set_normalisation` is called, ``u = max(x, 0)``.
+
+    Shapes:
+        ``[B, C, T, H, W] -> [B, C * J, T, H, W]`` (float32), channel ``k * J + j`` = layer
+        ``k`` to power ``exponents[j]``.
+    """
+
+    def __init__(self, channels: int, exponents: Sequence[float] = DEFAULT_EXPONENTS) -> None:
+        super().__init__()
+        self.channels = int(channels)
+        self.exponents = tuple(float(p) for p in exponents)
+        c = self.channels
+        self.register_buffer("is_log", torch.zeros(c))
+        self.register_buffer("mean", torch.zeros(c))
+        self.register_buffer("std", torch.ones(c))
+        self.register_buffer("lo", torch.zeros(c))
+        self.register_buffer("ref", torch.ones(c))
+
+    @property
+    def size(self) -> int:
+        """Number of basis functions ``C * J``."""
+        return self.channels * len(self.exponents)
+
+    def set_normalisation(self, is_log: Sequence[bool], mean: Sequence[float], std: Sequence[float],
+                          lo: Sequence[float], ref: Sequence[float] | None = None) -> None:
+        """Store the normaliser's constants (transformed units) and the conditioning scale ``ref``."""
+        def vec(v: Sequence[float]) -> Tensor:
+            t = torch.as_tensor([float(a) for a in v], dtype=torch.float32)
+            if t.shape != (self.channels,):
+                raise ValueError(f"expected {self.channels} values, got {tuple(t.shape)}")
+            return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
+
+        self.is_log.copy_(vec([1.0 if b else 0.0 for b in is_log]))
+        self.mean.copy_(vec(mean))
+        self.std.copy_(vec(std))
+        self.lo.copy_(vec([0.0 if not math.isfinite(float(v)) else float(v) for v in lo]))
+        if ref is not None:
+            r = vec(ref)
+            self.ref.copy_(torch.where(r > 0, r, torch.ones_like(r)))
+
+    def raw(self, x: Tensor) -> Tensor:
+        """Raw (non-negative) values ``u`` ``[B, C, T, H, W]`` from normalised ``x`` (float32)."""
+        shape = (1, self.channels, 1, 1, 1)
+        x = x.float()
+        z = x * self.std.view(shape) + self.mean.view(shape)
+        logm = self.is_log.view(shape) > 0.5
+        u = torch.where(logm, torch.expm1(z.clamp(max=60.0)), z - self.lo.view(shape))
+        return u.clamp(min=0.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Basis ``[B, C * J, T, H, W]`` (float32)."""
+        v = self.raw(x) / self.ref.view(1, self.channels, 1, 1, 1)
+        parts = [v if p == 1.0 else v.pow(p) for p in self.exponents]
+        b, c, t, h, w = v.shape
+        return torch.stack(parts, dim=2).reshape(b, c * len(self.exponents), t, h, w)
+
+
+class DasymetricPrior(nn.Module):
+    """Log-weights of the additive mix ``log(floor + sum coef * basis)`` (see the module docstring).
+
+    Coefficients are stored as logs (so they stay positive under gradient descent); a coefficient
+    of exactly 0 is ``exp(-30)``. Initialised uniform (floor 1, every coefficient 0).
+
+    Shapes:
+        ``[B, C, T, H, W] (normalised aux) -> [B, 1, T, H, W]`` log-weights (float32).
+    """
+
+    def __init__(self, channels: int, exponents: Sequence[float] = DEFAULT_EXPONENTS) -> None:
+        super().__init__()
+        self.basis = PriorBasis(channels, exponents)
+        self.log_coef = nn.Parameter(torch.full((self.basis.size,), _LOG_ZERO))
+        self.log_floor = nn.Parameter(torch.zeros(()))
+
+    def set_coefficients(self, coef: Sequence[float] | np.ndarray, floor: float) -> None:
+        """Set the mix from linear coefficients (>= 0, one per basis function) and the floor (> 0)."""
+        c = torch.as_tensor(np.asarray(coef, dtype=np.float64), dtype=torch.float64)
+        if c.shape != self.log_coef.shape:
+            raise ValueError(f"expected {self.log_coef.numel()} coefficients, got {tuple(c.shape)}")
+        if not floor > 0:
+            raise ValueError(f"floor must be > 0, got {floor}")
+        with torch.no_grad():
+            self.log_coef.copy_(torch.where(c > 0, c.clamp(min=1e-300).log(), torch.full_like(c, _LOG_ZERO)).clamp(min=_LOG_ZERO).float())
+            self.log_floor.fill_(math.log(float(floor)))
+
+    def weights(self, x: Tensor) -> Tensor:
+        """Linear weights ``[B, 1, T, H, W]`` (float32, > 0)."""
+        phi = self.basis(x)
+        coef = self.log_coef.float().exp().view(1, -1, 1, 1, 1)
+        return (phi * coef).sum(dim=1, keepdim=True) + self.log_floor.float().exp()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Log-weights ``[B, 1, T, H, W]`` (float32)."""
+        return torch.log(self.weights(x))
+
+
+def softmax_children(log_w: Tensor, totals: Tensor, block: int) -> Tensor:
+    """Share every block total in proportion to ``exp(log_w)`` (float64, differentiable).
+
+    Args:
+        log_w: Child log-weights ``[..., H, W]`` (any offset per block cancels).
+        totals: Block totals ``[..., H / block, W / block]``; NaN = nodata (children NaN).
+        block: Block edge in child cells.
+
+    Returns:
+        ``[..., H, W]`` float64 children, >= 0, summing to each total within float64 rounding.
+    """
+    s = totals.to(torch.float64)
+    lw = to_blocks(log_w.to(torch.float64), block)
+    lw = torch.nan_to_num(lw, nan=-1e30, posinf=1e30, neginf=-1e30)
+    share = torch.softmax(lw, dim=-1)
+    flat = s.reshape(-1, 1)
+    nodata = torch.isnan(flat)
+    x = share * torch.where(nodata, torch.zeros_like(flat), flat)
+    x = torch.where(nodata, torch.full_like(x, float("nan")), x)
+    return from_blocks(x, log_w.shape, block)
+
+
+def log_children(log_w: Tensor, main: Tensor, block: int) -> Tensor:
+    """``log1p`` of the children of ``softmax_children`` with totals recovered from ``main``.
+
+    ``main = log1p(S / block**2)`` broadcast over each block (the network's input), so
+    ``S = expm1(main) * block**2`` (float32 rounding; the water-fill that follows restores
+    exactness). Used at inference, where tiles are blended in the log1p-children domain.
+
+    Shapes:
+        ``log_w, main [B, 1, T, H, W] -> [B, 1, T, H, W]`` (float32).
+    """
+    s = torch.expm1(main[..., ::block, ::block].to(torch.float64)) * float(block * block)
+    return torch.log1p(softmax_children(log_w, s, block)).to(torch.float32)
+
+
+def children_from_raw(raw: Tensor, totals: Tensor, block: int, allocation: str = "water_fill",
+                      use_physics: bool = True) -> Tensor:
+    """Linear child totals (float64) from a network's raw output, by its allocation.
+
+    ``water_fill``: ``raw`` is log1p of children; ``expm1(raw)`` is projected onto the totals
+    (or clamped at 0 when ``use_physics`` is off, for ablations). ``dasymetric``: ``raw`` is
+    log-weights; children are ``softmax_children`` (exact by construction).
+    """
+    if allocation == "dasymetric":
+        return softmax_children(raw, totals, block)
+    values = torch.expm1(raw.double())
+    if use_physics:
+        return water_fill(values, totals, block)
+    return values.clamp(min=0)
+
+
+def nnls(a: np.ndarray, b: np.ndarray, max_iter: int | None = None, tol: float = 1e-10) -> np.ndarray:
+    """Non-negative least squares ``argmin ||a x - b||, x >= 0`` (Lawson-Hanson active set).
+
+    Args:
+        a: ``[N, K]`` design matrix.
+        b: ``[N]`` target.
+
+    Returns:
+        ``[K]`` float64 solution.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    n, k = a.shape
+    x = np.zeros(k)
+    passive = np.zeros(k, dtype=bool)
+    max_iter = max_iter or 3 * k + 10
+    ata, atb = a.T @ a, a.T @ b
+    scale = max(float(np.abs(atb).max()), 1e-300)
+
+    def solve(mask: np.ndarray) -> np.ndarray:
+        z = np.zeros(k)
+        idx = np.flatnonzero(mask)
+        if idx.size:
+            sub = ata[np.ix_(idx, idx)]
+            z[idx] = np.linalg.lstsq(sub + 1e-12 * np.trace(sub) / idx.size * np.eye(idx.size), atb[idx], rcond=None)[0]
+        return z
+
+    for _ in range(max_iter):
+        grad = atb - ata @ x
+        cand = ~passive & (grad > tol * scale)
+        if not cand.any():
+            break
+        passive[np.argmax(np.where(cand, grad, -np.inf))] = True
+        for _ in range(max_iter):
+            z = solve(passive)
+            if (z[passive] > 0).all():
+                x = z
+                break
+            neg = passive & (z <= 0)
+            alpha = np.min(x[neg] / np.maximum(x[neg] - z[neg], 1e-300))
+            x = x + alpha * (z - x)
+            passive &= x > tol * max(float(x.max()), 1e-300)
+            x[~passive] = 0.0
+    return x
+
+
+def share_blocks_of(basis: np.ndarray, n_children: np.ndarray, totals: np.ndarray, usable: np.ndarray,
+                    scales: Sequence[int] = (2, 3)) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Groups of ``s x s`` parent cells for :func:`fit_prior`'s share refinement.
+
+    Args:
+        basis: ``[K, H, W]`` block sums of the basis per parent cell.
+        n_children: ``[H, W]`` children per parent cell.
+        totals: ``[H, W]`` parent totals (NaN = nodata).
+        usable: bool ``[H, W]``: cells the fit may use (a group needs all its cells usable).
+        scales: Group edges in parent cells.
+
+    Returns:
+        ``[(design [G, s*s, K + 1], totals [G, s*s])]`` per scale, groups with a positive sum only.
+    """
+    out = []
+    a = np.concatenate([basis, n_children[None]], axis=0)
+    for s in scales:
+        h, w = (totals.shape[0] // s) * s, (totals.shape[1] // s) * s
+        if h == 0 or w == 0:
+            continue
+        t = totals[:h, :w].reshape(h // s, s, w // s, s).transpose(0, 2, 1, 3).reshape(-1, s * s)
+        ok = usable[:h, :w].reshape(h // s, s, w // s, s).transpose(0, 2, 1, 3).reshape(-1, s * s).all(axis=1)
+        ab = a[:, :h, :w].reshape(a.shape[0], h // s, s, w // s, s).transpose(1, 3, 2, 4, 0).reshape(-1, s * s, a.shape[0])
+        ok &= np.isfinite(t).all(axis=1) & np.isfinite(ab).all(axis=(1, 2))
+        ok &= np.nan_to_num(t).sum(axis=1) > 0
+        if ok.any():
+            out.append((ab[ok].astype(np.float64), t[ok].astype(np.float64)))
+    return out
+
+
+def _refine_shares(blocks: list[tuple[np.ndarray, np.ndarray]], x0: np.ndarray, steps: int = 300) -> np.ndarray:
+    """Refine the mix so that it shares group totals among parent cells with the least absolute error.
+
+    This is the downscaling task one level up (a group of parent cells plays the parent, the
+    parent cells play the children), scored like the product is scored (absolute error, so the
+    cells that hold the mass count most).
+    """
+    mats = [(torch.from_numpy(a), torch.from_numpy(t)) for a, t in blocks]
+    norm = sum(float(t.sum()) for _, t in mats)
+    theta = torch.tensor(np.log(np.maximum(x0, 1e-300)), requires_grad=True)
+    opt = torch.optim.Adam([theta], lr=0.05)
+    best, best_x = math.inf, x0
+    for _ in range(int(steps)):
+        opt.zero_grad()
+        coef = theta.exp()
+        loss = torch.zeros((), dtype=torch.float64)
+        for a, t in mats:
+            w = a @ coef  # [G, s*s]
+            pred = t.sum(dim=1, keepdim=True) * w / w.sum(dim=1, keepdim=True)
+            loss = loss + (pred - t).abs().sum()
+        loss = loss / norm
+        if float(loss) < best:
+            best, best_x = float(loss), coef.detach().numpy().copy()
+        loss.backward()
+        opt.step()
+    return best_x
+
+
+def fit_prior(basis_sums: np.ndarray, n_children: np.ndarray, totals: np.ndarray, *,
+              max_rows: int = 200_000, seed: int = 0, steps: int = 400,
+              share_blocks: list[tuple[np.ndarray, np.ndarray]] | None = None) -> tuple[np.ndarray, float]:
+    """Fit the additive mix on parent cells (log-domain least squares, coefficients >= 0).
+
+    Minimises ``mean_p (log(floor * n_p + sum_k coef_k Phi_pk) - log(T_p))**2`` over cells with
+    ``T_p > 0``: the loss of relative errors, so that a few huge cells (point sources that no
+    layer shows) do not decide the mix alone. Started from a weighted non-negative least-squares
+    solution, then refined by Adam on the log-coefficients.
+
+    Args:
+        basis_sums: ``Phi [N, K]``, block sums of the basis functions per parent cell.
+        n_children: ``[N]`` children per parent cell (the floor's column).
+        totals: ``[N]`` parent totals (t CO2 / parent cell / yr); cells with NaN are skipped.
+        max_rows: Largest number of cells used (a random subsample beyond).
+        steps: Adam steps of the log-domain refinement (and of the share refinement).
+        share_blocks: Groups of parent cells (:func:`share_blocks_of`): when given, the mix is
+            finally refined to share each group's total among its cells with the least
+            absolute error (:func:`_refine_shares`).
+
+    Returns:
+        ``(coef [K], floor)``: coefficients >= 0 and a floor > 0 (at least 1e-4 of the mean
+        weight per child, so that every child keeps a small share).
+    """
+    phi = np.asarray(basis_sums, dtype=np.float64)
+    t = np.asarray(totals, dtype=np.float64)
+    n = np.asarray(n_children, dtype=np.float64)
+    ok = np.isfinite(t) & (t > 0) & np.isfinite(phi).all(axis=1) & (n > 0)
+    phi, t, n = phi[ok], t[ok], n[ok]
+    k = phi.shape[1]
+    if t.size == 0:
+        return np.zeros(k), 1.0
+    if t.size > max_rows:
+        keep = np.random.default_rng(seed).choice(t.size, max_rows, replace=False)
+        phi, t, n = phi[keep], t[keep], n[keep]
+    a = np.concatenate([phi, n[:, None]], axis=1)
+    # Start: NNLS with relative-error row weights (1 / T).
+    wrow = 1.0 / t
+    norms = np.linalg.norm(a * wrow[:, None], axis=0)
+    norms = np.where(norms > 0, norms, 1.0)
+    x0 = nnls(a * wrow[:, None] / norms, np.ones_like(t)) / norms
+    scale = np.where(norms > 0, 1.0 / norms, 1.0)  # typical coefficient size per column
+    x0 = np.maximum(x0, 1e-6 * scale)
+    # Refine in the log domain.
+    at = torch.from_numpy(a)
+    logt = torch.from_numpy(np.log(t))
+    theta = torch.tensor(np.log(x0), requires_grad=True)
+    opt = torch.optim.Adam([theta], lr=0.05)
+    for _ in range(int(steps)):
+        opt.zero_grad()
+        pred = at @ theta.exp()
+        loss = (torch.log(pred.clamp(min=1e-300)) - logt).pow(2).mean()
+        loss.backward()
+        opt.step()
+    x = theta.detach().exp().numpy()
+    if share_blocks:
+        x = _refine_shares(share_blocks, x, steps=steps)
+    x = np.where(x < 1e-6 * scale, 0.0, x)
+    coef, floor = x[:k], float(x[k])
+    mean_w = float((a[:, :k] @ coef + floor * n).sum() / n.sum())
+    floor = max(floor, 1e-4 * mean_w, 1e-12)
+    return coef, floor
