@@ -381,6 +381,12 @@ def resolve_main(
                     crs = CRS.from_epsg(4326)
                     assumed = True
                 t = ds.transform
+                if t.is_identity:
+                    raise InputDataError(
+                        "no georeferencing: GDAL did not recognise the x/y or lat/lon coordinate variables "
+                        "(they need CF units or standard_name attributes)",
+                        path,
+                    )
                 if t.b != 0 or t.d != 0 or t.a <= 0 or t.e == 0:
                     check_north_up(t, path)
                 times = _cf_times(ds.tags(), ds.count, [ds.tags(b) for b in range(1, ds.count + 1)])
