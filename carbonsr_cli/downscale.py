@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from carbonsr_cli.errors import CheckpointError, InputDataError, UsageError
+from carbonsr_cli.errors import CarbonSRError, CheckpointError, InputDataError, UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
     from carbonsr_cli.grids import ChildGrid, ParentGrid
@@ -297,6 +297,12 @@ class Plan:
     tile_child: int = 120
     overlap_parent: int = 2
     fill_missing: bool = False
+    #: Name of the user's main input (tags); ``main_path`` may be a converted temp copy.
+    source_name: str | None = None
+    #: GDAL creation options (``--co KEY=VALUE``) of the outputs.
+    creation_options: dict[str, str] = field(default_factory=dict)
+    #: Build overviews in a plain GeoTIFF output.
+    overviews: bool = False
     #: The coverage-checked AuxStack of the model's aux layers on ``child`` (reused by the
     #: pipeline; a plan for another grid must not carry it).
     aux_stack: Any = field(default=None, repr=False, compare=False)
@@ -539,19 +545,27 @@ def downscale(
     bands: Sequence[int] | None = None,
     aoi: str | os.PathLike[str] | None = None,
     factor: int | None = None,
-    units: str = "totals",
+    units: str | None = None,
     compress: str = "deflate",
     uncertainty: str | os.PathLike[str] | None = None,
     progress: bool = True,
     check: bool = True,
     fill_missing: bool = False,
     overlap: int = 2,
+    variable: str | None = None,
+    months: bool = False,
+    annual: bool = False,
+    co2: bool = False,
+    creation_options: Sequence[str] | dict[str, str] | None = None,
+    overviews: bool = False,
 ) -> DownscaleSummary:
     """Downscale a parent raster of totals to a child raster that conserves every total.
 
     Args:
         main_path: Main raster: totals per cell (t CO2 / cell / yr), one band per year, any
-            CRS, north-up.
+            CRS, north-up; or a netCDF variable, several files on one grid (a glob: months or
+            years), south-up grids, densities or per-month values (see ``carbonsr_cli.inventory``;
+            such inputs are converted to totals in a hidden temp GeoTIFF next to ``dst``).
         aux_paths: Aux inputs (files, globs, directories; see ``auxlayers.discover_aux``). Needed for
             ``model`` and ``dasymetric``.
         dst: Output GeoTIFF (child grid, one band per output year).
@@ -570,7 +584,8 @@ def downscale(
             nodata.
         factor: Child cells per parent cell along an axis for the baselines (default 10); the
             model's factor comes from its checkpoint (a different value is an error).
-        units: ``totals`` or a density unit of the main raster (e.g. ``kg m-2 s-1``).
+        units: ``totals``, a unit of the main raster (e.g. ``kg m-2 s-1``, ``t C/cell/month``),
+            or None: the file's ``units`` attribute, else totals (t CO2 / cell / yr).
         compress: Output compression (``deflate``, ``lzw``, ``zstd``, ``lerc``, ``none``).
         uncertainty: Optional second output: per-pixel standard deviation of the children over
             the 8 dihedral test-time transforms (flips/rot90) of every tile, each water-filled
@@ -584,6 +599,13 @@ def downscale(
             a third less (on the demo region: 1.7x faster on CPU, Nonzero-MAE vs the truth 1.6 %
             worse); 0 shows tile seams.
 
+        variable: netCDF variable (default: the only data variable).
+        months: Read ``YYMM`` in file names as months (ODIAC ``..._1901.tif``).
+        annual: Sum monthly bands to annual totals before downscaling (default: month by month).
+        co2: Convert carbon (``t C``) to CO2 (x 44/12).
+        creation_options: GDAL creation options of the outputs (``KEY=VALUE`` strings or a dict).
+        overviews: Build overviews (average) in a plain GeoTIFF output.
+
     Returns:
         A :class:`DownscaleSummary` (conservation check included).
 
@@ -593,6 +615,110 @@ def downscale(
         CheckpointError: not a carbonsr checkpoint, pickled code, aux layers do not match.
         OutputError: output exists without ``overwrite``, unwritable, disk full.
     """
+    from carbonsr_cli import inventory
+    from carbonsr_cli.atomic import check_output_path, make_temp_path, remove_quietly
+
+    co = parse_creation_options(creation_options)
+    dst_path = check_output_path(dst, overwrite)
+    if uncertainty is not None:
+        check_output_path(uncertainty, overwrite)
+    inp = inventory.resolve_main(main_path, variable=variable, units=units, months=months, annual=annual, co2=co2)
+    kw = dict(
+        method=method, checkpoint=checkpoint, device=device, batch_size=batch_size, dtype=dtype, cog=cog,
+        overwrite=overwrite, years=years, bands=bands, aoi=aoi, factor=factor, compress=compress,
+        uncertainty=uncertainty, progress=progress, check=check, fill_missing=fill_missing, overlap=overlap,
+        creation_options=co, overviews=overviews, notes=inp.notes, source_name=Path(str(main_path)).name,
+    )
+    if not inp.needs_prepare:
+        label = None
+        if inp.unit is None:
+            label = inp.totals_unit
+        return _downscale(inp.paths[0], aux_paths, dst_path, units=inp.unit or "totals", units_label=label, **kw)
+    spec = parse_method(method, checkpoint)  # usage errors before the conversion
+    if uncertainty is not None and spec.kind != "model":
+        raise UsageError("--uncertainty needs --method model (the baselines are deterministic)")
+    tmp = make_temp_path(dst_path.absolute(), tag="totals")
+    try:
+        inventory.write_totals(inp, tmp.with_suffix(".tif") if tmp.suffix.lower() != ".tif" else tmp)
+        src = tmp if tmp.suffix.lower() == ".tif" else tmp.with_suffix(".tif")
+        kw["notes"] = list(inp.notes) + [f"converted to totals per cell ({inp.totals_unit}) before downscaling"]
+        try:
+            return _downscale(src, aux_paths, dst_path, units="totals", units_label=inp.totals_unit, **kw)
+        except CarbonSRError as exc:
+            if exc.path is not None and Path(exc.path).name == src.name:  # name the user's file
+                exc.path = str(main_path)
+            raise
+    finally:
+        remove_quietly(tmp)
+        if tmp.suffix.lower() != ".tif":
+            remove_quietly(tmp.with_suffix(".tif"))
+
+
+def _grid_warnings(grid: ParentGrid, name: str) -> None:
+    """The warnings of ``ParentGrid.from_raster`` for a converted input, naming the user's file."""
+    import warnings
+
+    from carbonsr_cli.errors import GeographicCRSWarning, NoNodataWarning
+
+    if grid.nodata is None:
+        warnings.warn(f"{name}: no nodata value set; every cell is treated as valid", NoNodataWarning, stacklevel=3)
+    if grid.is_geographic:
+        warnings.warn(
+            f"{name}: geographic CRS ({grid.crs}); cell areas vary with latitude and child resolution is nominal",
+            GeographicCRSWarning,
+            stacklevel=3,
+        )
+
+
+def parse_creation_options(values: Sequence[str] | dict[str, str] | None) -> dict[str, str]:
+    """``--co KEY=VALUE`` strings -> ``{KEY: VALUE}`` (keys upper-cased).
+
+    Raises:
+        UsageError: an item without ``=`` or with an empty key.
+    """
+    if not values:
+        return {}
+    if isinstance(values, dict):
+        return {str(k).upper(): str(v) for k, v in values.items()}
+    out: dict[str, str] = {}
+    for item in values:
+        key, eq, val = str(item).partition("=")
+        if not eq or not key.strip():
+            raise UsageError(f"--co {item!r}: expected KEY=VALUE (a GDAL creation option, e.g. ZLEVEL=9)")
+        out[key.strip().upper()] = val.strip()
+    return out
+
+
+def _downscale(
+    main_path: str | os.PathLike[str],
+    aux_paths: Sequence[str | os.PathLike[str]] | None,
+    dst: str | os.PathLike[str],
+    *,
+    method: str | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    dtype: str = "float32",
+    cog: bool = False,
+    overwrite: bool = False,
+    years: Sequence[str | int] | None = None,
+    bands: Sequence[int] | None = None,
+    aoi: str | os.PathLike[str] | None = None,
+    factor: int | None = None,
+    units: str = "totals",
+    compress: str = "deflate",
+    uncertainty: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    check: bool = True,
+    fill_missing: bool = False,
+    overlap: int = 2,
+    creation_options: dict[str, str] | None = None,
+    overviews: bool = False,
+    notes: Sequence[str] = (),
+    source_name: str | None = None,
+    units_label: str | None = None,
+) -> DownscaleSummary:
+    """:func:`downscale` on a resolved main raster (a GeoTIFF of totals, or of ``units``)."""
     from carbonsr_cli.atomic import check_output_path
     from carbonsr_cli.grids import ParentGrid, validate_factor
     from carbonsr_cli.rasters import open_raster
@@ -606,13 +732,17 @@ def downscale(
         raise UsageError(f"--overlap must be >= 0 parent cells, got {overlap}")
     if batch_size is not None and int(batch_size) < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-    unit, units_label = _parse_units(units)
+    unit, label = _parse_units(units)
+    units_label = units_label or label
     dst_path = check_output_path(dst, overwrite)
     unc_path = check_output_path(uncertainty, overwrite) if uncertainty is not None else None
     if unc_path is not None and unc_path == dst_path:
         raise UsageError("--uncertainty must differ from the output path", unc_path)
     main = Path(main_path)
-    full = ParentGrid.from_raster(main)
+    converted = source_name is not None and source_name != main.name
+    full = ParentGrid.from_raster(main, warn=not converted)
+    if converted:
+        _grid_warnings(full, source_name)
 
     loaded = None
     normalizer = None
@@ -722,6 +852,9 @@ def downscale(
         fill_missing=fill_missing,
         aux_stack=stack if spec.kind == "model" else None,
         overlap_parent=int(overlap),
+        source_name=source_name or main.name,
+        creation_options=dict(creation_options or {}),
+        overviews=bool(overviews),
     )
     with open_raster(main) as ds:
         valid = _scan_main(ds, plan)
@@ -748,7 +881,11 @@ def downscale(
         model_sha256=loaded.sha256 if loaded is not None else None,
         uncertainty=str(unc_path) if unc_path is not None else None,
     )
-    if full.nodata is not None and plan.nodata_out != full.nodata:
+    summary.notes.extend(notes)
+    same_nodata = full.nodata is not None and (
+        plan.nodata_out == full.nodata or (math.isnan(plan.nodata_out) and math.isnan(float(full.nodata)))
+    )
+    if full.nodata is not None and not same_nodata:
         summary.notes.append(f"parent nodata {full.nodata:g} could be a valid child value; output nodata is {plan.nodata_out:g}")
 
     import rasterio

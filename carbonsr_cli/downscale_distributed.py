@@ -206,6 +206,8 @@ def _assemble(plan: Plan, dst: Path, parts: list[tuple[Path, tuple[int, int], in
     w = plan.child.width
     with rasterio.open(parts[0][0]) as ds0:
         tags = ds0.tags()
+        band_tags = [ds0.tags(b) for b in range(1, ds0.count + 1)]
+        band_units = ds0.units[0] if ds0.units and ds0.units[0] else None
         descriptions = list(ds0.descriptions)
         nodata = ds0.nodata
         count = ds0.count
@@ -213,6 +215,7 @@ def _assemble(plan: Plan, dst: Path, parts: list[tuple[Path, tuple[int, int], in
     with RasterWriter(
         dst, plan.child, count=count, dtype=dtype, nodata=nodata, band_descriptions=descriptions, tags=tags,
         compress=kwargs.get("compress", "deflate"), cog=bool(kwargs.get("cog")), overwrite=bool(kwargs.get("overwrite")),
+        band_units=band_units, band_tags=band_tags, creation_options=plan.creation_options, overviews=plan.overviews,
     ) as writer:
         for path, (a, b), start in parts:
             with rasterio.open(path) as ds:

@@ -654,18 +654,21 @@ def run_pipeline(
         predictor = _Predictor(loaded.model, normalizer, device, batch_size, summary, block=plan.factor)
     n_views = 8 if (is_model and uncertainty is not None) else 1
     tags = {
-        "UNITS": f"{summary.units} (cell = child cell, 1/{f * f} of a parent cell)" if plan.unit is None else summary.units,
-        "FACTOR": str(f),
-        "METHOD": plan.method.label,
-        "MODEL_SHA256": summary.model_sha256 or "",
-        "AUX_LAYERS": ",".join(plan.aux_names),
-        "SOURCE": str(plan.main_path.name),
-        "CARBONSR_VERSION": __version__,
+        "CARBONSR_UNITS": f"{summary.units} (cell = child cell, 1/{f * f} of a parent cell)" if plan.unit is None else summary.units,
+        "CARBONSR_QUANTITY": "estimate (every factor x factor block sums to its parent total)",
+        "CARBONSR_METHOD": plan.method.label,
+        "CARBONSR_MODEL_SHA256": summary.model_sha256 or "",
+        "CARBONSR_AUX_LAYERS": ",".join(plan.aux_names),
     }
     if plan.method.kind == "model":
-        tags["TEMPORAL_WINDOW"] = f"{len(plan.windows[0][0])} years centred on each output year (shifted at the ends)"
+        tags["CARBONSR_TEMPORAL_WINDOW"] = f"{len(plan.windows[0][0])} bands centred on each output band (shifted at the ends)"
     if uncertainty is not None:
-        tags["UNCERTAINTY"] = os.path.basename(str(uncertainty))
+        tags["CARBONSR_UNCERTAINTY"] = os.path.basename(str(uncertainty))
+    source = plan.source_name or plan.main_path.name
+    writer_kw = dict(
+        compress=compress, cog=cog, overwrite=overwrite, source=source, band_units=summary.units,
+        creation_options=plan.creation_options, overviews=plan.overviews,
+    )
 
     chunks = _tile_chunks(layout, plan, batch_size) if is_model else [(0, layout.n_cols)]
     readers: list[_BandReader] = []
@@ -700,18 +703,24 @@ def run_pipeline(
         writer = stack.enter_context(
             RasterWriter(
                 dst, plan.child, count=n_years, dtype=dtype, nodata=plan.nodata_out, band_descriptions=plan.out_names,
-                tags=tags, compress=compress, cog=cog, overwrite=overwrite, units=tags["UNITS"],
-                source=plan.main_path,
+                tags=tags, units=tags["CARBONSR_UNITS"], **writer_kw,
             )
         )
         unc_writer = None
         if uncertainty is not None:
-            unc_tags = dict(tags, UNITS=tags["UNITS"] + " (standard deviation over 8 flips/rotations)")
+            unc_tags = dict(
+                tags,
+                CARBONSR_UNITS=tags["CARBONSR_UNITS"] + " (standard deviation over 8 flips/rotations)",
+                CARBONSR_QUANTITY="standard deviation of the estimate over the 8 flips/rotations of each tile",
+                CARBONSR_METHOD=f"{plan.method.label} (standard deviation over 8 flips/rotations)",
+                CARBONSR_ESTIMATE=os.path.basename(str(dst)),
+            )
+            del unc_tags["CARBONSR_UNCERTAINTY"]
             unc_writer = stack.enter_context(
                 RasterWriter(
                     uncertainty, plan.child, count=n_years, dtype=dtype, nodata=plan.nodata_out,
-                    band_descriptions=plan.out_names, tags=unc_tags, compress=compress, cog=cog,
-                    overwrite=overwrite, units=unc_tags["UNITS"], source=plan.main_path,
+                    band_descriptions=[f"{n} std" for n in plan.out_names], tags=unc_tags,
+                    units=unc_tags["CARBONSR_UNITS"], **writer_kw,
                 )
             )
         aux_order: list[int] | None = None

@@ -207,9 +207,9 @@ def _block_sum(a: np.ndarray, k: int) -> np.ndarray:
 
 
 def _units(ds: DatasetReader) -> str:
-    """Value units from the raster's tags (``units``/``UNITS``), else a generic label."""
+    """Value units from the raster's tags (``CARBONSR_UNITS``/``units``/``UNITS``), else the band unit."""
     tags = ds.tags()
-    for key in ("units", "UNITS", "unit", "UNIT"):
+    for key in ("CARBONSR_UNITS", "units", "UNITS", "unit", "UNIT"):
         if tags.get(key):
             return str(tags[key])
     try:

@@ -45,9 +45,16 @@ __all__ = [
     "SECONDS_PER_DAY",
     "DEFAULT_DAYS_PER_YEAR",
     "CANONICAL_TOTALS",
+    "MONTH",
+    "CO2_PER_C",
 ]
 
+#: Mass of CO2 per mass of carbon (44/12, molar masses rounded as in inventories).
+CO2_PER_C = 44.0 / 12.0
+
 SECONDS_PER_DAY = 86400.0
+#: Marker for "per month" in :attr:`Unit.time_s` (the length depends on the month).
+MONTH = -1.0
 #: Julian year, used to turn per-second fluxes into annual totals unless told otherwise.
 DEFAULT_DAYS_PER_YEAR = 365.25
 #: Unit of converted densities.
@@ -61,7 +68,8 @@ _MASS_LOWER = {"g": 1e-6, "kg": 1e-3, "t": 1.0, "tonne": 1.0, "tonnes": 1.0, "to
 _LENGTH = {"m": 1.0, "km": 1e3}  # metres; appear with exponent -2 (area)
 _AREA = {"ha": 1e4, "cell": None, "pixel": None, "gridcell": None}  # m2 (None: per cell); exponent -1
 _TIME = {"s": 1.0, "sec": 1.0, "min": 60.0, "h": 3600.0, "hr": 3600.0, "d": SECONDS_PER_DAY,
-         "day": SECONDS_PER_DAY, "yr": None, "a": None, "y": None, "year": None}  # None: one year
+         "day": SECONDS_PER_DAY, "yr": None, "a": None, "y": None, "year": None,  # None: one year
+         "month": MONTH, "mon": MONTH, "mo": MONTH}  # MONTH: one calendar month (of the band)
 #: Species labels allowed in unit strings (ignored in the conversion).
 _SPECIES = {"co2", "c", "ch4", "n2o", "co2e", "co2eq", "co2-eq", "co", "nox", "so2", "pm2.5", "pm25", "pm10",
             "nh3", "ghg", "voc", "nmvoc", "bc", "oc", "fco2"}
@@ -77,8 +85,11 @@ class Unit:
         mass_t: Tonnes per mass unit (e.g. 1e-3 for kg).
         area_m2: Square metres per area unit for densities (1 for m-2, 1e6 for km-2, 1e4 for
             ha-1), or None for totals per cell.
-        time_s: Seconds per time unit, or None for "per year".
-        species: Species label found in the string (e.g. "CO2"), or None.
+        time_s: Seconds per time unit, None for "per year" (or no time unit, see
+            ``time_given``), or :data:`MONTH` for "per month".
+        species: Species label found in the string (e.g. "CO2", "C"), or None.
+        time_given: The string names a time unit (``t/cell/yr``); without one (``Tonnes``,
+            ``t/cell``) values are totals over whatever period a band covers.
     """
 
     text: str
@@ -86,6 +97,7 @@ class Unit:
     area_m2: float | None
     time_s: float | None
     species: str | None = None
+    time_given: bool = True
 
     @property
     def is_density(self) -> bool:
@@ -96,6 +108,8 @@ class Unit:
         """Multiplier from this density unit to ``t m-2 yr-1`` (densities only)."""
         if self.area_m2 is None:
             raise ValueError(f"{self.text!r} is not a density unit")
+        if self.time_s == MONTH:
+            raise ValueError(f"{self.text!r} is per month; convert it per band (carbonsr_cli.inventory)")
         per_year = 1.0 if self.time_s is None else days_per_year * SECONDS_PER_DAY / self.time_s
         return self.mass_t / self.area_m2 * per_year
 
@@ -109,8 +123,9 @@ def parse_unit(text: str) -> Unit:
     raw = text.strip()
     if not raw:
         raise UsageError("empty unit string")
+    norm = _normalise(raw)
     # "kg/m2/s" -> ["kg", "/m2", "/s"]; "t / cell / yr" -> ["t", "/cell", "/yr"]
-    spaced = re.sub(r"\s*/\s*", " /", raw)
+    spaced = re.sub(r"\s*/\s*", " /", norm)
     tokens = [t for t in spaced.replace("*", " ").replace("·", " ").split() if t]
     mass: float | None = None
     area: float | None = None
@@ -153,7 +168,26 @@ def parse_unit(text: str) -> Unit:
             raise UsageError(_unit_help(raw, f"unknown unit {body!r}"))
     if mass is None:
         raise UsageError(_unit_help(raw, "no mass unit (g, kg, t, kt, Mt, ...)"))
-    return Unit(raw, float(mass), area, time, species)
+    return Unit(raw, float(mass), area, time, species, time_seen)
+
+
+#: Mass symbols that inventories glue to the species (``tC``, ``kgCO2``, ``MtC``).
+_GLUED = re.compile(r"(?<![A-Za-z])(g|kg|t|kt|Mt|Gt|Tg|Gg|Pg|Mg)(CO2|C)(?![A-Za-z0-9])")
+
+
+def _normalise(text: str) -> str:
+    """Spell-out forms of inventory unit strings -> the short form ``parse_unit`` reads.
+
+    ``"metric tonnes carbon km-2 year-1"`` -> ``"t C km-2 year-1"``; ``"tC/km2/yr"`` ->
+    ``"t C/km2/yr"``; ``"ton substance / 0.1degree x 0.1degree / year"`` is not understood.
+    """
+    s = re.sub(r"\bmetric\s+", "", text, flags=re.IGNORECASE)
+    s = re.sub(r"\b(tonnes|tonne|tons)\b", "t", s, flags=re.IGNORECASE)
+    s = re.sub(r"\bcarbon\b", "C", s, flags=re.IGNORECASE)
+    s = re.sub(r"\bper\s+", "/", s, flags=re.IGNORECASE)
+    s = re.sub(r"\b(months)\b", "month", s, flags=re.IGNORECASE)
+    s = re.sub(r"\b(years)\b", "year", s, flags=re.IGNORECASE)
+    return _GLUED.sub(r"\1 \2", s)
 
 
 def _unit_help(text: str, problem: str) -> str:
@@ -172,6 +206,8 @@ def totals_unit(unit: str | Unit) -> str:
     u = parse_unit(unit) if isinstance(unit, str) else unit
     if not u.is_density:
         return u.text
+    if u.time_s == MONTH:
+        return f"t {u.species} / cell / month" if u.species else "t / cell / month"
     return f"t {u.species} / cell / yr" if u.species else CANONICAL_TOTALS
 
 

@@ -2,8 +2,11 @@
 
 Output profile (see :func:`output_profile`): GTiff, internally tiled 512 x 512, DEFLATE
 with predictor 3 for floats (2 for integers), ``BIGTIFF=IF_SAFER``, ``NUM_THREADS=ALL_CPUS``,
-band interleave, one band per year with its description, nodata and tags (units, factor,
-source file, software version and whatever the caller adds). While writing, GDAL's block
+band interleave, one band per year (or month) with its description, nodata, band unit and
+per-band time tags (``YEAR``, ``MONTH`` for monthly bands, ``CARBONSR_PERIOD``), and dataset
+tags in one namespace: ``CARBONSR_*`` (units, factor, source, version and whatever the caller
+adds) plus ``TIFFTAG_SOFTWARE`` / ``TIFFTAG_DATETIME``. ``creation_options`` (``--co``) are
+passed to GDAL over the defaults; ``overviews`` builds average overviews in a plain GeoTIFF. While writing, GDAL's block
 cache is limited to a few rows of 512-pixel blocks (see :meth:`RasterWriter.cache_bytes`), so
 memory does not grow with the raster height.
 
@@ -109,8 +112,14 @@ class RasterWriter:
         compress: ``deflate`` (default), ``lzw``, ``zstd``, ``lerc`` or ``none``.
         cog: Produce a Cloud Optimized GeoTIFF (GDAL COG driver, with overviews).
         overwrite: Replace an existing ``dest``.
-        units: Value unit stored in the ``units`` tag (e.g. ``"t CO2 / cell / yr"``).
-        source: Source file stored in the ``source_file`` tag.
+        units: Value unit stored in the ``CARBONSR_UNITS`` tag (e.g. ``"t CO2 / cell / yr"``).
+        source: Source file stored in the ``CARBONSR_SOURCE`` tag.
+        band_units: Unit set on every band (what QGIS, ``rio info`` and rioxarray show);
+            default the first part of ``units`` (before `` (``).
+        band_tags: Extra per-band tags, one mapping per band; time tags (``YEAR``, ``MONTH``,
+            ``CARBONSR_PERIOD``) are added from band descriptions that name a year or month.
+        creation_options: GDAL creation options (``--co``), over the defaults (upper-case keys).
+        overviews: Build overviews (average resampling, factors 2, 4, ...) in a plain GeoTIFF.
 
     Raises:
         OutputError: dest exists without ``overwrite``; directory missing or not writable;
@@ -132,6 +141,10 @@ class RasterWriter:
         overwrite: bool = False,
         units: str | None = None,
         source: str | os.PathLike[str] | None = None,
+        band_units: str | None = None,
+        band_tags: Sequence[Mapping[str, Any]] | None = None,
+        creation_options: Mapping[str, Any] | None = None,
+        overviews: bool = False,
     ) -> None:
         self.dest = Path(dest)
         self.grid = grid
@@ -147,19 +160,38 @@ class RasterWriter:
             raise ValueError(f"{len(band_descriptions)} band descriptions for {self.count} bands")
         self.band_descriptions = list(band_descriptions) if band_descriptions is not None else None
         self.profile = output_profile(grid, count=self.count, dtype=self.dtype.name, nodata=nodata, compress=compress)
-        self.compress = compress.lower()
+        self.creation_options = {str(k).upper(): str(v) for k, v in (creation_options or {}).items()}
         self.cog = bool(cog)
+        if not self.cog:
+            for key, val in self.creation_options.items():
+                for old in [k for k in self.profile if k.upper() == key]:
+                    del self.profile[old]
+                self.profile[key.lower()] = val
+        self.compress = compress.lower()
         self.overwrite = bool(overwrite)
-        all_tags: dict[str, str] = {"software": f"carbonsr {__version__}", "carbonsr_version": __version__}
+        self.overviews = bool(overviews)
+        import datetime
+
+        all_tags: dict[str, str] = {
+            "TIFFTAG_SOFTWARE": f"carbonsr {__version__}",
+            "TIFFTAG_DATETIME": datetime.datetime.now().strftime("%Y:%m:%d %H:%M:%S"),
+            "CARBONSR_VERSION": __version__,
+        }
         if isinstance(grid, ChildGrid):
-            all_tags["factor"] = str(grid.factor)
+            all_tags["CARBONSR_FACTOR"] = str(grid.factor)
         if units is not None:
-            all_tags["units"] = str(units)
+            all_tags["CARBONSR_UNITS"] = str(units)
         if source is not None:
-            all_tags["source_file"] = str(source)
+            all_tags["CARBONSR_SOURCE"] = Path(str(source)).name
         for k, v in (tags or {}).items():
             all_tags[str(k)] = str(v)
         self.tags = all_tags
+        if band_units is None and units is not None:
+            band_units = str(units).split(" (")[0]
+        self.band_units = band_units
+        self.band_tags = [dict(_time_tags(d)) for d in (self.band_descriptions or [""] * self.count)]
+        for i, extra in enumerate(band_tags or []):
+            self.band_tags[i].update({str(k): str(v) for k, v in extra.items()})
         self._stack: contextlib.ExitStack | None = None
         self._ds: Any = None
         self._tmp: Path | None = None
@@ -190,6 +222,11 @@ class RasterWriter:
                     self._ds.set_band_description(i, str(d))
             if self.tags:
                 self._ds.update_tags(**self.tags)
+            for i in range(1, self.count + 1):
+                if self.band_units:
+                    self._ds.set_band_unit(i, self.band_units)
+                if self.band_tags[i - 1]:
+                    self._ds.update_tags(i, **self.band_tags[i - 1])
         except BaseException:
             self._close_quietly()
             stack.__exit__(*_exc_info())
@@ -286,6 +323,30 @@ class RasterWriter:
             raise self._write_error(exc) from None
         if self.cog:
             self._to_cog()
+        elif self.overviews:
+            self._build_overviews()
+
+    def _build_overviews(self) -> None:
+        """Average overviews (factors 2, 4, ... down to about 128 pixels) in the written GTiff."""
+        import rasterio
+        from rasterio.enums import Resampling
+        from rasterio.errors import RasterioError
+
+        assert self._tmp is not None
+        w, h = int(self.profile["width"]), int(self.profile["height"])
+        factors = []
+        f = 2
+        while max(w, h) / f >= 128 or not factors:
+            factors.append(f)
+            f *= 2
+            if min(w, h) // f < 1:
+                break
+        try:
+            with rasterio.open(self._tmp, "r+") as ds:
+                ds.build_overviews(factors, Resampling.average)
+                ds.update_tags(ns="rio_overview", resampling="average")
+        except RasterioError as exc:
+            raise self._write_error(exc) from None
 
     def _to_cog(self) -> None:
         import rasterio.shutil
@@ -303,12 +364,29 @@ class RasterWriter:
         opts["COMPRESS"] = "NONE" if comp == "none" else comp.upper()
         if comp in ("deflate", "lzw", "zstd"):
             opts["PREDICTOR"] = "YES"  # COG driver picks 2 or 3 from the data type
+        opts.update(self.creation_options)
         remove_quietly(self._tmp)  # the COG driver creates the file itself
         try:
             rasterio.shutil.copy(str(self._gtiff_tmp), str(self._tmp), driver="COG", **opts)
         except RasterioError as exc:
             raise self._write_error(exc) from None
         remove_quietly(self._gtiff_tmp)
+
+
+def _time_tags(name: str) -> dict[str, str]:
+    """Per-band time tags of a band named like ``2019`` or ``2019-01`` (else none)."""
+    from carbonsr_cli.inventory import period_from_name
+
+    text = str(name).strip()
+    if not text:
+        return {}
+    per = period_from_name(text)
+    if per is None or per.year is None or not text.startswith(per.label):
+        return {}
+    tags = {"YEAR": str(per.year), "CARBONSR_PERIOD": per.label}
+    if per.month:
+        tags["MONTH"] = str(per.month)
+    return tags
 
 
 def _exc_info() -> tuple[Any, Any, Any]:

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from carbonsr_cli.options import Aoi, AuxPaths, Cog, Compress, Device, InputUnits, JsonOut, Overwrite, Quiet
+from carbonsr_cli.options import Aoi, AuxPaths, Cog, Compress, Device, JsonOut, Overwrite, Quiet
 
 HELP = """Downscale a 1 km emission raster to 100 m with a trained model or a baseline.
 
@@ -67,7 +67,7 @@ def register(app: typer.Typer) -> None:
     def downscale_cmd(
         inputs: Annotated[
             list[Path],
-            typer.Argument(help="MAIN raster (1 km totals, one band per year); further paths are aux inputs.", show_default=False),
+            typer.Argument(help="MAIN raster (1 km totals or densities, one band per year or month; GeoTIFF, netCDF, or a quoted glob of files on one grid); further paths are aux inputs.", show_default=False),
         ],
         output: Annotated[Path, typer.Option("--output", "-o", help="Output GeoTIFF (child grid).", show_default=False)],
         aux: AuxPaths = None,
@@ -87,7 +87,25 @@ def register(app: typer.Typer) -> None:
         factor: Annotated[
             Optional[int], typer.Option("--factor", min=2, help="Child cells per parent cell for baselines (default 10; a model uses its own).")
         ] = None,
-        units: InputUnits = "totals",
+        units: Annotated[
+            Optional[str],
+            typer.Option("--units", help="Unit of the main raster: a total per cell ('t/cell/yr', 't C/cell/month', 'Tonnes') or a density "
+                         "('kg m-2 s-1', 't km-2 yr-1'), converted with cell areas. Default: the file's units attribute, else t CO2/cell/yr."),
+        ] = None,
+        variable: Annotated[
+            Optional[str], typer.Option("--variable", help="netCDF variable of the main input (default: its only data variable).")
+        ] = None,
+        months: Annotated[
+            bool, typer.Option("--months", help="Read 4-digit YYMM in main file names as months (ODIAC: ..._1901.tif is 2019-01).")
+        ] = False,
+        annual: Annotated[
+            bool, typer.Option("--annual", help="Sum monthly bands to annual totals before downscaling (default: each month).")
+        ] = False,
+        co2: Annotated[bool, typer.Option("--co2", help="Convert carbon (t C) to t CO2 (x 44/12).")] = False,
+        co: Annotated[
+            Optional[list[str]], typer.Option("--co", help="GDAL creation option KEY=VALUE for the output (repeatable), e.g. ZLEVEL=9.")
+        ] = None,
+        overviews: Annotated[bool, typer.Option("--overviews", help="Build overviews (average) in a plain GeoTIFF output.")] = False,
         cog: Cog = False,
         compress: Compress = "deflate",
         aoi: Aoi = None,
@@ -116,7 +134,10 @@ def register(app: typer.Typer) -> None:
         main, extra = inputs[0], [str(p) for p in inputs[1:]]
         aux_paths = list(aux or []) + extra
         if extra and not aux:
-            raise UsageError(f"more than one input raster given ({', '.join(map(str, inputs))}); aux layers go after --aux")
+            raise UsageError(
+                f"more than one input raster given ({', '.join(map(str, inputs))}); aux layers go after --aux, "
+                "several main files (e.g. months) as one quoted glob: 'odiac/*_19??.tif'"
+            )
         summary = downscale(
             main,
             aux_paths,
@@ -138,6 +159,12 @@ def register(app: typer.Typer) -> None:
             progress=not quiet,
             fill_missing=fill_missing,
             overlap=overlap,
+            variable=variable,
+            months=months,
+            annual=annual,
+            co2=co2,
+            creation_options=co,
+            overviews=overviews,
         )
         if json_out is not None:
             text = json.dumps(summary.to_dict(), indent=2, default=_json_default)

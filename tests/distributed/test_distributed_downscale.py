@@ -68,7 +68,9 @@ def test_parts_partition_rows_on_tile_borders() -> None:
 
 def _read(path: Path) -> tuple[np.ndarray, dict]:
     with rasterio.open(path) as ds:
-        meta = {"profile": {k: v for k, v in ds.profile.items() if k != "blockysize"}, "tags": ds.tags(), "desc": ds.descriptions}
+        tags = {k: v for k, v in ds.tags().items() if k != "TIFFTAG_DATETIME"}  # written at different times
+        meta = {"profile": {k: v for k, v in ds.profile.items() if k != "blockysize"}, "tags": tags, "desc": ds.descriptions,
+                "units": ds.units, "band_tags": [ds.tags(b) for b in range(1, ds.count + 1)]}
         return ds.read(), meta
 
 

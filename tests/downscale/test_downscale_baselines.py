@@ -27,9 +27,10 @@ def test_sample_data_conserves(sample_dir: Path, tmp_path: Path, method: str, dt
         assert ds.descriptions == ("2019", "2020", "2021")
         assert ds.nodata == -9999.0
         tags = ds.tags()
-        assert tags["FACTOR"] == "10" and tags["METHOD"].startswith(method)
-        assert tags["CARBONSR_VERSION"] and tags["SOURCE"] == "emissions_1km.tif"
-        assert "t CO2 / cell / yr" in tags["UNITS"]
+        assert tags["CARBONSR_FACTOR"] == "10" and tags["CARBONSR_METHOD"].startswith(method)
+        assert tags["CARBONSR_VERSION"] and tags["CARBONSR_SOURCE"] == "emissions_1km.tif"
+        assert "t CO2 / cell / yr" in tags["CARBONSR_UNITS"] and ds.units[0] == "t CO2 / cell / yr"
+        assert ds.tags(1)["YEAR"] == "2019"
         assert ds.profile["tiled"] and ds.profile["compress"] == "deflate"
     assert no_temp_files(tmp_path) == []
 
@@ -45,7 +46,7 @@ def test_uniform_values_and_dasymetric_pattern(sample_dir: Path, tmp_path: Path)
         nd = tot == m.nodata
     with rasterio.open(tmp_path / "u.tif") as u, rasterio.open(tmp_path / "d.tif") as d:
         uv, dv = u.read(1), d.read(1)
-        assert d.tags()["METHOD"] == "dasymetric:population_100m"
+        assert d.tags()["CARBONSR_METHOD"] == "dasymetric:population_100m"
     expect = np.repeat(np.repeat(np.where(nd, np.nan, tot / 100.0), 10, 0), 10, 1)
     valid = ~np.isnan(expect)
     assert np.allclose(uv[valid], expect[valid], rtol=1e-12)
@@ -144,7 +145,7 @@ def test_density_units_round_trip(geo_region: dict, tmp_path: Path) -> None:
         dens = m.read(1).astype(np.float64)
         nd = dens == m.nodata
         kids = o.read(1)
-        assert o.tags()["UNITS"] == "t km-2 yr-1"
+        assert o.tags()["CARBONSR_UNITS"] == "t km-2 yr-1" and o.units[0] == "t km-2 yr-1"
     p_tot = dens * units.cell_areas_m2(grid) / 1e6
     k_tot = kids * units.cell_areas_m2(grid.child(10)) / 1e6
     sums = k_tot.reshape(grid.height, 10, grid.width, 10).sum(axis=(1, 3))

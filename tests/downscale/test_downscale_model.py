@@ -37,8 +37,8 @@ def test_model_conserves_with_aux_in_other_crs(
         with rasterio.open(out) as ds:
             assert ds.dtypes == (dtype, dtype)
             tags = ds.tags()
-            assert tags["METHOD"] == "model" and tags["AUX_LAYERS"] == "lights,pop"
-            assert len(tags["MODEL_SHA256"]) == 64 and tags["MODEL_SHA256"] == s.model_sha256
+            assert tags["CARBONSR_METHOD"] == "model" and tags["CARBONSR_AUX_LAYERS"] == "lights,pop"
+            assert len(tags["CARBONSR_MODEL_SHA256"]) == 64 and tags["CARBONSR_MODEL_SHA256"] == s.model_sha256
     with rasterio.open(outs["float32"]) as a, rasterio.open(outs["float64"]) as b:
         va, vb = a.read(masked=True), b.read(masked=True)
     assert np.array_equal(va.mask, vb.mask)
@@ -167,7 +167,10 @@ def test_uncertainty_output(geo_region: dict, tmp_path: Path) -> None:
     with rasterio.open(out) as o, rasterio.open(ref) as r, rasterio.open(unc) as u:
         # Same prediction up to float32 rounding (the views share a batch with it).
         assert np.allclose(o.read(), r.read(), rtol=1e-5, atol=1e-7)
-        assert u.tags()["UNITS"].endswith("(standard deviation over 8 flips/rotations)")
+        assert u.tags()["CARBONSR_UNITS"].endswith("(standard deviation over 8 flips/rotations)")
+        assert u.tags()["CARBONSR_QUANTITY"].startswith("standard deviation")
+        assert u.tags()["CARBONSR_METHOD"] == "model (standard deviation over 8 flips/rotations)"
+        assert all(d.endswith(" std") for d in u.descriptions) and "CARBONSR_UNCERTAINTY" not in u.tags()
         std = u.read(1)
         nd_o = o.read(1) == o.nodata
         assert nd_o.any()  # the corner parent cell is nodata

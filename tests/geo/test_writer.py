@@ -57,8 +57,11 @@ def test_round_trip(tmp_path, child) -> None:
         assert ds.descriptions == ("2019", "2020")
         assert ds.crs == child.crs and ds.transform.almost_equals(child.transform)
         tags = ds.tags()
-        assert tags["units"] == "t CO2 / cell / yr" and tags["factor"] == "10"
-        assert tags["source_file"] == "main.tif" and tags["carbonsr_version"] == __version__
+        assert tags["CARBONSR_UNITS"] == "t CO2 / cell / yr" and tags["CARBONSR_FACTOR"] == "10"
+        assert tags["CARBONSR_SOURCE"] == "main.tif" and tags["CARBONSR_VERSION"] == __version__
+        assert tags["TIFFTAG_SOFTWARE"] == f"carbonsr {__version__}" and tags["TIFFTAG_DATETIME"]
+        assert ds.units == ("t CO2 / cell / yr",) * 2
+        assert ds.tags(1)["YEAR"] == "2019" and ds.tags(2)["YEAR"] == "2020"
         assert tags["model_sha256"] == "abc"
         assert np.array_equal(ds.read(), data)
 
@@ -97,7 +100,7 @@ def test_cog_has_overviews_and_tiles(tmp_path) -> None:
         assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
         assert ds.block_shapes[0] == (512, 512)
         assert ds.overviews(1) == [2, 4]  # 1500 px wide: overviews until one 512 block fits
-        assert ds.descriptions == ("2020",) and ds.tags()["units"] == "t/cell/yr"
+        assert ds.descriptions == ("2020",) and ds.tags()["CARBONSR_UNITS"] == "t/cell/yr"
         assert ds.nodata == -1.0
         assert np.array_equal(ds.read(), data)
 
