@@ -12,7 +12,7 @@ from torch import Tensor
 
 from models.physics import block_broadcast, from_blocks, to_blocks
 
-__all__ = ["dasymetric_fill", "uniform_fill"]
+__all__ = ["dasymetric_fill", "point_first_fill", "uniform_fill"]
 
 
 def _as_f64(x: Tensor | np.ndarray) -> Tensor:
@@ -74,3 +74,39 @@ def dasymetric_fill(
     inv = torch.where(empty, torch.zeros_like(wsum), 1.0 / torch.where(empty, torch.ones_like(wsum), wsum))
     share = wb.mul_(inv).add_(empty.to(wb.dtype) / (block * block))
     return from_blocks(share.mul_(s.reshape(-1, 1)), shape, block)
+
+
+def point_first_fill(
+    totals: Tensor | np.ndarray,
+    point_mass: Tensor | np.ndarray,
+    surface: Tensor | np.ndarray,
+    block: int,
+) -> Tensor:
+    """Point-source aware allocation (as ODIAC does): listed point sources first, then a surface.
+
+    In every block, the listed mass ``P = sum(point_mass)`` is placed at the points first, capped
+    by the block total ``S`` (each point gets ``min(P, S) * m / P``); the remainder ``S - min(P, S)``
+    is shared in proportion to ``surface`` (uniform where the surface sums to 0).
+
+    Args:
+        totals: Block totals ``[..., h, w]`` (t CO2 / block / yr); NaN = nodata.
+        point_mass: Listed point emissions per child cell ``[..., h * block, w * block]`` (e.g. the
+            ``plants:co2_t_yr`` layer), any non-negative unit comparable with the totals.
+        surface: Child weights for the remainder (broadcastable like ``dasymetric_fill``'s).
+        block: Block edge in child cells.
+
+    Returns:
+        ``[..., h * block, w * block]`` float64 children, >= 0, summing to each total.
+    """
+    s = _as_f64(totals)
+    shape = (*s.shape[:-2], s.shape[-2] * block, s.shape[-1] * block)
+    pm = to_blocks(_as_f64(point_mass).expand(shape), block).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).clamp_(min=0)
+    p = pm.sum(dim=-1, keepdim=True)
+    flat = s.reshape(-1, 1)
+    placed = torch.minimum(p, flat.nan_to_num(nan=0.0).clamp(min=0))
+    at_points = pm * torch.where(p > 0, placed / torch.where(p > 0, p, torch.ones_like(p)), torch.zeros_like(p))
+    rest = dasymetric_fill(flat.view(-1, 1, 1) - placed.view(-1, 1, 1),
+                           from_blocks(to_blocks(_as_f64(surface).expand(shape), block), (flat.shape[0], block, block), block), block)
+    x = at_points + rest.reshape(-1, block * block)
+    x = torch.where(torch.isnan(flat), torch.full_like(x, float("nan")), x)
+    return from_blocks(x, shape, block)
