@@ -12,7 +12,11 @@ Layer names (stable; a model checks it gets the same names in the same order):
 - vector lines: ``<stem>:length`` (metres of line per child cell) and, when a
   ``class``/``fclass``/``highway`` attribute exists, ``<stem>:length:<value>`` (at most
   :data:`MAX_CLASSES` values, the longest in total; shorter classes count in the total only);
-  polygons: ``<stem>:cover`` (fraction of the cell covered, [0, 1]); points: ``<stem>:count``.
+  polygons: ``<stem>:cover`` (fraction of the cell covered, [0, 1]); points: ``<stem>:count``;
+- point attribute (``plants.gpkg:co2_t_yr``: a vector path with a trailing ``:<attribute>``, split
+  off only when the whole text is not an existing file): ``<stem>:<attribute>``, the sum of that
+  numeric attribute over the points in each child cell (missing values count as 0, with a
+  warning). Point counts and sums are sparse, heavy-tailed layers (``stats`` gives them log1p).
 
 Years: a 4-digit year (1900-2100) in the file name or band description marks a layer as
 belonging to that year and is removed from its name (``ntl_2019.tif`` and ``ntl_2020.tif``
@@ -141,10 +145,11 @@ class AuxEntry:
     Attributes:
         group: Layer name without year, e.g. ``"ntl"``, ``"s2:nir"``, ``"roads"``.
         op: ``"value"`` (continuous band), ``"classes"`` (categorical band -> fractions),
-            ``"line_length"``, ``"polygon_cover"`` or ``"point_count"``.
+            ``"line_length"``, ``"polygon_cover"``, ``"point_count"`` or ``"point_sum"``.
         band: 1-based raster band, or None for vectors.
         year: Year the entry belongs to, or None (static).
         classes: Class codes (categorical) or class values (vector lines), in layer order.
+        attribute: Numeric point attribute summed per cell (``"point_sum"``), else None.
     """
 
     group: str
@@ -152,6 +157,7 @@ class AuxEntry:
     band: int | None
     year: int | None
     classes: tuple[Any, ...] = ()
+    attribute: str | None = None
 
     @property
     def layer_names(self) -> list[str]:
@@ -166,6 +172,8 @@ class AuxEntry:
             return [f"{self.group}:cover"]
         if self.op == "point_count":
             return [f"{self.group}:count"]
+        if self.op == "point_sum":
+            return [f"{self.group}:{self.attribute}"]
         raise ValueError(f"unknown op {self.op!r}")
 
 
@@ -180,6 +188,7 @@ class AuxSource:
         crs: CRS of the file (``rasterio.crs.CRS`` for rasters, pyproj CRS for vectors).
         nodata: Raster nodata value, or None.
         class_attr: Vector attribute splitting line lengths into classes, or None.
+        attribute: Numeric point attribute summed per child cell (``path:attribute``), or None.
     """
 
     path: Path
@@ -188,6 +197,7 @@ class AuxSource:
     crs: Any = None
     nodata: float | None = None
     class_attr: str | None = None
+    attribute: str | None = None
     gdf: Any = field(default=None, repr=False, compare=False)
 
     @property
@@ -220,35 +230,54 @@ class LayerCoverage:
 # --------------------------------------------------------------------------- discovery
 
 
-def _expand(paths: Sequence[str | PathLike[str]]) -> list[Path]:
-    """Expand files, globs and directories into a list of aux files (order kept, de-duplicated)."""
-    files: list[Path] = []
+def _split_attribute(text: str) -> tuple[str, str | None]:
+    """Split a trailing ``:<attribute>`` off an aux argument (``plants.gpkg:co2_t_yr``).
+
+    Only when the whole text is not an existing path, the part after the last ``:`` holds no
+    path separator and the part before it is not a drive letter (``C:``).
+    """
+    if ":" not in text or Path(text).expanduser().exists():
+        return text, None
+    head, attr = text.rsplit(":", 1)
+    if not attr or not head or "/" in attr or "\\" in attr or (len(head) == 1 and head.isalpha()):
+        return text, None
+    return head, attr
+
+
+def _expand(paths: Sequence[str | PathLike[str]]) -> list[tuple[Path, str | None]]:
+    """Expand files, globs and directories into aux files with their point attribute (or None).
+
+    Order is kept; the same file with the same attribute is listed once.
+    """
+    files: list[tuple[Path, str | None]] = []
     for raw in paths:
-        text = str(raw)
+        text, attr = _split_attribute(str(raw))
         p = Path(text).expanduser()
+        if attr is not None and p.is_dir():
+            raise UsageError(f"':{attr}' (a point attribute) needs a vector file, not a directory", p)
         if p.is_dir():
             found = sorted(
                 q for q in p.iterdir() if q.is_file() and q.suffix.lower() in AUX_EXTENSIONS and not q.name.startswith(".")
             )
             if not found:
                 raise UsageError(f"directory holds no aux files ({', '.join(AUX_EXTENSIONS)})", p)
-            files.extend(found)
+            files.extend((q, None) for q in found)
         elif p.exists():
-            files.append(p)
+            files.append((p, attr))
         elif glob.has_magic(text):
             found = sorted(Path(q) for q in glob.glob(str(p)) if Path(q).is_file())
             if not found:
                 raise UsageError("glob matches no file", text)
-            files.extend(found)
+            files.extend((q, attr) for q in found)
         else:
             raise UsageError("aux file not found", p)
-    seen: set[Path] = set()
+    seen: set[tuple[Path, str | None]] = set()
     unique = []
-    for f in files:
-        key = f.resolve()
+    for f, a in files:
+        key = (f.resolve(), a)
         if key not in seen:
             seen.add(key)
-            unique.append(f)
+            unique.append((f, a))
     return unique
 
 
@@ -336,7 +365,45 @@ def _raster_source(path: Path, kind_override: str | None) -> AuxSource:
         return AuxSource(path=path, kind=kind, entries=tuple(entries), crs=ds.crs, nodata=ds.nodata)
 
 
-def _vector_source(path: Path) -> AuxSource:
+def _numeric_columns(gdf: Any) -> list[str]:
+    """Columns of a GeoDataFrame holding numbers (booleans and the geometry excluded)."""
+    import pandas as pd
+
+    return [
+        str(c) for c in gdf.columns
+        if c != gdf.geometry.name
+        and pd.api.types.is_numeric_dtype(gdf[c].dtype)
+        and not pd.api.types.is_bool_dtype(gdf[c].dtype)
+    ]
+
+
+def _point_sum_source(path: Path, gdf: Any, types: np.ndarray, attribute: str, base: str, year: int | None) -> AuxSource:
+    """The ``<stem>:<attribute>`` source of a point file (points only; missing values -> 0, warned)."""
+    import pandas as pd
+
+    is_point = np.isin(types, (0, 4))
+    if not is_point.any():
+        raise InputDataError(f"':{attribute}' sums a point attribute, but the file has no point geometries", path)
+    numeric = _numeric_columns(gdf)
+    listed = ", ".join(numeric) if numeric else "(none)"
+    if attribute not in numeric:
+        problem = "is not numeric" if attribute in gdf.columns else "does not exist"
+        raise InputDataError(f"attribute {attribute!r} {problem}; numeric columns: {listed}", path)
+    points = gdf[is_point]
+    values = pd.to_numeric(points[attribute], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = int((~np.isfinite(values)).sum())
+    if bad:
+        warnings.warn(
+            f"{path}: {bad} of {len(values)} points have no (finite) {attribute!r} value; counted as 0",
+            AuxFillWarning,
+            stacklevel=4,
+        )
+    entry = AuxEntry(base, "point_sum", None, year, attribute=attribute)
+    return AuxSource(path=path, kind="vector", entries=(entry,), crs=gdf.crs, attribute=attribute,
+                     gdf=points[[attribute, points.geometry.name]])
+
+
+def _vector_source(path: Path, attribute: str | None = None) -> AuxSource:
     import geopandas as gpd
     import shapely
 
@@ -352,6 +419,8 @@ def _vector_source(path: Path) -> AuxSource:
         raise InputDataError("vector file has no geometries", path)
     base, year = _base_name(path)
     types = shapely.get_type_id(np.asarray(gdf.geometry.values, dtype=object))
+    if attribute is not None:
+        return _point_sum_source(path, gdf, types, attribute, base, year)
     has_line = bool(np.isin(types, (1, 2, 5)).any())
     has_poly = bool(np.isin(types, (3, 6)).any())
     has_point = bool(np.isin(types, (0, 4)).any())
@@ -394,7 +463,9 @@ def discover_aux(
 
     Args:
         paths: Files, globs (expanded here, sorted) and directories (their
-            ``.tif/.tiff/.vrt/.gpkg/.geojson/.shp`` files, sorted; not recursive).
+            ``.tif/.tiff/.vrt/.gpkg/.geojson/.shp`` files, sorted; not recursive). A vector
+            file or glob may end in ``:<attribute>`` (``plants.gpkg:co2_t_yr``): that numeric
+            attribute summed over the points per child cell, instead of the file's layers.
         kinds: Override the detected kind of rasters: ``{"<file stem or name>":
             "categorical"|"continuous"}``. Otherwise a raster is categorical if it has the tag
             ``CARBONSR_KIND=categorical``, or an integer type and a name containing one of
@@ -405,20 +476,23 @@ def discover_aux(
 
     Raises:
         UsageError: a path does not exist, a glob matches nothing, an unknown extension or
-            an invalid ``kinds`` value.
-        InputDataError: a file cannot be read (not a raster/vector, no CRS, ...).
+            an invalid ``kinds`` value, or ``:<attribute>`` on a raster or directory.
+        InputDataError: a file cannot be read (not a raster/vector, no CRS, ...), or a point
+            attribute is missing, not numeric, or the file has no points.
     """
     kinds = dict(kinds or {})
     for key, value in kinds.items():
         if value not in ("categorical", "continuous"):
             raise UsageError(f"aux kind for {key!r} must be 'categorical' or 'continuous', got {value!r}")
     sources = []
-    for path in _expand(paths):
+    for path, attribute in _expand(paths):
         ext = path.suffix.lower()
+        if attribute is not None and ext not in _VECTOR_EXT:
+            raise UsageError(f"':{attribute}' (a point attribute) applies to vector files of points only", path)
         if ext in _RASTER_EXT:
             sources.append(_raster_source(path, kinds.get(path.stem) or kinds.get(path.name)))
         elif ext in _VECTOR_EXT:
-            sources.append(_vector_source(path))
+            sources.append(_vector_source(path, attribute))
         else:
             raise UsageError(f"unsupported aux file type {ext or '(none)'}; use one of {', '.join(AUX_EXTENSIONS)}", path)
     return sources
@@ -534,7 +608,7 @@ class AuxStack:
         self._pid = os.getpid()
         self._datasets: dict[Path, Any] = {}
         self._vrts: dict[tuple[Path, str, int], Any] = {}
-        self._vectors: dict[Path, Any] = {}
+        self._vectors: dict[tuple[Path, str | None], Any] = {}
         self._res_ratio: dict[Path, float] = {}
         self._align: dict[Path, _Align | None] = {}
         #: Read same-CRS sources without a warp where that gives the warp's result (see _fast_value).
@@ -557,7 +631,7 @@ class AuxStack:
     # ----------------------------------------------------------------- set-up
 
     def _build_groups(self, sources: Sequence[AuxSource], overrides: dict[str, str]) -> list[_Group]:
-        groups: dict[tuple[str, str], _Group] = {}
+        groups: dict[tuple[str, str, str | None], _Group] = {}
         for src in sources:
             for entry in src.entries:
                 override = overrides.get(entry.group) or overrides.get(src.path.stem)
@@ -578,7 +652,7 @@ class AuxStack:
                 elif override is not None:
                     raise UsageError(f"vector layer {entry.group!r} takes no resampling override", src.path)
                 slot = _Slot(src, entry, op, resamp)
-                key = (entry.group, op)
+                key = (entry.group, op, entry.attribute)
                 g = groups.get(key)
                 if g is None:
                     g = groups[key] = _Group(entry.group, op, [], {}, None)
@@ -861,13 +935,13 @@ class AuxStack:
         return vrt
 
     def _vector(self, src: AuxSource) -> Any:
-        data = self._vectors.get(src.path)
+        data = self._vectors.get((src.path, src.attribute))
         if data is None:
             from carbonsr_cli.auxlayers_vector import VectorData
 
             line = next((e for e in src.entries if e.op == "line_length"), None)
-            data = VectorData.build(src.gdf, self.grid.crs, line.classes if line else (), src.class_attr)
-            self._vectors[src.path] = data
+            data = VectorData.build(src.gdf, self.grid.crs, line.classes if line else (), src.class_attr, src.attribute)
+            self._vectors[(src.path, src.attribute)] = data
         return data
 
     def _sample_grid(self) -> tuple[Any, int, int]:
@@ -1018,6 +1092,11 @@ class AuxStack:
     def names(self) -> list[str]:
         """Layer names in channel order (``C_aux`` of them)."""
         return [n for g in self._groups for n in g.names]
+
+    @property
+    def point_names(self) -> list[str]:
+        """Names of the point-count and point-sum layers (sparse and heavy-tailed), in channel order."""
+        return [n for g in self._groups if g.op in ("point_count", "point_sum") for n in g.names]
 
     @property
     def channels(self) -> int:
@@ -1210,7 +1289,7 @@ class AuxStack:
         for g in self._groups:
             for slot in [*g.by_year.values(), *([g.static] if g.static else []), *g.per_t]:
                 src = slot.source
-                if src.kind == "vector" and src.path in self._vectors and id(src) not in memo:
+                if src.kind == "vector" and (src.path, src.attribute) in self._vectors and id(src) not in memo:
                     memo[id(src)] = dataclasses.replace(src, gdf=None)
         return self.copy(groups=copy.deepcopy(self._groups, memo))
 

@@ -13,7 +13,10 @@ Three families, chosen by geometry type:
 - **Polygons** -> cover fraction of each child cell in [0, 1] (``<stem>:cover``), by burning the
   union of polygons at 4 x 4 sub-cells per child cell and averaging (error <= 1/16 per cell at
   polygon edges, exact in the interior).
-- **Points** -> number of points per child cell (``<stem>:count``).
+- **Points** -> number of points per child cell (``<stem>:count``), or with a numeric
+  attribute (``--aux plants.gpkg:co2_t_yr``) the sum of its values over the points in each
+  child cell (``<stem>:<attribute>``, in the attribute's unit; every point of a MultiPoint
+  carries its feature's value; missing values count as 0).
 
 Outside the vector data everything is 0 (no features means no roads), so a vector layer
 never has nodata. All arrays are float32 ``[channels, h, w]`` on the child window.
@@ -51,6 +54,8 @@ class VectorData:
         polygons: Polygon geometries in the child CRS.
         points: Point coordinates ``[n_points, 2]`` in child CRS units, sorted by y.
         classes: Kept line class values (strings), in channel order.
+        point_values: Attribute value of every point (float64 ``[n_points]``, same order as
+            ``points``; NaN replaced by 0), or None without a value attribute.
     """
 
     lines: np.ndarray
@@ -61,11 +66,19 @@ class VectorData:
     polygons: np.ndarray
     points: np.ndarray
     classes: tuple[str, ...]
+    point_values: np.ndarray | None = None
     _line_tree: Any = field(default=None, repr=False)
     _poly_tree: Any = field(default=None, repr=False)
 
     @classmethod
-    def build(cls, gdf: Any, crs: Any, classes: tuple[str, ...], class_attr: str | None) -> VectorData:
+    def build(
+        cls,
+        gdf: Any,
+        crs: Any,
+        classes: tuple[str, ...],
+        class_attr: str | None,
+        value_attr: str | None = None,
+    ) -> VectorData:
         """Reproject a GeoDataFrame to ``crs`` and index its lines, polygons and points.
 
         Args:
@@ -73,6 +86,7 @@ class VectorData:
             crs: Child CRS (``rasterio.crs.CRS``).
             classes: Line class values to keep (others count only in the total length).
             class_attr: Column holding the class, or None.
+            value_attr: Numeric column whose values the points carry (``point_sum``), or None.
         """
         import shapely
 
@@ -105,7 +119,15 @@ class VectorData:
 
         polygons = geoms[is_poly]
         points = shapely.get_coordinates(geoms[is_point]) if is_point.any() else np.zeros((0, 2))
-        points = points[np.argsort(points[:, 1], kind="stable")]  # sorted by y for window queries
+        order = np.argsort(points[:, 1], kind="stable")  # sorted by y for window queries
+        points = points[order]
+        point_values = None
+        if value_attr is not None:
+            import pandas as pd
+
+            vals = pd.to_numeric(g[value_attr], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+            vals = vals[is_point][order] if is_point.any() else np.zeros(0)
+            point_values = np.where(np.isfinite(vals), vals, 0.0)
         out = cls(
             lines=lines,
             line_class=line_class,
@@ -115,6 +137,7 @@ class VectorData:
             polygons=polygons,
             points=points,
             classes=tuple(classes),
+            point_values=point_values,
         )
         out._line_tree = shapely.STRtree(lines) if len(lines) else None
         out._poly_tree = shapely.STRtree(polygons) if len(polygons) else None
@@ -264,15 +287,15 @@ def rasterize_window(
 
     Args:
         data: Reprojected, indexed vector data.
-        op: ``"line_length"`` (channels: total, then one per class), ``"polygon_cover"`` or
-            ``"point_count"`` (one channel each).
+        op: ``"line_length"`` (channels: total, then one per class), ``"polygon_cover"``,
+            ``"point_count"`` or ``"point_sum"`` (one channel each).
         transform: Affine transform of the window's top-left child cell (north-up).
         height: Window rows.
         width: Window columns.
 
     Returns:
         float32 ``[channels, height, width]``: metres of line per cell, cover fraction in
-        [0, 1], or points per cell.
+        [0, 1], points per cell, or the sum of the points' values per cell.
     """
     import shapely
 
@@ -332,15 +355,19 @@ def rasterize_window(
         )
         out[0] = fine.reshape(height, s, width, s).mean(axis=(1, 3), dtype=np.float32)
         return out
-    if op == "point_count":
+    if op in ("point_count", "point_sum"):
+        if op == "point_sum" and data.point_values is None:
+            raise ValueError("point_sum needs VectorData built with a value attribute")
         out = np.zeros(height * width, dtype=np.float64)
         if len(data.points):
             lo, hi = np.searchsorted(data.points[:, 1], [min(top, bottom), max(top, bottom)], side="left")
-            pts = data.points[max(lo - 1, 0) : hi + 1]
+            sl = slice(max(lo - 1, 0), hi + 1)
+            pts = data.points[sl]
             col = np.floor((pts[:, 0] - left) / a)
             row = np.floor((pts[:, 1] - top) / e)
             ok = (col >= 0) & (col < width) & (row >= 0) & (row < height)
             cell = (row[ok] * width + col[ok]).astype(np.int64)
-            out += np.bincount(cell, minlength=height * width)
+            weights = data.point_values[sl][ok] if op == "point_sum" else None
+            out += np.bincount(cell, weights=weights, minlength=height * width)
         return out.reshape(1, height, width).astype(np.float32)
     raise ValueError(f"unknown vector op {op!r}")

@@ -52,18 +52,36 @@ region, so that auxiliary layers cover the region with a margin):
    Gaussian blooming), population and built-up fraction and land cover on the
    100 m grid with a 3 km margin, NDVI (-0.2..0.9) reprojected to EPSG:4326 at
    0.001 degree, and ``roads.gpkg`` (LineStrings with attribute ``class``).
+8. **Point catalogue** (``plants.gpkg`` in the root, not in ``aux/``, so ``--aux aux/*``
+   leaves it out; use it as ``--aux plants.gpkg:co2_t_yr``): one Point per listed plant at
+   the centre of its largest footprint cell, with ``name`` and ``co2_t_yr`` = the plant's
+   emission in the first year (t CO2 / yr; for a plant that opens later, its rate when it
+   opens) times lognormal noise (sigma 0.3). Like a real register it is incomplete: about a
+   third of the plants are left out at random (at least one is listed, and at least one is
+   left out when there are three or more). Drawn last, so it changes no other file.
+
+Region kinds (``kind=``, one set of multipliers of the process above, :data:`KINDS`):
+
+- ``"mixed"`` (default): the process as described (all multipliers 1).
+- ``"points"``: point-source dominated: 4 times as many plants (at least 8), 2.5 times as
+  large, traffic and heating halved.
+- ``"traffic"``: street dominated: traffic emissions x2.5 on a secondary road lattice of
+  3 km instead of 6 km, heating x0.15, half as many plants (at least 2) half as large.
+- ``"urban"``: smooth urban: heating x1.5, traffic x0.2, one small plant (1/20 of the
+  usual size; plus the plant that opens later when there are two or more years).
 
 Everything is drawn from one ``numpy.random.Generator(PCG64(seed))``: the same
-seed gives identical arrays, a different seed a different region.
+seed and kind give identical arrays, a different seed a different region.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +104,18 @@ LANDCOVER_NODATA = 0
 LANDCOVER_CLASSES: dict[int, str] = {10: "cropland", 20: "forest", 50: "built-up", 80: "water", 90: "other"}
 #: Road classes and their traffic emission in t CO2 / yr per 100 m of road.
 ROAD_WEIGHTS: dict[str, float] = {"motorway": 250.0, "primary": 80.0, "secondary": 20.0, "residential": 4.0}
+#: Region kinds: multipliers and parameters of the generative process ("mixed": the plain process).
+#: traffic/heating scale those emissions; plants_per_1500km2, min_plants and plant_size set the
+#: number (per 1500 km2 of the extended grid's region) and size of the plants; lattice_cells is the
+#: spacing of the secondary road lattice in child cells.
+KINDS: dict[str, dict[str, float]] = {
+    "mixed": {"traffic": 1.0, "heating": 1.0, "plants_per_1500km2": 1.0, "min_plants": 4, "plant_size": 1.0, "lattice_cells": 60.0},
+    "points": {"traffic": 0.5, "heating": 0.5, "plants_per_1500km2": 4.0, "min_plants": 8, "plant_size": 2.5, "lattice_cells": 60.0},
+    "traffic": {"traffic": 2.5, "heating": 0.15, "plants_per_1500km2": 0.0, "min_plants": 1, "plant_size": 0.02, "lattice_cells": 30.0},
+    "urban": {"traffic": 0.2, "heating": 1.5, "plants_per_1500km2": 0.0, "min_plants": 1, "plant_size": 0.05, "lattice_cells": 60.0},
+}
+#: Sigma of the lognormal noise of the catalogue's ``co2_t_yr`` values.
+CATALOGUE_SIGMA = 0.3
 #: Units tag of the emission rasters.
 EMISSION_UNITS = "t CO2 / cell / yr"
 
@@ -110,10 +140,13 @@ class SampleData:
         truth: ``truth_100m.tif``, the 100 m field (evaluation only).
         aux_dir: ``aux/``, every auxiliary layer (pass ``--aux ROOT/aux/*``).
         lights, population, ndvi, landcover, builtup, roads: the auxiliary layers.
+        plants: ``plants.gpkg``, the incomplete point catalogue of plants (``co2_t_yr``, ``name``),
+            in the root (not in ``aux/``).
         readme: ``README.txt``.
         years: The years (band order).
         seed: The random seed.
         size_km: Edge of the region in km (= parent cells per side).
+        kind: Region kind (a key of :data:`KINDS`).
     """
 
     root: Path
@@ -126,10 +159,12 @@ class SampleData:
     landcover: Path
     builtup: Path
     roads: Path
+    plants: Path
     readme: Path
     years: tuple[int, ...]
     seed: int
     size_km: int
+    kind: str = "mixed"
     crs: str = CRS
 
     @property
@@ -140,10 +175,10 @@ class SampleData:
     @property
     def files(self) -> list[Path]:
         """Every file written, in a stable order."""
-        return [self.emissions, self.truth, *self.aux_paths, self.readme]
+        return [self.emissions, self.truth, *self.aux_paths, self.plants, self.readme]
 
 
-def _layout(root: Path, *, years: tuple[int, ...], seed: int, size_km: int) -> SampleData:
+def _layout(root: Path, *, years: tuple[int, ...], seed: int, size_km: int, kind: str = "mixed") -> SampleData:
     aux = root / "aux"
     return SampleData(
         root=root,
@@ -156,10 +191,12 @@ def _layout(root: Path, *, years: tuple[int, ...], seed: int, size_km: int) -> S
         landcover=aux / "landcover_100m.tif",
         builtup=aux / "builtup_100m.tif",
         roads=aux / "roads.gpkg",
+        plants=root / "plants.gpkg",
         readme=root / "README.txt",
         years=years,
         seed=seed,
         size_km=size_km,
+        kind=kind,
     )
 
 
@@ -170,6 +207,7 @@ def generate_sample_data(
     size_km: int = 96,
     years: Sequence[int] = (2019, 2020, 2021),
     overwrite: bool = False,
+    kind: str = "mixed",
 ) -> SampleData:
     """Write a deterministic synthetic region (see the module docstring) to ``out_dir``.
 
@@ -183,6 +221,8 @@ def generate_sample_data(
         size_km: Edge of the square region in km (1 km parent cells per side), >= 12.
         years: Years to generate, one band each (distinct, 1000..9999).
         overwrite: Replace an existing non-empty ``out_dir``.
+        kind: Region kind, a key of :data:`KINDS`: ``"mixed"``, ``"points"``, ``"traffic"``
+            or ``"urban"`` (see the module docstring).
 
     Returns:
         The paths of every file written (inside ``out_dir``).
@@ -190,9 +230,11 @@ def generate_sample_data(
     Raises:
         OutputError: ``out_dir`` is not empty (without ``overwrite``), is a file,
             or cannot be written.
-        UsageError: Bad ``size_km`` or ``years``.
+        UsageError: Bad ``size_km``, ``years`` or ``kind``.
     """
     years_t = _check_years(years)
+    if kind not in KINDS:
+        raise UsageError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
     size_km = int(size_km)
     if size_km < 12:
         raise UsageError(f"--size-km must be at least 12 (one 12 x 12 km patch), got {size_km}")
@@ -207,14 +249,15 @@ def generate_sample_data(
 
         try:
             with rasterio.Env(GDAL_CACHEMAX=128):  # MB; bounded write cache for large regions
-                _generate(_layout(tmp, years=years_t, seed=seed, size_km=size_km), seed=seed, size_km=size_km, years=years_t)
+                layout = _layout(tmp, years=years_t, seed=seed, size_km=size_km, kind=kind)
+                _generate(layout, seed=seed, size_km=size_km, years=years_t, kind=kind)
         except OSError as exc:  # disk full, quota, the directory removed under us, ...
             raise OutputError(f"cannot write the sample data ({exc})", dest) from None
         _move_into_place(tmp, dest, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return _layout(dest, years=years_t, seed=seed, size_km=size_km)
+    return _layout(dest, years=years_t, seed=seed, size_km=size_km, kind=kind)
 
 
 # ----------------------------------------------------------------------------- safety
@@ -377,10 +420,11 @@ class _World:
     road_weight: np.ndarray | None = None  # float32 t/yr per cell before buffering
 
 
-def _generate(paths: SampleData, *, seed: int, size_km: int, years: tuple[int, ...]) -> None:
+def _generate(paths: SampleData, *, seed: int, size_km: int, years: tuple[int, ...], kind: str = "mixed") -> None:
     import rasterio
     from rasterio.windows import Window
 
+    params = KINDS[kind]
     rng = np.random.Generator(np.random.PCG64(seed))
     n = size_km
     n_child = n * FACTOR
@@ -390,7 +434,7 @@ def _generate(paths: SampleData, *, seed: int, size_km: int, years: tuple[int, .
     child_transform = _from_origin(x_left, _Y_TOP, CHILD_RES_M, CHILD_RES_M)
     parent_transform = _from_origin(x_left, _Y_TOP, PARENT_RES_M, PARENT_RES_M)
 
-    world = _make_world(rng, ne, ext_transform)
+    world = _make_world(rng, ne, ext_transform, params["lattice_cells"])
     inner = (slice(_MARGIN, _MARGIN + n_child), slice(_MARGIN, _MARGIN + n_child))
     sea_child = world.sea[inner]
     sea_parent = world.sea_parent[_MARGIN_PARENT : _MARGIN_PARENT + n, _MARGIN_PARENT : _MARGIN_PARENT + n]
@@ -400,8 +444,10 @@ def _generate(paths: SampleData, *, seed: int, size_km: int, years: tuple[int, .
         raise RuntimeError("world fields missing")
     traffic = world.road_weight * (1.0 + 1.5 * world.urban)
     traffic = _blur(traffic.astype(np.float32), np.array([0.25, 0.5, 0.25]))
+    traffic *= np.float32(params["traffic"])  # x1 ("mixed") is exact
     climate = (1.0 + 0.5 * (1.0 - np.arange(ne, dtype=np.float32) / ne))[:, None]
     heating = (0.8 * np.power(world.population, 0.75, dtype=np.float32)) * climate
+    heating *= np.float32(params["heating"])
     allowed = ~np.isin(world.landcover, (20, 80)) & ~world.sea
     traffic = np.where(allowed, traffic, 0)[inner].astype(np.float32)
     heating = np.where(allowed, heating, 0)[inner].astype(np.float32)
@@ -421,7 +467,7 @@ def _generate(paths: SampleData, *, seed: int, size_km: int, years: tuple[int, .
     nz = activity[active]
     median_nz = float(np.median(nz)) if nz.size else 1000.0
 
-    plants = _make_plants(rng, world, n, median_nz, len(years))
+    plants = _make_plants(rng, world, n, median_nz, len(years), params)
     world.urban = None  # no longer needed; free memory before the yearly loop
     for p in plants:  # plant sites have no residents and no other activity
         traffic[p.rows - _MARGIN, p.cols - _MARGIN] = 0
@@ -441,10 +487,13 @@ def _generate(paths: SampleData, *, seed: int, size_km: int, years: tuple[int, .
         "nodata": NODATA,
     }
     sigma = 0.15
+    first_totals: list[float] = []  # each plant's first-year emission (t CO2 / yr), for the catalogue
     with rasterio.open(paths.truth, "w", **truth_profile) as dst:
         for b, year in enumerate(years):
             t = year - years[0]
             totals = [(p, p.total_for(b, t, rng)) for p in plants]
+            if b == 0:
+                first_totals = [tot if tot > 0 else p.total for p, tot in totals]
             for r0 in range(0, n_child, _STRIP):
                 r1 = min(n_child, r0 + _STRIP)
                 rows = slice(r0, r1)
@@ -501,10 +550,11 @@ def _generate(paths: SampleData, *, seed: int, size_km: int, years: tuple[int, .
         )
 
     _write_aux(paths, rng, world, ext_transform, plants, seed=seed, size_km=size_km)
-    _write_readme(paths, seed=seed, size_km=size_km, years=years, n_plants=len(plants))
+    n_listed = _write_catalogue(paths.plants, rng, plants, first_totals, ext_transform)  # last draws: other files unchanged
+    _write_readme(paths, seed=seed, size_km=size_km, years=years, n_plants=len(plants), n_listed=n_listed, kind=kind)
 
 
-def _make_world(rng: np.random.Generator, ne: int, ext_transform: Any) -> _World:
+def _make_world(rng: np.random.Generator, ne: int, ext_transform: Any, lattice_cells: float = 60.0) -> _World:
     npe = ne // FACTOR
     # coast: sea in the south-east corner, whole parent cells
     u = (np.arange(npe) + 0.5) / npe
@@ -563,7 +613,7 @@ def _make_world(rng: np.random.Generator, ne: int, ext_transform: Any) -> _World
     del vpop
 
     # roads (pixel coordinates: x = column, y = row, on the extended grid)
-    roads = _make_roads(rng, ne, cities, radius, villages)
+    roads = _make_roads(rng, ne, cities, radius, villages, lattice_cells)
 
     def _valid(pts: np.ndarray) -> np.ndarray:
         ok = (pts[:, 0] >= 0) & (pts[:, 0] < ne) & (pts[:, 1] >= 0) & (pts[:, 1] < ne)
@@ -686,8 +736,9 @@ def _polyline(rng: np.random.Generator, p0: np.ndarray, p1: np.ndarray, wiggle: 
 
 
 def _make_roads(
-    rng: np.random.Generator, ne: int, cities: np.ndarray, radius: np.ndarray, villages: np.ndarray
+    rng: np.random.Generator, ne: int, cities: np.ndarray, radius: np.ndarray, villages: np.ndarray, spacing: float = 60.0
 ) -> dict[str, list[np.ndarray]]:
+    """Road polylines by class (pixel coordinates); ``spacing``: secondary lattice spacing in child cells."""
     roads: dict[str, list[np.ndarray]] = {k: [] for k in ROAD_WEIGHTS}
     xy = cities[:, ::-1].astype(np.float64)  # (x=col, y=row)
     big = radius >= np.median(radius)
@@ -708,8 +759,8 @@ def _make_roads(
             ln = rng.uniform(50, 200)
             end = np.array([x + ln * np.cos(ang), y + ln * np.sin(ang)])
             roads["primary" if rc > 20 else "secondary"].append(_polyline(rng, np.array([x, y]), end, 0.08))
-    # secondary lattice, spacing ~6 km, segments kept with probability 0.55
-    sp = 60.0
+    # secondary lattice, spacing ~6 km ("mixed"), segments kept with probability 0.55
+    sp = float(spacing)
     k = int(ne / sp) + 2
     grid = np.arange(k) * sp - sp / 2
     nodes = np.stack(np.meshgrid(grid, grid, indexing="xy"), -1) + rng.uniform(-12, 12, (k, k, 2))
@@ -781,9 +832,12 @@ class _Plant:
         return self.total * (1.0 + self.trend) ** t * noise
 
 
-def _make_plants(rng: np.random.Generator, world: _World, n: int, median_nz: float, n_years: int) -> list[_Plant]:
+def _make_plants(
+    rng: np.random.Generator, world: _World, n: int, median_nz: float, n_years: int, params: dict[str, float] | None = None
+) -> list[_Plant]:
+    params = params or KINDS["mixed"]
     ne = world.ne
-    n_existing = max(4, int(round(n * n / 1500)))
+    n_existing = max(int(params["min_plants"]), int(round(n * n / 1500 * params["plants_per_1500km2"])))
     n_total = n_existing + (1 if n_years >= 2 else 0)
 
     def ok(r: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -804,7 +858,7 @@ def _make_plants(rng: np.random.Generator, world: _World, n: int, median_nz: flo
         shares = rng.dirichlet(np.ones(cells) * 2.0)
         is_new = n_years >= 2 and k == len(sites) - 1
         start = max(1, n_years // 2) if is_new else 0
-        total = median_nz * (max(float(mult[k]), 800.0) if is_new else float(mult[k]))
+        total = median_nz * (max(float(mult[k]), 800.0) if is_new else float(mult[k])) * params["plant_size"]
         plants.append(_Plant(r + dr, c + dc, shares, total, float(rng.normal(0.0, 0.04)), start, 10**9))
         world.landcover[r + dr, c + dc] = 50
         world.builtup[r + dr, c + dc] = np.maximum(world.builtup[r + dr, c + dc], 0.7)
@@ -882,6 +936,19 @@ def _write_aux(
     _write_roads(paths.roads, world.roads, ext_transform)
 
 
+@contextlib.contextmanager
+def _fixed_gpkg_date() -> Iterator[None]:
+    """Write GeoPackages with a fixed modification time, so the same seed gives identical bytes."""
+    from pyogrio import get_gdal_config_option, set_gdal_config_options
+
+    old = get_gdal_config_option("OGR_CURRENT_DATE")
+    set_gdal_config_options({"OGR_CURRENT_DATE": "2000-01-01T00:00:00.000Z"})
+    try:
+        yield
+    finally:
+        set_gdal_config_options({"OGR_CURRENT_DATE": old})
+
+
 def _write_roads(path: Path, roads: dict[str, list[np.ndarray]], ext_transform: Any) -> None:
     import geopandas as gpd
     from shapely import linestrings
@@ -899,16 +966,62 @@ def _write_roads(path: Path, roads: dict[str, list[np.ndarray]], ext_transform: 
             k += 1
     geoms = linestrings(np.concatenate(coords), indices=np.concatenate(ids)) if coords else []
     gdf = gpd.GeoDataFrame({"class": classes}, geometry=list(geoms), crs=CRS)
-    gdf.to_file(path, driver="GPKG", layer="roads", engine="pyogrio")
+    with _fixed_gpkg_date():
+        gdf.to_file(path, driver="GPKG", layer="roads", engine="pyogrio")
 
 
-def _write_readme(paths: SampleData, *, seed: int, size_km: int, years: tuple[int, ...], n_plants: int) -> None:
+def _write_catalogue(
+    path: Path, rng: np.random.Generator, plants: list[_Plant], first_totals: list[float], ext_transform: Any
+) -> int:
+    """Write the incomplete plant catalogue ``plants.gpkg`` (see the module docstring); returns the plants listed.
+
+    ``first_totals``: each plant's first-year emission in t CO2 / yr (its rate when it opens
+    for a plant that opens later).
+    """
+    import geopandas as gpd
+    from shapely import points
+
+    n = len(plants)
+    noise = np.exp(CATALOGUE_SIGMA * rng.standard_normal(n) - CATALOGUE_SIGMA**2 / 2)
+    u = rng.random(n)
+    keep = u >= 1.0 / 3.0
+    if not keep.any():
+        keep[int(np.argmax(u))] = True
+    if n >= 3 and keep.all():
+        keep[int(np.argmin(u))] = False
+    to_xy = _pixel_to_crs(ext_transform)
+    idx = np.flatnonzero(keep)
+    centres = np.array([[p.cols[np.argmax(p.shares)] + 0.5, p.rows[np.argmax(p.shares)] + 0.5] for p in plants], np.float64)
+    xy = to_xy(centres[idx]) if len(idx) else np.zeros((0, 2))
+    gdf = gpd.GeoDataFrame(
+        {
+            "name": [f"plant {i + 1:02d}" for i in idx],
+            "co2_t_yr": np.round(np.asarray(first_totals, np.float64)[idx] * noise[idx], 1),
+        },
+        geometry=list(points(xy)),
+        crs=CRS,
+    )
+    with _fixed_gpkg_date():
+        gdf.to_file(path, driver="GPKG", layer="plants", engine="pyogrio")
+    return len(idx)
+
+
+def _write_readme(
+    paths: SampleData,
+    *,
+    seed: int,
+    size_km: int,
+    years: tuple[int, ...],
+    n_plants: int,
+    n_listed: int | None = None,
+    kind: str = "mixed",
+) -> None:
     doc = (__doc__ or "").strip()
     text = f"""carbonsr synthetic sample region
 ================================
 
 Generated by `carbonsr sample-data` (carbonsr_cli.sample_data) with seed={seed},
-size_km={size_km}, years={", ".join(map(str, years))}. Everything is synthetic.
+size_km={size_km}, years={", ".join(map(str, years))}, kind={kind}. Everything is synthetic.
 
 Files
 -----
@@ -930,9 +1043,14 @@ aux/                auxiliary layers; pass them all with `--aux OUT_DIR/aux/*`:
   builtup_100m.tif     built-up fraction 0..1 per 100 m cell.
   roads.gpkg           LineStrings (layer "roads"), attribute `class` in
                        motorway / primary / secondary / residential.
+plants.gpkg         incomplete point catalogue of the plants (layer "plants", {CRS}):
+                    `name`, `co2_t_yr` (first-year emission, t CO2 / yr, lognormal
+                    noise sigma {CATALOGUE_SIGMA:g}); not in aux/. Use it as an extra aux
+                    layer: `--aux OUT_DIR/plants.gpkg:co2_t_yr`.
 README.txt          this file.
 
-{n_plants} industrial point sources (including any plant that opens later).
+{n_plants} industrial point sources (including any plant that opens later); the
+catalogue lists {n_listed if n_listed is not None else n_plants} of them.
 
 Generative process
 ------------------

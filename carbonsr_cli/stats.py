@@ -15,9 +15,10 @@ The JSON written here travels with every training run and checkpoint. Keys:
 - ``grid``: path, CRS, transform, width, height, resolution, nodata, units, band names of the
   first main file, and ``factor``.
 - ``aux``: one entry per aux channel in stack order: ``name``, ``transform`` ("log1p" for
-  heavy-tailed layers: all values >= 0 and (skewness > 2 or max / p99 > 10); else "identity"),
-  ``clip_lo``/``clip_hi`` (p0.1 / p99.9 of the transformed values; min / max when those are
-  equal, e.g. a sparse layer with > 99.9 % zeros), ``mean``/``std`` of the
+  heavy-tailed layers: all values >= 0 and (skewness > 2 or max / p99 > 10, or a point count
+  or point-attribute sum); else "identity"), ``clip_lo``/``clip_hi`` (p0.1 / p99.9 of the
+  transformed values; min / max when those are equal, e.g. a sparse layer with > 99.9 %
+  zeros, the max over all values read, not only the sampled ones), ``mean``/``std`` of the
   transformed, clipped values (std 1 for a constant layer), and the raw ``raw_mean``,
   ``raw_std``, ``raw_min``, ``raw_max``, ``skewness``, ``p99``, ``samples``. Aux layers are
   read through :class:`carbonsr_cli.auxlayers.AuxStack` on the child grid, from a regular subset of
@@ -271,8 +272,11 @@ class _AuxAccumulator:
         self.samples.append(x if x.size <= k else x[rng.random(x.size) < k / x.size])
 
 
-def _aux_entry(name: str, acc: _AuxAccumulator) -> dict[str, Any]:
-    """Choose the normalisation of one aux channel from its (sampled) values."""
+def _aux_entry(name: str, acc: _AuxAccumulator, sparse: bool = False) -> dict[str, Any]:
+    """Choose the normalisation of one aux channel from its (sampled) values.
+
+    ``sparse``: a point count or sum, log1p whenever its values are >= 0.
+    """
     if acc.n == 0:
         return {"name": name, "transform": "identity", "mean": 0.0, "std": 1.0, "clip_lo": 0.0, "clip_hi": 0.0,
                 "raw_mean": math.nan, "raw_std": math.nan, "raw_min": math.nan, "raw_max": math.nan,
@@ -283,11 +287,11 @@ def _aux_entry(name: str, acc: _AuxAccumulator) -> dict[str, Any]:
     xs_mean, xs_std = float(x.mean()), float(x.std())
     skew = float(np.mean(((x - xs_mean) / xs_std) ** 3)) if xs_std > 0 else 0.0
     p99 = float(np.quantile(x, 0.99))
-    heavy = acc.vmin >= 0 and (skew > 2 or (p99 > 0 and acc.vmax / p99 > 10))
+    heavy = acc.vmin >= 0 and (sparse or skew > 2 or (p99 > 0 and acc.vmax / p99 > 10))
     z = np.log1p(x) if heavy else x
     lo, hi = (float(v) for v in np.quantile(z, [0.001, 0.999]))
     if hi <= lo:  # sparse layer (> 99.9 % one value): clipping would erase it
-        lo, hi = float(z.min()), float(z.max())
+        lo, hi = float(z.min()), max(float(z.max()), float(np.log1p(acc.vmax) if heavy else acc.vmax))
     zc = np.clip(z, lo, hi)
     mean, std = float(zc.mean()), float(zc.std())
     return {
@@ -326,7 +330,8 @@ def _aux_stats(
             for c, acc in enumerate(accs):
                 for t in range(arr.shape[1]):
                     acc.update(arr[c, t].ravel(), rng, per)
-    entries = [_aux_entry(n, a) for n, a in zip(names, accs)]
+    sparse = set(getattr(stacks[0], "point_names", ()))
+    entries = [_aux_entry(n, a, n in sparse) for n, a in zip(names, accs)]
     coverage = []
     for st in stacks:
         for cov in st.coverage():

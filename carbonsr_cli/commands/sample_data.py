@@ -69,8 +69,10 @@ def register(app: typer.Typer) -> None:
         help=(
             "Write a deterministic synthetic region: 1 km emissions (one band per year, t CO2 / cell / yr), "
             "the 100 m truth (for evaluation only) and auxiliary layers in OUT_DIR/aux/ "
-            "(lights, population, NDVI in EPSG:4326, land cover, built-up, roads.gpkg). "
-            "The process is described in OUT_DIR/README.txt.\n\n"
+            "(lights, population, NDVI in EPSG:4326, land cover, built-up, roads.gpkg), and an incomplete "
+            "point catalogue of the plants, OUT_DIR/plants.gpkg (use --aux OUT_DIR/plants.gpkg:co2_t_yr). "
+            "--kind picks the region: mixed, points (point-source dominated), traffic (streets) or urban "
+            "(smooth, heating). The process is described in OUT_DIR/README.txt.\n\n"
             f"Example: {EXAMPLE}"
         ),
         short_help="Write a synthetic sample region (1 km emissions, 100 m truth, aux layers).",
@@ -93,15 +95,30 @@ def sample_data(
         ),
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT_DIR if it exists and is not empty.")] = False,
+    kind: Annotated[
+        str,
+        typer.Option(
+            "--kind",
+            help="Region kind: mixed (default), points (point-source dominated), traffic (street dominated) "
+            "or urban (smooth, heating dominated).",
+        ),
+    ] = "mixed",
 ) -> None:
     """Write the sample region and print a table of the files written."""
     from carbonsr_cli.console import out
     from carbonsr_cli.sample_data import generate_sample_data
 
-    result = generate_sample_data(out_dir, seed=seed, size_km=size_km, years=tuple(years) if years else DEFAULT_YEARS, overwrite=overwrite)
+    result = generate_sample_data(
+        out_dir, seed=seed, size_km=size_km, years=tuple(years) if years else DEFAULT_YEARS, overwrite=overwrite, kind=kind
+    )
     out.print(_files_table(result))
-    out.print(f"Wrote {len(result.files)} files to {result.root} (seed {result.seed}, years {', '.join(map(str, result.years))}).")
-    out.print(f"Auxiliary layers: {result.aux_dir}/* ; truth_100m.tif is for evaluation only.")
+    out.print(
+        f"Wrote {len(result.files)} files to {result.root} (seed {result.seed}, kind {result.kind}, "
+        f"years {', '.join(map(str, result.years))})."
+    )
+    out.print(
+        f"Auxiliary layers: {result.aux_dir}/* (plus {result.plants}:co2_t_yr); truth_100m.tif is for evaluation only."
+    )
 
 
 def _files_table(result: SampleData) -> Any:
@@ -132,7 +149,9 @@ def _describe(path: Path) -> tuple[str, str, str]:
         import pyogrio
 
         info = pyogrio.read_info(path)
-        return f"{info['features']} lines", str(info["crs"]), "vector"
+        gtype = str(info.get("geometry_type") or "").lower()
+        what = "points" if "point" in gtype else "lines" if "line" in gtype else "features"
+        return f"{info['features']} {what}", str(info["crs"]), "vector"
     return "-", "-", "-"
 
 
