@@ -39,12 +39,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from carbonsr_cli.errors import CarbonSRError, CheckpointError, InputDataError, UsageError
+from carbonsr_cli.methods import REGISTRY, MethodSpec, parse_method
+from carbonsr_cli.methods.auto import choose as choose_auto
 
 if TYPE_CHECKING:  # pragma: no cover
     from carbonsr_cli.grids import ChildGrid, ParentGrid
 
 __all__ = [
-    "METHODS",
     "ConservationCheck",
     "DownscaleSummary",
     "MethodSpec",
@@ -55,59 +56,12 @@ __all__ = [
 ]
 
 #: Methods accepted by ``--method``.
-METHODS = ("model", "uniform", "dasymetric")
 #: Output nodata when the parent's nodata is unset or could be a valid child value.
 DEFAULT_NODATA = -9999.0
 #: Block-sum tolerance (relative) of the conservation check.
 CONSERVATION_RTOL = 1e-6
 #: Unit string of totals.
 TOTALS_UNIT = "t CO2 / cell / yr"
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """A parsed ``--method`` value.
-
-    Attributes:
-        kind: ``"model"``, ``"uniform"`` or ``"dasymetric"``.
-        layer: Aux layer name for ``dasymetric:LAYER`` (None: the first layer).
-    """
-
-    kind: str
-    layer: str | None = None
-
-    @property
-    def label(self) -> str:
-        """Text stored in the METHOD tag (``dasymetric:<layer>`` with the layer used)."""
-        return f"{self.kind}:{self.layer}" if self.layer else self.kind
-
-
-def parse_method(method: str | None, checkpoint: str | os.PathLike[str] | None) -> MethodSpec:
-    """Parse ``--method``; ``None`` means ``model`` when a checkpoint is given.
-
-    Raises:
-        UsageError: unknown method, ``model`` without a checkpoint, a checkpoint with a
-            baseline, or no method and no checkpoint.
-    """
-    if method is None or not str(method).strip():
-        if checkpoint is None:
-            raise UsageError("give a model with --model CKPT, or a baseline with --method uniform|dasymetric[:LAYER]")
-        return MethodSpec("model")
-    kind, _, layer = str(method).strip().partition(":")
-    kind = kind.strip().lower()
-    layer = layer.strip() or None
-    if kind not in METHODS:
-        raise UsageError(f"unknown method {method!r}; choose model, uniform or dasymetric[:LAYER]")
-    if kind == "model":
-        if layer:
-            raise UsageError(f"method 'model' takes no layer, got {method!r}")
-        if checkpoint is None:
-            raise UsageError("--method model needs a checkpoint: --model runs/<run>/best_model.pth")
-    elif checkpoint is not None:
-        raise UsageError(f"--model is only used with --method model (got --method {method})")
-    if kind == "uniform" and layer:
-        raise UsageError(f"method 'uniform' takes no layer, got {method!r}")
-    return MethodSpec(kind, layer)
 
 
 def year_window(k: int, n: int, t: int) -> tuple[list[int], int]:
@@ -635,7 +589,7 @@ def downscale(
             label = inp.totals_unit
         return _downscale(inp.paths[0], aux_paths, dst_path, units=inp.unit or "totals", units_label=label, **kw)
     spec = parse_method(method, checkpoint)  # usage errors before the conversion
-    if uncertainty is not None and spec.kind != "model":
+    if uncertainty is not None and spec.kind not in ("model", "auto"):
         raise UsageError("--uncertainty needs --method model (the baselines are deterministic)")
     tmp = make_temp_path(dst_path.absolute(), tag="totals")
     try:
@@ -726,7 +680,7 @@ def _downscale(
     spec = parse_method(method, checkpoint)
     if dtype not in ("float32", "float64"):
         raise UsageError(f"--dtype must be float32 or float64, got {dtype!r}")
-    if uncertainty is not None and spec.kind != "model":
+    if uncertainty is not None and spec.kind not in ("model", "auto"):
         raise UsageError("--uncertainty needs --method model (the baselines are deterministic)")
     if int(overlap) < 0:
         raise UsageError(f"--overlap must be >= 0 parent cells, got {overlap}")
@@ -746,7 +700,15 @@ def _downscale(
 
     loaded = None
     normalizer = None
-    if spec.kind == "model":
+    notes = list(notes)
+    if spec.kind == "auto":
+        from carbonsr_cli.train.checkpoints import load_checkpoint
+
+        spec, why = choose_auto(load_checkpoint(checkpoint))  # type: ignore[arg-type]
+        notes.append(f"--method auto chose {spec.label}: {why}")
+        if uncertainty is not None and spec.kind != "model":
+            raise UsageError(f"--uncertainty needs the model, but --method auto chose {spec.label}")
+    if spec.method.runs_model:
         from carbonsr_cli.train.checkpoints import load_model_for_inference
 
         from carbonsr_cli import distributed
@@ -806,7 +768,7 @@ def _downscale(
     order: list[int] = []
     stack: Any = None
     aux_years = [full.band_names[b - 1] for b in (in_bands if loaded is not None else out_bands)]
-    if spec.kind in ("model", "dasymetric"):
+    if spec.method.needs_aux:
         if not aux_list:
             raise UsageError(f"--method {spec.kind} needs aux layers (--aux aux/*.tif)")
         from carbonsr_cli.auxlayers import discover_aux
@@ -814,20 +776,23 @@ def _downscale(
         sources = discover_aux(aux_list)
         stack = _checked_stack(sources, child, aux_years, fill_missing=fill_missing)
         given = list(stack.names)
-        if loaded is None:  # baselines read their one layer themselves
+        points = list(stack.point_names)
+        if loaded is None:  # baselines read their layers themselves
             stack.close()
             stack = None
         if loaded is not None:
             order = _resolve_aux_order(given, loaded.aux_names, loaded.path)
             aux_names = list(loaded.aux_names)
             normalizer = _normalizer(loaded)
+            if spec.kind == "fitted":
+                from carbonsr_cli.methods.model import prior_only_model
+                from carbonsr_cli.train.checkpoints import load_checkpoint
+
+                loaded.model = prior_only_model(load_checkpoint(checkpoint), normalizer).to(dev)  # type: ignore[arg-type]
         else:
-            layer = spec.layer or given[0]
-            if layer not in given:
-                raise UsageError(f"dasymetric layer {layer!r} not among the aux layers: {', '.join(given)}")
-            spec = MethodSpec("dasymetric", layer)
-            aux_names = [layer]
-            order = [given.index(layer)]
+            spec = spec.method.resolve(spec, given, points)
+            aux_names = spec.method.layers(spec, given, points)
+            order = [given.index(n) for n in aux_names]
 
     plan = Plan(
         main_path=main,
@@ -850,7 +815,7 @@ def _downscale(
         nodata_out=_output_nodata(full.nodata),
         tile_child=_tile_size(f, loaded.config.downsample_factor if loaded is not None else 1),
         fill_missing=fill_missing,
-        aux_stack=stack if spec.kind == "model" else None,
+        aux_stack=stack if spec.method.runs_model else None,
         overlap_parent=int(overlap),
         source_name=source_name or main.name,
         creation_options=dict(creation_options or {}),

@@ -106,9 +106,9 @@ class _BandReader:
 
         plan = self.plan
         self._ds = open_raster(plan.main_path)
-        if plan.method.kind == "dasymetric":  # the model's aux layers come from the strip reader
+        if not plan.method.method.runs_model and plan.aux_names:  # the model's layers come from the strip reader
             sources = discover_aux(plan.aux_paths)
-            sources = [s for s in sources if plan.aux_names[0] in s.layers][:1]
+            sources = [s for s in sources if any(n in s.layers for n in plan.aux_names)]
             self._aux = AuxStack(sources, plan.child, plan.aux_years, fill_missing=plan.fill_missing)
             names = list(self._aux.names)
             self._aux_order = [names.index(n) for n in plan.aux_names]
@@ -133,12 +133,12 @@ class _BandReader:
                 (len(plan.out_bands), 0, plan.grid.width)
             )
         data = BandData(i=i, out_rows=(r0, r1), totals=totals)
-        if plan.method.kind == "model":
+        if plan.method.method.runs_model:
             self._read_model_inputs(i, *self.chunks[j], data)
-        elif plan.method.kind == "dasymetric" and r1 > r0:
+        elif self._aux is not None and r1 > r0:
             from rasterio.windows import Window
 
-            raw = self._aux.read(Window(0, r0, plan.child.width, r1 - r0))[self._aux_order[0]]  # [Y, h, W]
+            raw = self._aux.read(Window(0, r0, plan.child.width, r1 - r0))[self._aux_order]  # [L, Y, h, W]
             w = np.nan_to_num(raw.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
             data.weights = np.maximum(w, 0.0)
         return data
@@ -528,15 +528,10 @@ def _baseline_fill(data: BandData, plan: Plan, out_dtype: Any) -> np.ndarray:
     """
     import torch
 
-    from models import baselines
-
     f = plan.factor
     t = torch.from_numpy(np.ascontiguousarray(data.totals))[None, None]
-    if plan.method.kind == "uniform":
-        x = baselines.uniform_fill(t, f)
-    else:
-        assert data.weights is not None
-        x = baselines.dasymetric_fill(t, torch.from_numpy(data.weights)[None, None], f)
+    layers = None if data.weights is None else torch.from_numpy(data.weights)[:, None, None]  # [L, 1, 1, Y, h, W]
+    x = plan.method.method.fill(t, layers, f)
     return x[0, 0].numpy()
 
 
@@ -648,7 +643,7 @@ def run_pipeline(
     out_dtype = torch.float64 if dtype == "float64" else torch.float32
     layout = TileLayout(plan.grid.height, plan.grid.width, f, plan.tile_child, plan.overlap_parent)
     n_years = len(plan.out_names)
-    is_model = plan.method.kind == "model"
+    is_model = plan.method.method.runs_model
     predictor = None
     if is_model:
         predictor = _Predictor(loaded.model, normalizer, device, batch_size, summary, block=plan.factor)
@@ -660,7 +655,7 @@ def run_pipeline(
         "CARBONSR_MODEL_SHA256": summary.model_sha256 or "",
         "CARBONSR_AUX_LAYERS": ",".join(plan.aux_names),
     }
-    if plan.method.kind == "model":
+    if plan.method.method.runs_model:
         tags["CARBONSR_TEMPORAL_WINDOW"] = f"{len(plan.windows[0][0])} bands centred on each output band (shifted at the ends)"
     if uncertainty is not None:
         tags["CARBONSR_UNCERTAINTY"] = os.path.basename(str(uncertainty))

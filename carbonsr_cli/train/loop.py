@@ -882,7 +882,7 @@ def evaluate_against_truth(
     from carbonsr_cli.stats import AuxNormalizer
     from carbonsr_cli.train.checkpoints import load_checkpoint, load_model_for_inference
     from carbonsr_cli.train.dataset import degrade
-    from models.baselines import dasymetric_fill, uniform_fill
+    from models.baselines import dasymetric_fill, point_first_fill, uniform_fill
     from models.dasymetric import softmax_children
 
     ck = load_checkpoint(checkpoint)
@@ -903,6 +903,7 @@ def evaluate_against_truth(
         norm = AuxNormalizer.from_stats(ck["stats"], stack.names)
         names = list(stack.names)
         fitted = build_fitted_prior(PriorFit.from_dict(ck["prior_fit"]), norm) if ck.get("prior_fit") else None
+        point_layers = [j for j, n in enumerate(names) if n in set(getattr(stack, "point_names", ())) and not n.endswith(":count")]
         for k in range(0, len(items), batch_size):
             chunk = items[k : k + batch_size]
             raws, parents, fine = [], [], []
@@ -932,10 +933,14 @@ def evaluate_against_truth(
             for j, n in enumerate(names):
                 w = torch.from_numpy(np.ascontiguousarray(raw[:, j : j + 1]))
                 preds.setdefault(n, []).append(dasymetric_fill(tt, w, f).numpy()[mask])
+                for pi in point_layers:  # point-source aware: listed points first, then layer n
+                    pm = torch.from_numpy(np.ascontiguousarray(raw[:, pi : pi + 1]))
+                    preds.setdefault(f"points+{n}", []).append(point_first_fill(tt, pm, w, f).numpy()[mask])
             truths.append(truth[mask])
     y = np.concatenate(truths)
     scores = {k: _scores(np.concatenate(v), y) for k, v in preds.items()}
     best = min(names, key=lambda n: (scores[n]["nonzero_mae"], n))
+    point_keys = [k for k in scores if k.startswith("points+")]
     out = {
         "model": scores["model"],
         "uniform": scores["uniform"],
@@ -946,4 +951,8 @@ def evaluate_against_truth(
     }
     if "fitted" in scores:
         out["fitted"] = scores["fitted"]
+    if point_keys:
+        best_p = min(point_keys, key=lambda k: (scores[k]["nonzero_mae"], k))
+        out["points"] = scores[best_p]
+        out["points_layer"] = best_p
     return out
