@@ -7,8 +7,9 @@ Steps (everything under one directory, default ``./carbonsr-demo``):
 2. ``runs/demo/``: statistics (``stats.json``) and a short CPU training of the ``tiny`` model with
    the ``demo`` training preset (``carbonsr_cli.train.config.TRAIN_PRESETS``), including its
    spatial train/validation split (``split.json``).
-3. ``outputs/``: the 1 km emissions downscaled to 100 m by the model and by the uniform and
-   dasymetric baselines (the dasymetric layer is the one the training validation found best).
+3. ``outputs/``: the 1 km emissions downscaled to 100 m by the model and by the baselines: the
+   fitted layer mix, listed point sources first (``plants.gpkg:co2_t_yr``) then a layer, one
+   layer (the one the training validation found best) and uniform.
 4. Scores against the hidden truth at 100 m, on the *held-out* validation region of the
    training split (the honest number) and on the whole region (includes training areas), plus
    the conservation check of every output against the 1 km input.
@@ -155,9 +156,10 @@ def run_demo(
     t1 = time.perf_counter()
     log("[2/5] statistics and a short CPU training of the tiny model (demo preset)")
     cfg_fields: dict[str, Any] = dict(TRAIN_PRESETS["demo"])
+    aux = [str(p) for p in sample.aux_paths] + [f"{sample.plants}:co2_t_yr"]  # + the point catalogue
     cfg_fields.update(
         main=[str(sample.emissions)],
-        aux=[str(p) for p in sample.aux_paths],
+        aux=aux,
         runs_dir=str(root_p / "runs"),
         name="demo",
         seed=seed,
@@ -182,6 +184,8 @@ def run_demo(
     out_dir.mkdir(exist_ok=True)
     methods: dict[str, dict[str, Any]] = {
         "model": {"method": "model", "checkpoint": ckpt},
+        "fitted": {"method": "fitted", "checkpoint": ckpt},
+        "points": {"method": f"points:{dasy_layer}" if dasy_layer and not dasy_layer.startswith("plants:") else "points"},
         "dasymetric": {"method": f"dasymetric:{dasy_layer}" if dasy_layer else "dasymetric"},
         "uniform": {"method": "uniform"},
     }
@@ -189,8 +193,7 @@ def run_demo(
     for name, kw in methods.items():
         dst = out_dir / f"{name}_100m.tif"
         log(f"[3/5] downscaling with {kw['method']} -> {dst}")
-        downscale(sample.emissions, [str(p) for p in sample.aux_paths], dst, device=device, overwrite=True,
-                  progress=False, **kw)
+        downscale(sample.emissions, aux, dst, device=device, overwrite=True, progress=False, **kw)
         outputs[name] = dst
     secs["downscaling"] = time.perf_counter() - t2
 

@@ -62,11 +62,17 @@ class ModelConfig:
             ``S * softmax_block(raw)`` (exact by construction); see :mod:`models.dasymetric`.
         use_prior: (dasymetric) the additive layer mix of :class:`models.dasymetric.DasymetricPrior`,
             fitted on the parent cells before training. Off: a uniform prior.
-        use_pointwise: (dasymetric) a per-pixel MLP of the local aux values (POMELO-style
-            occupancy correction), zero at initialisation.
-        use_context: (dasymetric) the U-Net path (SFT, MoE, attention, temporal scan) as a
-            log-weight residual behind a gain initialised at 0. Off: the U-Net is not built.
+        use_pointwise: (dasymetric) a local head: an MLP of the aux values in a 3x3 neighbourhood
+            (POMELO-style occupancy correction), zero at initialisation.
+        use_context: (dasymetric) the U-Net path (SFT, MoE, attention, temporal scan) gives the
+            local head ``context_channels`` features, averaged over each parent block
+            (``context_pool`` child cells), so it changes the local rule from place to place
+            but draws nothing inside a cell. Off: the U-Net is not built.
+        context_channels: Context features handed to the local head.
+        context_pool: Block edge (child cells) the context is averaged over: the factor.
         prior_exponents: Powers of each layer in the prior's basis.
+        prior_smooth: Neighbourhood edges (odd, child cells) each layer is averaged over in the
+            prior's basis (1 = the pixel itself).
         pointwise_hidden: Hidden width of the pointwise MLP.
     """
 
@@ -96,7 +102,10 @@ class ModelConfig:
     use_pointwise: bool = True
     use_context: bool = True
     prior_exponents: tuple[float, ...] = (0.5, 1.0, 2.0)
+    prior_smooth: tuple[int, ...] = (1, 3)
     pointwise_hidden: int = 32
+    context_channels: int = 8
+    context_pool: int = 10
 
     def __post_init__(self) -> None:
         """Normalise sequences to tuples, derive ``widths`` and validate every field."""
@@ -107,6 +116,7 @@ class ModelConfig:
         self.kernel_sizes = tuple(int(k) for k in self.kernel_sizes)
         self.dilations = tuple(int(d) for d in self.dilations)
         self.prior_exponents = tuple(float(p) for p in self.prior_exponents)
+        self.prior_smooth = tuple(int(k) for k in self.prior_smooth)
         self.validate()
 
     def validate(self) -> None:
@@ -149,8 +159,12 @@ class ModelConfig:
             raise bad("allocation", "must be 'water_fill' or 'dasymetric'")
         if not self.prior_exponents or any(not p > 0 for p in self.prior_exponents):
             raise bad("prior_exponents", "need at least one power > 0")
+        if not self.prior_smooth or any(k < 1 or k % 2 == 0 for k in self.prior_smooth):
+            raise bad("prior_smooth", "need odd sizes >= 1")
         if self.pointwise_hidden < 1:
             raise bad("pointwise_hidden", "must be >= 1")
+        if self.context_channels < 1 or self.context_pool < 1:
+            raise bad("context_channels" if self.context_channels < 1 else "context_pool", "must be >= 1")
 
     @property
     def downsample_factor(self) -> int:

@@ -29,6 +29,7 @@ from models.physics import from_blocks, to_blocks, water_fill
 
 __all__ = [
     "DEFAULT_EXPONENTS",
+    "DEFAULT_SMOOTH",
     "DasymetricPrior",
     "PriorBasis",
     "children_from_raw",
@@ -40,6 +41,9 @@ __all__ = [
 
 #: Powers ``p_j`` of each layer's basis functions.
 DEFAULT_EXPONENTS: tuple[float, ...] = (0.5, 1.0, 2.0)
+#: Neighbourhoods (odd edges, child cells) each layer is averaged over before the powers: the
+#: pixel itself and its 3 x 3 neighbourhood (line sources such as roads emit around the line).
+DEFAULT_SMOOTH: tuple[int, ...] = (1, 3)
 #: Coefficient value standing for "off" in the log parametrisation (exp(-30) ~ 1e-13).
 _LOG_ZERO = -30.0
 
@@ -52,17 +56,22 @@ class PriorBasis(nn.Module):
     ``u = expm1(x * std + mean)`` (log1p channels) or ``u = x * std + mean - lo`` (identity
     channels, shifted so that the smallest value is 0), clamped at 0, then divided by ``ref``
     (a typical positive value, for conditioning) and raised to each power of ``exponents``.
-    Until :meth:`set_normalisation` is called, ``u = max(x, 0)``.
+    Each value is first averaged over a ``k x k`` neighbourhood for every ``k`` in ``smooth``
+    (``1``: the pixel itself). Until :meth:`set_normalisation` is called, ``u = max(x, 0)``.
 
     Shapes:
-        ``[B, C, T, H, W] -> [B, C * J, T, H, W]`` (float32), channel ``k * J + j`` = layer
-        ``k`` to power ``exponents[j]``.
+        ``[B, C, T, H, W] -> [B, C * S * J, T, H, W]`` (float32), channel ``(k * S + i) * J + j``
+        = layer ``k`` averaged over ``smooth[i]``, to power ``exponents[j]``.
     """
 
-    def __init__(self, channels: int, exponents: Sequence[float] = DEFAULT_EXPONENTS) -> None:
+    def __init__(self, channels: int, exponents: Sequence[float] = DEFAULT_EXPONENTS,
+                 smooth: Sequence[int] = DEFAULT_SMOOTH) -> None:
         super().__init__()
         self.channels = int(channels)
         self.exponents = tuple(float(p) for p in exponents)
+        self.smooth = tuple(int(k) for k in smooth)
+        if any(k < 1 or k % 2 == 0 for k in self.smooth):
+            raise ValueError(f"smooth sizes must be odd and >= 1, got {self.smooth}")
         c = self.channels
         self.register_buffer("is_log", torch.zeros(c))
         self.register_buffer("mean", torch.zeros(c))
@@ -72,8 +81,12 @@ class PriorBasis(nn.Module):
 
     @property
     def size(self) -> int:
-        """Number of basis functions ``C * J``."""
-        return self.channels * len(self.exponents)
+        """Number of basis functions ``C * S * J``."""
+        return self.channels * len(self.smooth) * len(self.exponents)
+
+    def labels(self, names: Sequence[str]) -> list[str]:
+        """A readable name per basis function (``roads:length (3x3)^1``)."""
+        return [f"{n}{'' if k == 1 else f' ({k}x{k})'}^{p:g}" for n in names for k in self.smooth for p in self.exponents]
 
     def set_normalisation(self, is_log: Sequence[bool], mean: Sequence[float], std: Sequence[float],
                           lo: Sequence[float], ref: Sequence[float] | None = None) -> None:
@@ -102,11 +115,16 @@ class PriorBasis(nn.Module):
         return u.clamp(min=0.0)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Basis ``[B, C * J, T, H, W]`` (float32)."""
+        """Basis ``[B, C * S * J, T, H, W]`` (float32)."""
         v = self.raw(x) / self.ref.view(1, self.channels, 1, 1, 1)
-        parts = [v if p == 1.0 else v.pow(p) for p in self.exponents]
         b, c, t, h, w = v.shape
-        return torch.stack(parts, dim=2).reshape(b, c * len(self.exponents), t, h, w)
+        parts = []
+        for k in self.smooth:
+            vk = v if k == 1 else torch.nn.functional.avg_pool3d(
+                v, (1, k, k), stride=1, padding=(0, k // 2, k // 2), count_include_pad=False)
+            parts.extend(vk if p == 1.0 else vk.pow(p) for p in self.exponents)
+        n = len(self.smooth) * len(self.exponents)
+        return torch.stack(parts, dim=2).reshape(b, c * n, t, h, w)
 
 
 class DasymetricPrior(nn.Module):
@@ -119,9 +137,10 @@ class DasymetricPrior(nn.Module):
         ``[B, C, T, H, W] (normalised aux) -> [B, 1, T, H, W]`` log-weights (float32).
     """
 
-    def __init__(self, channels: int, exponents: Sequence[float] = DEFAULT_EXPONENTS) -> None:
+    def __init__(self, channels: int, exponents: Sequence[float] = DEFAULT_EXPONENTS,
+                 smooth: Sequence[int] = DEFAULT_SMOOTH) -> None:
         super().__init__()
-        self.basis = PriorBasis(channels, exponents)
+        self.basis = PriorBasis(channels, exponents, smooth)
         self.log_coef = nn.Parameter(torch.full((self.basis.size,), _LOG_ZERO))
         self.log_floor = nn.Parameter(torch.zeros(()))
 

@@ -30,9 +30,6 @@ def low_precision_copy(model: nn.Module, dtype: torch.dtype = torch.bfloat16) ->
         part = getattr(low, name, None)
         if isinstance(part, nn.Module):
             part.float()
-    gain = getattr(low, "context_gain", None)
-    if isinstance(gain, nn.Parameter):
-        gain.data = gain.data.float()
     for p in low.parameters():
         p.requires_grad_(False)
     return low

@@ -12,11 +12,13 @@ Data flow (``L = len(config.widths)`` levels, level ``l`` at ``1 / 2**l`` resolu
 
 With ``config.allocation == "dasymetric"`` the output is a per-pixel log-weight instead::
 
-    raw = prior(aux) + pointwise(aux) + gain * head(features)   (gain starts at 0)
+    context = block_mean(proj(features), context_pool)          (constant over each parent cell)
+    raw = prior(aux) + local_head(aux 3x3, context)              (the head starts at 0)
     constrained = log1p(S * softmax_block(raw))                  (float64, exact)
 
-so that placement inside a block follows the aux at each pixel (the prior is the fitted
-additive layer mix of :mod:`models.dasymetric`), and the U-Net only corrects it.
+so that placement inside a parent cell follows the aux at (and next to) each pixel (the prior is
+the fitted additive layer mix of :mod:`models.dasymetric`); the U-Net only changes that rule from
+place to place, it cannot draw patterns inside a cell that the aux layers do not show.
 
 With ``use_sft=False`` there is one stream whose stem sees ``concat([aux, main])``.
 """
@@ -28,6 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.blocks import (
+    Pointwise,
+    group_norm,
     Downsample,
     GlobalContextAttention,
     MultiScaleDSConv3d,
@@ -49,25 +53,49 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-class PointwiseMLP(nn.Module):
-    """Per-pixel MLP of the local aux values: a log-weight correction, 0 at initialisation.
+class LocalHead(nn.Module):
+    """Log-weight correction from the aux values around each pixel (3x3) and parent-level context.
+
+    Within a parent cell the output varies only with the local aux values (the context input is
+    constant over each ``pool x pool`` block), so placement inside a cell follows the aux at that
+    pixel, as in POMELO's occupancy model; the context lets that rule change from place to
+    place. The last layer starts at 0 (the network starts at its prior).
 
     Shapes:
-        ``[B, C, T, H, W] -> [B, 1, T, H, W]`` (float32), bounded to +-12 by ``12 tanh(y / 12)``.
+        ``aux [B, C, T, H, W], context [B, K, T, H, W] or None -> [B, 1, T, H, W]`` (float32),
+        bounded to +-12 by ``12 tanh(y / 12)``.
     """
 
-    def __init__(self, channels: int, hidden: int = 32, bound: float = 12.0) -> None:
+    def __init__(self, channels: int, context_channels: int = 0, hidden: int = 32, bound: float = 12.0) -> None:
         super().__init__()
         self.bound = bound
-        self.net = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        self.spatial = nn.Conv3d(channels, hidden, (1, 3, 3), padding=(0, 1, 1), padding_mode="replicate")
+        self.mix = nn.Linear(hidden + context_channels, hidden)
+        self.out = nn.Linear(hidden, 1)
+        self.act = nn.GELU()
         with torch.no_grad():
-            self.net[-1].weight.zero_()
-            self.net[-1].bias.zero_()
+            self.out.weight.zero_()
+            self.out.bias.zero_()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, aux: Tensor, context: Tensor | None = None) -> Tensor:
         """Correction ``[B, 1, T, H, W]``."""
-        y = self.net(x.movedim(1, -1).to(self.net[0].weight.dtype)).movedim(-1, 1).float()
+        h = self.act(self.spatial(aux.to(self.spatial.weight.dtype)))
+        if context is not None:
+            h = torch.cat([h, context.to(h.dtype)], dim=1)
+        y = self.out(self.act(self.mix(h.movedim(1, -1)))).movedim(-1, 1).float()
         return self.bound * torch.tanh(y / self.bound)
+
+
+def block_mean(x: Tensor, block: int) -> Tensor:
+    """Replace every ``block x block`` block of ``[..., H, W]`` by its mean (H, W multiples of block;
+    otherwise the edge blocks are partial)."""
+    if block <= 1:
+        return x
+    h, w = x.shape[-2:]
+    lead = x.shape[:-2]
+    y = F.avg_pool2d(x.reshape(-1, 1, h, w), block, ceil_mode=True)
+    y = y.repeat_interleave(block, dim=-2).repeat_interleave(block, dim=-1)[..., :h, :w]
+    return y.reshape(*lead, h, w)
 
 
 class DSTCarbonFormer(nn.Module):
@@ -86,9 +114,9 @@ class DSTCarbonFormer(nn.Module):
         config.validate()
         self.config = config
         self.dasymetric = config.allocation == "dasymetric"
-        self.prior = DasymetricPrior(config.aux_channels, config.prior_exponents) if self.dasymetric and config.use_prior else None
-        self.pointwise = PointwiseMLP(config.aux_channels, config.pointwise_hidden) if self.dasymetric and config.use_pointwise else None
-        self.context_gain = nn.Parameter(torch.zeros(())) if self.dasymetric and config.use_context else None
+        self.prior = DasymetricPrior(config.aux_channels, config.prior_exponents, config.prior_smooth) if self.dasymetric and config.use_prior else None
+        ctx_ch = config.context_channels if config.use_context else 0
+        self.pointwise = LocalHead(config.aux_channels, ctx_ch, config.pointwise_hidden) if self.dasymetric and config.use_pointwise else None
         self.aux_loss: Tensor = torch.zeros(())
         #: Run convolutions in ``channels_last_3d`` memory format (depthwise 3D convs are up to
         #: 20x faster so on CPU with oneDNN). A runtime choice, not part of the config.
@@ -129,6 +157,8 @@ class DSTCarbonFormer(nn.Module):
         self.ups = nn.ModuleList(UpFuse(w[i + 1], w[i]) for i in reversed(range(n_levels - 1)))
         self.dec_blocks = nn.ModuleList(ms_block(w[i], config.dropout) for i in reversed(range(n_levels - 1)))
         self.head = OutputHead(w[0], config.dropout)
+        if self.dasymetric:  # context features for the local head instead of a log-domain head
+            self.head = nn.Sequential(group_norm(w[0]), Pointwise(w[0], config.context_channels), nn.GELU())
 
     def _check_inputs(self, aux: Tensor, main: Tensor) -> None:
         cfg = self.config
@@ -195,7 +225,7 @@ class DSTCarbonFormer(nn.Module):
         return raw, constrained
 
     def _context(self, aux: Tensor, main: Tensor) -> Tensor:
-        """U-Net correction ``[B, 1, T, H, W]`` (float32), any H, W (replicate-padded)."""
+        """Context features ``[B, K, T, H, W]`` (float32), constant over each parent block."""
         h, w = aux.shape[-2:]
         f = self.config.downsample_factor
         pad_h, pad_w = (-h) % f, (-w) % f
@@ -205,18 +235,20 @@ class DSTCarbonFormer(nn.Module):
         if self.channels_last:
             aux = aux.contiguous(memory_format=torch.channels_last_3d)
             main = main.contiguous(memory_format=torch.channels_last_3d)
-        return self.head(self._features(aux, main))[..., :h, :w].float()
+        feats = self.head(self._features(aux, main))[..., :h, :w].float()
+        return block_mean(feats, self.config.context_pool)
 
     def _forward_dasymetric(self, aux: Tensor, main: Tensor, block_totals: Tensor | None,
                             block: int | None) -> tuple[Tensor, Tensor | None]:
-        """Log-weights ``prior + pointwise + gain * context`` (see the module docstring)."""
+        """Log-weights ``prior + local_head(aux, context)`` (see the module docstring)."""
         log_w = self.prior(aux) if self.prior is not None else aux.new_zeros((aux.shape[0], 1, *aux.shape[2:]), dtype=torch.float32)
-        if self.pointwise is not None:
-            log_w = log_w + self.pointwise(aux)
-        if self.context_gain is not None:
-            log_w = log_w + self.context_gain.float() * self._context(aux, main)
+        context = None
+        if self.config.use_context:
+            context = self._context(aux, main)
         else:
             self.aux_loss = aux.new_zeros((), dtype=torch.float32)
+        if self.pointwise is not None:
+            log_w = log_w + self.pointwise(aux, context)
         constrained = None
         if block_totals is not None and block is not None and self.config.use_physics:
             with torch.autocast(device_type=log_w.device.type, enabled=False):

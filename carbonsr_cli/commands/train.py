@@ -164,9 +164,15 @@ def _report(result: Any) -> None:
         last = result.history[-1]
         best = min(result.history, key=lambda h: h["val_score"])
         ratios = ", ".join(
-            f"s={k[1:].split('_')[0]}: {best[k]:.3f}" for k in best if k.endswith("_ratio_model_dasy")
+            f"s={k[1:].split('_')[0]}: {best[k]:.3f} vs {best[k.replace('_ratio_model_best', '_best_label')]}"
+            for k in best if k.endswith("_ratio_model_best")
         )
-        out.print(f"Best validation Nonzero-MAE {best['val_score']:.4g} at epoch {best['epoch']} "
-                  f"(model / best dasymetric: {ratios}); last epoch {last['epoch']}.")
+        out.print(f"Best validation score {best['val_score']:.3f} at epoch {best['epoch']} (model Nonzero-MAE / "
+                  f"best baseline's on held-out blocks, parent level: {ratios}); last epoch {last['epoch']}.")
+        if best["val_score"] < 1.0:
+            out.print("The model beat every baseline on the held-out validation blocks (a proxy at 1 km, not a 100 m score).")
+        else:
+            out.print("The model did NOT beat the best baseline on the held-out validation blocks; "
+                      "`carbonsr downscale --method auto --model ...` will use the baseline instead.")
     if result.best_path is not None:
         out.print(f"Model: {result.best_path}  (use: carbonsr downscale MAIN.tif --aux ... --model {result.best_path} -o out.tif)")

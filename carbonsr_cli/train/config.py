@@ -40,6 +40,9 @@ class TrainConfig:
         min_lr_ratio: Final learning rate as a fraction of ``lr``.
         grad_clip: Gradient-norm clipping (0 disables).
         moe_weight: Weight of the mixture-of-experts load-balancing term.
+        mass_weight: Weight of the mass term ``sum |parent pred - parent truth| / sum truth``
+            (linear domain) added to the log-domain loss: it makes the cells that hold the mass
+            count as they do in Nonzero-MAE. 0 switches it off.
         years_window: T, years per patch (None: 1 for ``tiny``, 3 otherwise, capped by the
             number of years).
         scales: Coarse-scale schedule, e.g. ``"12:0.5,4:0.25,2:0.25"`` (divisors of ``patch``).
@@ -87,6 +90,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.05
     grad_clip: float = 1.0
     moe_weight: float = 0.01
+    mass_weight: float = 0.0
     years_window: int | None = None
     scales: str = "12:0.5,4:0.25,2:0.25"
     val_scales: list[int] = field(default_factory=lambda: [12, 3])

@@ -64,7 +64,7 @@ from carbonsr_cli.train.dataset import (
 )
 from carbonsr_cli.train.prior_fit import PriorFit, build_fitted_prior, fit_prior_on_cache
 from carbonsr_cli.train.split import Split, make_block_split, make_region_split, parse_val_region
-from models.dasymetric import DEFAULT_EXPONENTS
+from models.dasymetric import DEFAULT_EXPONENTS, DEFAULT_SMOOTH
 
 from carbonsr_cli.devices import resolve_device  # re-exported for callers of train.loop
 
@@ -224,32 +224,38 @@ def _val_items(split: Split, n_years: int, t: int, max_items: int) -> list[tuple
 
 
 def _baseline_scores(items: list[tuple[int, int, int]], scales: Sequence[int], main: MainData, cache: AuxCache, stack: Any, cfg: TrainConfig, t: int, fitted: Any = None) -> dict[int, dict[str, Any]]:
-    """Uniform, per-layer dasymetric and fitted (layer mix) baselines on the validation items
-    (computed once). ``fitted``: the fitted ``DasymetricPrior`` (None: not scored)."""
+    """Every registered baseline (each variant: uniform, dasymetric per layer, points per surface)
+    and the fitted layer mix on the validation items, at parent level (computed once).
+
+    Returns:
+        ``{scale: {"uniform", "dasymetric", "dasy_layer", "fitted", "points", "points_layer",
+        "best", "best_label", "all": {label: metrics}}}``; ``best`` is the baseline with the
+        lowest Nonzero-MAE at that scale (the one the model must beat).
+    """
     import torch
     from rasterio.windows import Window
 
-    from models.baselines import dasymetric_fill, uniform_fill
+    from carbonsr_cli.methods import REGISTRY
     from models.dasymetric import softmax_children
     from models.physics import block_sum
 
     f, p = cfg.factor, cfg.patch
     names = list(stack.names)
+    point_names = list(getattr(stack, "point_names", []))
+    variants = [v for m in REGISTRY.values() if not m.runs_model and m.name != "auto" for v in m.variants(names, point_names)]
+    layer_idx = {v.label: [names.index(n) for n in v.method.layers(v, names, point_names)] for v in variants}
     raw_cache: dict[tuple[int, int], np.ndarray] = {}
     out: dict[int, dict[str, Any]] = {}
     for s in scales:
-        preds: dict[str, list[np.ndarray]] = {"uniform": [], "fitted": [], **{n: [] for n in names}}
+        preds: dict[str, list[np.ndarray]] = {v.label: [] for v in variants}
+        if fitted is not None:
+            preds["fitted"] = []
         truths: list[np.ndarray] = []
         for chunk, b in _val_batches(items, s, main, cache, cfg, t):
-            totals = torch.from_numpy(b.totals)
+            totals = torch.from_numpy(b.totals).double()
             block = s * f
             m = b.mask
             truths.append(b.truth[m])
-            preds["uniform"].append(block_sum(uniform_fill(totals, block), f).numpy()[m])
-            if fitted is not None:
-                with torch.no_grad():
-                    lw = fitted(torch.from_numpy(b.aux))
-                preds["fitted"].append(block_sum(softmax_children(lw, totals, block), f).numpy()[m])
             raws = []
             for r, c, y0 in chunk:
                 key = (r, c)
@@ -258,18 +264,57 @@ def _baseline_scores(items: list[tuple[int, int, int]], scales: Sequence[int], m
                         raw_cache.clear()
                     raw_cache[key] = np.asarray(stack.read(Window(c * f, r * f, p * f, p * f)), dtype=np.float32)
                 raws.append(raw_cache[key][:, y0 : y0 + t])
-            raw = np.stack(raws)  # [B, C, T, P, P]
-            for k, n in enumerate(names):
-                w = torch.from_numpy(np.ascontiguousarray(raw[:, k : k + 1]))
-                preds[n].append(block_sum(dasymetric_fill(totals, w, block), f).numpy()[m])
+            raw = torch.from_numpy(np.stack(raws)).double().movedim(1, 0)[:, :, None]  # [C, B, 1, T, P, P]
+            for v in variants:
+                layers = raw[layer_idx[v.label]] if layer_idx[v.label] else None
+                preds[v.label].append(block_sum(v.method.fill(totals, layers, block), f).numpy()[m])
+            if fitted is not None:
+                with torch.no_grad():
+                    lw = fitted(torch.from_numpy(b.aux))
+                preds["fitted"].append(block_sum(softmax_children(lw, totals, block), f).numpy()[m])
         truth = np.concatenate(truths)
-        uni = _scores(np.concatenate(preds["uniform"]), truth)
-        dasy = {n: _scores(np.concatenate(preds[n]), truth) for n in names}
-        best = min(names, key=lambda n: (dasy[n]["nonzero_mae"], n))
-        out[s] = {"uniform": uni, "dasymetric": dasy[best], "dasy_layer": best, "all_dasymetric": dasy}
-        if fitted is not None:
-            out[s]["fitted"] = _scores(np.concatenate(preds["fitted"]), truth)
+        every = {k: _scores(np.concatenate(v), truth) for k, v in preds.items()}
+        dasy = {k.split(":", 1)[1]: v for k, v in every.items() if k.startswith("dasymetric:")}
+        best_layer = min(dasy, key=lambda n: (dasy[n]["nonzero_mae"], n))
+        res: dict[str, Any] = {"uniform": every["uniform"], "dasymetric": dasy[best_layer], "dasy_layer": best_layer,
+                               "all_dasymetric": dasy, "all": every}
+        pts = {k: v for k, v in every.items() if k.startswith("points:")}
+        if pts:
+            best_p = min(pts, key=lambda k: (pts[k]["nonzero_mae"], k))
+            res["points"], res["points_layer"] = pts[best_p], best_p
+        if "fitted" in every:
+            res["fitted"] = every["fitted"]
+        best_label = min(every, key=lambda k: (every[k]["nonzero_mae"], k))
+        res["best"], res["best_label"] = every[best_label], best_label
+        out[s] = res
     return out
+
+
+def _val_score(model_s: dict[int, dict[str, float]], base: dict[int, dict[str, Any]], scales: Sequence[int]) -> float:
+    """Validation score: model Nonzero-MAE / best baseline's, averaged over scales with weights
+    ``1 / s`` (the smallest scales, closest to the 100 m task, weigh most). Below 1 the model wins."""
+    w = np.array([1.0 / s for s in scales])
+    r = np.array([model_s[s]["nonzero_mae"] / max(base[s]["best"]["nonzero_mae"], 1e-12) for s in scales])
+    return float((w * r).sum() / w.sum())
+
+
+def selection(history: list[dict[str, Any]], base: dict[int, dict[str, Any]], scales: Sequence[int],
+              initial_score: float | None = None) -> dict[str, Any]:
+    """What ``downscale --method auto`` uses: the model if its best validation score is below 1
+    (it beats the best baseline on held-out blocks), else the baseline that validated best at the
+    smallest scale; with the reason in words."""
+    s0 = min(scales)
+    best_base = base[s0]["best_label"]
+    scores = [float(h["val_score"]) for h in history] + ([float(initial_score)] if initial_score is not None else [])
+    if not scores:
+        return {"method": best_base, "reason": "no epoch finished; the best baseline on validation is used"}
+    score = min(scores)
+    if score < 1.0:
+        return {"method": "model", "score": score,
+                "reason": f"the model's held-out Nonzero-MAE is {score:.3f} x the best baseline's (validation, parent level)"}
+    return {"method": best_base, "score": score,
+            "reason": f"the model did not beat the best baseline on held-out validation (ratio {score:.3f}); "
+                      f"{best_base} validated best at s={s0}"}
 
 
 def _model_scores(model: Any, items: list[tuple[int, int, int]], scales: Sequence[int], main: MainData, cache: AuxCache, cfg: TrainConfig, t: int, device: Any, autocast: Any) -> dict[int, dict[str, float]]:
@@ -321,6 +366,7 @@ def training_step(
     factor: int,
     moe_weight: float,
     grad_clip: float,
+    mass_weight: float = 0.0,
 ) -> float:
     """One optimisation step on a batch; returns the loss (float).
 
@@ -342,6 +388,11 @@ def training_step(
     children = _children(model, raw, totals, batch.scale * factor)
     parent = block_sum(children, factor)
     loss = loss_fn(torch.log1p(parent.clamp(min=0)), torch.log1p(truth.double()), mask)
+    if mass_weight:
+        m = mask.to(parent.dtype)
+        t = torch.nan_to_num(truth.double(), nan=0.0)
+        err = (torch.nan_to_num(parent, nan=0.0) - t).abs()
+        loss = loss + mass_weight * (err * m).sum() / (t * m).sum().clamp(min=1e-12)
     aux_loss = getattr(model, "aux_loss", None)
     if moe_weight and aux_loss is not None and torch.is_tensor(aux_loss) and aux_loss.requires_grad:
         loss = loss + moe_weight * aux_loss.double()
@@ -407,8 +458,13 @@ def _history_row(epoch: int, global_step: int, train_loss: float, lr: float, ela
             row[f"s{s}_model_{k}"] = model_s[s][k]
             row[f"s{s}_uniform_{k}"] = base[s]["uniform"][k]
             row[f"s{s}_dasy_{k}"] = base[s]["dasymetric"][k]
+            row[f"s{s}_best_{k}"] = base[s]["best"][k]
         row[f"s{s}_dasy_layer"] = base[s]["dasy_layer"]
+        row[f"s{s}_best_label"] = base[s]["best_label"]
+        if "fitted" in base[s]:
+            row[f"s{s}_fitted_nonzero_mae"] = base[s]["fitted"]["nonzero_mae"]
         row[f"s{s}_ratio_model_dasy"] = model_s[s]["nonzero_mae"] / max(base[s]["dasymetric"]["nonzero_mae"], 1e-12)
+        row[f"s{s}_ratio_model_best"] = model_s[s]["nonzero_mae"] / max(base[s]["best"]["nonzero_mae"], 1e-12)
     row["val_score"] = score
     row["is_best"] = int(best)
     return row
@@ -439,7 +495,7 @@ def _epoch_table(row: dict[str, Any], scales: Sequence[int], epochs: int) -> Any
     for k, label in zip(METRIC_KEYS, ("Nonzero-MAE", "Balanced MAE", "Top-1% NZ-MAE", "Top-5% NZ-MAE")):
         table.add_column(label, justify="right")
     for s in scales:
-        for method, key in (("model", "model"), ("uniform", "uniform"), (f"dasymetric ({row[f's{s}_dasy_layer']})", "dasy")):
+        for method, key in (("model", "model"), (f"best baseline ({row[f's{s}_best_label']})", "best"), ("uniform", "uniform"), (f"dasymetric ({row[f's{s}_dasy_layer']})", "dasy")):
             table.add_row(f"s={s}", method, *(f"{row[f's{s}_{key}_{k}']:.4g}" for k in METRIC_KEYS))
     return table
 
@@ -596,7 +652,8 @@ def train(config: TrainConfig) -> RunResult:
         sampler = PatchSampler(positions, n_years, t, scales, cfg.batch_size, cfg.seed, cfg.augment)
         items = _val_items(split, n_years, t, cfg.max_val_windows)
         prior_fit = fit_prior_on_cache(cache, main, ~split.forbidden_mask(), norm, cfg.factor,
-                                       exponents=tuple(cfg.model_overrides.get("prior_exponents", DEFAULT_EXPONENTS)))
+                                       exponents=tuple(cfg.model_overrides.get("prior_exponents", DEFAULT_EXPONENTS)),
+                                       smooth=tuple(cfg.model_overrides.get("prior_smooth", DEFAULT_SMOOTH)))
         log.info("fitted layer mix on %d training parent cells: %s", prior_fit.cells,
                  ", ".join(f"{k} {v:.0%}" for k, v in list(prior_fit.terms.items())[:6]))
         baselines = _baseline_scores(items, cfg.val_scales, main, cache, stack, cfg, t, fitted=build_fitted_prior(prior_fit, norm))
@@ -619,6 +676,7 @@ def train(config: TrainConfig) -> RunResult:
     _random.seed(cfg.seed)
     overrides = dict(cfg.model_overrides)
     overrides.setdefault("max_years", max(t, 1))
+    overrides.setdefault("context_pool", cfg.factor)
     mcfg = model_preset(cfg.preset, aux_channels=cache.channels, **overrides)
     if ck is not None:
         ckpt_mod.check_compatible(ck, resume_path, model_config=mcfg.to_dict())  # type: ignore[arg-type]
@@ -688,7 +746,8 @@ def train(config: TrainConfig) -> RunResult:
             "sampler_state": sampler.state(ep, st),
             "split": split.to_dict(),
             "prior_fit": prior_fit.to_dict(),
-            "baselines": {str(k): v for k, v in baselines.items()},
+            "selection": selection(history, baselines, cfg.val_scales, initial_score),
+            "initial_val_score": initial_score,
             "metric_history": history,
             "years": list(main.years),
         }
@@ -731,6 +790,18 @@ def train(config: TrainConfig) -> RunResult:
         return build_batch(dist_ctx.shard_spec(sampler.spec(ep, st)), main, cache, factor=cfg.factor, patch=cfg.patch, years_window=t)
 
     stopped = "completed"
+    # The network starts at its fitted prior: score that state and keep it as best_model.pth, so
+    # that training can only replace it with a state that validates better.
+    initial_score = ck.get("initial_val_score") if ck is not None else None
+    if ck is None and model.prior is not None:
+        model_s0 = dist_ctx.broadcast(_model_scores(model, items, cfg.val_scales, main, cache, cfg, t, device, autocast))
+        initial_score = _val_score(model_s0, baselines, cfg.val_scales)
+        log.info("initial state (the fitted prior): val score %.4f", initial_score)
+        if dist_ctx.is_main:
+            ckpt_mod.save_checkpoint(run_dir / "best_model.pth", payload(0, 0))
+        dist_ctx.barrier()
+    if initial_score is not None and (best_score is None or initial_score < best_score):
+        best_score = float(initial_score)
     t0 = time.perf_counter()
     f = cfg.factor
     from carbonsr_cli.console import err, out
@@ -747,7 +818,7 @@ def train(config: TrainConfig) -> RunResult:
                 for b in prefetch:
                     loss = training_step(
                         train_model, b, loss_fn, optimizer, scheduler, device=device, autocast=autocast,
-                        factor=f, moe_weight=cfg.moe_weight, grad_clip=cfg.grad_clip,
+                        factor=f, moe_weight=cfg.moe_weight, grad_clip=cfg.grad_clip, mass_weight=cfg.mass_weight,
                     )
                     step += 1
                     global_step += 1
@@ -785,7 +856,7 @@ def train(config: TrainConfig) -> RunResult:
 
             # ----------------------------------------------------------- epoch end
             model_s = dist_ctx.broadcast(_model_scores(model, items, cfg.val_scales, main, cache, cfg, t, device, autocast))
-            score = float(np.mean([model_s[s]["nonzero_mae"] for s in cfg.val_scales]))
+            score = _val_score(model_s, baselines, cfg.val_scales)
             improved = best_score is None or score < best_score
             train_loss = float(np.mean(losses)) if losses else float("nan")
             row = _history_row(epoch + 1, global_step, train_loss, scheduler.get_last_lr()[0], time.perf_counter() - t0, model_s, baselines, cfg.val_scales, score, improved)
@@ -806,7 +877,7 @@ def train(config: TrainConfig) -> RunResult:
             dist_ctx.barrier()
             log.info(
                 "epoch %d: loss %.4f, val score %.4g%s; %s", epoch, train_loss, score, " (best)" if improved else "",
-                ", ".join(f"s={s}: model {model_s[s]['nonzero_mae']:.4g} / dasymetric {baselines[s]['dasymetric']['nonzero_mae']:.4g} / uniform {baselines[s]['uniform']['nonzero_mae']:.4g}" for s in cfg.val_scales),
+                ", ".join(f"s={s}: model {model_s[s]['nonzero_mae']:.4g} / best baseline {baselines[s]['best']['nonzero_mae']:.4g} ({baselines[s]['best_label']}) / uniform {baselines[s]['uniform']['nonzero_mae']:.4g}" for s in cfg.val_scales),
             )
             if show:
                 out.print(_epoch_table(row, cfg.val_scales, cfg.epochs))

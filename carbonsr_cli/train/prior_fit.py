@@ -22,7 +22,8 @@ class PriorFit:
 
     Attributes:
         exponents: Powers of the basis.
-        coef: ``[C * J]`` coefficients (>= 0), per unit of ``(u / ref) ** p``.
+        smooth: Neighbourhood sizes of the basis.
+        coef: ``[C * S * J]`` coefficients (>= 0), per unit of ``(u / ref) ** p``.
         floor: Weight of every child cell (> 0).
         ref: Per-channel conditioning scale (mean positive raw value).
         cells: Parent cells (x years) the fit used.
@@ -30,6 +31,7 @@ class PriorFit:
     """
 
     exponents: tuple[float, ...]
+    smooth: tuple[int, ...]
     coef: tuple[float, ...]
     floor: float
     ref: tuple[float, ...]
@@ -39,26 +41,28 @@ class PriorFit:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PriorFit:
         """Inverse of :meth:`to_dict`."""
-        return cls(tuple(float(v) for v in d["exponents"]), tuple(float(v) for v in d["coef"]), float(d["floor"]),
+        return cls(tuple(float(v) for v in d["exponents"]), tuple(int(v) for v in d["smooth"]),
+                   tuple(float(v) for v in d["coef"]), float(d["floor"]),
                    tuple(float(v) for v in d["ref"]), int(d.get("cells", 0)), dict(d.get("terms", {})))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict (stored in checkpoints and run files)."""
-        return {"exponents": list(self.exponents), "coef": list(self.coef), "floor": self.floor,
+        return {"exponents": list(self.exponents), "smooth": list(self.smooth), "coef": list(self.coef), "floor": self.floor,
                 "ref": list(self.ref), "cells": self.cells, "terms": dict(self.terms)}
 
 
-def prior_module(normalizer: Any, exponents: tuple[float, ...], ref: tuple[float, ...] | None = None) -> Any:
+def prior_module(normalizer: Any, exponents: tuple[float, ...], smooth: tuple[int, ...],
+                 ref: tuple[float, ...] | None = None) -> Any:
     """A :class:`DasymetricPrior` whose basis inverts ``normalizer`` (an ``AuxNormalizer``)."""
     from models.dasymetric import DasymetricPrior
 
-    prior = DasymetricPrior(len(normalizer.names), exponents)
+    prior = DasymetricPrior(len(normalizer.names), exponents, smooth)
     prior.basis.set_normalisation(normalizer.log1p, normalizer.mean, normalizer.std, normalizer.clip_lo, ref)
     return prior
 
 
 def fit_prior_on_cache(cache: Any, main: Any, train_mask: np.ndarray, normalizer: Any, factor: int, *,
-                       exponents: tuple[float, ...], rows_per_chunk: int = 16) -> PriorFit:
+                       exponents: tuple[float, ...], smooth: tuple[int, ...], rows_per_chunk: int = 16) -> PriorFit:
     """Fit the layer mix on the training parent cells of every year.
 
     Args:
@@ -69,6 +73,7 @@ def fit_prior_on_cache(cache: Any, main: Any, train_mask: np.ndarray, normalizer
         normalizer: The ``AuxNormalizer`` the cache was built with.
         factor: Child cells per parent cell along an axis.
         exponents: Powers of the basis.
+        smooth: Neighbourhood sizes of the basis.
 
     Returns:
         The :class:`PriorFit`.
@@ -81,7 +86,7 @@ def fit_prior_on_cache(cache: Any, main: Any, train_mask: np.ndarray, normalizer
     arr = cache.array
     c, n_years, hc, wc = arr.shape
     h, w = hc // factor, wc // factor
-    prior = prior_module(normalizer, exponents)
+    prior = prior_module(normalizer, exponents, smooth)
     # Conditioning scale: mean positive raw value per channel over the cache (subsampled).
     with torch.no_grad():
         sample = torch.from_numpy(np.asarray(arr[:, :, ::7, ::7], dtype=np.float32))[None]
@@ -90,6 +95,7 @@ def fit_prior_on_cache(cache: Any, main: Any, train_mask: np.ndarray, normalizer
         ref = tuple(float(raw[k][pos[k]].mean()) if bool(pos[k].any()) else 1.0 for k in range(c))
     prior.basis.set_normalisation(normalizer.log1p, normalizer.mean, normalizer.std, normalizer.clip_lo, ref)
 
+    margin = max(smooth) // 2
     sums, totals, counts, groups = [], [], [], []
     k = prior.basis.size
     with torch.no_grad():
@@ -97,8 +103,10 @@ def fit_prior_on_cache(cache: Any, main: Any, train_mask: np.ndarray, normalizer
             grid = np.zeros((k, h, w))
             for r0 in range(0, h, rows_per_chunk):
                 r1 = min(h, r0 + rows_per_chunk)
-                x = torch.from_numpy(np.asarray(arr[:, y : y + 1, r0 * factor : r1 * factor], dtype=np.float32))[None]
-                grid[:, r0:r1] = block_sum(prior.basis(x).double(), factor)[0, :, 0].numpy()  # [K, r1 - r0, W]
+                a0, a1 = max(0, r0 * factor - margin), min(hc, r1 * factor + margin)  # neighbourhoods see past the chunk
+                x = torch.from_numpy(np.asarray(arr[:, y : y + 1, a0:a1], dtype=np.float32))[None]
+                phi = prior.basis(x)[..., r0 * factor - a0 : r0 * factor - a0 + (r1 - r0) * factor, :]
+                grid[:, r0:r1] = block_sum(phi.double(), factor)[0, :, 0].numpy()  # [K, r1 - r0, W]
             keep = train_mask & np.isfinite(main.values[y])
             sums.append(grid.transpose(1, 2, 0)[keep])
             totals.append(main.values[y][keep].astype(np.float64))
@@ -110,17 +118,17 @@ def fit_prior_on_cache(cache: Any, main: Any, train_mask: np.ndarray, normalizer
     coef, floor = fit_prior(phi_all, n_all, t_all, share_blocks=groups)
     nonzero = t_all > 0
     phi_all, n_all = phi_all[nonzero], n_all[nonzero]
-    names = [f"{name}^{p:g}" for name in normalizer.names for p in exponents]
+    names = prior.basis.labels(normalizer.names)
     contrib = coef * (phi_all.sum(axis=0) if len(phi_all) else np.zeros(k))
     total = float(contrib.sum() + floor * n_all.sum()) or 1.0
     terms = {n: float(v / total) for n, v in sorted(zip(names, contrib), key=lambda kv: -kv[1]) if v > 0}
     terms["(floor)"] = float(floor * n_all.sum() / total)
-    return PriorFit(tuple(float(p) for p in exponents), tuple(float(v) for v in coef), float(floor), ref,
+    return PriorFit(tuple(float(p) for p in exponents), tuple(int(k) for k in smooth), tuple(float(v) for v in coef), float(floor), ref,
                     int(t_all.size), terms)
 
 
 def build_fitted_prior(fit: PriorFit, normalizer: Any) -> Any:
     """The prior module of a fit (eval mode)."""
-    prior = prior_module(normalizer, fit.exponents, fit.ref)
+    prior = prior_module(normalizer, fit.exponents, fit.smooth, fit.ref)
     prior.set_coefficients(np.asarray(fit.coef), fit.floor)
     return prior.eval()
