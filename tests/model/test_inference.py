@@ -21,8 +21,21 @@ def _inputs(b: int, seed: int = 0, device: str = "cpu") -> tuple[torch.Tensor, t
 
 @pytest.fixture(scope="module")
 def tiny() -> DSTCarbonFormer:
+    """The seed's water-filling network (raw = log1p children, float32 residual)."""
     torch.manual_seed(0)
-    return DSTCarbonFormer(preset("tiny", C_AUX)).eval()
+    return DSTCarbonFormer(preset("tiny", C_AUX, allocation="water_fill")).eval()
+
+
+def test_low_precision_copy_keeps_the_dasymetric_prior_and_head_in_float32() -> None:
+    torch.manual_seed(0)
+    net = DSTCarbonFormer(preset("tiny", C_AUX)).eval()
+    low = low_precision_copy(net)
+    for name, p in low.named_parameters():
+        want = torch.float32 if name.startswith(("prior.", "pointwise.")) else torch.bfloat16
+        assert p.dtype == want, name
+    aux, main = _inputs(2)
+    with torch.inference_mode():
+        assert low(aux, main)[0].dtype == torch.float32
 
 
 def test_low_precision_copy_leaves_the_model_and_keeps_the_residual_in_float32(tiny: DSTCarbonFormer) -> None:

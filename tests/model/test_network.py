@@ -24,7 +24,7 @@ def _inputs(b: int, t: int, h: int, w: int, seed: int = 0) -> tuple[torch.Tensor
 @pytest.fixture(scope="module")
 def tiny() -> DSTCarbonFormer:
     torch.manual_seed(0)
-    return DSTCarbonFormer(preset("tiny", C_AUX)).eval()
+    return DSTCarbonFormer(preset("tiny", C_AUX, allocation="water_fill")).eval()
 
 
 @pytest.mark.parametrize(("b", "t", "h", "w"), [(1, 1, 120, 120), (1, 1, 100, 100), (2, 3, 40, 40), (1, 2, 37, 45)])
@@ -46,7 +46,7 @@ def test_untrained_model_starts_near_uniform_prior(tiny: DSTCarbonFormer) -> Non
 
 def test_eval_deterministic_and_dropout_only_in_training() -> None:
     torch.manual_seed(0)
-    model = DSTCarbonFormer(preset("tiny", C_AUX, dropout=0.3)).eval()
+    model = DSTCarbonFormer(preset("tiny", C_AUX, allocation="water_fill", dropout=0.3)).eval()
     aux, main = _inputs(2, 2, 32, 32)
     with torch.no_grad():
         a, _ = model(aux, main)
@@ -69,7 +69,7 @@ def test_batch_independence(tiny: DSTCarbonFormer) -> None:
 
 def test_gradients_reach_every_parameter() -> None:
     torch.manual_seed(0)
-    cfg = preset("tiny", C_AUX, temporal_kernel=3, dilations=(1, 2))
+    cfg = preset("tiny", C_AUX, allocation="water_fill", temporal_kernel=3, dilations=(1, 2))
     model = DSTCarbonFormer(cfg).train()
     for seed in range(2):  # two batches so that every expert is routed to
         aux, main = _inputs(2, 3, 32, 32, seed=seed)
@@ -85,7 +85,7 @@ def test_gradients_reach_every_parameter() -> None:
 @pytest.mark.parametrize("case", ["zeros", "extreme"])
 def test_no_nan_for_zero_and_extreme_inputs(case: str) -> None:
     torch.manual_seed(0)
-    model = DSTCarbonFormer(preset("tiny", C_AUX)).train()
+    model = DSTCarbonFormer(preset("tiny", C_AUX, allocation="water_fill")).train()
     block = 10
     if case == "zeros":
         aux = torch.zeros(2, C_AUX, 2, 40, 40)
@@ -127,8 +127,8 @@ def test_physics_requires_both_arguments(tiny: DSTCarbonFormer) -> None:
 @pytest.mark.parametrize("switch", ["use_sft", "use_moe", "use_attention", "use_temporal", "use_physics"])
 def test_each_ablation_switch_changes_model_and_runs(switch: str) -> None:
     torch.manual_seed(0)
-    full = DSTCarbonFormer(preset("tiny", C_AUX))
-    ablated = DSTCarbonFormer(preset("tiny", C_AUX, **{switch: False}))
+    full = DSTCarbonFormer(preset("tiny", C_AUX, allocation="water_fill"))
+    ablated = DSTCarbonFormer(preset("tiny", C_AUX, allocation="water_fill", **{switch: False}))
     aux, main = _inputs(1, 2, 40, 40)
     totals = torch.rand(1, 1, 2, 4, 4, dtype=torch.float64) * 100
     raw, constrained = ablated(aux, main, totals, 10)
@@ -166,7 +166,7 @@ def test_channels_last_switch_same_result(tiny: DSTCarbonFormer) -> None:
 
 def test_bf16_autocast_forward_backward_cpu() -> None:
     torch.manual_seed(0)
-    model = DSTCarbonFormer(preset("tiny", C_AUX, temporal_kernel=3)).train()
+    model = DSTCarbonFormer(preset("tiny", C_AUX, allocation="water_fill", temporal_kernel=3)).train()
     aux, main = _inputs(2, 2, 40, 40)
     totals = torch.rand(2, 1, 2, 4, 4, dtype=torch.float64) * 100
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -187,6 +187,6 @@ def test_input_validation(tiny: DSTCarbonFormer) -> None:
         tiny(aux[:, :2], main)
     with pytest.raises(ValueError, match="main must be"):
         tiny(aux, main[..., :8])
-    cfg = preset("tiny", C_AUX, max_years=2)
+    cfg = preset("tiny", C_AUX, allocation="water_fill", max_years=2)
     with pytest.raises(ValueError, match="max_years"):
         DSTCarbonFormer(cfg)(*_inputs(1, 3, 16, 16))
