@@ -523,6 +523,23 @@ def _tile_size(factor: int, multiple: int, target: int = 120) -> int:
 # --------------------------------------------------------------------------------------
 
 
+def _refuse_input_as_output(
+    dests: Sequence[Path | None], main_path: Any, aux_paths: Any, checkpoint: Any, aoi: Any
+) -> None:
+    """Raise ``OutputError`` if an output names (or hard-links to) an input; nothing is written yet."""
+    from carbonsr_cli.atomic import check_not_an_input
+    from carbonsr_cli.auxlayers import expand_aux_paths
+
+    inputs = {
+        "main raster": main_path,
+        "aux layer": expand_aux_paths(aux_paths),
+        "model checkpoint": checkpoint,
+        "AOI file": aoi,
+    }
+    for d in dests:
+        check_not_an_input(d, inputs)
+
+
 def downscale(
     main_path: str | os.PathLike[str],
     aux_paths: Sequence[str | os.PathLike[str]] | None,
@@ -611,6 +628,10 @@ def downscale(
     unc_path = check_output_path(uncertainty, overwrite) if uncertainty is not None else None
     if unc_path is not None and unc_path == dst_path:
         raise UsageError("--uncertainty must differ from the output path", unc_path)
+    _refuse_input_as_output([dst_path, unc_path], main_path, aux_paths, checkpoint, aoi)
+    from carbonsr_cli.downscale_strips import remove_killed_leftovers
+
+    remove_killed_leftovers(dst_path.parent)
     main = Path(main_path)
     full = ParentGrid.from_raster(main)
 

@@ -20,6 +20,8 @@ Every factor x factor block of output cells sums to its 1 km total (float64 wate
 
 [b]Methods[/b]: model (default with --model); uniform (total / factor^2 per child); dasymetric[:LAYER] (shares proportional to one aux layer, default the first; uniform where it sums to 0 in a block).
 
+[b]Temporary files[/b]: the output is written to a hidden .OUT.<host>-<pid>-*.tmp.tif next to it and renamed when complete; large runs pre-warp aux layers into a hidden .carbonsr-warp-<host>-<pid>-* folder next to the output, pass the layers to reader processes through carbonsr-aux-*.pkl in $TMPDIR and share strips through /dev/shm/carbonsr-*. All are removed at the end, on errors and on Ctrl-C; after a kill -9 the next run removes them.
+
 Aux layers are matched to the model by name: their order does not matter. Shell globs work (--aux aux/*.tif: extra paths after MAIN are aux inputs). Each output year uses the model's T years centred on it, shifted inside the available years at the ends (the nearest year repeats when the raster has fewer than T). Output nodata: the input's nodata if it is NaN or negative, else -9999.
 """
 
@@ -117,6 +119,13 @@ def register(app: typer.Typer) -> None:
         aux_paths = list(aux or []) + extra
         if extra and not aux:
             raise UsageError(f"more than one input raster given ({', '.join(map(str, inputs))}); aux layers go after --aux")
+        if json_out is not None and str(json_out) != "-":
+            from carbonsr_cli.atomic import check_not_an_input
+            from carbonsr_cli.auxlayers import expand_aux_paths
+
+            check_not_an_input(json_out, {"output raster": output, "uncertainty raster": uncertainty, "main raster": main,
+                                          "aux layer": expand_aux_paths(aux_paths), "model checkpoint": model,
+                                          "AOI file": aoi})
         summary = downscale(
             main,
             aux_paths,
