@@ -168,7 +168,7 @@ def test_cli_stats(make_raster, tmp_path: Path) -> None:
     res = runner.invoke(app, ["stats", str(src), "-o", str(out)])
     assert res.exit_code == 1 and "already exists" in res.output
     res = runner.invoke(app, ["stats", str(tmp_path / "nope.tif")])
-    assert res.exit_code == 2 and "file not found" in res.output and "Traceback" not in res.output
+    assert res.exit_code == 1 and "file not found" in res.output and "Traceback" not in res.output
     bad = tmp_path / "bad.tif"
     bad.write_text("not a tiff")
     res = runner.invoke(app, ["stats", str(bad)])
