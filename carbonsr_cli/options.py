@@ -112,9 +112,10 @@ def absorb_aux_values(args: list[str], params: list[click.Parameter], *, needs_p
     takes_value: dict[str, bool] = {}
     aux_names: set[str] = set()
     for prm in params:
-        if isinstance(prm, click.Option):
+        # duck-typed: recent typer versions vendor their own click, whose classes differ from click's
+        if getattr(prm, "param_type_name", "") == "option":
             for name in (*prm.opts, *prm.secondary_opts):
-                takes_value[name] = not (prm.is_flag or prm.count) and name not in prm.secondary_opts
+                takes_value[name] = not (getattr(prm, "is_flag", False) or getattr(prm, "count", False))
                 if name == "--aux":
                     aux_names.update(prm.opts)
     out: list[str] = []
@@ -159,5 +160,5 @@ class AuxGlobCommand(TyperCommand):
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:  # noqa: D102
         if "-h" in args or "--help" in args:
             return super().parse_args(ctx, args)
-        needs = any(isinstance(p, click.Argument) and p.required for p in self.params)
+        needs = any(getattr(p, "param_type_name", "") == "argument" and p.required for p in self.params)
         return super().parse_args(ctx, absorb_aux_values(list(args), self.params, needs_positional=needs))
