@@ -58,7 +58,9 @@ def reader_config(child_cells: int, cpu_count: int | None = None) -> tuple[int, 
         env = os.environ.get(var, "").strip()
         if env.isdigit() and int(env) > 0:
             return int(env), procs
-    cores = cpu_count or os.cpu_count() or 2
+    from carbonsr_cli.cpus import available_cpus
+
+    cores = cpu_count or available_cpus(respect_omp=False)
     if cores >= 6 and child_cells >= PROCESS_MIN_CELLS:
         return min(MAX_PROCESSES, cores - 2), True
     return (2 if cores >= 4 else 1), False
@@ -373,7 +375,9 @@ def materialize_warps(stack: Any, work_dir: Path) -> Path | None:
                       CarbonSRWarning, stacklevel=2)
         return None
     try:
-        stack.materialize_warps(folder, threads=os.cpu_count() or 1)
+        from carbonsr_cli.cpus import available_cpus
+
+        stack.materialize_warps(folder, threads=available_cpus(respect_omp=False))
     except OSError as exc:
         remove_dir(folder)
         warnings.warn(f"{work_dir}: cannot write pre-warped aux layers ({exc}); warping per strip",
