@@ -49,7 +49,9 @@ def _print_table(summary: Any, console: Any) -> None:
     t.add_row("child cells", f"{summary.child_shape[0]:,} x {summary.child_shape[1]:,} per band")
     t.add_row("device", f"{summary.device} ({summary.precision}, batch {summary.batch_size})")
     t.add_row("time", f"{summary.seconds:.2f} s ({summary.tiles:,} tiles)")
-    t.add_row("throughput", f"{summary.km2_per_s:,.1f} km2/s (area x {len(summary.years)} year(s) / time)")
+    n_years = max(1, len(summary.years))
+    t.add_row("throughput", f"{summary.area_km2 / max(summary.seconds, 1e-9):,.1f} km2/s per year "
+              f"({n_years} year(s): {summary.km2_per_s:,.1f} km2-years/s)")
     t.add_row("output", f"{summary.dtype}, nodata {summary.nodata:g}, units {summary.units}")
     if summary.uncertainty:
         t.add_row("uncertainty", summary.uncertainty)

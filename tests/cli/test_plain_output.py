@@ -20,3 +20,12 @@ def test_evaluate_totals_table_is_complete_when_piped(tmp_path: Path) -> None:
         assert header in proc.stdout
     row = next(ln for ln in proc.stdout.splitlines() if "2019" in ln)
     assert row.rstrip().endswith("ok │")
+
+
+def test_downscale_throughput_is_per_year(tmp_path: Path) -> None:
+    write_raster(tmp_path / "e.tif", np.ones((3, 12, 12), "float32"), nodata=-9999.0,
+                 descriptions=["2019", "2020", "2021"])
+    proc = run_cli("downscale", "e.tif", "--method", "uniform", "-o", "p.tif", cwd=tmp_path, COLUMNS="")
+    assert proc.returncode == 0, proc.stderr
+    line = next(ln for ln in proc.stdout.splitlines() if "throughput " in ln and "km2" in ln)
+    assert "km2/s per year" in line and "3 year(s)" in line
