@@ -16,6 +16,8 @@ from rasterio.windows import Window
 
 from carbonsr_cli.errors import InputDataError, UsageError
 
+from carbonsr_cli.errors import MissingInputError
+
 if TYPE_CHECKING:
     from carbonsr_cli.grids import ParentGrid
 
@@ -60,7 +62,7 @@ def read_aoi(aoi_path: str | os.PathLike[str], crs: object):
 
     p = Path(aoi_path)
     if not p.exists():
-        raise UsageError("AOI file not found", p)
+        raise MissingInputError("AOI file not found", p)
     try:
         gdf = gpd.read_file(p)
     except Exception as exc:  # noqa: BLE001 - pyogrio/fiona raise various types

@@ -83,7 +83,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from carbonsr_cli.errors import AuxFillWarning, InputDataError, UsageError
+from carbonsr_cli.errors import AuxFillWarning, CarbonSRError, InputDataError, MissingInputError, UsageError
 
 if TYPE_CHECKING:
     from rasterio.windows import Window
@@ -260,17 +260,17 @@ def _expand(paths: Sequence[str | PathLike[str]]) -> list[tuple[Path, str | None
                 q for q in p.iterdir() if q.is_file() and q.suffix.lower() in AUX_EXTENSIONS and not q.name.startswith(".")
             )
             if not found:
-                raise UsageError(f"directory holds no aux files ({', '.join(AUX_EXTENSIONS)})", p)
+                raise MissingInputError(f"directory holds no aux files ({', '.join(AUX_EXTENSIONS)})", p)
             files.extend((q, None) for q in found)
         elif p.exists():
             files.append((p, attr))
         elif glob.has_magic(text):
             found = sorted(Path(q) for q in glob.glob(str(p)) if Path(q).is_file())
             if not found:
-                raise UsageError("glob matches no file", text)
+                raise MissingInputError("glob matches no file", text)
             files.extend((q, attr) for q in found)
         else:
-            raise UsageError("aux file not found", p)
+            raise MissingInputError("aux file not found", p)
     seen: set[tuple[Path, str | None]] = set()
     unique = []
     for f, a in files:
@@ -279,6 +279,27 @@ def _expand(paths: Sequence[str | PathLike[str]]) -> list[tuple[Path, str | None
             seen.add(key)
             unique.append((f, a))
     return unique
+
+
+def expand_aux_paths(paths: Any) -> list[Path]:
+    """The aux files named by ``paths`` (files, globs, directories; see :func:`discover_aux`).
+
+    Paths that cannot be expanded (missing files, empty globs) are left out: the caller's
+    own discovery reports them. Used to refuse an output that would replace an aux file.
+    """
+    if paths is None:
+        return []
+    if isinstance(paths, (str, PathLike)):
+        paths = [paths]
+    files: list[Path] = []
+    for raw in paths:
+        if not isinstance(raw, (str, PathLike)):
+            continue  # e.g. an AuxStack passed by library callers
+        try:
+            files.extend(p for p, _ in _expand([raw]))
+        except CarbonSRError:
+            continue
+    return files
 
 
 def _base_name(path: Path) -> tuple[str, int | None]:

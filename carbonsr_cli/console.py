@@ -1,13 +1,39 @@
-"""Shared rich consoles: results go to stdout, messages and errors to stderr."""
+"""Shared rich consoles: results go to stdout, messages and errors to stderr.
+
+On a terminal the tables fit its width. Anywhere else (a pipe, a CI log, ``> log.txt``) there
+is no width to fit, so, unless ``COLUMNS`` says otherwise, the consoles are wide enough for every
+table at its natural width: no number is ever cut to ``3.276e...``.
+"""
 
 from __future__ import annotations
 
+import os
+import sys
+from typing import TextIO
+
 from rich.console import Console
 
+#: Width used when the stream is not a terminal and ``COLUMNS`` is not set.
+PLAIN_WIDTH = 1000
+
+
+def plain_width(stream: TextIO) -> int | None:
+    """The console width for ``stream``: None (rich decides: the terminal, or ``COLUMNS``) on a
+    terminal or when ``COLUMNS`` is set, else :data:`PLAIN_WIDTH`."""
+    if os.environ.get("COLUMNS", "").strip():
+        return None
+    try:
+        if stream.isatty():
+            return None
+    except (AttributeError, ValueError):
+        pass
+    return PLAIN_WIDTH
+
+
 #: Tables and results (stdout).
-out = Console(highlight=False)
+out = Console(highlight=False, width=plain_width(sys.stdout))
 #: Progress bars, warnings and errors (stderr).
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, width=plain_width(sys.stderr))
 
 
 def print_error(message: str) -> None:

@@ -68,6 +68,36 @@ class DemoResult:
     model_beats_baselines: bool = False
 
 
+#: What ``carbonsr demo`` writes under its directory (``--overwrite`` removes only these).
+_DEMO_ENTRIES = ("data", "runs", "outputs", "quicklook.png", "results.json")
+
+
+def _check_previous_demo(root: Path) -> None:
+    """Refuse ``--overwrite`` unless what it would remove was written by an earlier demo.
+
+    ``data/`` must hold only sample data, ``runs/`` only the ``demo`` run and ``outputs/``
+    only the demo's ``*_100m.tif`` files: a project directory with real data or training runs
+    under those names is never removed.
+    """
+    from carbonsr_cli.sample_data import _foreign_entries
+
+    problems: list[str] = []
+    data = root / "data"
+    if data.is_dir():
+        problems += [f"data/{e}" for e in _foreign_entries(data)]
+    runs = root / "runs"
+    if runs.is_dir():
+        problems += [f"runs/{q.name}" for q in runs.iterdir() if q.name != "demo"]
+    outs = root / "outputs"
+    if outs.is_dir():
+        problems += [f"outputs/{q.name}" for q in outs.iterdir()
+                     if q.name not in {f"{m}_100m.tif" for m in ("model", "dasymetric", "uniform")}]
+    if problems:
+        shown = ", ".join(problems[:3]) + (", ..." if len(problems) > 3 else "")
+        raise OutputError(f"holds files an earlier demo did not write ({shown}); --overwrite would remove them. "
+                          "Choose another demo directory", root)
+
+
 def _prepare_dir(root: Path, overwrite: bool) -> None:
     """Create ``root``; with ``overwrite`` remove only what a previous demo wrote there."""
     if root.exists() and not root.is_dir():
@@ -75,6 +105,7 @@ def _prepare_dir(root: Path, overwrite: bool) -> None:
     if root.exists() and any(root.iterdir()):
         if not overwrite:
             raise OutputError("demo directory is not empty; use --overwrite to replace a previous demo", root)
+        _check_previous_demo(root)
         for name in ("data", "runs", "outputs"):
             p = root / name
             if p.is_dir():

@@ -483,6 +483,38 @@ def _tile_size(factor: int, multiple: int, target: int = 120) -> int:
 # --------------------------------------------------------------------------------------
 
 
+def _size_torch_threads() -> int:
+    """Torch intra-op threads for a CPU model run: the CPUs this process may use (affinity,
+    cgroup quota, ``OMP_NUM_THREADS``), less one for the reader and writer threads from 3 CPUs
+    on; torch's own default counts the host's cores and oversubscribes a shared machine."""
+    import torch
+
+    from carbonsr_cli.cpus import available_cpus
+
+    n = available_cpus()
+    n = n - 1 if n > 2 else n
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
+def _refuse_input_as_output(
+    dests: Sequence[Path | None], main_path: Any, aux_paths: Any, checkpoint: Any, aoi: Any
+) -> None:
+    """Raise ``OutputError`` if an output names (or hard-links to) an input; nothing is written yet."""
+    from carbonsr_cli.atomic import check_not_an_input
+    from carbonsr_cli.auxlayers import expand_aux_paths
+
+    inputs = {
+        "main raster": main_path,
+        "aux layer": expand_aux_paths(aux_paths),
+        "model checkpoint": checkpoint,
+        "AOI file": aoi,
+    }
+    for d in dests:
+        check_not_an_input(d, inputs)
+
+
 def downscale(
     main_path: str | os.PathLike[str],
     aux_paths: Sequence[str | os.PathLike[str]] | None,
@@ -692,6 +724,10 @@ def _downscale(
     unc_path = check_output_path(uncertainty, overwrite) if uncertainty is not None else None
     if unc_path is not None and unc_path == dst_path:
         raise UsageError("--uncertainty must differ from the output path", unc_path)
+    _refuse_input_as_output([dst_path, unc_path], main_path, aux_paths, checkpoint, aoi)
+    from carbonsr_cli.downscale_strips import remove_killed_leftovers
+
+    remove_killed_leftovers(dst_path.parent)
     main = Path(main_path)
     converted = source_name is not None and source_name != main.name
     full = ParentGrid.from_raster(main, warn=not converted)
@@ -717,6 +753,8 @@ def _downscale(
 
         dev = resolve_device(device)
         dev = distributed.context(use_cuda=dev.type == "cuda").device(dev)  # torchrun: cuda:<local rank>
+        if dev.type == "cpu":
+            _size_torch_threads()
         loaded = load_model_for_inference(checkpoint, dev)  # type: ignore[arg-type]
         if factor is not None and int(factor) != loaded.factor:
             raise UsageError(f"--factor {factor} differs from the model's factor {loaded.factor}; omit --factor")
@@ -945,7 +983,9 @@ def check_written_conservation(
 
     h, w = plan.grid.height, plan.grid.width
     step = rows_per_band or max(1, (1 << 21) // max(1, w * plan.factor**2 * len(plan.out_bands)))
-    n_threads = max(1, min(6, (os.cpu_count() or 1), -(-h // step)))
+    from carbonsr_cli.cpus import available_cpus
+
+    n_threads = max(1, min(6, available_cpus(respect_omp=False), -(-h // step)))
     decode = max(1, (os.cpu_count() or 1) // n_threads)  # block-decoding threads per read
     local = threading.local()
     opened: list[Any] = []

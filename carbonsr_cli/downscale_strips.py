@@ -58,7 +58,9 @@ def reader_config(child_cells: int, cpu_count: int | None = None) -> tuple[int, 
         env = os.environ.get(var, "").strip()
         if env.isdigit() and int(env) > 0:
             return int(env), procs
-    cores = cpu_count or os.cpu_count() or 2
+    from carbonsr_cli.cpus import available_cpus
+
+    cores = cpu_count or available_cpus(respect_omp=False)
     if cores >= 6 and child_cells >= PROCESS_MIN_CELLS:
         return min(MAX_PROCESSES, cores - 2), True
     return (2 if cores >= 4 else 1), False
@@ -331,6 +333,24 @@ def _worker_read(stack_path: str, window: Any, slot: int) -> tuple[int, ...]:
     return shape
 
 
+def remove_killed_leftovers(work_dir: Path) -> list[Path]:
+    """Remove what killed downscale runs (``kill -9``) of this host left behind.
+
+    Pre-warp folders ``.carbonsr-warp-<host>-<pid>-*`` in ``work_dir`` (the output's folder),
+    reader payloads ``carbonsr-aux-<host>-<pid>-*.pkl`` in the temp folder and shared-memory
+    blocks ``/dev/shm/carbonsr-<host>-<pid>-*``, each only when its process is gone.
+    """
+    import tempfile
+
+    from carbonsr_cli.atomic import remove_stale
+
+    removed = remove_stale(work_dir, ".carbonsr-warp-")
+    removed += remove_stale(tempfile.gettempdir(), "carbonsr-aux-")
+    if os.path.isdir("/dev/shm"):
+        removed += remove_stale("/dev/shm", "carbonsr-")
+    return removed
+
+
 def materialize_warps(stack: Any, work_dir: Path) -> Path | None:
     """Warp the stack's layers that need a warp once, into a hidden folder of ``work_dir``.
 
@@ -343,16 +363,21 @@ def materialize_warps(stack: Any, work_dir: Path) -> Path | None:
 
     from carbonsr_cli.errors import CarbonSRWarning
 
+    from carbonsr_cli.atomic import owner_tag, remove_stale
+
     if not stack.warp_targets():
         return None
+    remove_stale(work_dir, ".carbonsr-warp-")  # left by a killed run (kill -9) in this folder
     try:
-        folder = Path(tempfile.mkdtemp(prefix=".carbonsr-warp-", dir=work_dir))
+        folder = Path(tempfile.mkdtemp(prefix=f".carbonsr-warp-{owner_tag()}-", dir=work_dir))
     except OSError as exc:
         warnings.warn(f"{work_dir}: cannot create a folder for pre-warped aux layers ({exc}); warping per strip",
                       CarbonSRWarning, stacklevel=2)
         return None
     try:
-        stack.materialize_warps(folder, threads=os.cpu_count() or 1)
+        from carbonsr_cli.cpus import available_cpus
+
+        stack.materialize_warps(folder, threads=available_cpus(respect_omp=False))
     except OSError as exc:
         remove_dir(folder)
         warnings.warn(f"{work_dir}: cannot write pre-warped aux layers ({exc}); warping per strip",
@@ -400,8 +425,15 @@ class ProcessStripReader:
         self.slots: list[Any] = []
         self.stack_path = ""
         try:
-            for _ in range(self.capacity):
-                self.slots.append(shared_memory.SharedMemory(create=True, size=self.slot_bytes))
+            from carbonsr_cli.atomic import owner_tag, remove_stale
+
+            named = os.path.isdir("/dev/shm")  # Linux: named blocks, so a later run can find them
+            if named:  # blocks of killed runs (when the resource tracker died too)
+                remove_stale("/dev/shm", "carbonsr-")
+            tag = f"carbonsr-{owner_tag()}-{os.urandom(3).hex()}"
+            for k in range(self.capacity):
+                self.slots.append(shared_memory.SharedMemory(name=f"{tag}-{k}" if named else None, create=True,
+                                                             size=self.slot_bytes))
             self.free = list(range(self.capacity))
             self.held: dict[tuple[int, int], int] = {}
             self.ex = cf.ProcessPoolExecutor(
@@ -423,7 +455,10 @@ class ProcessStripReader:
         import tempfile
 
         self.stack = stack
-        fd, self.stack_path = tempfile.mkstemp(prefix="carbonsr-aux-", suffix=".pkl")
+        from carbonsr_cli.atomic import owner_tag, remove_stale
+
+        remove_stale(tempfile.gettempdir(), "carbonsr-aux-")  # left by killed runs
+        fd, self.stack_path = tempfile.mkstemp(prefix=f"carbonsr-aux-{owner_tag()}-", suffix=".pkl")
         with os.fdopen(fd, "wb") as fh:
             pickle.dump(stack.reader_copy(), fh, protocol=pickle.HIGHEST_PROTOCOL)
 

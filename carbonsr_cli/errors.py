@@ -2,7 +2,14 @@
 
 Domain code raises :class:`CarbonSRError` (or a subclass) with the offending
 path; the CLI prints ``error: <path>: <problem>`` on stderr and exits with the
-error's ``exit_code`` (1 = runtime/data problem, 2 = usage problem).
+error's ``exit_code``:
+
+- 1: a problem with a file or the data, whatever the command line says: an input is missing,
+  unreadable or invalid, an output exists (without ``--overwrite``) or names an input, a
+  conservation check failed;
+- 2: the command line itself is wrong: unknown option, a missing or invalid option value,
+  options that cannot be combined (click's own usage errors exit 2 as well);
+- 130: interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -33,9 +40,13 @@ class CarbonSRError(Exception):
 
 
 class UsageError(CarbonSRError):
-    """Bad command-line usage: missing input file, conflicting options (exit 2)."""
+    """Bad command-line usage: invalid option values, conflicting options (exit 2)."""
 
     exit_code = 2
+
+
+class MissingInputError(CarbonSRError):
+    """An input file, directory, glob or run the command needs does not exist (exit 1)."""
 
 
 class InputDataError(CarbonSRError):

@@ -14,7 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import typer
+from typer.core import TyperCommand
 
 __all__ = [
     "InputTif",
@@ -30,6 +32,8 @@ __all__ = [
     "Aoi",
     "InputUnits",
     "COMPRESS_CHOICES",
+    "AuxGlobCommand",
+    "absorb_aux_values",
 ]
 
 #: Values of ``--compress`` (mirrors ``writer.COMPRESSIONS``; kept here to avoid importing rasterio).
@@ -91,3 +95,70 @@ InputUnits = Annotated[
     typer.Option("--units", help="Unit of the main raster: a total per cell ('t/cell/yr', default) or a density "
                  "('kg m-2 s-1', 't km-2 yr-1', 't ha-1 yr-1'), converted with cell areas."),
 ]
+
+
+def absorb_aux_values(args: list[str], params: list[click.Parameter], *, needs_positional: bool) -> list[str]:
+    """Rewrite ``--aux a.tif b.tif c.tif`` (a glob the shell expanded) into repeated ``--aux``.
+
+    Every bare path that follows an ``--aux`` value, up to the next option, is taken as
+    another aux input. If that would leave the command without its positional argument
+    (``carbonsr stats --aux aux/*.tif main.tif``), the last such path stays positional.
+
+    Args:
+        args: Command-line tokens after the command name.
+        params: The command's click parameters (to know which options take a value).
+        needs_positional: The command has a required positional argument.
+    """
+    takes_value: dict[str, bool] = {}
+    aux_names: set[str] = set()
+    for prm in params:
+        # duck-typed: recent typer versions vendor their own click, whose classes differ from click's
+        if getattr(prm, "param_type_name", "") == "option":
+            for name in (*prm.opts, *prm.secondary_opts):
+                takes_value[name] = not (getattr(prm, "is_flag", False) or getattr(prm, "count", False))
+                if name == "--aux":
+                    aux_names.update(prm.opts)
+    out: list[str] = []
+    absorbed: list[int] = []  # indices in ``out`` of the "--aux" tokens added here
+    positional = 0
+    absorbing = False
+    i = 0
+    while i < len(args):
+        tok = args[i]
+        if tok == "--":
+            positional += len(args) - i - 1
+            out.extend(args[i:])
+            break
+        if tok.startswith("-") and len(tok) > 1:
+            name = tok.split("=", 1)[0]
+            absorbing = False
+            out.append(tok)
+            if "=" not in tok and takes_value.get(name, False) and i + 1 < len(args):
+                out.append(args[i + 1])
+                i += 1
+            if name in aux_names:
+                absorbing = True
+        elif absorbing:
+            absorbed.append(len(out))
+            out += ["--aux", tok]
+        else:
+            positional += 1
+            out.append(tok)
+        i += 1
+    if needs_positional and positional == 0 and absorbed:
+        k = absorbed[-1]
+        value = out[k + 1]
+        del out[k : k + 2]
+        out.append(value)
+    return out
+
+
+class AuxGlobCommand(TyperCommand):
+    """A Typer command whose ``--aux`` takes every following path (shell-expanded globs):
+    ``--aux aux/*.tif`` works unquoted, as in ``carbonsr downscale``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:  # noqa: D102
+        if "-h" in args or "--help" in args:
+            return super().parse_args(ctx, args)
+        needs = any(getattr(p, "param_type_name", "") == "argument" and p.required for p in self.params)
+        return super().parse_args(ctx, absorb_aux_values(list(args), self.params, needs_positional=needs))

@@ -23,6 +23,8 @@ import numpy as np
 
 from carbonsr_cli.errors import InputDataError, UsageError
 
+from carbonsr_cli.errors import MissingInputError
+
 if TYPE_CHECKING:
     from rasterio.io import DatasetReader
     from rasterio.windows import Window
@@ -162,7 +164,7 @@ def open_raster(
         An open ``rasterio.DatasetReader``; the caller closes it (use it as a context manager).
 
     Raises:
-        UsageError: the file does not exist or is a directory (exit 2).
+        MissingInputError: the file does not exist or is a directory (exit 1).
         InputDataError: not a raster, truncated/corrupt GeoTIFF, no CRS, rotated transform.
     """
     import rasterio
@@ -170,9 +172,9 @@ def open_raster(
 
     p = Path(path)
     if not p.exists():
-        raise UsageError("file not found", p)
+        raise MissingInputError("file not found", p)
     if p.is_dir():
-        raise UsageError("is a directory, expected a raster file", p)
+        raise MissingInputError("is a directory, expected a raster file", p)
     if p.stat().st_size == 0:
         raise InputDataError("empty file (0 bytes), not a raster", p)
     with _quiet_gdal(p):

@@ -279,16 +279,54 @@ def _check_years(years: Sequence[int]) -> tuple[int, ...]:
     return years_t
 
 
+def _foreign_entries(dest: Path) -> list[str]:
+    """Entries of ``dest`` that ``sample-data`` does not write (empty for an old sample region)."""
+    known = {p.relative_to(dest).as_posix() for p in _layout(dest, years=(2019,), seed=0, size_km=12).files}
+    known.add("aux")
+    sidecar = (".aux.xml", ".ovr", ".msk")
+    foreign = []
+    for q in sorted(dest.rglob("*")):
+        rel = q.relative_to(dest).as_posix()
+        base = next((rel[: -len(x)] for x in sidecar if rel.endswith(x)), rel)
+        if base not in known:
+            foreign.append(rel)
+    return foreign
+
+
 def _check_destination(dest: Path, overwrite: bool) -> None:
     if dest.exists() or dest.is_symlink():
         if not dest.is_dir():
             raise OutputError("exists and is not a directory", dest)
-        if not overwrite and any(dest.iterdir()):
+        if not any(dest.iterdir()):
+            return
+        if not overwrite:
             raise OutputError("directory exists and is not empty; use --overwrite to replace it", dest)
+        # --overwrite replaces the whole directory: only ever a previous sample region.
+        cwd = Path.cwd().resolve()
+        if dest.resolve() == cwd or dest.resolve() in cwd.parents:
+            raise OutputError("is the current directory or one above it; --overwrite would replace it", dest)
+        foreign = _foreign_entries(dest)
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise OutputError(
+                f"not a carbonsr sample region (holds {shown}); --overwrite only replaces earlier sample data",
+                dest,
+            )
 
 
 def _make_temp_sibling(dest: Path) -> Path:
-    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    """Create the hidden ``.<name>.tmp-<host>-<pid>-<random>`` sibling the region is written to.
+
+    Temp folders of killed runs (``kill -9``) writing the same ``dest`` are removed first;
+    so are ``.<name>.old-*`` folders (the replaced region) once ``dest`` itself exists.
+    """
+    from carbonsr_cli.atomic import owner_tag, remove_stale
+
+    if dest.parent.is_dir():
+        remove_stale(dest.parent, f".{dest.name}.tmp-")
+        if dest.is_dir():
+            remove_stale(dest.parent, f".{dest.name}.old-")
+    tmp = dest.parent / f".{dest.name}.tmp-{owner_tag()}-{uuid.uuid4().hex[:8]}"
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
@@ -317,7 +355,9 @@ def _move_into_place(tmp: Path, dest: Path, overwrite: bool) -> None:
         if dest.exists():
             _check_destination(dest, overwrite)  # it may have changed while we worked
             if any(dest.iterdir()):
-                old = dest.parent / f".{dest.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                from carbonsr_cli.atomic import owner_tag
+
+                old = dest.parent / f".{dest.name}.old-{owner_tag()}-{uuid.uuid4().hex[:8]}"
                 dest.rename(old)
             else:
                 dest.rmdir()

@@ -43,6 +43,8 @@ import numpy as np
 
 from carbonsr_cli.errors import CarbonSRError, InputDataError, UsageError
 
+from carbonsr_cli.errors import MissingInputError
+
 __all__ = [
     "AuxNormalizer",
     "QUANTILES",
@@ -470,6 +472,11 @@ def _clean(o: Any) -> Any:
     return o
 
 
+def stats_to_json_text(stats: dict[str, Any]) -> str:
+    """The JSON text :func:`save_stats` writes (NaN/inf as null), with a final newline."""
+    return json.dumps(_clean(stats), indent=2, default=_json_default, allow_nan=False) + "\n"
+
+
 def save_stats(stats: dict[str, Any], path: str | os.PathLike[str], *, overwrite: bool = True) -> Path:
     """Write the stats as JSON atomically (temp file + rename); NaN/inf become null.
 
@@ -478,19 +485,18 @@ def save_stats(stats: dict[str, Any], path: str | os.PathLike[str], *, overwrite
     """
     from carbonsr_cli.atomic import atomic_write_text
 
-    text = json.dumps(_clean(stats), indent=2, default=_json_default, allow_nan=False)
-    return atomic_write_text(path, text + "\n", overwrite=overwrite)
+    return atomic_write_text(path, stats_to_json_text(stats), overwrite=overwrite)
 
 
 def load_stats(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a stats JSON written by :func:`save_stats`.
 
     Raises:
-        UsageError: file missing. InputDataError: not JSON or not a carbonsr stats file.
+        MissingInputError: file missing. InputDataError: not JSON or not a carbonsr stats file.
     """
     p = Path(path)
     if not p.is_file():
-        raise UsageError("stats file not found", p)
+        raise MissingInputError("stats file not found", p)
     try:
         stats = json.loads(p.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

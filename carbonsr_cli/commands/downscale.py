@@ -20,6 +20,8 @@ Every factor x factor block of output cells sums to its 1 km total (float64 wate
 
 [b]Methods[/b]: model (default with --model); uniform (total / factor^2 per child); dasymetric[:LAYER] (shares proportional to one aux layer, default the first; uniform where it sums to 0 in a block).
 
+[b]Temporary files[/b]: the output is written to a hidden .OUT.<host>-<pid>-*.tmp.tif next to it and renamed when complete; large runs pre-warp aux layers into a hidden .carbonsr-warp-<host>-<pid>-* folder next to the output, pass the layers to reader processes through carbonsr-aux-*.pkl in $TMPDIR and share strips through /dev/shm/carbonsr-*. All are removed at the end, on errors and on Ctrl-C; after a kill -9 the next run removes them.
+
 Aux layers are matched to the model by name: their order does not matter. Shell globs work (--aux aux/*.tif: extra paths after MAIN are aux inputs). Each output year uses the model's T years centred on it, shifted inside the available years at the ends (the nearest year repeats when the raster has fewer than T). Output nodata: the input's nodata if it is NaN or negative, else -9999.
 """
 
@@ -47,7 +49,9 @@ def _print_table(summary: Any, console: Any) -> None:
     t.add_row("child cells", f"{summary.child_shape[0]:,} x {summary.child_shape[1]:,} per band")
     t.add_row("device", f"{summary.device} ({summary.precision}, batch {summary.batch_size})")
     t.add_row("time", f"{summary.seconds:.2f} s ({summary.tiles:,} tiles)")
-    t.add_row("throughput", f"{summary.km2_per_s:,.1f} km2/s (area x {len(summary.years)} year(s) / time)")
+    n_years = max(1, len(summary.years))
+    t.add_row("throughput", f"{summary.area_km2 / max(summary.seconds, 1e-9):,.1f} km2/s per year "
+              f"({n_years} year(s): {summary.km2_per_s:,.1f} km2-years/s)")
     t.add_row("output", f"{summary.dtype}, nodata {summary.nodata:g}, units {summary.units}")
     if summary.uncertainty:
         t.add_row("uncertainty", summary.uncertainty)
@@ -138,6 +142,13 @@ def register(app: typer.Typer) -> None:
                 f"more than one input raster given ({', '.join(map(str, inputs))}); aux layers go after --aux, "
                 "several main files (e.g. months) as one quoted glob: 'odiac/*_19??.tif'"
             )
+        if json_out is not None and str(json_out) != "-":
+            from carbonsr_cli.atomic import check_not_an_input
+            from carbonsr_cli.auxlayers import expand_aux_paths
+
+            check_not_an_input(json_out, {"output raster": output, "uncertainty raster": uncertainty, "main raster": main,
+                                          "aux layer": expand_aux_paths(aux_paths), "model checkpoint": model,
+                                          "AOI file": aoi})
         summary = downscale(
             main,
             aux_paths,

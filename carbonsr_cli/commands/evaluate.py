@@ -22,6 +22,8 @@ or scale-shift self-validation of a model.
 
 [b]Self-validation[/b] (coarsen MAIN by each scale, downscale back, compare with MAIN):
   carbonsr evaluate --model runs/x/best_model.pth --main emissions_1km.tif --aux aux/ --scales 2,4,12
+
+Shell globs work (--aux aux/*.tif: the paths after --aux are aux inputs).
 """
 
 
@@ -176,10 +178,28 @@ def _write_json(payload: dict[str, Any], dest: str, overwrite: bool) -> None:
     atomic_write_text(p, text)
 
 
+def _refuse_outputs_naming_inputs(outputs: list[Any], inputs: dict[str, Any]) -> None:
+    """``OutputError`` if ``--json``/``--plot`` name an input, or each other; nothing is written yet."""
+    from carbonsr_cli.atomic import check_not_an_input, same_file
+    from carbonsr_cli.errors import OutputError
+
+    given = [o for o in outputs if o is not None and str(o) != "-"]
+    if len(given) == 2 and same_file(given[0], given[1]):
+        raise OutputError("--json and --plot name the same file", given[0])
+    if inputs.get("aux"):
+        from carbonsr_cli.auxlayers import expand_aux_paths
+
+        inputs = {**inputs, "aux": expand_aux_paths(inputs["aux"])}
+    for o in given:
+        check_not_an_input(o, inputs)
+
+
 def register(app: typer.Typer) -> None:
     """Add ``evaluate`` to the app."""
 
-    @app.command("evaluate", help=HELP)
+    from carbonsr_cli.options import AuxGlobCommand
+
+    @app.command("evaluate", help=HELP, cls=AuxGlobCommand)
     def evaluate_cmd(
         prediction: Annotated[
             Optional[Path], typer.Argument(help="Downscaled raster (e.g. 100 m), totals per cell.", show_default=False)
@@ -261,6 +281,11 @@ def register(app: typer.Typer) -> None:
             from carbonsr_cli.atomic import check_output_path
 
             check_output_path(json_out, overwrite)
+        _refuse_outputs_naming_inputs(
+            [plot, json_out],
+            {"prediction": prediction, "totals raster": totals, "reference": reference, "model checkpoint": model,
+             "main raster": main, "aux": aux},
+        )
         console = err if json_out == "-" else out
         payload: dict[str, Any] = {}
 

@@ -73,6 +73,9 @@ def register(app: typer.Typer) -> None:
             "point catalogue of the plants, OUT_DIR/plants.gpkg (use --aux OUT_DIR/plants.gpkg:co2_t_yr). "
             "--kind picks the region: mixed, points (point-source dominated), traffic (streets) or urban "
             "(smooth, heating). The process is described in OUT_DIR/README.txt.\n\n"
+            "Temporary files: the region is written into a hidden .OUT_DIR.tmp-<host>-<pid>-* folder next to "
+            "OUT_DIR and renamed when complete (removed on errors and Ctrl-C; after a kill -9 the next run for "
+            "the same OUT_DIR removes it). --overwrite only replaces an earlier sample region.\n\n"
             f"Example: {EXAMPLE}"
         ),
         short_help="Write a synthetic sample region (1 km emissions, 100 m truth, aux layers).",

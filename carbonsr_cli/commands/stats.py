@@ -8,19 +8,22 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from carbonsr_cli.options import AuxPaths, Factor, Overwrite, Quiet
+from carbonsr_cli.options import AuxGlobCommand, AuxPaths, Factor, Overwrite, Quiet
 
 HELP = """Compute the global statistics training needs (zero/nonzero balance, log-domain spread,
 quantiles, per-aux-layer normalisation), print them and write them as JSON.
 
 Example:
   carbonsr stats emissions_1km.tif --aux aux/ -o stats.json
+
+Shell globs work (--aux aux/*.tif: the paths after --aux are aux inputs). -o - writes the JSON
+to stdout (and the tables to stderr).
 """
 
 
 def register(app: typer.Typer) -> None:
     """Add the ``stats`` command to ``app``."""
-    app.command("stats", help=HELP)(stats_command)
+    app.command("stats", help=HELP, cls=AuxGlobCommand)(stats_command)
 
 
 def stats_command(
@@ -30,7 +33,8 @@ def stats_command(
                        show_default=False),
     ],
     output: Annotated[
-        Optional[Path], typer.Option("--output", "-o", help="Write the statistics JSON here.", show_default=False)
+        Optional[Path],
+        typer.Option("--output", "-o", help="Write the statistics JSON here ('-': stdout).", show_default=False)
     ] = None,
     aux: AuxPaths = None,
     factor: Factor = 10,
@@ -45,21 +49,31 @@ def stats_command(
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
-    """Compute and print the statistics; write them with ``-o``."""
+    """Compute and print the statistics; write them with ``-o`` (``-o -``: JSON on stdout)."""
     from carbonsr_cli.stats import compute_stats, save_stats
 
-    if output is not None:
-        from carbonsr_cli.atomic import check_output_path
+    to_stdout = output is not None and str(output) == "-"
+    if output is not None and not to_stdout:
+        from carbonsr_cli.atomic import check_not_an_input, check_output_path
+        from carbonsr_cli.auxlayers import expand_aux_paths
 
         check_output_path(output, overwrite)
+        check_not_an_input(output, {"main raster": list(main), "aux layer": expand_aux_paths(aux)})
     stats = compute_stats(main, aux if aux else None, factor=factor, units=units, fill_missing=fill_missing_aux)
-    if output is not None:
+    if to_stdout:
+        import sys
+
+        from carbonsr_cli.stats import stats_to_json_text
+
+        sys.stdout.write(stats_to_json_text(stats))
+        sys.stdout.flush()
+    elif output is not None:
         save_stats(stats, output, overwrite=overwrite)
     if not quiet:
-        print_stats(stats)
-        if output is not None:
-            from carbonsr_cli.console import out
+        from carbonsr_cli.console import err, out
 
+        print_stats(stats, console=err if to_stdout else out)
+        if output is not None and not to_stdout:
             out.print(f"wrote {output}")
 
 
@@ -71,11 +85,14 @@ def _f(v: Any, digits: int = 4) -> str:
     return f"{v:.{digits}g}"
 
 
-def print_stats(stats: dict[str, Any]) -> None:
-    """Print the stats dict as rich tables on stdout."""
+def print_stats(stats: dict[str, Any], console: Any = None) -> None:
+    """Print the stats dict as rich tables (on stdout unless ``console`` is given)."""
     from rich.table import Table
 
-    from carbonsr_cli.console import escape, out
+    from carbonsr_cli.console import escape
+    from carbonsr_cli.console import out as _stdout
+
+    out = console if console is not None else _stdout
 
     g = stats["grid"]
     grid = Table(title="Grid", show_header=False)

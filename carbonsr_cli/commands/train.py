@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from carbonsr_cli.options import AuxPaths, Device
+from carbonsr_cli.options import AuxGlobCommand, AuxPaths, Device
 
 TRAIN_EXAMPLE = "carbonsr train data/sample/emissions_1km.tif --aux 'data/sample/aux/*' --preset tiny --epochs 5"
 RESUME_EXAMPLE = "carbonsr resume runs/run_20250101_120000"
@@ -18,11 +18,13 @@ def register(app: typer.Typer) -> None:
     """Add the ``train`` and ``resume`` commands to ``app``."""
     app.command(
         "train",
+        cls=AuxGlobCommand,
         help=(
             "Train a downscaling model on your own 1 km raster(s) and aux layers (weak supervision: the "
             "1 km totals are coarsened and the model learns to recover them). Writes runs/<run-id>/ with "
             "checkpoints (best_model.pth for `carbonsr downscale --model`), metrics.csv, train.log and a plot. "
-            "Ctrl-C saves an autosave and exits (continue with `carbonsr resume`).\n\n"
+            "Ctrl-C saves an autosave and exits (continue with `carbonsr resume`). Shell globs work: "
+            "paths after --aux (up to the next option) are aux inputs; main rasters go before --aux.\n\n"
             f"Example: {TRAIN_EXAMPLE}"
         ),
         short_help="Train a model on a 1 km raster and aux layers.",

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from carbonsr_cli.errors import CheckpointError, UsageError
+from carbonsr_cli.errors import CheckpointError, MissingInputError, UsageError
 
 __all__ = ["CheckpointInfo", "find_latest_run", "list_checkpoints", "newest_checkpoint", "resolve_resume"]
 
@@ -55,7 +55,7 @@ def find_latest_run(runs_dir: str | os.PathLike[str]) -> Path:
     """
     root = Path(runs_dir)
     if not root.is_dir():
-        raise UsageError("no runs directory; train first with `carbonsr train`", root)
+        raise MissingInputError("no runs directory; train first with `carbonsr train`", root)
     best: tuple[float, Path] | None = None
     for d in root.iterdir():
         if not d.is_dir():
@@ -64,7 +64,7 @@ def find_latest_run(runs_dir: str | os.PathLike[str]) -> Path:
         if times and (best is None or max(times) > best[0]):
             best = (max(times), d)
     if best is None:
-        raise UsageError("no run with a checkpoint found; train first with `carbonsr train`", root)
+        raise MissingInputError("no run with a checkpoint found; train first with `carbonsr train`", root)
     return best[1]
 
 
@@ -74,7 +74,7 @@ def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[CheckpointInfo]:
 
     d = Path(run_dir)
     if not d.is_dir():
-        raise UsageError("run directory not found", d)
+        raise MissingInputError("run directory not found", d)
     infos: list[CheckpointInfo] = []
     for p in sorted(d.iterdir()):
         if not _CKPT_RE.match(p.name):
@@ -137,9 +137,9 @@ def resolve_resume(spec: str | None, runs_dir: str | os.PathLike[str], name: str
         try:
             run = Path(runs_dir) / name if name else find_latest_run(runs_dir)
             if not run.is_dir():
-                raise UsageError("no such run to resume", run)
+                raise MissingInputError("no such run to resume", run)
             return newest_checkpoint(run)
-        except (UsageError, CheckpointError):
+        except (MissingInputError, CheckpointError):
             if spec == "auto":
                 return None
             raise
@@ -147,5 +147,5 @@ def resolve_resume(spec: str | None, runs_dir: str | os.PathLike[str], name: str
     if p.is_dir():
         return newest_checkpoint(p)
     if not p.exists():
-        raise UsageError("--resume: no such checkpoint file or run directory", p)
+        raise MissingInputError("--resume: no such checkpoint file or run directory", p)
     return p

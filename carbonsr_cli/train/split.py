@@ -30,6 +30,8 @@ import numpy as np
 
 from carbonsr_cli.errors import InputDataError, UsageError
 
+from carbonsr_cli.errors import MissingInputError
+
 __all__ = [
     "Split",
     "make_block_split",
@@ -475,7 +477,7 @@ def parse_val_region(spec: str, transform: Any, height: int, width: int, crs: An
         return np.outer(in_r, in_c), "bbox"
     path = Path(spec)
     if not path.exists():
-        raise UsageError("--val-region: not a bounding box (minx,miny,maxx,maxy) and no such file", path)
+        raise MissingInputError("--val-region: not a bounding box (minx,miny,maxx,maxy) and no such file", path)
     try:
         import geopandas as gpd
         from rasterio.features import rasterize

@@ -12,7 +12,7 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window
 
 from carbonsr_cli.auxlayers import AuxStack, discover_aux, split_year
-from carbonsr_cli.errors import AuxFillWarning, InputDataError, UsageError
+from carbonsr_cli.errors import AuxFillWarning, InputDataError, MissingInputError, UsageError
 from carbonsr_cli.grids import ChildGrid
 
 # (parent CRS, parent origin, parent res, aux CRS, aux res): aux finer (average) and coarser
@@ -180,13 +180,13 @@ def test_discovery_globs_directories_and_stable_names(tmp_path: Path) -> None:
     assert [s.path.name for s in discover_aux([str(d / "*.tif")])] == ["a_s2.tif", "b_lights.tif"]
     # Argument order is kept; duplicates are dropped.
     assert [s.path.name for s in discover_aux([d / "b_lights.tif", d])] == ["b_lights.tif", "a_s2.tif"]
-    with pytest.raises(UsageError, match="missing.tif"):
+    with pytest.raises(MissingInputError, match="missing.tif"):
         discover_aux([d / "missing.tif"])
-    with pytest.raises(UsageError, match=r"nothing\*\.tif"):
+    with pytest.raises(MissingInputError, match=r"nothing\*\.tif"):
         discover_aux([str(d / "nothing*.tif")])
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(UsageError):
+    with pytest.raises(MissingInputError):
         discover_aux([empty])
 
 

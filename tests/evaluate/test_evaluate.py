@@ -333,7 +333,7 @@ class TestCli:
     @pytest.mark.parametrize(
         ("args", "code", "needle"),
         [
-            (["evaluate", "{d}/missing.tif", "--totals", "{d}/missing2.tif"], 2, "file not found"),
+            (["evaluate", "{d}/missing.tif", "--totals", "{d}/missing2.tif"], 1, "file not found"),
             (["evaluate", "{d}/text.tif", "--reference", "{d}/text.tif"], 1, "not a raster"),
             (["evaluate", "{d}/text.tif"], 2, "--totals"),
             (["evaluate", "{d}/text.tif", "--reference", "{d}/text.tif", "--metric", "mape"], 2, "unknown metric"),

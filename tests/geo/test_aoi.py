@@ -9,7 +9,7 @@ from rasterio.transform import from_origin
 from shapely.geometry import Polygon, box
 
 from carbonsr_cli.aoi import aoi_parent_window
-from carbonsr_cli.errors import InputDataError, UsageError
+from carbonsr_cli.errors import InputDataError, MissingInputError, UsageError
 from carbonsr_cli.grids import ParentGrid
 
 
@@ -56,7 +56,7 @@ def test_aoi_clipped_to_grid(tmp_path, grid) -> None:
 
 
 def test_aoi_errors(tmp_path, grid) -> None:
-    with pytest.raises(UsageError) as ei:
+    with pytest.raises(MissingInputError) as ei:
         aoi_parent_window(tmp_path / "none.gpkg", grid)
     assert "none.gpkg" in str(ei.value)
     far = _save(tmp_path, [box(0.0, 0.0, 1.0, 1.0)], "EPSG:32633", name="far.gpkg")

@@ -27,7 +27,7 @@ def _bad_inputs(tmp_path, make_raster):
     rot = make_raster("rotated.tif", np.ones((4, 4), "float32"), nodata=-1.0,
                       transform=Affine(1000.0, 100.0, 500000.0, 100.0, -1000.0, 4000000.0))
     return {
-        "missing": (tmp_path / "missing.tif", 2),
+        "missing": (tmp_path / "missing.tif", 1),
         "text": (text, 1),
         "truncated": (trunc, 1),
         "nocrs": (nocrs, 1),

@@ -7,7 +7,7 @@ import pytest
 from affine import Affine
 from rasterio.windows import Window
 
-from carbonsr_cli.errors import CarbonSRError, InputDataError, UsageError
+from carbonsr_cli.errors import CarbonSRError, InputDataError, MissingInputError, UsageError
 from carbonsr_cli.rasters import open_raster, read_window, read_years, year_in_name
 
 
@@ -26,9 +26,9 @@ def test_open_valid(make_raster) -> None:
 
 def test_missing_file(tmp_path) -> None:
     p = tmp_path / "nope.tif"
-    with pytest.raises(UsageError) as ei:
+    with pytest.raises(MissingInputError) as ei:
         open_raster(p)
-    assert ei.value.exit_code == 2
+    assert ei.value.exit_code == 1
     _assert_one_line(ei.value, p)
 
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from carbonsr_cli import stats as stats_mod
 from carbonsr_cli.cli import app
-from carbonsr_cli.errors import InputDataError, OutputError, UsageError
+from carbonsr_cli.errors import InputDataError, MissingInputError, OutputError, UsageError
 from carbonsr_cli.stats import AuxNormalizer, compute_stats, load_stats, save_stats
 
 
@@ -149,7 +149,7 @@ def test_save_load_roundtrip_and_errors(tmp_path: Path) -> None:
     (tmp_path / "other.json").write_text("{}")
     with pytest.raises(InputDataError):
         load_stats(tmp_path / "other.json")
-    with pytest.raises(UsageError):
+    with pytest.raises(MissingInputError):
         load_stats(tmp_path / "missing.json")
 
 
@@ -168,7 +168,7 @@ def test_cli_stats(make_raster, tmp_path: Path) -> None:
     res = runner.invoke(app, ["stats", str(src), "-o", str(out)])
     assert res.exit_code == 1 and "already exists" in res.output
     res = runner.invoke(app, ["stats", str(tmp_path / "nope.tif")])
-    assert res.exit_code == 2 and "file not found" in res.output and "Traceback" not in res.output
+    assert res.exit_code == 1 and "file not found" in res.output and "Traceback" not in res.output
     bad = tmp_path / "bad.tif"
     bad.write_text("not a tiff")
     res = runner.invoke(app, ["stats", str(bad)])

@@ -214,9 +214,14 @@ def test_cli_refuses_non_empty_dir_then_overwrites(tmp_path: Path) -> None:
     assert len(lines) == 1 and lines[0].startswith("error:") and str(out) in lines[0], res.output
     assert (out / "keep.txt").read_text() == "old" and not (out / "emissions_1km.tif").exists()
 
+    # --overwrite replaces only an earlier sample region, never a folder with other files (issue 18)
+    res = runner.invoke(app, ["sample-data", str(out), "--size-km", "12", "--overwrite"])
+    assert res.exit_code == 1 and "not a carbonsr sample region" in res.output
+    assert (out / "keep.txt").read_text() == "old"
+    (out / "keep.txt").unlink()
+    assert runner.invoke(app, ["sample-data", str(out), "--size-km", "12"]).exit_code == 0
     res = runner.invoke(app, ["sample-data", str(out), "--size-km", "12", "--years", "2020", "2021", "--overwrite"])
     assert res.exit_code == 0, res.output
-    assert not (out / "keep.txt").exists()
     with rasterio.open(out / "emissions_1km.tif") as ds:
         assert ds.descriptions == ("2020", "2021") and ds.shape == (12, 12)
     assert "emissions_1km.tif" in res.output and "EPSG:4326" in res.output
@@ -262,10 +267,10 @@ def test_interrupted_run_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monk
     assert not out.exists() and _siblings(out) == []
     # with --overwrite, the old directory survives an interrupted run
     out.mkdir()
-    (out / "old.txt").write_text("old")
+    (out / "README.txt").write_text("old")  # an earlier sample region (--overwrite replaces only those)
     with pytest.raises(KeyboardInterrupt):
         sd.generate_sample_data(out, size_km=12, overwrite=True)
-    assert (out / "old.txt").read_text() == "old" and _siblings(out) == []
+    assert (out / "README.txt").read_text() == "old" and _siblings(out) == []
 
 
 def test_cli_help_has_example() -> None:

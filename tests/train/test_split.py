@@ -8,7 +8,7 @@ from affine import Affine
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from carbonsr_cli.errors import UsageError
+from carbonsr_cli.errors import MissingInputError, UsageError
 from carbonsr_cli.train.split import (
     Split,
     make_block_split,
@@ -107,7 +107,7 @@ def test_bbox_region() -> None:
     pos = split.train_positions()
     assert ((pos[:, 1] >= 24 + 12) | (pos[:, 0] >= 48 + 12)).all()
     assert ((pos[:, 1] == 36) & (pos[:, 0] == 0)).any()
-    with pytest.raises(UsageError):
+    with pytest.raises(MissingInputError):
         parse_val_region("1,2,3", transform, 96, 96)
     with pytest.raises(UsageError, match="minx < maxx"):
         parse_val_region("5,0,1,1", transform, 96, 96)

@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import small_config  # noqa: E402
 
-from carbonsr_cli.errors import CheckpointError, UsageError  # noqa: E402
+from carbonsr_cli.errors import CheckpointError, MissingInputError, UsageError  # noqa: E402
 from carbonsr_cli.train import checkpoints as ck  # noqa: E402
 
 
@@ -122,7 +122,7 @@ def test_cli_usage_errors(sample_dir: Path, tmp_path: Path) -> None:
     res = runner.invoke(app, ["train", main, "--runs-dir", str(tmp_path)])
     assert res.exit_code == 2 and "--aux" in res.output
     res = runner.invoke(app, ["resume", "--runs-dir", str(tmp_path / "none")])
-    assert res.exit_code == 2 and "runs directory" in res.output
+    assert res.exit_code == 1 and "runs directory" in res.output  # a missing directory: exit 1
     res = runner.invoke(app, ["train", "--help"])
     assert res.exit_code == 0 and "Example: carbonsr train" in res.output
 
@@ -166,7 +166,7 @@ def test_resume_helpers(tmp_path: Path) -> None:
     assert resolve_resume("latest", tmp_path / "runs") == run / "autosave_latest.pth"
     assert resolve_resume(str(run), tmp_path / "runs") == run / "autosave_latest.pth"
     assert resolve_resume("auto", tmp_path / "empty") is None
-    with pytest.raises(UsageError):
+    with pytest.raises(MissingInputError):
         resolve_resume("latest", tmp_path / "empty")
 
 
