@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from carbonsr_cli.errors import InputDataError, UsageError
+from carbonsr_cli.errors import InputDataError, MissingInputError, UsageError
 
 __all__ = ["Period", "BandSource", "MainInput", "resolve_main", "write_totals", "period_from_name", "expand_main"]
 
@@ -198,13 +198,13 @@ def expand_main(main: str | os.PathLike[str]) -> list[Path]:
     """Main input path(s): ``main`` itself, or the sorted files a quoted glob matches.
 
     Raises:
-        UsageError: a glob that matches nothing.
+        MissingInputError: a glob that matches nothing.
     """
     text = str(main)
     if any(ch in text for ch in "*?[") and not Path(text).exists():
         found = sorted(Path(p) for p in glob.glob(text))
         if not found:
-            raise UsageError("the pattern matches no file", text)
+            raise MissingInputError("the pattern matches no file", text)
         return found
     return [Path(text)]
 
@@ -365,7 +365,7 @@ def resolve_main(
     assumed = False
     for path in paths:
         if not path.exists():
-            raise UsageError("file not found", path)
+            raise MissingInputError("file not found", path)
         if path.is_dir():
             raise UsageError("is a directory, expected a raster file", path)
         if _is_netcdf(path):

@@ -11,7 +11,7 @@ from aux_helpers import write_raster
 from rasterio.windows import Window
 
 from carbonsr_cli.auxlayers import AuxStack, discover_aux
-from carbonsr_cli.errors import AuxFillWarning, InputDataError, UsageError
+from carbonsr_cli.errors import AuxFillWarning, InputDataError, MissingInputError, UsageError
 from carbonsr_cli.grids import ChildGrid
 
 TOP = 5_600_000.0
@@ -133,7 +133,7 @@ def test_point_sum_on_raster_or_file_without_points_is_error(tmp_path: Path) -> 
                      crs="EPSG:32632").to_file(roads, engine="pyogrio")
     with pytest.raises(InputDataError, match=r"roads\.gpkg: ':co2_t_yr' .*no point geometries"):
         discover_aux([f"{roads}:co2_t_yr"])
-    with pytest.raises(UsageError, match="aux file not found"):
+    with pytest.raises(MissingInputError, match="aux file not found"):
         discover_aux([f"{tmp_path / 'missing.gpkg'}:co2_t_yr"])
 
 
