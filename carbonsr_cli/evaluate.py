@@ -1128,7 +1128,7 @@ def self_validate(
                 sel = np.stack([i[2][None, :, :] & i[4][:, None, None] for i in chunk])[:, None]  # [B,1,T,p,p]
                 m = b.mask & sel
                 totals = torch.from_numpy(b.totals)
-                raw, _ = model(torch.from_numpy(b.aux).to(dev), torch.from_numpy(b.main).to(dev))
+                raw, _ = model(torch.from_numpy(b.aux).to(dev), torch.from_numpy(b.main).to(dev), context_block=block)
                 kids = _children(model, raw, totals.to(dev), block)
                 preds = {"model": block_sum(kids, f).cpu().numpy(), "uniform": block_sum(uniform_fill(totals, block), f).numpy()}
                 for li, ln in enumerate(layer_names):

@@ -176,6 +176,8 @@ class DSTCarbonFormer(nn.Module):
         main: Tensor,
         block_totals: Tensor | None = None,
         block: int | None = None,
+        *,
+        context_block: int | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Predict log-domain child values.
 
@@ -189,6 +191,11 @@ class DSTCarbonFormer(nn.Module):
             block_totals: Block totals (linear domain, e.g. t CO2 / block / yr)
                 ``[B, 1, T, H / block, W / block]``; with ``block``, enables ``constrained``.
             block: Block edge in child cells (factor at inference, s * factor in training).
+            context_block: (dasymetric) the block the context features are averaged over: the
+                block whose total is shared (``s * factor`` in training, the factor at
+                inference; default ``config.context_pool``). Constant over a block, the context
+                cannot move mass between the parts of that block by itself; it only changes the
+                local rule, which is what places mass inside a parent cell at inference.
 
         Returns:
             ``(raw, constrained)``: ``raw [B, 1, T, H, W]`` = log1p of child totals before
@@ -202,7 +209,7 @@ class DSTCarbonFormer(nn.Module):
         if (block_totals is None) != (block is None):
             raise ValueError("give both block_totals and block, or neither")
         if self.dasymetric:
-            return self._forward_dasymetric(aux, main, block_totals, block)
+            return self._forward_dasymetric(aux, main, block_totals, block, context_block or block)
         h, w = aux.shape[-2:]
         f = self.config.downsample_factor
         pad_h, pad_w = (-h) % f, (-w) % f
@@ -224,7 +231,7 @@ class DSTCarbonFormer(nn.Module):
             constrained = self.project(raw, block_totals, block)
         return raw, constrained
 
-    def _context(self, aux: Tensor, main: Tensor) -> Tensor:
+    def _context(self, aux: Tensor, main: Tensor, pool: int) -> Tensor:
         """Context features ``[B, K, T, H, W]`` (float32), constant over each parent block."""
         h, w = aux.shape[-2:]
         f = self.config.downsample_factor
@@ -236,15 +243,15 @@ class DSTCarbonFormer(nn.Module):
             aux = aux.contiguous(memory_format=torch.channels_last_3d)
             main = main.contiguous(memory_format=torch.channels_last_3d)
         feats = self.head(self._features(aux, main))[..., :h, :w].float()
-        return block_mean(feats, self.config.context_pool)
+        return block_mean(feats, pool)
 
     def _forward_dasymetric(self, aux: Tensor, main: Tensor, block_totals: Tensor | None,
-                            block: int | None) -> tuple[Tensor, Tensor | None]:
+                            block: int | None, context_block: int | None = None) -> tuple[Tensor, Tensor | None]:
         """Log-weights ``prior + local_head(aux, context)`` (see the module docstring)."""
         log_w = self.prior(aux) if self.prior is not None else aux.new_zeros((aux.shape[0], 1, *aux.shape[2:]), dtype=torch.float32)
         context = None
         if self.config.use_context:
-            context = self._context(aux, main)
+            context = self._context(aux, main, int(context_block or self.config.context_pool))
         else:
             self.aux_loss = aux.new_zeros((), dtype=torch.float32)
         if self.pointwise is not None:

@@ -43,6 +43,7 @@ class TrainConfig:
         mass_weight: Weight of the mass term ``sum |parent pred - parent truth| / sum truth``
             (linear domain) added to the log-domain loss: it makes the cells that hold the mass
             count as they do in Nonzero-MAE. 0 switches it off.
+        log_loss_weight: Weight of the log-domain ``DualLayerWeightedLoss`` (0: the mass term only).
         years_window: T, years per patch (None: 1 for ``tiny``, 3 otherwise, capped by the
             number of years).
         scales: Coarse-scale schedule, e.g. ``"12:0.5,4:0.25,2:0.25"`` (divisors of ``patch``).
@@ -91,6 +92,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     moe_weight: float = 0.01
     mass_weight: float = 0.0
+    log_loss_weight: float = 1.0
     years_window: int | None = None
     scales: str = "12:0.5,4:0.25,2:0.25"
     val_scales: list[int] = field(default_factory=lambda: [12, 3])

@@ -334,7 +334,7 @@ def _model_scores(model: Any, items: list[tuple[int, int, int]], scales: Sequenc
                     aux = torch.from_numpy(b.aux).to(device)
                     mi = torch.from_numpy(b.main).to(device)
                     with autocast():
-                        raw, _ = model(aux, mi)
+                        raw, _ = model(aux, mi, context_block=s * f)
                     children = _children(model, raw, torch.from_numpy(b.totals).to(device), s * f)
                     parent = block_sum(children, f).cpu().numpy()
                     preds.append(parent[b.mask])
@@ -367,6 +367,7 @@ def training_step(
     moe_weight: float,
     grad_clip: float,
     mass_weight: float = 0.0,
+    log_loss_weight: float = 1.0,
 ) -> float:
     """One optimisation step on a batch; returns the loss (float).
 
@@ -384,10 +385,12 @@ def training_step(
     truth = torch.from_numpy(batch.truth).to(device, non_blocking=True)
     mask = torch.from_numpy(batch.mask).to(device, non_blocking=True)
     with autocast():
-        raw, _ = model(aux, mi)
+        raw, _ = model(aux, mi, context_block=batch.scale * factor)
     children = _children(model, raw, totals, batch.scale * factor)
     parent = block_sum(children, factor)
     loss = loss_fn(torch.log1p(parent.clamp(min=0)), torch.log1p(truth.double()), mask)
+    if log_loss_weight != 1.0:
+        loss = loss * log_loss_weight
     if mass_weight:
         m = mask.to(parent.dtype)
         t = torch.nan_to_num(truth.double(), nan=0.0)
@@ -818,7 +821,7 @@ def train(config: TrainConfig) -> RunResult:
                 for b in prefetch:
                     loss = training_step(
                         train_model, b, loss_fn, optimizer, scheduler, device=device, autocast=autocast,
-                        factor=f, moe_weight=cfg.moe_weight, grad_clip=cfg.grad_clip, mass_weight=cfg.mass_weight,
+                        factor=f, moe_weight=cfg.moe_weight, grad_clip=cfg.grad_clip, mass_weight=cfg.mass_weight, log_loss_weight=cfg.log_loss_weight,
                     )
                     step += 1
                     global_step += 1
