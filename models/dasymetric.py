@@ -315,7 +315,7 @@ def _refine_shares(blocks: list[tuple[np.ndarray, np.ndarray]], x0: np.ndarray, 
             pred = t.sum(dim=1, keepdim=True) * w / w.sum(dim=1, keepdim=True)
             loss = loss + (pred - t).abs().sum()
         loss = loss / norm
-        if float(loss) < best:
+        if float(loss.detach()) < best:
             best, best_x = float(loss), coef.detach().numpy().copy()
         loss.backward()
         opt.step()

@@ -68,8 +68,14 @@ def make_checkpoint(
     factor: int = 10,
     years_window: int = 1,
     seed: int = 0,
+    prior_coef: Sequence[float] | None = None,
+    selection: dict | None = None,
 ) -> Path:
-    """Save an untrained carbonsr checkpoint with the given aux layer names."""
+    """Save an untrained carbonsr checkpoint with the given aux layer names.
+
+    ``prior_coef`` (one per layer, power 1, no neighbourhood) adds a fitted layer mix as
+    ``train`` records it; ``selection`` adds the record ``--method auto`` reads.
+    """
     import torch
 
     from carbonsr_cli.train.checkpoints import save_checkpoint
@@ -79,6 +85,9 @@ def make_checkpoint(
     cfg = preset("tiny", len(aux_names), **TEST_MODEL)
     torch.manual_seed(seed)
     net = DSTCarbonFormer(cfg)
+    if net.pointwise is not None:  # a trained-looking head (it starts at 0): children differ from uniform
+        with torch.no_grad():
+            net.pointwise.out.weight.normal_(0.0, 0.5)
     stats = {
         "aux": [
             {"name": n, "transform": "log1p", "mean": 0.5, "std": 2.0, "clip_lo": -5.0, "clip_hi": 20.0}
@@ -86,17 +95,20 @@ def make_checkpoint(
         ],
         "main": {},
     }
-    save_checkpoint(
-        path,
-        {
-            "model_config": cfg.to_dict(),
-            "model_state": net.state_dict(),
-            "aux_names": list(aux_names),
-            "stats": stats,
-            "factor": factor,
-            "years_window": years_window,
-        },
-    )
+    payload = {
+        "model_config": cfg.to_dict(),
+        "model_state": net.state_dict(),
+        "aux_names": list(aux_names),
+        "stats": stats,
+        "factor": factor,
+        "years_window": years_window,
+    }
+    if prior_coef is not None:
+        payload["prior_fit"] = {"exponents": [1.0], "smooth": [1], "coef": [float(c) for c in prior_coef], "floor": 1e-3,
+                                "ref": [1.0] * len(aux_names), "cells": 0, "terms": {}}
+    if selection is not None:
+        payload["selection"] = dict(selection)
+    save_checkpoint(path, payload)
     return path
 
 
