@@ -30,6 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from carbonsr_cli.errors import UsageError  # noqa: E402
 from carbonsr_cli.sample_data import generate_sample_data  # noqa: E402
 from carbonsr_cli.train.config import TRAIN_PRESETS, TrainConfig  # noqa: E402
 from carbonsr_cli.train.loop import evaluate_against_truth, train  # noqa: E402
@@ -81,7 +82,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kinds", default="points,traffic,urban")
     ap.add_argument("--seeds", default="1,2,3")
-    ap.add_argument("--size-km", type=int, default=36)
+    ap.add_argument("--size-km", type=int, default=48)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--set", action="append", default=[], help="TrainConfig override KEY=JSON (repeatable)")
     ap.add_argument("--json", help="write the rows to this file")
@@ -91,7 +92,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.kinds.split(","):
             for seed in (int(s) for s in args.seeds.split(",")):
-                r = run_one(kind, seed, Path(tmp), size_km=args.size_km, overrides=overrides, device=args.device)
+                try:
+                    r = run_one(kind, seed, Path(tmp), size_km=args.size_km, overrides=overrides, device=args.device)
+                except UsageError as exc:  # e.g. a split that leaves no training patch on a small region
+                    print(f"{kind} seed {seed}: skipped ({exc})", flush=True)
+                    continue
                 rows.append(summarise(kind, seed, r))
                 print(json.dumps(rows[-1]), flush=True)
     print()
@@ -101,6 +106,8 @@ def main() -> None:
               f"{r['dasymetric']:9.4g} {r['uniform']:9.4g} {r['ratio']:6.3f} {r['last_ratio']:6.3f} {r['top1_ratio']:6.3f} {r['train_s']:7.1f}")
     for kind in args.kinds.split(","):
         ratios = [r["ratio"] for r in rows if r["kind"] == kind]
+        if not ratios:
+            continue
         models = [r["model"] for r in rows if r["kind"] == kind]
         spread = (max(models) - min(models)) / statistics.mean(models) if len(models) > 1 else 0.0
         print(f"{kind}: ratio model / best baseline mean {statistics.mean(ratios):.3f} (max {max(ratios):.3f}); "

@@ -1153,3 +1153,47 @@ def self_validate(
     res.region_label = label
     res.details = details
     return res
+
+
+def split_cell_mask(source: str | os.PathLike[str], shape: tuple[int, int]) -> np.ndarray:
+    """The held-out (validation) region of a training run on a grid of ``shape`` cells.
+
+    Args:
+        source: A run directory, its ``split.json`` or one of its checkpoints.
+        shape: ``(rows, cols)`` of the grid to score (the parent grid or a child grid of it).
+
+    Returns:
+        bool ``[rows, cols]``, True inside the run's validation region.
+
+    Raises:
+        MissingInputError: no split found. InputDataError: the grid is not the run's parent
+            grid or an integer subdivision of it.
+    """
+    import json
+
+    from carbonsr_cli.errors import InputDataError, MissingInputError
+    from carbonsr_cli.train.split import Split
+
+    p = Path(source)
+    if p.is_dir():
+        p = p / "split.json"
+    if not p.exists():
+        raise MissingInputError("no training split here (give a run directory, its split.json or a checkpoint)", p)
+    if p.suffix.lower() == ".json":
+        split = Split.from_dict(json.loads(p.read_text()))
+    else:
+        from carbonsr_cli.train.checkpoints import load_checkpoint
+
+        ck = load_checkpoint(p)
+        if "split" not in ck:
+            raise InputDataError("the checkpoint holds no training split", p)
+        split = Split.from_dict(ck["split"])
+    rows, cols = shape
+    k = rows // split.height if split.height else 0
+    if k < 1 or rows != k * split.height or cols != k * split.width:
+        raise InputDataError(
+            f"the grid to score ({rows}x{cols}) is not the run's parent grid ({split.height}x{split.width}) "
+            "or a subdivision of it", source)
+    m = split.val_mask()
+    return np.repeat(np.repeat(m, k, axis=0), k, axis=1)
+

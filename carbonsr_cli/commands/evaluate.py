@@ -226,8 +226,9 @@ def register(app: typer.Typer) -> None:
             Optional[str],
             typer.Option("--region", "--val-region",
                          help="Evaluate only cells whose centre is inside minx,miny,maxx,maxy (CRS units of the "
-                         "reference / main raster); for self-validation also a polygon file, or 'split' for the "
-                         "validation region stored in the checkpoint."),
+                         "reference / main raster), or only the held-out region of a training run (its run "
+                         "directory, split.json or a checkpoint); for self-validation also a polygon file, or "
+                         "'split' for the validation region stored in the checkpoint."),
         ] = None,
         rtol: Annotated[float, typer.Option("--rtol", help="Relative tolerance of block sums.")] = 1e-6,
         atol: Annotated[
@@ -256,6 +257,9 @@ def register(app: typer.Typer) -> None:
         metrics = _check_metrics(metric)
         selfval = model is not None or main is not None
         # self-validation also accepts a polygon file or "split" (the checkpoint's validation region)
+        run_split = None
+        if not selfval and region is not None and (Path(region).exists() or region.endswith((".json", ".pth"))):
+            run_split, region = region, None  # a run's held-out region (run dir, split.json or checkpoint)
         reg = region if selfval else _parse_region(region)
         scale_list = _parse_scales(scales)
         if selfval:
@@ -310,8 +314,18 @@ def register(app: typer.Typer) -> None:
             console.print(conservation_table(report))
             payload["conservation"] = report.to_dict()
         if reference is not None:
+            cell_mask = None
+            if run_split is not None:
+                import rasterio
+
+                from carbonsr_cli.evaluate import split_cell_mask
+
+                with rasterio.open(reference) as ref_ds:
+                    cell_mask = split_cell_mask(run_split, (ref_ds.height, ref_ds.width))
             res = compare_to_reference(prediction, reference, metrics=metrics, region=reg, plot=plot,
-                                       overwrite=overwrite)
+                                       overwrite=overwrite, cell_mask=cell_mask)
+            if run_split is not None:
+                res["region"] = f"held-out region of {run_split}"
             console.print(reference_table(res))
             if plot is not None:
                 console.print(f"plot written to {plot}")
