@@ -71,7 +71,8 @@ def register(app: typer.Typer) -> None:
     def downscale_cmd(
         inputs: Annotated[
             list[Path],
-            typer.Argument(help="MAIN raster (1 km totals or densities, one band per year or month; GeoTIFF, netCDF, or a quoted glob of files on one grid); further paths are aux inputs.", show_default=False),
+            typer.Argument(help="MAIN raster (1 km totals or densities, one band per year or month; GeoTIFF, netCDF, or a quoted glob of files on one grid); further paths are aux inputs.", show_default=False,
+                           metavar="MAIN [AUX]"),
         ],
         output: Annotated[Path, typer.Option("--output", "-o", help="Output GeoTIFF (child grid).", show_default=False)],
         aux: AuxPaths = None,
