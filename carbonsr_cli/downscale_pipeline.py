@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from carbonsr_cli.console import plural
+
 if TYPE_CHECKING:  # pragma: no cover
     from carbonsr_cli.downscale import DownscaleSummary, Plan
 
@@ -656,7 +658,11 @@ def run_pipeline(
         "CARBONSR_AUX_LAYERS": ",".join(plan.aux_names),
     }
     if plan.method.method.runs_model:
-        tags["CARBONSR_TEMPORAL_WINDOW"] = f"{len(plan.windows[0][0])} bands centred on each output band (shifted at the ends)"
+        t = len(plan.windows[0][0])
+        tags["CARBONSR_TEMPORAL_WINDOW"] = (
+            "1 band: each output band alone" if t == 1
+            else f"{plural(t, 'band')} centred on each output band (shifted at the ends)"
+        )
     if uncertainty is not None:
         tags["CARBONSR_UNCERTAINTY"] = os.path.basename(str(uncertainty))
     source = plan.source_name or plan.main_path.name

@@ -242,3 +242,16 @@ def test_overlap_too_large_is_a_usage_error(small_region: dict, small_ckpt: Path
         downscale(small_region["main"], [small_region["aux"]], out, checkpoint=small_ckpt, device="cpu",
                   progress=False, overlap=6)
     assert not out.exists()
+
+
+def test_temporal_window_tag_reads_singular_and_plural(small_region: dict, small_ckpt: Path, tmp_path: Path) -> None:
+    """Issue 18 item 10b: '1 band: each output band alone', '2 bands centred ...' (never '1 bands')."""
+    ck2 = make_checkpoint(tmp_path / "t2.pth", small_region["names"], years_window=2)
+    aoi = _corner_aoi(tmp_path / "aoi.gpkg", small_region["main"], 7)
+    for ckpt, expected in ((small_ckpt, "1 band: each output band alone"),
+                           (ck2, "2 bands centred on each output band (shifted at the ends)")):
+        out = tmp_path / f"{ckpt.stem}.tif"
+        downscale(small_region["main"], [small_region["aux"]], out, checkpoint=ckpt, device="cpu", aoi=aoi,
+                  progress=False)
+        with rasterio.open(out) as ds:
+            assert ds.tags()["CARBONSR_TEMPORAL_WINDOW"] == expected
