@@ -45,6 +45,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["BF16_TOL", "LAST_RUN_SECONDS", "run_pipeline", "dihedral", "dihedral_inverse", "unique_windows"]
 
+def _writable(a: Any) -> Any:
+    """``a``, or a copy of it where it is a read-only NumPy array (torch refuses to share those)."""
+    return a.copy() if isinstance(a, np.ndarray) and not a.flags.writeable else a
+
+
 #: Largest tolerated |bf16 - fp32| difference of raw log-domain predictions on the first batch;
 #: above it the run falls back to fp32 (the result is always water-filled in float64).
 BF16_TOL = 0.05
@@ -257,8 +262,8 @@ class _Predictor:
         step = max(1, self.batch_size // n_views)
         with torch.inference_mode():
             for s in range(0, aux.shape[0], step):
-                a = torch.as_tensor(aux[s : s + step]).to(self.device, non_blocking=True)  # raw: normalised in _run
-                m = torch.as_tensor(main[s : s + step]).to(self.device, non_blocking=True)
+                a = torch.as_tensor(_writable(aux[s : s + step])).to(self.device, non_blocking=True)  # raw: normalised in _run
+                m = torch.as_tensor(_writable(main[s : s + step])).to(self.device, non_blocking=True)
                 if n_views > 1:
                     a = torch.cat([dihedral(a, d) for d in range(n_views)]).contiguous()
                     m = torch.cat([dihedral(m, d) for d in range(n_views)]).contiguous()

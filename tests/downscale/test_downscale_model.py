@@ -14,6 +14,14 @@ from carbonsr_cli.downscale import downscale, year_window
 from carbonsr_cli.downscale_pipeline import unique_windows
 
 
+#: Issue 18 item 10c: warnings raised from carbonsr's own code (deprecated affine ``*``, matplotlib
+#: ``set_bad``, torch on read-only arrays) fail these tests; carbonsr's own user warnings do not.
+pytestmark = pytest.mark.filterwarnings(
+    "error::PendingDeprecationWarning:carbonsr_cli", "error::DeprecationWarning:carbonsr_cli",
+    "error::UserWarning:carbonsr_cli", "default::carbonsr_cli.errors.CarbonSRWarning",
+)
+
+
 def test_model_conserves_with_aux_in_other_crs(
     small_region: dict, small_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
