@@ -19,6 +19,7 @@ from typer.core import TyperGroup
 from carbonsr_cli import __version__
 from carbonsr_cli.console import print_error, print_warning
 from carbonsr_cli.errors import CarbonSRError, CarbonSRWarning
+from carbonsr_cli.options import plain_help
 
 #: Set by the root callback; when true, unexpected errors show their traceback.
 DEBUG = False
@@ -45,7 +46,15 @@ _PASS_THROUGH = _pass_through_exceptions()
 
 
 class CarbonSRGroup(TyperGroup):
-    """Typer group that maps carbonsr errors to one line and an exit code."""
+    """Typer group that maps carbonsr errors to one line and an exit code, with plain help text."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> Optional[click.Command]:  # noqa: D102
+        cmd = super().get_command(ctx, cmd_name)
+        return plain_help(cmd, ctx) if cmd is not None else None
+
+    def format_help(self, ctx: click.Context, formatter: Any) -> None:  # noqa: D102
+        plain_help(self, ctx)
+        super().format_help(ctx, formatter)
 
     def invoke(self, ctx: click.Context) -> Any:  # noqa: D102
         try:

@@ -51,3 +51,8 @@ def escape(text: str) -> str:
     from rich.markup import escape as _escape
 
     return _escape(text)
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 band``, ``3 bands`` (``many`` for an irregular plural)."""
+    return f"{n} {word}" if n == 1 else f"{n} {many or word + 's'}"

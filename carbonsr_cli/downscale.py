@@ -459,8 +459,8 @@ def _area_km2(grid: ParentGrid) -> float:
         t = grid.transform
         total = 0.0
         for r in range(grid.height):
-            lon0, lat0 = t * (0, r)
-            lon1, lat1 = t * (1, r + 1)
+            lon0, lat0 = t.b * r + t.c, t.e * r + t.f  # t * (0, r), written out (affine's ``*`` is deprecated)
+            lon1, lat1 = t.a + t.b * (r + 1) + t.c, t.d + t.e * (r + 1) + t.f
             a, _ = geod.polygon_area_perimeter([lon0, lon1, lon1, lon0], [lat0, lat0, lat1, lat1])
             total += abs(a)
         return total * grid.width / 1e6

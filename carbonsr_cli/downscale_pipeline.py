@@ -38,10 +38,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from carbonsr_cli.console import plural
+
 if TYPE_CHECKING:  # pragma: no cover
     from carbonsr_cli.downscale import DownscaleSummary, Plan
 
 __all__ = ["BF16_TOL", "LAST_RUN_SECONDS", "run_pipeline", "dihedral", "dihedral_inverse", "unique_windows"]
+
+def _writable(a: Any) -> Any:
+    """``a``, or a copy of it where it is a read-only NumPy array (torch refuses to share those)."""
+    return a.copy() if isinstance(a, np.ndarray) and not a.flags.writeable else a
+
 
 #: Largest tolerated |bf16 - fp32| difference of raw log-domain predictions on the first batch;
 #: above it the run falls back to fp32 (the result is always water-filled in float64).
@@ -255,8 +262,8 @@ class _Predictor:
         step = max(1, self.batch_size // n_views)
         with torch.inference_mode():
             for s in range(0, aux.shape[0], step):
-                a = torch.as_tensor(aux[s : s + step]).to(self.device, non_blocking=True)  # raw: normalised in _run
-                m = torch.as_tensor(main[s : s + step]).to(self.device, non_blocking=True)
+                a = torch.as_tensor(_writable(aux[s : s + step])).to(self.device, non_blocking=True)  # raw: normalised in _run
+                m = torch.as_tensor(_writable(main[s : s + step])).to(self.device, non_blocking=True)
                 if n_views > 1:
                     a = torch.cat([dihedral(a, d) for d in range(n_views)]).contiguous()
                     m = torch.cat([dihedral(m, d) for d in range(n_views)]).contiguous()
@@ -656,7 +663,11 @@ def run_pipeline(
         "CARBONSR_AUX_LAYERS": ",".join(plan.aux_names),
     }
     if plan.method.method.runs_model:
-        tags["CARBONSR_TEMPORAL_WINDOW"] = f"{len(plan.windows[0][0])} bands centred on each output band (shifted at the ends)"
+        t = len(plan.windows[0][0])
+        tags["CARBONSR_TEMPORAL_WINDOW"] = (
+            "1 band: each output band alone" if t == 1
+            else f"{plural(t, 'band')} centred on each output band (shifted at the ends)"
+        )
     if uncertainty is not None:
         tags["CARBONSR_UNCERTAINTY"] = os.path.basename(str(uncertainty))
     source = plan.source_name or plan.main_path.name

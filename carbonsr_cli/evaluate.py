@@ -706,7 +706,8 @@ def _reproject_sum(pred: DatasetReader, band: int, plan: _Aligned, a: int, b: in
     from rasterio.transform import Affine
     from rasterio.warp import reproject
 
-    t = plan.transform * Affine.translation(0, a)
+    t0 = plan.transform  # shifted down by ``a`` rows (written out: affine's ``*`` is deprecated, ``@`` is new)
+    t = Affine(t0.a, t0.b, t0.c + t0.b * a, t0.d, t0.e, t0.f + t0.e * a)
     dst = np.full((b - a, int(plan.window.width)), np.nan, dtype=np.float64)
     nod = pred.nodata
     gdal = tuple(int(x) for x in rasterio.__gdal_version__.split(".")[:2])

@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 
 import click
 import typer
-from typer.core import TyperCommand
+from typer.core import TyperArgument, TyperCommand, TyperOption
 
 __all__ = [
     "InputTif",
@@ -34,6 +34,7 @@ __all__ = [
     "COMPRESS_CHOICES",
     "AuxGlobCommand",
     "absorb_aux_values",
+    "plain_help",
 ]
 
 #: Values of ``--compress`` (mirrors ``writer.COMPRESSIONS``; kept here to avoid importing rasterio).
@@ -162,3 +163,64 @@ class AuxGlobCommand(TyperCommand):
             return super().parse_args(ctx, args)
         needs = any(getattr(p, "param_type_name", "") == "argument" and p.required for p in self.params)
         return super().parse_args(ctx, absorb_aux_values(list(args), self.params, needs_positional=needs))
+
+
+#: Typer's type labels (``<int range>``) -> the plain metavars shown in help (``INTEGER``).
+_METAVARS = {"int": "INTEGER", "int range": "INTEGER", "float": "FLOAT", "float range": "FLOAT",
+             "path": "PATH", "Path": "PATH", "str": "TEXT", "bool": "BOOLEAN"}
+
+
+def _plain_metavar(label: str) -> str:
+    """``<list[int]>`` -> ``INTEGER``, ``<a|b>`` -> ``[a|b]``: a click-style metavar for help."""
+    inner = label.strip("<>")
+    if inner.startswith("list[") and inner.endswith("]"):
+        inner = inner[5:-1]
+    if inner in _METAVARS:
+        return _METAVARS[inner]
+    return f"[{inner}]" if "|" in inner else inner.upper()
+
+
+class PlainHelpOption(TyperOption):
+    """An option whose help shows ``INTEGER``/``PATH`` (nothing after a flag) and ``[default: 20]``."""
+
+    def display_type_rich(self, ctx: click.Context) -> str | None:  # noqa: D102
+        if self.is_flag or self.count:
+            return None
+        if self.metavar is not None:
+            return self.metavar
+        return _plain_metavar(self.display_type(ctx))
+
+    def _get_default_string(self, *, ctx: click.Context, show_default_is_str: bool, default_value: object) -> str:
+        if show_default_is_str:
+            return str(self.show_default)
+        return super()._get_default_string(ctx=ctx, show_default_is_str=False, default_value=default_value)
+
+
+class PlainHelpArgument(TyperArgument):
+    """A positional argument shown as ``MAIN...`` (usage and help), without ``{main}`` or a type label."""
+
+    @property
+    def display_name_raw(self) -> str:  # noqa: D102
+        return self.metavar if self.metavar is not None else (self.name or "").upper()
+
+    def display_type_rich(self, ctx: click.Context) -> str | None:  # noqa: D102
+        return None
+
+    def _usage_display_name(self) -> str:
+        name = self.display_name_raw + ("..." if self.nargs != 1 else "")
+        return name if self.required else f"[{name}]"
+
+    def _get_default_string(self, *, ctx: click.Context, show_default_is_str: bool, default_value: object) -> str:
+        if show_default_is_str:
+            return str(self.show_default)
+        return super()._get_default_string(ctx=ctx, show_default_is_str=False, default_value=default_value)
+
+
+def plain_help(command: click.Command, ctx: click.Context) -> click.Command:
+    """Make ``command``'s help plain: its Typer parameters (and ``--help``) use the classes above."""
+    for prm in command.get_params(ctx):
+        if type(prm) is TyperOption:
+            prm.__class__ = PlainHelpOption
+        elif type(prm) is TyperArgument:
+            prm.__class__ = PlainHelpArgument
+    return command

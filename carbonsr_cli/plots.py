@@ -62,9 +62,7 @@ def log_limits(*arrays: np.ndarray, lo_q: float = 0.02) -> tuple[float, float]:
 def _cmap(name: str) -> Any:
     import matplotlib
 
-    cm = matplotlib.colormaps[name].copy()
-    cm.set_bad((0.0, 0.0, 0.0, 0.0))  # masked cells show the grey/white base layer
-    return cm
+    return matplotlib.colormaps[name].with_extremes(bad=(0.0, 0.0, 0.0, 0.0))  # masked cells: the base layer shows
 
 
 def _save(fig: Any, out_png: PathLike, overwrite: bool, dpi: int) -> Path:

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from carbonsr_cli.errors import CarbonSRError, InputDataError, UsageError
+from carbonsr_cli.errors import InputDataError, UsageError
 
 from carbonsr_cli.errors import MissingInputError
 
@@ -545,13 +545,13 @@ class AuxNormalizer:
         """Build from a stats dict; ``names`` selects and orders channels (e.g. ``AuxStack.names``).
 
         Raises:
-            CarbonSRError: a requested channel is missing from the stats.
+            InputDataError: a requested channel is missing from the stats.
         """
         entries = {e["name"]: e for e in stats.get("aux", [])}
         order = list(names) if names is not None else [e["name"] for e in stats.get("aux", [])]
         missing = [n for n in order if n not in entries]
         if missing:
-            raise CarbonSRError(f"aux layer(s) {', '.join(missing)} not in the statistics; rerun `carbonsr stats` "
+            raise InputDataError(f"aux layer(s) {', '.join(missing)} not in the statistics; rerun `carbonsr stats` "
                                 "with the same --aux layers")
         es = [entries[n] for n in order]
 

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from carbonsr_cli.console import plural
 from carbonsr_cli.options import Aoi, AuxPaths, Cog, Compress, Device, JsonOut, Overwrite, Quiet
 
 HELP = """Downscale a 1 km emission raster to 100 m with a trained model or a baseline.
@@ -51,7 +52,7 @@ def _print_table(summary: Any, console: Any) -> None:
     t.add_row("time", f"{summary.seconds:.2f} s ({summary.tiles:,} tiles)")
     n_years = max(1, len(summary.years))
     t.add_row("throughput", f"{summary.area_km2 / max(summary.seconds, 1e-9):,.1f} km2/s per year "
-              f"({n_years} year(s): {summary.km2_per_s:,.1f} km2-years/s)")
+              f"({plural(n_years, 'year')}: {summary.km2_per_s:,.1f} km2-years/s)")
     t.add_row("output", f"{summary.dtype}, nodata {summary.nodata:g}, units {summary.units}")
     if summary.uncertainty:
         t.add_row("uncertainty", summary.uncertainty)
@@ -71,7 +72,8 @@ def register(app: typer.Typer) -> None:
     def downscale_cmd(
         inputs: Annotated[
             list[Path],
-            typer.Argument(help="MAIN raster (1 km totals or densities, one band per year or month; GeoTIFF, netCDF, or a quoted glob of files on one grid); further paths are aux inputs.", show_default=False),
+            typer.Argument(help="MAIN raster (1 km totals or densities, one band per year or month; GeoTIFF, netCDF, or a quoted glob of files on one grid); further paths are aux inputs.", show_default=False,
+                           metavar="MAIN [AUX]"),
         ],
         output: Annotated[Path, typer.Option("--output", "-o", help="Output GeoTIFF (child grid).", show_default=False)],
         aux: AuxPaths = None,

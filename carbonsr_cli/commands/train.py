@@ -108,7 +108,7 @@ def train_cmd(
         progress=not quiet,
         **fields,
     )
-    _report(train(cfg))
+    _report(train(cfg), cfg)
 
 
 def resume_cmd(
@@ -140,7 +140,7 @@ def resume_cmd(
         max_time_s=None,
         **({"epochs": epochs} if epochs else {}),
     )
-    _report(train(cfg))
+    _report(train(cfg), cfg)
 
 
 def _choose(run: Path, list_checkpoints: Any) -> Path:
@@ -158,10 +158,28 @@ def _choose(run: Path, list_checkpoints: Any) -> Path:
     return infos[int(choice) - 1].path
 
 
-def _report(result: Any) -> None:
+def _planned_steps(result: Any, cfg: Any) -> int:
+    """Steps the run's schedule has (epochs x steps per epoch), as the last checkpoint records it."""
+    train_cfg = {"epochs": cfg.epochs, "steps_per_epoch": cfg.steps_per_epoch}
+    if result.last_checkpoint is not None:
+        try:
+            from carbonsr_cli.train.checkpoints import load_checkpoint
+
+            train_cfg.update(load_checkpoint(result.last_checkpoint).get("train_config", {}))
+        except Exception:  # noqa: BLE001 - the plain sentence falls back to this invocation's config
+            pass
+    return int(train_cfg["epochs"]) * int(train_cfg["steps_per_epoch"])
+
+
+def _report(result: Any, cfg: Any) -> None:
     from carbonsr_cli.console import out
 
     out.print(f"Run directory: {result.run_dir} ({result.stopped}, {result.epochs_done} epochs, {result.global_step} steps)")
+    if result.stopped in ("max_time", "max_steps"):
+        option = "--max-time" if result.stopped == "max_time" else "--max-steps"
+        more = "give more time" if result.stopped == "max_time" else "give more steps"
+        out.print(f"Stopped by {option} after {result.global_step} of {_planned_steps(result, cfg)} steps; the "
+                  f"learning-rate schedule was not finished; continue with `carbonsr resume {result.run_dir}` or {more}.")
     if result.history:
         last = result.history[-1]
         best = min(result.history, key=lambda h: h["val_score"])

@@ -14,6 +14,14 @@ from carbonsr_cli.downscale import downscale, year_window
 from carbonsr_cli.downscale_pipeline import unique_windows
 
 
+#: Issue 18 item 10c: warnings raised from carbonsr's own code (deprecated affine ``*``, matplotlib
+#: ``set_bad``, torch on read-only arrays) fail these tests; carbonsr's own user warnings do not.
+pytestmark = pytest.mark.filterwarnings(
+    "error::PendingDeprecationWarning:carbonsr_cli", "error::DeprecationWarning:carbonsr_cli",
+    "error::UserWarning:carbonsr_cli", "default::carbonsr_cli.errors.CarbonSRWarning",
+)
+
+
 def test_model_conserves_with_aux_in_other_crs(
     small_region: dict, small_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -242,3 +250,16 @@ def test_overlap_too_large_is_a_usage_error(small_region: dict, small_ckpt: Path
         downscale(small_region["main"], [small_region["aux"]], out, checkpoint=small_ckpt, device="cpu",
                   progress=False, overlap=6)
     assert not out.exists()
+
+
+def test_temporal_window_tag_reads_singular_and_plural(small_region: dict, small_ckpt: Path, tmp_path: Path) -> None:
+    """Issue 18 item 10b: '1 band: each output band alone', '2 bands centred ...' (never '1 bands')."""
+    ck2 = make_checkpoint(tmp_path / "t2.pth", small_region["names"], years_window=2)
+    aoi = _corner_aoi(tmp_path / "aoi.gpkg", small_region["main"], 7)
+    for ckpt, expected in ((small_ckpt, "1 band: each output band alone"),
+                           (ck2, "2 bands centred on each output band (shifted at the ends)")):
+        out = tmp_path / f"{ckpt.stem}.tif"
+        downscale(small_region["main"], [small_region["aux"]], out, checkpoint=ckpt, device="cpu", aoi=aoi,
+                  progress=False)
+        with rasterio.open(out) as ds:
+            assert ds.tags()["CARBONSR_TEMPORAL_WINDOW"] == expected

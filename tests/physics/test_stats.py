@@ -108,7 +108,7 @@ def test_aux_normalizer_numpy_and_torch() -> None:
     np.testing.assert_allclose(tb[1].numpy(), expect, rtol=1e-6, atol=1e-6)
     # reorder by name; unknown names are an error
     assert AuxNormalizer.from_stats(stats, ["b", "a"]).mean == (-1.0, 1.0)
-    with pytest.raises(Exception, match="not in the statistics"):
+    with pytest.raises(InputDataError, match="not in the statistics"):
         AuxNormalizer.from_stats(stats, ["c"])
     with pytest.raises(ValueError):
         norm.apply(np.zeros((3, 1, 2, 2)))

@@ -25,10 +25,29 @@ from carbonsr_cli.train.loop import train
 train(TrainConfig.from_dict(json.loads(sys.argv[1])))
 """
 
+#: The child for the SIGKILL test: once ``autosave_step_<N>.pth`` is completely written, it writes
+#: ``PAUSED`` next to it and blocks, so the kill always lands mid-run (never after the run finished).
+_CHILD_PAUSING = """
+import json, sys, time
+from pathlib import Path
+from carbonsr_cli.train import checkpoints
+from carbonsr_cli.train.config import TrainConfig
+from carbonsr_cli.train.loop import train
+pause_at = sys.argv[2]
+save = checkpoints.save_checkpoint
+def save_then_pause(path, payload):
+    save(path, payload)
+    if Path(path).name == pause_at:
+        (Path(path).parent / "PAUSED").write_text("paused")
+        time.sleep(3600)
+checkpoints.save_checkpoint = save_then_pause
+train(TrainConfig.from_dict(json.loads(sys.argv[1])))
+"""
 
-def _spawn(cfg) -> subprocess.Popen:
+
+def _spawn(cfg, pause_at: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(cfg.to_dict())], env=env,
+    return subprocess.Popen([sys.executable, "-c", _CHILD_PAUSING, json.dumps(cfg.to_dict()), pause_at], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
@@ -57,12 +76,13 @@ def test_sigkill_then_resume_is_bitwise_identical(sample_dir: Path, tmp_path: Pa
     common["stats"] = str(full.run_dir / "stats.json")  # same statistics, computed once
 
     killed_cfg = small_config(sample_dir, tmp_path, name="killed", **common)
-    proc = _spawn(killed_cfg)
+    proc = _spawn(killed_cfg, pause_at="autosave_step_6.pth")
     run = tmp_path / "killed"
-    _wait_for(run / "autosave_step_6.pth", proc)  # mid-epoch 2 (global steps 5..8)
+    _wait_for(run / "PAUSED", proc)  # mid-epoch 2 (global steps 5..8): the child blocks right after step 6's autosave
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, "the training process finished before it could be killed"
+    assert proc.returncode == -signal.SIGKILL
+    assert ck.load_checkpoint(run / "autosave_step_6.pth")["global_step"] == 6
     assert not (run / "latest.pth").exists() or ck.load_checkpoint(run / "latest.pth")["global_step"] < 8
 
     resumed = train(small_config(sample_dir, tmp_path, name="killed", resume="latest", **common))

@@ -1,0 +1,26 @@
+"""Issue 18 item 11c: a run cut by --max-time says so in a plain sentence (steps done of planned, how to go on)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from cli_run import run_cli
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+from helpers import small_config  # noqa: E402
+
+
+def test_max_time_stop_is_explained(sample_dir: Path, tmp_path: Path) -> None:
+    from carbonsr_cli.train.loop import train
+
+    first = train(small_config(sample_dir, tmp_path, name="r", epochs=1))  # 3 steps, a tiny model
+    proc = run_cli("train", sample_dir / "emissions_1km.tif", "--resume", first.run_dir / "latest.pth",
+                   "--epochs", "1000", "--max-time", "1", "--device", "cpu", "-q", cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert "(max_time," in text
+    steps = int(text.split("Stopped by --max-time after ", 1)[1].split(" ", 1)[0])
+    assert 3 < steps < 3000
+    assert f"after {steps} of 3000 steps; the learning-rate schedule was not finished; " \
+           f"continue with `carbonsr resume {first.run_dir}` or give more time." in text
