@@ -28,6 +28,8 @@ class PriorFit:
         ref: Per-channel conditioning scale (mean positive raw value).
         cells: Parent cells (x years) the fit used.
         terms: ``{"<layer>^p": share of the fitted weight}``, the mix in words, largest first.
+        basis: The basis the fit chose (e.g. ``pixel, p=1``; see ``fit_prior_selected``).
+        holdout_losses: Held-out share loss of every candidate basis, simplest first.
     """
 
     exponents: tuple[float, ...]
@@ -37,18 +39,22 @@ class PriorFit:
     ref: tuple[float, ...]
     cells: int
     terms: dict[str, float]
+    basis: str = ""
+    holdout_losses: tuple[float, ...] = ()
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PriorFit:
         """Inverse of :meth:`to_dict`."""
         return cls(tuple(float(v) for v in d["exponents"]), tuple(int(v) for v in d["smooth"]),
                    tuple(float(v) for v in d["coef"]), float(d["floor"]),
-                   tuple(float(v) for v in d["ref"]), int(d.get("cells", 0)), dict(d.get("terms", {})))
+                   tuple(float(v) for v in d["ref"]), int(d.get("cells", 0)), dict(d.get("terms", {})),
+                   str(d.get("basis", "")), tuple(float(v) for v in d.get("holdout_losses", ())))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict (stored in checkpoints and run files)."""
         return {"exponents": list(self.exponents), "smooth": list(self.smooth), "coef": list(self.coef), "floor": self.floor,
-                "ref": list(self.ref), "cells": self.cells, "terms": dict(self.terms)}
+                "ref": list(self.ref), "cells": self.cells, "terms": dict(self.terms), "basis": self.basis,
+                "holdout_losses": list(self.holdout_losses)}
 
 
 def prior_module(normalizer: Any, exponents: tuple[float, ...], smooth: tuple[int, ...],
@@ -80,7 +86,7 @@ def fit_prior_on_cache(cache: Any, main: Any, train_mask: np.ndarray, normalizer
     """
     import torch
 
-    from models.dasymetric import fit_prior, share_blocks_of
+    from models.dasymetric import fit_prior_selected, share_blocks_of
     from models.physics import block_sum
 
     arr = cache.array
@@ -115,7 +121,8 @@ def fit_prior_on_cache(cache: Any, main: Any, train_mask: np.ndarray, normalizer
     phi_all = np.concatenate(sums) if sums else np.zeros((0, k))
     t_all = np.concatenate(totals) if totals else np.zeros(0)
     n_all = np.concatenate(counts) if counts else np.zeros(0)
-    coef, floor = fit_prior(phi_all, n_all, t_all, share_blocks=groups)
+    cands = prior.basis.candidates()
+    coef, floor, chosen, losses = fit_prior_selected(phi_all, n_all, t_all, groups, cands)
     nonzero = t_all > 0
     phi_all, n_all = phi_all[nonzero], n_all[nonzero]
     names = prior.basis.labels(normalizer.names)
@@ -123,8 +130,18 @@ def fit_prior_on_cache(cache: Any, main: Any, train_mask: np.ndarray, normalizer
     total = float(contrib.sum() + floor * n_all.sum()) or 1.0
     terms = {n: float(v / total) for n, v in sorted(zip(names, contrib), key=lambda kv: -kv[1]) if v > 0}
     terms["(floor)"] = float(floor * n_all.sum() / total)
+    basis = _basis_name(cands[chosen], prior.basis)
     return PriorFit(tuple(float(p) for p in exponents), tuple(int(k) for k in smooth), tuple(float(v) for v in coef), float(floor), ref,
-                    int(t_all.size), terms)
+                    int(t_all.size), terms, basis, tuple(float(v) for v in losses))
+
+
+def _basis_name(mask: np.ndarray, basis: Any) -> str:
+    """``pixel, p=1`` / ``pixel + 3x3, p=0.5,1,2``: the neighbourhoods and powers a column mask uses."""
+    c, s_, j = basis.channels, len(basis.smooth), len(basis.exponents)
+    m = np.asarray(mask).reshape(c, s_, j).any(axis=0)
+    sizes = [("pixel" if k == 1 else f"{k}x{k}") for i, k in enumerate(basis.smooth) if m[i].any()]
+    powers = [f"{p:g}" for q, p in enumerate(basis.exponents) if m[:, q].any()]
+    return f"{' + '.join(sizes)}, p={','.join(powers)}"
 
 
 def build_fitted_prior(fit: PriorFit, normalizer: Any) -> Any:
