@@ -333,7 +333,7 @@ def _refine_shares(blocks: list[tuple[np.ndarray, np.ndarray]], x0: np.ndarray, 
             loss = loss + (pred - t).abs().sum()
         loss = loss / norm
         if float(loss.detach()) < best:
-            best, best_x = float(loss), coef.detach().numpy().copy()
+            best, best_x = float(loss.detach()), coef.detach().numpy().copy()
         loss.backward()
         opt.step()
     return best_x

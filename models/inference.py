@@ -26,10 +26,10 @@ def low_precision_copy(model: nn.Module, dtype: torch.dtype = torch.bfloat16) ->
     residual keeps float32 precision. The original model is not changed.
     """
     low = copy.deepcopy(model).to(dtype).eval()
-    for name in ("prior", "pointwise"):  # the dasymetric prior and head stay float32 (few flops)
-        part = getattr(low, name, None)
-        if isinstance(part, nn.Module):
-            part.float()
+    for name in ("prior", "pointwise"):  # the dasymetric prior and head stay float32 (few flops),
+        part = getattr(model, name, None)  # copied from the original: a round trip through bf16
+        if isinstance(part, nn.Module):  # would round its normalisation constants
+            setattr(low, name, copy.deepcopy(part).float().eval())
     for p in low.parameters():
         p.requires_grad_(False)
     return low

@@ -29,6 +29,7 @@ def tiny() -> DSTCarbonFormer:
 def test_low_precision_copy_keeps_the_dasymetric_prior_and_head_in_float32() -> None:
     torch.manual_seed(0)
     net = DSTCarbonFormer(preset("tiny", C_AUX)).eval()
+    net.prior.basis.set_normalisation([True] * C_AUX, [1.2345] * C_AUX, [2.3456] * C_AUX, [0.0] * C_AUX, [0.777] * C_AUX)
     low = low_precision_copy(net)
     for name, p in low.named_parameters():
         want = torch.float32 if name.startswith(("prior.", "pointwise.")) else torch.bfloat16
@@ -36,6 +37,7 @@ def test_low_precision_copy_keeps_the_dasymetric_prior_and_head_in_float32() -> 
     aux, main = _inputs(2)
     with torch.inference_mode():
         assert low(aux, main)[0].dtype == torch.float32
+        torch.testing.assert_close(low.prior(aux), net.prior(aux), rtol=0, atol=0)  # no bf16 round trip
 
 
 def test_low_precision_copy_leaves_the_model_and_keeps_the_residual_in_float32(tiny: DSTCarbonFormer) -> None:
