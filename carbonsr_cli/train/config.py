@@ -44,10 +44,12 @@ class TrainConfig:
             (linear domain) added to the log-domain loss: it makes the cells that hold the mass
             count as they do in Nonzero-MAE. 0 switches it off.
         log_loss_weight: Weight of the log-domain ``DualLayerWeightedLoss`` (0: the mass term only).
+        select_margin: A trained state replaces the fitted prior as ``best_model.pth`` only when
+            its validation score is this fraction below the prior's (noise guard).
         years_window: T, years per patch (None: 1 for ``tiny``, 3 otherwise, capped by the
             number of years).
         scales: Coarse-scale schedule, e.g. ``"12:0.5,4:0.25,2:0.25"`` (divisors of ``patch``).
-        val_scales: Coarse scales of the validation (s = 12 and a finer one).
+        val_scales: Coarse scales of the validation (s = 12 and the finest ones, which weigh most).
         val_fraction: Share of valid parent cells used for validation (block split).
         val_region: ``minx,miny,maxx,maxy`` (parent CRS) or a polygon file; overrides the
             block split.
@@ -95,7 +97,8 @@ class TrainConfig:
     log_loss_weight: float = 1.0
     years_window: int | None = None
     scales: str = "12:0.5,4:0.25,2:0.25"
-    val_scales: list[int] = field(default_factory=lambda: [12, 3])
+    val_scales: list[int] = field(default_factory=lambda: [12, 3, 2])
+    select_margin: float = 0.03
     val_fraction: float = 0.2
     val_region: str | None = None
     block_patches: int = 3
