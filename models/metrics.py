@@ -327,7 +327,12 @@ class ConservationReport:
     zero_total_violations: int = 0
     _worst_key: float = field(default=-1.0, repr=False)
 
-    def ok(self, rtol: float = 1e-6, atol: float = 0.0) -> bool:
+    @property
+    def ok(self) -> bool:
+        """``passes()`` with the default tolerances (a plain bool: ``assert rep.ok`` can fail)."""
+        return self.passes()
+
+    def passes(self, rtol: float = 1e-6, atol: float = 0.0) -> bool:
         """True when every block sum is within ``rtol``/``atol``, no negatives, NaNs or mismatch."""
         return (
             self.max_rel_error <= rtol

@@ -107,7 +107,7 @@ def test_conservation_report() -> None:
     totals[0, 1, 2] = np.nan
     children = np.repeat(np.repeat(totals / 100, 10, axis=-2), 10, axis=-1)
     rep = conservation_report(children, totals, 10)
-    assert rep.ok() and rep.blocks_checked == 23 and rep.cells_checked == 2300 and rep.nodata_blocks == 1
+    assert rep.ok and rep.blocks_checked == 23 and rep.cells_checked == 2300 and rep.nodata_blocks == 1
     assert rep.max_rel_error < 1e-13
     bad = children.copy()
     bad[1, 25, 33] += 0.5  # block (band 1, row 2, col 3)
@@ -115,7 +115,7 @@ def test_conservation_report() -> None:
     bad[1, 0, 0] = np.nan
     bad[0, 10, 20] = 1.0  # inside the nodata block
     rep = conservation_report(bad, totals, 10)
-    assert not rep.ok()
+    assert not rep.ok
     assert rep.negatives == 1 and rep.nans == 1 and rep.nodata_mismatch == 1
     assert rep.worst_block == (1, 0, 0)  # the NaN block: infinite error
     bad[1, 0, 0] = children[1, 0, 0]
@@ -137,7 +137,7 @@ def test_conservation_report_zero_total_must_give_exact_zeros() -> None:
     totals = np.array([[[0.0, 5.0]]])
     children = np.zeros((1, 10, 20))
     children[:, :, 10:] = 0.05
-    assert conservation_report(children, totals, 10).ok()
+    assert conservation_report(children, totals, 10).ok
     children[0, 3, 4] = 1e-9  # mass inside a block whose total is 0
     rep = conservation_report(children, totals, 10)
-    assert rep.zero_total_violations == 1 and not rep.ok()
+    assert rep.zero_total_violations == 1 and not rep.ok
