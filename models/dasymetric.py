@@ -147,8 +147,10 @@ class PriorBasis(nn.Module):
 class DasymetricPrior(nn.Module):
     """Log-weights of the additive mix ``log(floor + sum coef * basis)`` (see the module docstring).
 
-    Coefficients are stored as logs (so they stay positive under gradient descent); a coefficient
-    of exactly 0 is ``exp(-30)``. Initialised uniform (floor 1, every coefficient 0).
+    Coefficients are stored as logs (so they stay positive under gradient descent). Only the basis
+    functions marked ``active`` (a buffer: those with a positive fitted coefficient; all until
+    :meth:`set_coefficients`) are computed and trained, so a fitted mix costs what it uses.
+    Initialised uniform (floor 1, every coefficient ``exp(-30)``).
 
     Shapes:
         ``[B, C, T, H, W] (normalised aux) -> [B, 1, T, H, W]`` log-weights (float32).
@@ -160,6 +162,7 @@ class DasymetricPrior(nn.Module):
         self.basis = PriorBasis(channels, exponents, smooth)
         self.log_coef = nn.Parameter(torch.full((self.basis.size,), _LOG_ZERO))
         self.log_floor = nn.Parameter(torch.zeros(()))
+        self.register_buffer("active", torch.ones(self.basis.size, dtype=torch.bool))
 
     def set_coefficients(self, coef: Sequence[float] | np.ndarray, floor: float) -> None:
         """Set the mix from linear coefficients (>= 0, one per basis function) and the floor (> 0)."""
@@ -171,12 +174,52 @@ class DasymetricPrior(nn.Module):
         with torch.no_grad():
             self.log_coef.copy_(torch.where(c > 0, c.clamp(min=1e-300).log(), torch.full_like(c, _LOG_ZERO)).clamp(min=_LOG_ZERO).float())
             self.log_floor.fill_(math.log(float(floor)))
+            self.active.copy_(c > 0)
+
+    def _plan(self) -> list[tuple[int, list[int], list[tuple[int, list[int], list[int]]]]]:
+        """``[(smooth index, channels, [(power index, positions in channels, flat basis indices)])]``
+        of the active basis functions; computed on the host once per change of ``active`` (so the
+        forward pass makes no host-device synchronisation and can be captured in a CUDA graph)."""
+        key = (self.active._version, self.active.data_ptr())
+        if getattr(self, "_plan_key", None) != key:
+            b = self.basis
+            c, n_s, n_p = b.channels, len(b.smooth), len(b.exponents)
+            act = self.active.detach().to("cpu").view(c, n_s, n_p).numpy()
+            plan = []
+            for i in range(n_s):
+                chans = [ch for ch in range(c) if act[ch, i].any()]
+                if not chans:
+                    continue
+                powers = []
+                for j in range(n_p):
+                    pos = [q for q, ch in enumerate(chans) if act[ch, i, j]]
+                    if pos:
+                        powers.append((j, pos, [(chans[q] * n_s + i) * n_p + j for q in pos]))
+                plan.append((i, chans, powers))
+            self._plan_cache, self._plan_key = plan, key
+        return self._plan_cache
 
     def weights(self, x: Tensor) -> Tensor:
-        """Linear weights ``[B, 1, T, H, W]`` (float32, > 0)."""
-        phi = self.basis(x)
-        coef = self.log_coef.float().exp().view(1, -1, 1, 1, 1)
-        return (phi * coef).sum(dim=1, keepdim=True) + self.log_floor.float().exp()
+        """Linear weights ``[B, 1, T, H, W]`` (float32, > 0), from the active basis functions only."""
+        b = self.basis
+        c = b.channels
+        coef = self.log_coef.float().exp()
+        out = self.log_floor.float().exp().expand(x.shape[0], 1, *x.shape[2:])
+        plan = self._plan()
+        if not plan:
+            return out.contiguous()
+        v = b.raw(x) / b.ref.view(1, c, 1, 1, 1)
+        for i, chans, powers in plan:
+            k = b.smooth[i]
+            vk = v[:, chans]
+            if k > 1:
+                vk = torch.nn.functional.avg_pool3d(vk, (1, k, k), stride=1, padding=(0, k // 2, k // 2), count_include_pad=False)
+            for j, pos, flat in powers:
+                p = b.exponents[j]
+                t = vk[:, pos]
+                t = t if p == 1.0 else t.pow(p)
+                out = out + (t * coef[flat].view(1, -1, 1, 1, 1)).sum(dim=1, keepdim=True)
+        return out
 
     def forward(self, x: Tensor) -> Tensor:
         """Log-weights ``[B, 1, T, H, W]`` (float32)."""

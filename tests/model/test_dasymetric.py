@@ -105,3 +105,18 @@ def test_dasymetric_ablations_build_and_run(switch: str) -> None:
     torch.testing.assert_close(block_sum(torch.expm1(con), 10), torch.ones(1, 1, 1, 3, 3, dtype=torch.float64))
     if switch == "use_context":
         assert not hasattr(net, "enc_blocks")  # no U-Net built
+
+
+def test_prior_computes_only_active_basis_functions_and_matches_the_full_sum() -> None:
+    prior = DasymetricPrior(4)
+    coef = np.zeros(prior.basis.size)
+    coef[[0, 4, 7, 20]] = [1.0, 2.0, 0.5, 3.0]
+    prior.set_coefficients(coef, 0.1)
+    assert int(prior.active.sum()) == 4
+    x = torch.randn(2, 4, 1, 20, 20)
+    with torch.no_grad():
+        full = (prior.basis(x) * torch.from_numpy(coef).float().view(1, -1, 1, 1, 1)).sum(1, keepdim=True) + 0.1
+        torch.testing.assert_close(prior.weights(x), full, rtol=1e-5, atol=1e-5)
+        again = DasymetricPrior(4)
+        again.load_state_dict(prior.state_dict())  # the active set travels with the checkpoint
+        torch.testing.assert_close(again.weights(x), prior.weights(x), rtol=0, atol=0)
