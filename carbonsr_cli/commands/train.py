@@ -171,6 +171,16 @@ def _planned_steps(result: Any, cfg: Any) -> int:
     return int(train_cfg["epochs"]) * int(train_cfg["steps_per_epoch"])
 
 
+def _best_is_initial(path: Any) -> bool:
+    """Whether ``best_model.pth`` is the untrained state (global step 0)."""
+    from carbonsr_cli.train.checkpoints import load_checkpoint
+
+    try:
+        return int(load_checkpoint(path).get("global_step", -1)) == 0
+    except Exception:  # noqa: BLE001 - a report line must not fail the command
+        return False
+
+
 def _report(result: Any, cfg: Any) -> None:
     from carbonsr_cli.console import out
 
@@ -189,7 +199,13 @@ def _report(result: Any, cfg: Any) -> None:
         )
         out.print(f"Best validation score {best['val_score']:.3f} at epoch {best['epoch']} (model Nonzero-MAE / "
                   f"best baseline's on held-out blocks, parent level: {ratios}); last epoch {last['epoch']}.")
-        if best["val_score"] < 1.0:
+        init = getattr(result, "initial_score", None)
+        if init is not None:
+            kept = init <= best["val_score"] or (result.best_path is not None and _best_is_initial(result.best_path))
+            out.print(f"The initial state (the fitted layer mix) scored {init:.3f}; best_model.pth holds "
+                      + ("that initial state (training did not improve on it clearly)." if kept else f"epoch {best['epoch']}."))
+            best = dict(best, val_score=min(best["val_score"], init))
+        if best["val_score"] < 0.99:
             out.print("The model beat every baseline on the held-out validation blocks (a proxy at 1 km, not a 100 m score).")
         else:
             out.print("The model did NOT beat the best baseline on the held-out validation blocks; "

@@ -89,6 +89,7 @@ class RunResult:
         stopped: ``completed``, ``early_stop``, ``max_steps`` or ``max_time``.
         history: One dict per finished epoch (also in metrics.csv).
         last_checkpoint: The last checkpoint written.
+        initial_score: Validation score of the initial state (the fitted prior), if scored.
     """
 
     run_dir: Path
@@ -99,6 +100,7 @@ class RunResult:
     stopped: str
     history: list[dict[str, Any]] = field(default_factory=list)
     last_checkpoint: Path | None = None
+    initial_score: float | None = None
 
 
 # --------------------------------------------------------------------------- run setup
@@ -923,6 +925,7 @@ def train(config: TrainConfig) -> RunResult:
         stopped=stopped,
         history=history,
         last_checkpoint=last_ckpt[-1] if last_ckpt else None,
+        initial_score=float(initial_score) if initial_score is not None else None,
     )
 
 

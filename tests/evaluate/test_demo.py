@@ -26,7 +26,7 @@ def test_demo_short_run(tmp_path: Path) -> None:
     from carbonsr_cli.demo import run_demo
 
     res = run_demo(tmp_path / "demo", train_overrides={"epochs": 1, "steps_per_epoch": 2}, log=lambda m: None)
-    assert set(res.outputs) == {"model", "dasymetric", "uniform"}
+    assert set(res.outputs) == {"model", "fitted", "points", "dasymetric", "uniform"}
     assert all(p.exists() for p in res.outputs.values())
     regions = {r["region"] for r in res.rows}
     assert regions == {"held-out", "whole region"}
@@ -37,4 +37,4 @@ def test_demo_short_run(tmp_path: Path) -> None:
     assert model["ratio"] == pytest.approx(model["nonzero-mae"] / best)
     assert res.quicklook.read_bytes()[:4] == b"\x89PNG" and res.quicklook.stat().st_size < 300_000
     data = json.loads(res.results_json.read_text())
-    assert len(data["rows"]) == 6
+    assert len(data["rows"]) == 10
