@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from carbonsr_cli.errors import CheckpointError, ConservationError, InputDataError, UsageError
+from carbonsr_cli.errors import CarbonSRWarning, CheckpointError, ConservationError, InputDataError, UsageError
 from carbonsr_cli.rasters import open_raster, read_window, read_years
 
 if TYPE_CHECKING:
@@ -945,6 +946,38 @@ class SelfValidationResult:
         }
 
 
+def _whole_blocks(
+    mask: np.ndarray, windows: Sequence[tuple[int, int]], patch: int, s: int
+) -> list[tuple[int, int, np.ndarray]]:
+    """The cells each window scores at scale ``s``: whole ``s x s`` blocks, each cell once.
+
+    Totals are conserved over whole coarse blocks only, so a block is scored only when all its
+    cells lie inside ``mask`` (the region) and no earlier window scored any of them; blocks
+    cut by the region or by the shifted last window of a row/column are dropped.
+
+    Args:
+        mask: bool ``[h, w]`` region of parent cells.
+        windows: ``(row, col)`` starts of the ``patch x patch`` windows, in scoring order.
+        patch: Window size in parent cells (a multiple of ``s``).
+        s: Coarse scale in parent cells.
+
+    Returns:
+        ``(row, col, sel)`` per window with at least one scored block; ``sel`` is bool
+        ``[patch, patch]``.
+    """
+    owned = np.zeros(mask.shape, dtype=bool)
+    nb = patch // s
+    out = []
+    for r, c in windows:
+        free = mask[r : r + patch, c : c + patch] & ~owned[r : r + patch, c : c + patch]
+        whole = free.reshape(nb, s, nb, s).all(axis=(1, 3))
+        if whole.any():
+            sel = np.repeat(np.repeat(whole, s, axis=0), s, axis=1)
+            out.append((r, c, sel))
+            owned[r : r + patch, c : c + patch] |= sel
+    return out
+
+
 def _starts(n: int, size: int) -> list[int]:
     """Window starts tiling ``[0, n)`` with windows of ``size``; the last one is shifted back to end at n."""
     starts = list(range(0, n - size + 1, size))
@@ -1009,8 +1042,10 @@ def self_validate(
 
     Exactly the degradation of training (``carbonsr_cli.train.dataset``): the main raster is
     tiled into ``patch x patch`` parent-cell windows (12 x 12 by default; the last window of a
-    row/column is shifted back to fit, and a cell is scored once). For each scale ``s`` (a
-    divisor of ``patch``), the coarse totals are the sums of ``s x s`` parent cells; the model
+    row/column is shifted back to fit). Per scale ``s`` (a divisor of ``patch``) only whole
+    ``s x s`` blocks inside a window and the region are scored, each cell once (totals are
+    conserved over whole blocks only; a scale with no whole block is skipped with a
+    warning). The coarse totals are the sums of ``s x s`` parent cells; the model
     sees ``main = log1p(coarse total / (s * factor)**2)`` and the aux layers, its children are
     water-filled onto each coarse block (``block = s * factor`` children), summed to parent
     cells and compared with the true parent totals. The baselines get the same coarse totals:
@@ -1077,15 +1112,8 @@ def self_validate(
     if not (mask & main.valid.any(axis=0)).any():
         raise UsageError(f"the evaluation region ({label}) holds no valid parent cell of the main raster")
 
-    # patch windows touching the region; each cell is owned by the first window that covers it
-    owned = np.zeros((h, w), dtype=bool)
-    windows: list[tuple[int, int, np.ndarray]] = []
-    for r in _starts(h, patch):
-        for c in _starts(w, patch):
-            sel = mask[r : r + patch, c : c + patch] & ~owned[r : r + patch, c : c + patch]
-            if sel.any():
-                windows.append((r, c, sel))
-                owned[r : r + patch, c : c + patch] |= sel
+    # patch windows touching the region; per scale, whole s x s blocks are scored once (below)
+    windows = [(r, c) for r in _starts(h, patch) for c in _starts(w, patch) if mask[r : r + patch, c : c + patch].any()]
     r0 = min(x[0] for x in windows)
     c0 = min(x[1] for x in windows)
     r1 = max(x[0] for x in windows) + patch
@@ -1098,7 +1126,17 @@ def self_validate(
         own = ~seen[y0 : y0 + t]
         year_own.append(own.copy())
         seen[y0 : y0 + t] = True
-    items = [(r - r0, c - c0, sel, y0, yo) for (r, c, sel) in windows for y0, yo in zip(year_starts, year_own)]
+    items_by_scale: dict[int, list[tuple[int, int, np.ndarray, int, np.ndarray]]] = {}
+    for s in scales:
+        items_by_scale[s] = [(r - r0, c - c0, sel, y0, yo) for (r, c, sel) in _whole_blocks(mask, windows, patch, s)
+                             for y0, yo in zip(year_starts, year_own)]
+    empty = [s for s in scales if not items_by_scale[s]]
+    if len(empty) == len(scales):
+        raise UsageError(f"the evaluation region ({label}) holds no whole block of {' or '.join(f'{s} x {s}' for s in scales)} parent cells")
+    if empty:
+        warnings.warn(CarbonSRWarning(
+            f"scale(s) {', '.join(map(str, empty))} skipped: the evaluation region ({label}) holds no whole block at that scale"))
+        scales = [s for s in scales if s not in empty]
 
     child = main.grid.child(f)
     with AuxStack(discover_aux(list(aux_paths)), child, main.years, fill_missing=fill_missing) as stack:
@@ -1115,6 +1153,7 @@ def self_validate(
     with torch.no_grad():
         for s in scales:
             block = s * f
+            items = items_by_scale[s]
             for k in range(0, len(items), batch_size):
                 chunk = items[k : k + batch_size]
                 spec = BatchSpec(
