@@ -98,6 +98,7 @@ __all__ = [
     "AuxStack",
     "LayerCoverage",
     "discover_aux",
+    "categorical_kinds",
     "layer_names",
     "split_year",
 ]
@@ -473,6 +474,11 @@ def _vector_source(path: Path, attribute: str | None = None) -> AuxSource:
     if has_point:
         entries.append(AuxEntry(base, "point_count", None, year))
     return AuxSource(path=path, kind="vector", entries=tuple(entries), crs=gdf.crs, class_attr=class_attr, gdf=gdf)
+
+
+def categorical_kinds(names: Sequence[str] | None) -> dict[str, str] | None:
+    """``discover_aux`` kinds marking these raster file stems or names categorical (``--categorical``)."""
+    return {str(n): "categorical" for n in names} if names else None
 
 
 def discover_aux(

@@ -114,7 +114,7 @@ class _BandReader:
         plan = self.plan
         self._ds = open_raster(plan.main_path)
         if not plan.method.method.runs_model and plan.aux_names:  # the model's layers come from the strip reader
-            sources = discover_aux(plan.aux_paths)
+            sources = discover_aux(plan.aux_paths, kinds=plan.aux_kinds)
             sources = [s for s in sources if any(n in s.layers for n in plan.aux_names)]
             self._aux = AuxStack(sources, plan.child, plan.aux_years, fill_missing=plan.fill_missing)
             names = list(self._aux.names)
@@ -850,7 +850,7 @@ def _open_strip_feed(
 
     aux = plan.aux_stack
     if aux is None or aux.grid != plan.child or list(aux.years) != list(plan.aux_years):
-        aux = AuxStack(discover_aux(plan.aux_paths), plan.child, plan.aux_years, fill_missing=plan.fill_missing)
+        aux = AuxStack(discover_aux(plan.aux_paths, kinds=plan.aux_kinds), plan.child, plan.aux_years, fill_missing=plan.fill_missing)
     names = list(aux.names)
     order: list[int] | None = [names.index(n) for n in plan.aux_names]
     if order == list(range(len(names))):

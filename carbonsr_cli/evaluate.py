@@ -1037,6 +1037,7 @@ def self_validate(
     device: str = "cpu",
     batch_size: int = 8,
     fill_missing: bool = False,
+    categorical: Sequence[str] | None = None,
 ) -> SelfValidationResult:
     """Scale-shift self-validation: hide detail we know, and score how well it comes back.
 
@@ -1066,6 +1067,8 @@ def self_validate(
         device: ``auto``, ``cpu``, ``cuda``...
         batch_size: Patches per forward pass.
         fill_missing: Allow aux layers that do not cover the whole extent.
+        categorical: Aux raster file stems or names read as categorical; None: the
+            checkpoint's setting (``train --categorical``).
 
     Returns:
         A :class:`SelfValidationResult` (parent-level metrics per scale and method).
@@ -1076,7 +1079,7 @@ def self_validate(
     """
     import torch
 
-    from carbonsr_cli.auxlayers import AuxStack, discover_aux
+    from carbonsr_cli.auxlayers import AuxStack, categorical_kinds, discover_aux
     from carbonsr_cli.downscale import _resolve_aux_order
     from carbonsr_cli.stats import AuxNormalizer
     from carbonsr_cli.train.checkpoints import load_checkpoint, load_model_for_inference
@@ -1139,7 +1142,10 @@ def self_validate(
         scales = [s for s in scales if s not in empty]
 
     child = main.grid.child(f)
-    with AuxStack(discover_aux(list(aux_paths)), child, main.years, fill_missing=fill_missing) as stack:
+    if categorical is None:
+        categorical = list(dict(ck.get("train_config") or {}).get("categorical") or [])
+    kinds = categorical_kinds(categorical)
+    with AuxStack(discover_aux(list(aux_paths), kinds=kinds), child, main.years, fill_missing=fill_missing) as stack:
         order = _resolve_aux_order(stack.names, loaded.aux_names, checkpoint)
         view = _OffsetStack(stack, r0 * f, c0 * f, order)
         from rasterio.windows import Window

@@ -29,6 +29,7 @@ __all__ = [
     "Quiet",
     "JsonOut",
     "AuxPaths",
+    "Categorical",
     "Aoi",
     "InputUnits",
     "COMPRESS_CHOICES",
@@ -84,6 +85,14 @@ JsonOut = Annotated[
 AuxPaths = Annotated[
     Optional[list[str]],
     typer.Option("--aux", help="Auxiliary raster/vector file, directory or quoted glob ('aux/*.tif'); repeatable."),
+]
+#: ``--categorical``: repeatable; aux rasters (file stem or name) read as class codes.
+Categorical = Annotated[
+    Optional[list[str]],
+    typer.Option("--categorical", metavar="NAME",
+                 help="Read this aux raster (file stem or name, e.g. lc) as land-cover classes: one cover-fraction "
+                 "layer per class; repeatable. Otherwise only rasters tagged CARBONSR_KIND=categorical or with an "
+                 "integer type and a name such as landcover are."),
 ]
 #: ``--aoi``: restrict work to the parent cells touching these polygons.
 Aoi = Annotated[

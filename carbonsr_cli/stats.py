@@ -352,6 +352,7 @@ def compute_stats(
     factor: int = 10,
     units: str | None = None,
     fill_missing: bool = False,
+    categorical: Sequence[str] | None = None,
     aux_tile: int = 120,
     aux_max_tiles: int = 400,
     aux_max_samples: int = 200_000,
@@ -369,6 +370,7 @@ def compute_stats(
         units: Unit of the main values (``--units``); densities are converted to totals per
             cell with the cell areas. None: the values are totals per cell.
         fill_missing: Passed to ``AuxStack`` when building it from paths.
+        categorical: Aux raster file stems or names to read as categorical (``--categorical``).
         aux_tile: Edge of the aux tiles read, in child cells.
         aux_max_tiles: At most about this many aux tiles are read per main file (every k-th
             tile row and column).
@@ -412,7 +414,7 @@ def compute_stats(
         "aux_coverage": [],
     }
     if aux is not None:
-        stacks, owned = _aux_stacks(aux, paths, factor=factor, fill_missing=fill_missing)
+        stacks, owned = _aux_stacks(aux, paths, factor=factor, fill_missing=fill_missing, categorical=categorical)
         try:
             if stacks:
                 stats["aux"], stats["aux_coverage"] = _aux_stats(
@@ -424,19 +426,21 @@ def compute_stats(
     return stats
 
 
-def _aux_stacks(aux: Any, paths: list[Path], *, factor: int, fill_missing: bool) -> tuple[list[Any], list[Any]]:
+def _aux_stacks(
+    aux: Any, paths: list[Path], *, factor: int, fill_missing: bool, categorical: Sequence[str] | None = None
+) -> tuple[list[Any], list[Any]]:
     if hasattr(aux, "read") and hasattr(aux, "names"):
         if len(paths) > 1:
             raise UsageError("pass aux paths (not one AuxStack) when computing stats over several main files")
         return [aux], []
-    from carbonsr_cli.auxlayers import AuxStack, discover_aux
+    from carbonsr_cli.auxlayers import AuxStack, categorical_kinds, discover_aux
     from carbonsr_cli.grids import ParentGrid
     from carbonsr_cli.rasters import open_raster, read_years
 
     aux_paths = [aux] if isinstance(aux, (str, os.PathLike)) else list(aux)
     if not aux_paths:
         return [], []
-    sources = discover_aux(aux_paths)
+    sources = discover_aux(aux_paths, kinds=categorical_kinds(categorical))
     stacks: list[Any] = []
     try:
         for p in paths:

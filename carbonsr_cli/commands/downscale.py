@@ -11,7 +11,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from carbonsr_cli.console import plural
-from carbonsr_cli.options import Aoi, AuxPaths, Cog, Compress, Device, JsonOut, Overwrite, Quiet
+from carbonsr_cli.options import Aoi, AuxPaths, Categorical, Cog, Compress, Device, JsonOut, Overwrite, Quiet
 
 HELP = """Downscale a 1 km emission raster to 100 m with a trained model or a baseline.
 
@@ -77,6 +77,7 @@ def register(app: typer.Typer) -> None:
         ],
         output: Annotated[Path, typer.Option("--output", "-o", help="Output GeoTIFF (child grid).", show_default=False)],
         aux: AuxPaths = None,
+        categorical: Categorical = None,
         model: Annotated[
             Optional[Path], typer.Option("--model", "-m", help="carbonsr checkpoint (best_model.pth).")
         ] = None,
@@ -171,6 +172,7 @@ def register(app: typer.Typer) -> None:
             uncertainty=uncertainty,
             progress=not quiet,
             fill_missing=fill_missing,
+            categorical=categorical or None,
             overlap=overlap,
             variable=variable,
             months=months,

@@ -245,6 +245,12 @@ def register(app: typer.Typer) -> None:
             typer.Option("--aux", help="Auxiliary layers for self-validation: files, directories or globs "
                          "(repeatable)."),
         ] = None,
+        categorical: Annotated[
+            Optional[list[str]],
+            typer.Option("--categorical", metavar="NAME",
+                         help="Self-validation: read this aux raster (file stem or name) as land-cover classes; "
+                         "repeatable (default: as the model was trained)."),
+        ] = None,
         scales: Annotated[
             Optional[list[str]],
             typer.Option("--scales", help="Coarsening scales in parent cells, e.g. 2,4,12 (repeatable)."),
@@ -275,8 +281,8 @@ def register(app: typer.Typer) -> None:
                 raise UsageError("give --totals MAIN.tif (conservation) and/or --reference REF.tif (accuracy)")
             if plot is not None and reference is None:
                 raise UsageError("--plot needs --reference")
-            if aux or scales:
-                raise UsageError("--aux and --scales are for self-validation (with --model and --main)")
+            if aux or scales or categorical:
+                raise UsageError("--aux, --categorical and --scales are for self-validation (with --model and --main)")
         if plot is not None:
             from carbonsr_cli.atomic import check_output_path
 
@@ -299,6 +305,8 @@ def register(app: typer.Typer) -> None:
             kwargs: dict[str, Any] = {"metrics": metrics, "region": reg, "device": device}
             if scale_list:
                 kwargs["scales"] = tuple(scale_list)
+            if categorical:
+                kwargs["categorical"] = list(categorical)
             result = self_validate(model, main, aux or [], **kwargs)
             console.print(selfval_table(result))
             payload = {"self_validation": result.to_dict()}

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from carbonsr_cli.options import AuxGlobCommand, AuxPaths, Factor, Overwrite, Quiet
+from carbonsr_cli.options import AuxGlobCommand, AuxPaths, Categorical, Factor, Overwrite, Quiet
 
 HELP = """Compute the global statistics training needs (zero/nonzero balance, log-domain spread,
 quantiles, per-aux-layer normalisation), print them and write them as JSON.
@@ -37,6 +37,7 @@ def stats_command(
         typer.Option("--output", "-o", help="Write the statistics JSON here ('-': stdout).", show_default=False)
     ] = None,
     aux: AuxPaths = None,
+    categorical: Categorical = None,
     factor: Factor = 10,
     units: Annotated[
         Optional[str],
@@ -59,7 +60,8 @@ def stats_command(
 
         check_output_path(output, overwrite)
         check_not_an_input(output, {"main raster": list(main), "aux layer": expand_aux_paths(aux)})
-    stats = compute_stats(main, aux if aux else None, factor=factor, units=units, fill_missing=fill_missing_aux)
+    stats = compute_stats(main, aux if aux else None, factor=factor, units=units, fill_missing=fill_missing_aux,
+                          categorical=categorical)
     if to_stdout:
         import sys
 

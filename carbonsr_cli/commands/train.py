@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from carbonsr_cli.options import AuxGlobCommand, AuxPaths, Device
+from carbonsr_cli.options import AuxGlobCommand, AuxPaths, Categorical, Device
 
 TRAIN_EXAMPLE = "carbonsr train data/sample/emissions_1km.tif --aux 'data/sample/aux/*' --preset tiny --epochs 5"
 RESUME_EXAMPLE = "carbonsr resume runs/run_20250101_120000"
@@ -44,6 +44,7 @@ def register(app: typer.Typer) -> None:
 def train_cmd(
     main: Annotated[list[Path], typer.Argument(help="Main raster: one GeoTIFF with a band per year, or one GeoTIFF per year (totals per cell).", show_default=False)],
     aux: AuxPaths = None,
+    categorical: Categorical = None,
     preset: Annotated[str, typer.Option("--preset", help="Model size: tiny, base or large; or 'demo' (tiny, about 2 minutes on a CPU).")] = "tiny",
     epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Epochs to train.", show_default="20")] = None,
     steps_per_epoch: Annotated[Optional[int], typer.Option("--steps-per-epoch", min=1, help="Optimisation steps per epoch.", show_default="100")] = None,
@@ -104,6 +105,7 @@ def train_cmd(
         max_time_s=max_time,
         stats=str(stats) if stats else None,
         fill_missing=fill_missing,
+        categorical=list(categorical or []),
         workers=workers,
         progress=not quiet,
         **fields,

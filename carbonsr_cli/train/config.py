@@ -72,6 +72,7 @@ class TrainConfig:
         resume: ``latest``, ``auto`` or a checkpoint path.
         stats: Existing stats.json to use (computed and stored in the run when None).
         fill_missing: Allow aux layers that do not cover the whole extent (filled).
+        categorical: Aux raster file stems or names read as categorical (``--categorical``).
         workers: Threads preparing batches ahead (0: in the training thread).
         max_val_windows: Largest number of validation (window, year) items.
         val_batch_size: Batch size of validation.
@@ -120,6 +121,7 @@ class TrainConfig:
     resume: str | None = None
     stats: str | None = None
     fill_missing: bool = False
+    categorical: list[str] = field(default_factory=list)
     workers: int = 2
     max_val_windows: int = 256
     val_batch_size: int = 8

@@ -178,7 +178,8 @@ def _stats_for_run(cfg: TrainConfig, main: MainData, stack: Any, run_dir: Path) 
     log.info("computing statistics of %s and %d aux layers", ", ".join(cfg.main), len(stack.names))
     if len(cfg.main) == 1:
         return stats_mod.compute_stats(cfg.main[0], stack, factor=cfg.factor, fill_missing=cfg.fill_missing)
-    return stats_mod.compute_stats(cfg.main, cfg.aux, factor=cfg.factor, fill_missing=cfg.fill_missing)
+    return stats_mod.compute_stats(cfg.main, cfg.aux, factor=cfg.factor, fill_missing=cfg.fill_missing,
+                                   categorical=cfg.categorical)
 
 
 # --------------------------------------------------------------------------- validation
@@ -419,7 +420,7 @@ def evaluate_split(checkpoint: str | os.PathLike[str], *, device: str = "cpu") -
     """
     import torch
 
-    from carbonsr_cli.auxlayers import AuxStack, discover_aux
+    from carbonsr_cli.auxlayers import AuxStack, categorical_kinds, discover_aux
     from carbonsr_cli.stats import AuxNormalizer
     from carbonsr_cli.train.checkpoints import load_model_for_inference
 
@@ -430,7 +431,7 @@ def evaluate_split(checkpoint: str | os.PathLike[str], *, device: str = "cpu") -
     cfg = TrainConfig.from_dict(ck["train_config"])
     main = load_main(cfg.main)
     child = main.grid.child(cfg.factor)
-    with AuxStack(discover_aux(cfg.aux), child, main.years, fill_missing=cfg.fill_missing) as stack:
+    with AuxStack(discover_aux(cfg.aux, kinds=categorical_kinds(cfg.categorical)), child, main.years, fill_missing=cfg.fill_missing) as stack:
         norm = AuxNormalizer.from_stats(ck["stats"], stack.names)
         cache = AuxCache.build(stack, norm.apply, child.shape, len(main.years))
         split = Split.from_dict(ck["split"])
@@ -578,7 +579,7 @@ def train(config: TrainConfig) -> RunResult:
     """
     import torch
 
-    from carbonsr_cli.auxlayers import AuxStack, discover_aux
+    from carbonsr_cli.auxlayers import AuxStack, categorical_kinds, discover_aux
     from carbonsr_cli.stats import AuxNormalizer, save_stats
     from carbonsr_cli.train import checkpoints as ckpt_mod
     from carbonsr_cli.train.resume import resolve_resume
@@ -618,7 +619,7 @@ def train(config: TrainConfig) -> RunResult:
     handler = _setup_logging(run_dir) if dist_ctx.is_main else logging.NullHandler()
     t_setup = time.perf_counter()
     try:
-        stack = AuxStack(discover_aux(cfg.aux), child, main.years, fill_missing=cfg.fill_missing)
+        stack = AuxStack(discover_aux(cfg.aux, kinds=categorical_kinds(cfg.categorical)), child, main.years, fill_missing=cfg.fill_missing)
     except BaseException:
         log.removeHandler(handler)
         handler.close()
@@ -959,7 +960,7 @@ def evaluate_against_truth(
     import torch
     from rasterio.windows import Window
 
-    from carbonsr_cli.auxlayers import AuxStack, discover_aux
+    from carbonsr_cli.auxlayers import AuxStack, categorical_kinds, discover_aux
     from carbonsr_cli.rasters import open_raster, read_window
     from carbonsr_cli.stats import AuxNormalizer
     from carbonsr_cli.train.checkpoints import load_checkpoint, load_model_for_inference
@@ -979,7 +980,7 @@ def evaluate_against_truth(
     items = [(r, c, y0) for (r, c) in split.val_windows for y0 in range(len(main.years) - t + 1)]
     preds: dict[str, list[np.ndarray]] = {}
     truths: list[np.ndarray] = []
-    with AuxStack(discover_aux(cfg.aux), child, main.years, fill_missing=cfg.fill_missing) as stack, open_raster(truth_path) as tds:
+    with AuxStack(discover_aux(cfg.aux, kinds=categorical_kinds(cfg.categorical)), child, main.years, fill_missing=cfg.fill_missing) as stack, open_raster(truth_path) as tds:
         if (tds.height, tds.width) != child.shape:
             raise UsageError(f"truth grid {tds.height}x{tds.width} does not match the child grid {child.shape}", truth_path)
         norm = AuxNormalizer.from_stats(ck["stats"], stack.names)
