@@ -6,6 +6,8 @@ different model version fails loudly instead of silently building another networ
 
 Presets (``preset(name, aux_channels)``):
 
+- ``prior``: the fitted layer mix alone (trainable coefficients; no local head, no U-Net); the
+  default of ``carbonsr train``.
 - ``tiny``: about 82 k parameters (widths 8-32); unit tests and the CPU demo.
 - ``base``: about 1.16 M parameters (widths 16-128); the default for real data (GPU, bf16).
 - ``large``: about 3.9 M parameters (widths 24-192, 8 experts); large regions on a GPU.
@@ -208,6 +210,19 @@ class ModelConfig:
 
 #: Preset name -> field overrides (``aux_channels`` is always given by the caller).
 PRESETS: dict[str, dict[str, Any]] = {
+    # The fitted layer mix with trainable coefficients, no local head, no U-Net: the default of
+    # `carbonsr train` (measured: the learned head and context lowered 100 m accuracy on the
+    # generated regions; see benchmarks/README.md, "Accuracy").
+    "prior": dict(
+        allocation="dasymetric",
+        use_pointwise=False,
+        use_context=False,
+        base_width=8,
+        widths=(8, 16),
+        depths=(1, 1),
+        attn_heads=2,
+        temporal_kernel=1,
+    ),
     "tiny": dict(
         allocation="dasymetric",
         base_width=8,

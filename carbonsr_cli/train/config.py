@@ -83,7 +83,7 @@ class TrainConfig:
 
     main: list[str]
     aux: list[str]
-    preset: str = "tiny"
+    preset: str = "prior"
     model_overrides: dict[str, Any] = field(default_factory=dict)
     epochs: int = 20
     steps_per_epoch: int = 100
@@ -176,8 +176,8 @@ class TrainConfig:
 
 
 def default_years_window(preset: str, n_years: int) -> int:
-    """T when not given: 1 for ``tiny``, else 3; never more than the number of years."""
-    return max(1, min(1 if preset == "tiny" else 3, n_years))
+    """T when not given: 1 for ``prior`` and ``tiny``, else 3; never more than the number of years."""
+    return max(1, min(1 if preset in ("prior", "tiny") else 3, n_years))
 
 
 #: A slimmer ``tiny`` (about 19 k parameters, one 3x3 branch, three levels) that learns the
@@ -188,15 +188,11 @@ TINY_CPU_MODEL: dict[str, Any] = dict(
 )
 
 #: Named training set-ups: field overrides for :class:`TrainConfig`. ``demo`` is what
-#: ``carbonsr demo`` trains on the default sample data (CPU, 240 steps of 4 patches; about
-#: 60 s on 2 quiet cores).
-#: Measured on the sample data (seed 0) with the same settings run for 6 epochs x 30 steps:
-#: validation Nonzero-MAE model / best dasymetric 0.88 (s=12) and 0.49 (s=3) after 60 steps,
-#: 0.69 and 0.39 after 180 steps.
+#: ``carbonsr demo`` trains on the default sample data (CPU, 240 steps of 4 patches, the
+#: ``prior`` model: the fitted layer mix with trainable coefficients).
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "demo": dict(
-        preset="tiny",
-        model_overrides=TINY_CPU_MODEL,
+        preset="prior",
         epochs=6,
         steps_per_epoch=40,
         batch_size=4,

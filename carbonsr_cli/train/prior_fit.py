@@ -122,7 +122,7 @@ def fit_prior_on_cache(cache: Any, main: Any, train_mask: np.ndarray, normalizer
     t_all = np.concatenate(totals) if totals else np.zeros(0)
     n_all = np.concatenate(counts) if counts else np.zeros(0)
     cands = prior.basis.candidates()
-    coef, floor, chosen, losses = fit_prior_selected(phi_all, n_all, t_all, groups, cands)
+    coef, floor, chosen, losses = fit_prior_selected(phi_all, n_all, t_all, groups, cands, tolerance=0.0)
     nonzero = t_all > 0
     phi_all, n_all = phi_all[nonzero], n_all[nonzero]
     names = prior.basis.labels(normalizer.names)
