@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from carbonsr_cli.train.config import TrainConfig
+
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import small_config  # noqa: E402
 
@@ -52,12 +54,20 @@ def test_best_model_loads_weights_only(finished_run) -> None:
     for key in (
         "format", "format_version", "software_version", "model_config", "model_state", "aux_names", "stats", "factor",
         "years_window", "train_config", "epoch", "step", "global_step", "optimizer_state", "scheduler_state",
-        "scaler_state", "rng_state", "sampler_state", "split", "metric_history",
+        "scaler_state", "rng_state", "sampler_state", "split", "metric_history", "prior_fit", "selection",
+        "initial_val_score",
     ):
         assert key in raw, key
     assert raw["format"] == ck.FORMAT and raw["factor"] == 10 and raw["years_window"] == 1
-    best_epoch = min(raw["metric_history"], key=lambda h: h["val_score"])["epoch"]
-    assert raw["epoch"] == best_epoch
+    # best_model.pth is the fitted prior (epoch 0, empty history) unless an epoch validated
+    # select_margin better than it; then it is that epoch.
+    scores = [(h["val_score"], h["epoch"]) for h in finished_run.history]
+    margin = 1.0 - TrainConfig.from_dict(raw["train_config"]).select_margin
+    better = [e for v, e in scores if v < raw["initial_val_score"] * margin]
+    if raw["epoch"] == 0:
+        assert raw["global_step"] == 0 and raw["metric_history"] == [] and not better
+    else:
+        assert better and raw["epoch"] == min(scores)[1]
     loaded = ck.load_model_for_inference(path, "cpu")
     assert not loaded.model.training
     assert loaded.aux_names == raw["aux_names"] and len(loaded.aux_names) == loaded.config.aux_channels
