@@ -147,9 +147,11 @@ class PriorBasis(nn.Module):
 class DasymetricPrior(nn.Module):
     """Log-weights of the additive mix ``log(floor + sum coef * basis)`` (see the module docstring).
 
-    Coefficients are stored as logs (so they stay positive under gradient descent). Only the basis
-    functions marked ``active`` (a buffer: those with a positive fitted coefficient; all until
-    :meth:`set_coefficients`) are computed and trained, so a fitted mix costs what it uses.
+    Coefficients are stored as logs (so they stay positive under gradient descent); a coefficient
+    the fit set to 0 is ``exp(-30)``. That is not nothing: where every fitted term of a cell is 0,
+    these tiny terms still rank the cells before the floor spreads evenly (measured on the points
+    region, 36 km, seed 1: 726 vs 906 t/cell Nonzero-MAE at 100 m when they were dropped). Only
+    the basis functions marked in the ``active`` buffer (all, by default) are computed.
     Initialised uniform (floor 1, every coefficient ``exp(-30)``).
 
     Shapes:
@@ -174,7 +176,6 @@ class DasymetricPrior(nn.Module):
         with torch.no_grad():
             self.log_coef.copy_(torch.where(c > 0, c.clamp(min=1e-300).log(), torch.full_like(c, _LOG_ZERO)).clamp(min=_LOG_ZERO).float())
             self.log_floor.fill_(math.log(float(floor)))
-            self.active.copy_(c > 0)
 
     def _plan(self) -> list[tuple[int, list[int], list[tuple[int, list[int], list[int]]]]]:
         """``[(smooth index, channels, [(power index, positions in channels, flat basis indices)])]``
