@@ -39,14 +39,14 @@ def _num(v: Any, kind: str = "") -> str:
 
 def table(results: dict[str, Any]) -> str:
     """The README block: a fenced plain-text table and the run time."""
-    head = f"{'region':9s} {'method':22s} " + " ".join(f"{label:>11s}" for _, label in COLUMNS) + f" {'cons. err':>9s} {'ratio':>6s}"
+    head = f"{'region':9s} {'method':28s} " + " ".join(f"{label:>11s}" for _, label in COLUMNS) + f" {'cons. err':>9s} {'ratio':>6s}"
     lines = [head]
     last = None
     for r in results["rows"]:
         region = ("held-out" if r["region"] == "held-out" else "all") if r["region"] != last else ""
         last = r["region"]
         cells = " ".join(f"{_num(r[k], 'r2' if k == 'r2' else ''):>11s}" for k, _ in COLUMNS)
-        lines.append(f"{region:9s} {r['method']:22s} {cells} {_num(r['max_rel_err'], 'rel'):>9s} {_num(r['ratio'], 'ratio'):>6s}")
+        lines.append(f"{region:9s} {r['method']:28s} {cells} {_num(r['max_rel_err'], 'rel'):>9s} {_num(r['ratio'], 'ratio'):>6s}")
     secs = results.get("seconds", {})
     total = secs.get("total")
     note = (f"Measured by `python benchmarks/readme_demo.py` (the demo took {total:.0f} s on this machine's "
@@ -72,13 +72,18 @@ def numbers(block: str) -> list[float]:
     return [float(x) for x in re.findall(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e[+-]?\d+)?", body)]
 
 
-def run_demo_results() -> dict[str, Any]:
-    """Run ``carbonsr demo`` in a temporary folder and return its results.json."""
+def run_demo_results(quicklook_to: Path | None = None) -> dict[str, Any]:
+    """Run ``carbonsr demo`` in a temporary folder and return its results.json (and copy its
+    quick-look PNG to ``quicklook_to``)."""
+    import shutil
+
     from carbonsr_cli.demo import run_demo
 
     with tempfile.TemporaryDirectory() as tmp:
         res = run_demo(Path(tmp) / "demo", log=lambda m: None)
         data = json.loads(res.results_json.read_text())
+        if quicklook_to is not None:
+            shutil.copyfile(res.quicklook, quicklook_to)
     import os
 
     data["cpus"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -91,7 +96,10 @@ def main() -> int:
     ap.add_argument("--check", action="store_true", help="compare with README.md instead of writing it")
     ap.add_argument("--rtol", type=float, default=0.02, help="relative tolerance of --check (rounding, thread order)")
     args = ap.parse_args()
-    results = json.loads(Path(args.results).read_text()) if args.results else run_demo_results()
+    if args.results:
+        results = json.loads(Path(args.results).read_text())
+    else:
+        results = run_demo_results(None if args.check else ROOT / "docs" / "demo.png")
     block = table(results)
     readme_path = ROOT / "README.md"
     readme = readme_path.read_text()
