@@ -28,4 +28,4 @@ def test_downscale_throughput_is_per_year(tmp_path: Path) -> None:
     proc = run_cli("downscale", "e.tif", "--method", "uniform", "-o", "p.tif", cwd=tmp_path, COLUMNS="")
     assert proc.returncode == 0, proc.stderr
     line = next(ln for ln in proc.stdout.splitlines() if "throughput " in ln and "km2" in ln)
-    assert "km2/s per year" in line and "3 year(s)" in line
+    assert "km2/s per year" in line and "(3 years:" in line
