@@ -25,16 +25,7 @@ START, END = "<!-- demo-table -->", "<!-- /demo-table -->"
 COLUMNS = (("nonzero-mae", "Nonzero-MAE"), ("balanced-mae", "Bal. MAE"), ("top1-mae", "Top-1%"), ("r2", "R2"))
 
 
-def _num(v: Any, kind: str = "") -> str:
-    if v is None:
-        return "n/a"
-    if kind == "r2":
-        return f"{v:.2f}"
-    if kind == "ratio":
-        return f"{v:.3f}"
-    if kind == "rel":
-        return f"{v:.1e}"
-    return f"{v:.4g}"
+from carbonsr_cli.commands.demo import _f as _num  # noqa: E402  (the CLI table's number format)
 
 
 def table(results: dict[str, Any]) -> str:

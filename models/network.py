@@ -211,18 +211,7 @@ class DSTCarbonFormer(nn.Module):
         if self.dasymetric:
             return self._forward_dasymetric(aux, main, block_totals, block, context_block or block)
         h, w = aux.shape[-2:]
-        f = self.config.downsample_factor
-        pad_h, pad_w = (-h) % f, (-w) % f
-        if pad_h or pad_w:
-            pad = (0, pad_w, 0, pad_h, 0, 0)
-            aux_p, main_p = F.pad(aux, pad, mode="replicate"), F.pad(main, pad, mode="replicate")
-        else:
-            aux_p, main_p = aux, main
-        if self.channels_last:
-            aux_p = aux_p.contiguous(memory_format=torch.channels_last_3d)
-            main_p = main_p.contiguous(memory_format=torch.channels_last_3d)
-
-        feats = self._features(aux_p, main_p)
+        feats = self._features(*self._padded(aux, main))
         delta = self.head(feats)[..., :h, :w].contiguous()
         raw = main + delta.to(torch.promote_types(delta.dtype, main.dtype))
 
@@ -231,8 +220,9 @@ class DSTCarbonFormer(nn.Module):
             constrained = self.project(raw, block_totals, block)
         return raw, constrained
 
-    def _context(self, aux: Tensor, main: Tensor, pool: int) -> Tensor:
-        """Context features ``[B, K, T, H, W]`` (float32), constant over each parent block."""
+    def _padded(self, aux: Tensor, main: Tensor) -> tuple[Tensor, Tensor]:
+        """Inputs replicate-padded to a multiple of ``config.downsample_factor`` (and in
+        ``channels_last_3d`` when :attr:`channels_last`); crop outputs back to the input size."""
         h, w = aux.shape[-2:]
         f = self.config.downsample_factor
         pad_h, pad_w = (-h) % f, (-w) % f
@@ -242,7 +232,12 @@ class DSTCarbonFormer(nn.Module):
         if self.channels_last:
             aux = aux.contiguous(memory_format=torch.channels_last_3d)
             main = main.contiguous(memory_format=torch.channels_last_3d)
-        feats = self.head(self._features(aux, main))[..., :h, :w].float()
+        return aux, main
+
+    def _context(self, aux: Tensor, main: Tensor, pool: int) -> Tensor:
+        """Context features ``[B, K, T, H, W]`` (float32), constant over each parent block."""
+        h, w = aux.shape[-2:]
+        feats = self.head(self._features(*self._padded(aux, main)))[..., :h, :w].float()
         return block_mean(feats, pool)
 
     def _forward_dasymetric(self, aux: Tensor, main: Tensor, block_totals: Tensor | None,
