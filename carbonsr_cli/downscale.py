@@ -41,6 +41,7 @@ import numpy as np
 from carbonsr_cli.errors import CarbonSRError, CheckpointError, InputDataError, UsageError
 from carbonsr_cli.methods import REGISTRY, MethodSpec, parse_method
 from carbonsr_cli.methods.auto import choose as choose_auto
+from carbonsr_cli.netcdf_out import netcdf_output as _netcdf_output
 
 if TYPE_CHECKING:  # pragma: no cover
     from carbonsr_cli.grids import ChildGrid, ParentGrid
@@ -517,6 +518,7 @@ def _refuse_input_as_output(
         check_not_an_input(d, inputs)
 
 
+@_netcdf_output  # ``-o out.nc``: the GeoTIFF below, checked, then converted (carbonsr_cli.netcdf_out)
 def downscale(
     main_path: str | os.PathLike[str],
     aux_paths: Sequence[str | os.PathLike[str]] | None,
@@ -557,7 +559,9 @@ def downscale(
             such inputs are converted to totals in a hidden temp GeoTIFF next to ``dst``).
         aux_paths: Aux inputs (files, globs, directories; see ``auxlayers.discover_aux``). Needed for
             ``model`` and ``dasymetric``.
-        dst: Output GeoTIFF (child grid, one band per output year).
+        dst: Output GeoTIFF (child grid, one band per output year); ``.nc``: CF netCDF with a
+            time dimension (see ``carbonsr_cli.netcdf_out``; no ``cog``/``creation_options``/
+            ``overviews``/``uncertainty``).
         method: ``model``, ``uniform`` or ``dasymetric[:LAYER]``; None: ``model`` if a checkpoint
             is given.
         checkpoint: carbonsr checkpoint (``best_model.pth``), loaded with ``weights_only=True``.
