@@ -86,21 +86,6 @@ class PriorBasis(nn.Module):
         """Number of basis functions ``C * S * J``."""
         return self.channels * len(self.smooth) * len(self.exponents)
 
-    def candidates(self) -> list[np.ndarray]:
-        """Column masks of nested bases, simplest first: pixel values (power 1); + the powers;
-        + the neighbourhoods at power 1; everything."""
-        c, s_, j = self.channels, len(self.smooth), len(self.exponents)
-        k_idx = np.arange(self.size).reshape(c, s_, j)
-        pixel = [i for i, k in enumerate(self.smooth) if k == 1] or [0]
-        one = [i for i, p in enumerate(self.exponents) if p == 1.0] or [0]
-        out = []
-        for ss, jj in ((pixel, one), (pixel, range(j)), (range(s_), one), (range(s_), range(j))):
-            m = np.zeros(self.size, dtype=bool)
-            m[k_idx[:, list(ss)][:, :, list(jj)].ravel()] = True
-            if not any((m == o).all() for o in out):
-                out.append(m)
-        return out
-
     def labels(self, names: Sequence[str]) -> list[str]:
         """A readable name per basis function (``roads:length (3x3)^1``)."""
         return [f"{n}{'' if k == 1 else f' ({k}x{k})'}^{p:g}" for n in names for k in self.smooth for p in self.exponents]

@@ -122,8 +122,8 @@ def fit_prior_on_cache(cache: Any, main: Any, train_mask: np.ndarray, normalizer
     t_all = np.concatenate(totals) if totals else np.zeros(0)
     n_all = np.concatenate(counts) if counts else np.zeros(0)
     # Every basis function is offered (pixel and 3x3, three powers). Choosing a smaller basis by
-    # held-out share loss of groups of parent cells was tried (fit_prior_selected with
-    # basis.candidates()): it picked bases that were worse at 100 m on the generated regions
+    # held-out share loss of groups of parent cells was tried (fit_prior_selected with nested
+    # column masks: pixel p=1; + powers; + 3x3; all): it picked bases that were worse at 100 m on the generated regions
     # (traffic 25.3 vs 15.8, points 906 vs 726; 36 km, seed 1), because sharing among parent
     # cells does not measure placement inside a cell. The held-out loss is still recorded.
     cands = [np.ones(prior.basis.size, dtype=bool)]
