@@ -164,10 +164,10 @@ class DasymetricPrior(nn.Module):
 
     def _plan(self) -> list[tuple[int, list[int], list[tuple[int, list[int], list[int]]]]]:
         """``[(smooth index, channels, [(power index, positions in channels, flat basis indices)])]``
-        of the active basis functions; computed on the host once per change of ``active`` (so the
-        forward pass makes no host-device synchronisation and can be captured in a CUDA graph)."""
-        key = (self.active._version, self.active.data_ptr())
-        if getattr(self, "_plan_key", None) != key:
+        of the active basis functions; computed on the host once (reset by :meth:`set_active` and
+        by loading a state dict), so the forward pass makes no host-device synchronisation and
+        can be captured in a CUDA graph; it also works on inference-mode copies of the module."""
+        if getattr(self, "_plan_cache", None) is None:
             b = self.basis
             c, n_s, n_p = b.channels, len(b.smooth), len(b.exponents)
             act = self.active.detach().to("cpu").view(c, n_s, n_p).numpy()
@@ -182,8 +182,30 @@ class DasymetricPrior(nn.Module):
                     if pos:
                         powers.append((j, pos, [(chans[q] * n_s + i) * n_p + j for q in pos]))
                 plan.append((i, chans, powers))
-            self._plan_cache, self._plan_key = plan, key
+            self._plan_cache = plan
         return self._plan_cache
+
+    def set_active(self, mask: Tensor | np.ndarray) -> None:
+        """Compute (and train) only the basis functions where ``mask`` is True."""
+        with torch.no_grad():
+            self.active.copy_(torch.as_tensor(np.asarray(mask, dtype=bool)))
+        self._plan_cache = self._device_cache = None
+
+    def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:  # type: ignore[override]
+        self._plan_cache = self._device_cache = None  # ``active`` may change
+        super()._load_from_state_dict(*args, **kwargs)  # type: ignore[arg-type]
+
+    def _device_plan(self, device: torch.device) -> list[tuple[int, Tensor, list[tuple[int, Tensor, Tensor]]]]:
+        """:meth:`_plan` with index tensors on ``device`` (cached: no host-to-device copy, so no
+        CPU tensor is touched while a CUDA graph is captured)."""
+        cache = getattr(self, "_device_cache", None)
+        if cache is None or cache[0] is not self._plan() or cache[1] != device:
+            def idx(v: list[int]) -> Tensor:
+                return torch.tensor(v, dtype=torch.long, device=device)
+
+            plan = [(i, idx(chans), [(j, idx(pos), idx(flat)) for j, pos, flat in powers]) for i, chans, powers in self._plan()]
+            self._device_cache = cache = (self._plan(), device, plan)
+        return cache[2]
 
     def weights(self, x: Tensor) -> Tensor:
         """Linear weights ``[B, 1, T, H, W]`` (float32, > 0), from the active basis functions only."""
@@ -191,20 +213,20 @@ class DasymetricPrior(nn.Module):
         c = b.channels
         coef = self.log_coef.float().exp()
         out = self.log_floor.float().exp().expand(x.shape[0], 1, *x.shape[2:])
-        plan = self._plan()
+        plan = self._device_plan(x.device)
         if not plan:
             return out.contiguous()
         v = b.raw(x) / b.ref.view(1, c, 1, 1, 1)
         for i, chans, powers in plan:
             k = b.smooth[i]
-            vk = v[:, chans]
+            vk = v.index_select(1, chans)
             if k > 1:
                 vk = torch.nn.functional.avg_pool3d(vk, (1, k, k), stride=1, padding=(0, k // 2, k // 2), count_include_pad=False)
             for j, pos, flat in powers:
                 p = b.exponents[j]
-                t = vk[:, pos]
+                t = vk.index_select(1, pos)
                 t = t if p == 1.0 else t.pow(p)
-                out = out + (t * coef[flat].view(1, -1, 1, 1, 1)).sum(dim=1, keepdim=True)
+                out = out + (t * coef.index_select(0, flat).view(1, -1, 1, 1, 1)).sum(dim=1, keepdim=True)
         return out
 
     def forward(self, x: Tensor) -> Tensor:

@@ -113,11 +113,16 @@ def test_prior_computes_only_active_basis_functions_and_matches_the_full_sum() -
     coef[[0, 4, 7, 20]] = [1.0, 2.0, 0.5, 3.0]
     prior.set_coefficients(coef, 0.1)
     assert bool(prior.active.all())  # every basis function counts by default
-    prior.active.copy_(torch.from_numpy(coef > 0))
+    prior.set_active(coef > 0)
     x = torch.randn(2, 4, 1, 20, 20)
     with torch.no_grad():
         full = (prior.basis(x) * torch.from_numpy(coef).float().view(1, -1, 1, 1, 1)).sum(1, keepdim=True) + 0.1
         torch.testing.assert_close(prior.weights(x), full, rtol=1e-5, atol=1e-5)
         again = DasymetricPrior(4)
+        again.weights(x)  # a plan for "all active" is cached, then replaced by loading
         again.load_state_dict(prior.state_dict())  # the active set travels with the checkpoint
         torch.testing.assert_close(again.weights(x), prior.weights(x), rtol=0, atol=0)
+    with torch.inference_mode():  # an inference-mode deep copy (the bf16 path on CUDA) still works
+        import copy
+
+        torch.testing.assert_close(copy.deepcopy(prior).weights(x), prior.weights(x))

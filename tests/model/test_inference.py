@@ -93,6 +93,28 @@ def test_graphed_forward_replays_equal_eager_on_cuda(tiny: DSTCarbonFormer) -> N
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_dasymetric_model_is_captured_in_a_cuda_graph() -> None:
+    """The prior's index tensors live on the device: capture must not fall back to eager."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    net = DSTCarbonFormer(preset("prior", C_AUX)).eval()
+    coef = np.zeros(net.prior.basis.size)
+    coef[::4] = 1.0
+    net.prior.set_coefficients(coef, 0.1)
+    net = low_precision_copy(net.to("cuda"))
+    run = GraphedForward(lambda a, m: net(a, m)[0].float())
+    with torch.inference_mode():
+        batches = [_inputs(4, seed=s, device="cuda") for s in range(3)]
+        outs = [run(a, m) for a, m in batches]
+        refs = [net(a, m)[0].float() for a, m in batches]
+    assert run.error is None, run.error
+    assert run.replays == 2
+    for out, ref in zip(outs, refs):
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_capture_while_another_thread_uses_the_gpu(tiny: DSTCarbonFormer) -> None:
     """The downscaling pipeline captures while its preparing thread uploads (pageable copies
     synchronise): the capture must neither fail nor break the other thread."""
