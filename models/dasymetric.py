@@ -34,7 +34,6 @@ __all__ = [
     "PriorBasis",
     "children_from_raw",
     "fit_prior",
-    "fit_prior_selected",
     "share_loss",
     "log_children",
     "nnls",
@@ -464,46 +463,3 @@ def share_loss(blocks: list[tuple[np.ndarray, np.ndarray]], coef: np.ndarray, fl
         err += float(np.abs(pred - t).sum())
         tot += float(t.sum())
     return err / max(tot, 1e-300)
-
-
-def fit_prior_selected(basis_sums: np.ndarray, n_children: np.ndarray, totals: np.ndarray,
-                       share_blocks: list[tuple[np.ndarray, np.ndarray]], candidates: Sequence[np.ndarray], *,
-                       tolerance: float = 0.01, holdout: float = 0.3, seed: int = 0,
-                       steps: int = 400) -> tuple[np.ndarray, float, int, list[float]]:
-    """Fit the mix with the simplest basis that parent cells support.
-
-    Parent sums cannot tell some basis functions apart (a layer at the pixel or averaged over 3x3,
-    ``v`` or ``v**2`` of a 0/1 layer), yet they share a cell's total very differently. So each
-    candidate basis (a column mask, simplest first) is fitted on 70 % of the share groups and
-    scored on the other 30 %; the simplest candidate within ``tolerance`` (relative) of the best
-    held-out loss is refitted on every group.
-
-    Returns:
-        ``(coef [K], floor, chosen candidate index, held-out losses per candidate)``.
-    """
-    rng = np.random.default_rng(seed)
-    fit_g, val_g = [], []
-    for a, t in share_blocks:
-        pick = rng.random(len(t)) < holdout
-        if (~pick).any():
-            fit_g.append((a[~pick], t[~pick]))
-        if pick.any():
-            val_g.append((a[pick], t[pick]))
-    k = np.asarray(basis_sums).shape[1]
-    losses = []
-    for mask in candidates:
-        cols = np.flatnonzero(mask)
-        sub = [(np.concatenate([a[..., cols], a[..., -1:]], axis=-1), t) for a, t in fit_g]
-        c, fl = fit_prior(np.asarray(basis_sums)[:, cols], n_children, totals, steps=steps, share_blocks=sub or None)
-        full = np.zeros(k)
-        full[cols] = c
-        losses.append(share_loss(val_g, full, fl) if val_g else 0.0)
-    best = min(losses)
-    chosen = next(i for i, v in enumerate(losses) if v <= best * (1 + tolerance))
-    cols = np.flatnonzero(candidates[chosen])
-    sub = [(np.concatenate([a[..., cols], a[..., -1:]], axis=-1), t) for a, t in share_blocks]
-    c, fl = fit_prior(np.asarray(basis_sums)[:, cols], n_children, totals, steps=steps, share_blocks=sub or None)
-    coef = np.zeros(k)
-    coef[cols] = c
-    return coef, fl, chosen, losses
-

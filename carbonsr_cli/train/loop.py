@@ -660,8 +660,8 @@ def train(config: TrainConfig) -> RunResult:
         prior_fit = fit_prior_on_cache(cache, main, ~split.forbidden_mask(), norm, cfg.factor,
                                        exponents=tuple(cfg.model_overrides.get("prior_exponents", DEFAULT_EXPONENTS)),
                                        smooth=tuple(cfg.model_overrides.get("prior_smooth", DEFAULT_SMOOTH)))
-        log.info("fitted layer mix on %d training parent cells (basis %s; held-out share loss per basis %s): %s",
-                 prior_fit.cells, prior_fit.basis, ", ".join(f"{v:.4f}" for v in prior_fit.holdout_losses),
+        log.info("fitted layer mix on %d training parent cells (basis %s; share loss %.4f): %s",
+                 prior_fit.cells, prior_fit.basis, prior_fit.share_loss,
                  ", ".join(f"{k} {v:.0%}" for k, v in list(prior_fit.terms.items())[:6]))
         baselines = _baseline_scores(items, cfg.val_scales, main, cache, stack, cfg, t, fitted=build_fitted_prior(prior_fit, norm))
     except BaseException:

@@ -28,8 +28,9 @@ class PriorFit:
         ref: Per-channel conditioning scale (mean positive raw value).
         cells: Parent cells (x years) the fit used.
         terms: ``{"<layer>^p": share of the fitted weight}``, the mix in words, largest first.
-        basis: The basis the fit chose (e.g. ``pixel, p=1``; see ``fit_prior_selected``).
-        holdout_losses: Held-out share loss of every candidate basis, simplest first.
+        basis: The basis offered to the fit (e.g. ``pixel + 3x3, p=0.5,1,2``).
+        share_loss: Normalised absolute error of sharing the training groups' totals among their
+            parent cells with the fitted mix (in-sample; ``models.dasymetric.share_loss``).
     """
 
     exponents: tuple[float, ...]
@@ -40,7 +41,7 @@ class PriorFit:
     cells: int
     terms: dict[str, float]
     basis: str = ""
-    holdout_losses: tuple[float, ...] = ()
+    share_loss: float = float("nan")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PriorFit:
@@ -48,13 +49,13 @@ class PriorFit:
         return cls(tuple(float(v) for v in d["exponents"]), tuple(int(v) for v in d["smooth"]),
                    tuple(float(v) for v in d["coef"]), float(d["floor"]),
                    tuple(float(v) for v in d["ref"]), int(d.get("cells", 0)), dict(d.get("terms", {})),
-                   str(d.get("basis", "")), tuple(float(v) for v in d.get("holdout_losses", ())))
+                   str(d.get("basis", "")), float(d.get("share_loss", float("nan"))))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict (stored in checkpoints and run files)."""
         return {"exponents": list(self.exponents), "smooth": list(self.smooth), "coef": list(self.coef), "floor": self.floor,
                 "ref": list(self.ref), "cells": self.cells, "terms": dict(self.terms), "basis": self.basis,
-                "holdout_losses": list(self.holdout_losses)}
+                "share_loss": self.share_loss}
 
 
 def prior_module(normalizer: Any, exponents: tuple[float, ...], smooth: tuple[int, ...],
@@ -86,7 +87,7 @@ def fit_prior_on_cache(cache: Any, main: Any, train_mask: np.ndarray, normalizer
     """
     import torch
 
-    from models.dasymetric import fit_prior_selected, share_blocks_of
+    from models.dasymetric import fit_prior, share_blocks_of, share_loss
     from models.physics import block_sum
 
     arr = cache.array
@@ -121,13 +122,12 @@ def fit_prior_on_cache(cache: Any, main: Any, train_mask: np.ndarray, normalizer
     phi_all = np.concatenate(sums) if sums else np.zeros((0, k))
     t_all = np.concatenate(totals) if totals else np.zeros(0)
     n_all = np.concatenate(counts) if counts else np.zeros(0)
-    # Every basis function is offered (pixel and 3x3, three powers). Choosing a smaller basis by
-    # held-out share loss of groups of parent cells was tried (fit_prior_selected with nested
-    # column masks: pixel p=1; + powers; + 3x3; all): it picked bases that were worse at 100 m on the generated regions
-    # (traffic 25.3 vs 15.8, points 906 vs 726; 36 km, seed 1), because sharing among parent
-    # cells does not measure placement inside a cell. The held-out loss is still recorded.
-    cands = [np.ones(prior.basis.size, dtype=bool)]
-    coef, floor, chosen, losses = fit_prior_selected(phi_all, n_all, t_all, groups, cands)
+    # Every basis function is offered (pixel and 3x3, three powers). Choosing a smaller basis by the
+    # held-out share loss of groups of parent cells was tried (nested bases: pixel p=1; + powers;
+    # + 3x3; all): it picked bases that were worse at 100 m on the generated regions (traffic 25.3
+    # vs 15.8, points 906 vs 726; 36 km, seed 1): sharing among parent cells does not measure
+    # placement inside a cell.
+    coef, floor = fit_prior(phi_all, n_all, t_all, share_blocks=groups)
     nonzero = t_all > 0
     phi_all, n_all = phi_all[nonzero], n_all[nonzero]
     names = prior.basis.labels(normalizer.names)
@@ -135,18 +135,9 @@ def fit_prior_on_cache(cache: Any, main: Any, train_mask: np.ndarray, normalizer
     total = float(contrib.sum() + floor * n_all.sum()) or 1.0
     terms = {n: float(v / total) for n, v in sorted(zip(names, contrib), key=lambda kv: -kv[1]) if v > 0}
     terms["(floor)"] = float(floor * n_all.sum() / total)
-    basis = _basis_name(cands[chosen], prior.basis)
+    basis = " + ".join("pixel" if k == 1 else f"{k}x{k}" for k in smooth) + ", p=" + ",".join(f"{p:g}" for p in exponents)
     return PriorFit(tuple(float(p) for p in exponents), tuple(int(k) for k in smooth), tuple(float(v) for v in coef), float(floor), ref,
-                    int(t_all.size), terms, basis, tuple(float(v) for v in losses))
-
-
-def _basis_name(mask: np.ndarray, basis: Any) -> str:
-    """``pixel, p=1`` / ``pixel + 3x3, p=0.5,1,2``: the neighbourhoods and powers a column mask uses."""
-    c, s_, j = basis.channels, len(basis.smooth), len(basis.exponents)
-    m = np.asarray(mask).reshape(c, s_, j).any(axis=0)
-    sizes = [("pixel" if k == 1 else f"{k}x{k}") for i, k in enumerate(basis.smooth) if m[i].any()]
-    powers = [f"{p:g}" for q, p in enumerate(basis.exponents) if m[:, q].any()]
-    return f"{' + '.join(sizes)}, p={','.join(powers)}"
+                    int(t_all.size), terms, basis, share_loss(groups, coef, floor) if groups else float("nan"))
 
 
 def build_fitted_prior(fit: PriorFit, normalizer: Any) -> Any:
