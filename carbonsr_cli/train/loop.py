@@ -238,15 +238,12 @@ def _baseline_scores(items: list[tuple[int, int, int]], scales: Sequence[int], m
     import torch
     from rasterio.windows import Window
 
-    from carbonsr_cli.methods import REGISTRY
     from models.dasymetric import softmax_children
     from models.physics import block_sum
 
     f, p = cfg.factor, cfg.patch
     names = list(stack.names)
-    point_names = list(getattr(stack, "point_names", []))
-    variants = [v for m in REGISTRY.values() if not m.runs_model and m.name != "auto" for v in m.variants(names, point_names)]
-    layer_idx = {v.label: [names.index(n) for n in v.method.layers(v, names, point_names)] for v in variants}
+    variants, layer_idx = _host_variants(names, list(getattr(stack, "point_names", [])))
     raw_cache: dict[tuple[int, int], np.ndarray] = {}
     out: dict[int, dict[str, Any]] = {}
     for s in scales:
@@ -276,21 +273,37 @@ def _baseline_scores(items: list[tuple[int, int, int]], scales: Sequence[int], m
                     lw = fitted(torch.from_numpy(b.aux))
                 preds["fitted"].append(block_sum(softmax_children(lw, totals, block), f).numpy()[m])
         truth = np.concatenate(truths)
-        every = {k: _scores(np.concatenate(v), truth) for k, v in preds.items()}
-        dasy = {k.split(":", 1)[1]: v for k, v in every.items() if k.startswith("dasymetric:")}
-        best_layer = min(dasy, key=lambda n: (dasy[n]["nonzero_mae"], n))
-        res: dict[str, Any] = {"uniform": every["uniform"], "dasymetric": dasy[best_layer], "dasy_layer": best_layer,
-                               "all_dasymetric": dasy, "all": every}
-        pts = {k: v for k, v in every.items() if k.startswith("points:")}
-        if pts:
-            best_p = min(pts, key=lambda k: (pts[k]["nonzero_mae"], k))
-            res["points"], res["points_layer"] = pts[best_p], best_p
-        if "fitted" in every:
-            res["fitted"] = every["fitted"]
-        best_label = min(every, key=lambda k: (every[k]["nonzero_mae"], k))
-        res["best"], res["best_label"] = every[best_label], best_label
-        out[s] = res
+        out[s] = _summarise_baselines({k: _scores(np.concatenate(v), truth) for k, v in preds.items()})
     return out
+
+
+def _host_variants(names: Sequence[str], point_names: Sequence[str]) -> tuple[list[Any], dict[str, list[int]]]:
+    """Every variant of every registered host method (uniform, dasymetric per layer, points per
+    surface) and, per variant label, the channels of ``names`` its ``fill`` reads."""
+    from carbonsr_cli.methods import REGISTRY
+
+    variants = [v for m in REGISTRY.values() if not m.runs_model and m.name != "auto" for v in m.variants(names, point_names)]
+    layer_idx = {v.label: [list(names).index(n) for n in v.method.layers(v, names, point_names)] for v in variants}
+    return variants, layer_idx
+
+
+def _summarise_baselines(every: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Baseline scores by variant label -> ``{"uniform", "dasymetric", "dasy_layer",
+    "all_dasymetric", "points", "points_layer", "fitted", "best", "best_label", "all"}`` (the best
+    layer / surface / baseline by Nonzero-MAE; points and fitted only when scored)."""
+    dasy = {k.split(":", 1)[1]: v for k, v in every.items() if k.startswith("dasymetric:")}
+    best_layer = min(dasy, key=lambda n: (dasy[n]["nonzero_mae"], n))
+    res: dict[str, Any] = {"uniform": every["uniform"], "dasymetric": dasy[best_layer], "dasy_layer": best_layer,
+                           "all_dasymetric": dasy, "all": every}
+    pts = {k: v for k, v in every.items() if k.startswith("points:")}
+    if pts:
+        best_p = min(pts, key=lambda k: (pts[k]["nonzero_mae"], k))
+        res["points"], res["points_layer"] = pts[best_p], best_p
+    if "fitted" in every:
+        res["fitted"] = every["fitted"]
+    best_label = min(every, key=lambda k: (every[k]["nonzero_mae"], k))
+    res["best"], res["best_label"] = every[best_label], best_label
+    return res
 
 
 def _val_score(model_s: dict[int, dict[str, float]], base: dict[int, dict[str, Any]], scales: Sequence[int]) -> float:
@@ -941,10 +954,10 @@ def evaluate_against_truth(
 
     Each validation window (``patch x patch`` parent cells) of each year is downscaled as at
     inference: ``main = log1p(parent total / factor**2)``, the model's children are
-    water-filled onto every parent cell (``block = factor``). The uniform baseline and the
-    dasymetric baseline of every aux layer get the same parent totals; the best dasymetric
-    layer is chosen on the same windows (with the truth, so the comparison favours it).
-    The truth is used **only** here, never in training.
+    shared onto every parent cell (``block = factor``). Every registered host method variant
+    (uniform, dasymetric per layer, points per surface) and the fitted layer mix get the same
+    parent totals; the best layer / surface is chosen on the same windows (with the truth, so the
+    comparison favours it). The truth is used **only** here, never in training.
 
     Args:
         checkpoint: A run's checkpoint (its ``train_config`` names the main and aux inputs).
@@ -953,8 +966,9 @@ def evaluate_against_truth(
         batch_size: Windows per forward pass.
 
     Returns:
-        ``{"model": metrics, "uniform": metrics, "dasymetric": metrics, "dasy_layer": name,
-        "all_dasymetric": {layer: metrics}, "cells": n}`` with metrics as in
+        ``{"model": metrics, "cells": n}`` plus the keys of :func:`_summarise_baselines`
+        (``uniform``, ``dasymetric``, ``dasy_layer``, ``all_dasymetric``, ``points``,
+        ``points_layer``, ``fitted``, ``best``, ``best_label``, ``all``), metrics as in
         :func:`_scores` (t CO2 / child cell / yr).
     """
     import torch
@@ -965,7 +979,6 @@ def evaluate_against_truth(
     from carbonsr_cli.stats import AuxNormalizer
     from carbonsr_cli.train.checkpoints import load_checkpoint, load_model_for_inference
     from carbonsr_cli.train.dataset import degrade
-    from models.baselines import dasymetric_fill, point_first_fill, uniform_fill
     from models.dasymetric import softmax_children
 
     ck = load_checkpoint(checkpoint)
@@ -986,7 +999,7 @@ def evaluate_against_truth(
         norm = AuxNormalizer.from_stats(ck["stats"], stack.names)
         names = list(stack.names)
         fitted = build_fitted_prior(PriorFit.from_dict(ck["prior_fit"]), norm) if ck.get("prior_fit") else None
-        point_layers = [j for j, n in enumerate(names) if n in set(getattr(stack, "point_names", ())) and not n.endswith(":count")]
+        variants, layer_idx = _host_variants(names, list(getattr(stack, "point_names", [])))
         for k in range(0, len(items), batch_size):
             chunk = items[k : k + batch_size]
             raws, parents, fine = [], [], []
@@ -1012,30 +1025,12 @@ def evaluate_against_truth(
                 if fitted is not None:
                     preds.setdefault("fitted", []).append(softmax_children(fitted(xn), tt, f).numpy()[mask])
             preds.setdefault("model", []).append(model_children[mask])
-            preds.setdefault("uniform", []).append(uniform_fill(tt, f).numpy()[mask])
-            for j, n in enumerate(names):
-                w = torch.from_numpy(np.ascontiguousarray(raw[:, j : j + 1]))
-                preds.setdefault(n, []).append(dasymetric_fill(tt, w, f).numpy()[mask])
-                for pi in point_layers:  # point-source aware: listed points first, then layer n
-                    pm = torch.from_numpy(np.ascontiguousarray(raw[:, pi : pi + 1]))
-                    preds.setdefault(f"points+{n}", []).append(point_first_fill(tt, pm, w, f).numpy()[mask])
+            layers_all = torch.from_numpy(raw).double().movedim(1, 0)[:, :, None]  # [C, B, 1, T, P, P]
+            for v in variants:
+                idx = layer_idx[v.label]
+                kids = v.method.fill(tt.double(), layers_all[idx] if idx else None, f)
+                preds.setdefault(v.label, []).append(kids.numpy()[mask])
             truths.append(truth[mask])
     y = np.concatenate(truths)
-    scores = {k: _scores(np.concatenate(v), y) for k, v in preds.items()}
-    best = min(names, key=lambda n: (scores[n]["nonzero_mae"], n))
-    point_keys = [k for k in scores if k.startswith("points+")]
-    out = {
-        "model": scores["model"],
-        "uniform": scores["uniform"],
-        "dasymetric": scores[best],
-        "dasy_layer": best,
-        "all_dasymetric": {n: scores[n] for n in names},
-        "cells": int(y.size),
-    }
-    if "fitted" in scores:
-        out["fitted"] = scores["fitted"]
-    if point_keys:
-        best_p = min(point_keys, key=lambda k: (scores[k]["nonzero_mae"], k))
-        out["points"] = scores[best_p]
-        out["points_layer"] = best_p
-    return out
+    every = {k: _scores(np.concatenate(v), y) for k, v in preds.items()}
+    return {"model": every.pop("model"), **_summarise_baselines(every), "cells": int(y.size)}
