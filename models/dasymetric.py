@@ -49,6 +49,14 @@ DEFAULT_SMOOTH: tuple[int, ...] = (1, 3)
 _LOG_ZERO = -30.0
 
 
+def neighbourhood_mean(v: Tensor, k: int) -> Tensor:
+    """Mean over each ``k x k`` neighbourhood (odd ``k``; cells outside the raster not counted) of
+    ``[B, C, T, H, W]``; ``k = 1`` returns ``v``."""
+    if k == 1:
+        return v
+    return torch.nn.functional.avg_pool3d(v, (1, k, k), stride=1, padding=(0, k // 2, k // 2), count_include_pad=False)
+
+
 class PriorBasis(nn.Module):
     """Raw-unit basis functions of every aux channel, from its normalised value.
 
@@ -121,8 +129,7 @@ class PriorBasis(nn.Module):
         b, c, t, h, w = v.shape
         parts = []
         for k in self.smooth:
-            vk = v if k == 1 else torch.nn.functional.avg_pool3d(
-                v, (1, k, k), stride=1, padding=(0, k // 2, k // 2), count_include_pad=False)
+            vk = neighbourhood_mean(v, k)
             parts.extend(vk if p == 1.0 else vk.pow(p) for p in self.exponents)
         n = len(self.smooth) * len(self.exponents)
         return torch.stack(parts, dim=2).reshape(b, c * n, t, h, w)
@@ -218,9 +225,7 @@ class DasymetricPrior(nn.Module):
         v = b.raw(x) / b.ref.view(1, c, 1, 1, 1)
         for i, chans, powers in plan:
             k = b.smooth[i]
-            vk = v.index_select(1, chans)
-            if k > 1:
-                vk = torch.nn.functional.avg_pool3d(vk, (1, k, k), stride=1, padding=(0, k // 2, k // 2), count_include_pad=False)
+            vk = neighbourhood_mean(v.index_select(1, chans), k)
             for j, pos, flat in powers:
                 p = b.exponents[j]
                 t = vk.index_select(1, pos)

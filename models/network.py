@@ -156,9 +156,10 @@ class DSTCarbonFormer(nn.Module):
 
         self.ups = nn.ModuleList(UpFuse(w[i + 1], w[i]) for i in reversed(range(n_levels - 1)))
         self.dec_blocks = nn.ModuleList(ms_block(w[i], config.dropout) for i in reversed(range(n_levels - 1)))
-        self.head = OutputHead(w[0], config.dropout)
         if self.dasymetric:  # context features for the local head instead of a log-domain head
-            self.head = nn.Sequential(group_norm(w[0]), Pointwise(w[0], config.context_channels), nn.GELU())
+            self.head: nn.Module = nn.Sequential(group_norm(w[0]), Pointwise(w[0], config.context_channels), nn.GELU())
+        else:
+            self.head = OutputHead(w[0], config.dropout)
 
     def _check_inputs(self, aux: Tensor, main: Tensor) -> None:
         cfg = self.config
