@@ -73,7 +73,7 @@ def _install_timers(device: str) -> tuple[dict[str, float], Any]:
 
     import torch
 
-    from carbonsr_cli import downscale_pipeline as dp
+    from carbonsr_cli.downscale import engine as dp
     from carbonsr_cli import tiling
     from carbonsr_cli import writer as wr
 
@@ -187,7 +187,7 @@ def downscale_worker(spec: dict[str, Any]) -> dict[str, Any]:
         # Everything of the model path but the network: the "prediction" is the main input
         # itself (log1p of the uniform share), so reading and warping the aux layers, batching,
         # blending, water-filling and writing still run. The floor the model path cannot beat.
-        from carbonsr_cli import downscale_pipeline as dp
+        from carbonsr_cli.downscale import engine as dp
 
         dp._Predictor._choose = lambda self, a, m: (lambda a_, m_: m_.float())
     from carbonsr_cli.downscale import downscale
@@ -200,8 +200,8 @@ def downscale_worker(spec: dict[str, Any]) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     tree_pss = sampler.stop()
     collect_gpu_times()
-    from carbonsr_cli import downscale_pipeline as dp
-    from carbonsr_cli import downscale_strips
+    from carbonsr_cli.downscale import engine as dp
+    from carbonsr_cli.downscale import readers as downscale_strips
 
     acc["read_wait"] = dp.LAST_RUN_SECONDS.get("read_wait", 0.0)
     acc["loop"] = dp.LAST_RUN_SECONDS.get("total", 0.0)  # the row loop, after readers are open

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from carbonsr_cli.nodata import nodata_mask
 from carbonsr_cli.errors import OutputError
 
 __all__ = ["DemoResult", "run_demo", "DEMO_METRICS"]
@@ -321,8 +322,7 @@ def _read_band(path: Path, band: int) -> np.ndarray:
     with open_raster(path) as ds:
         a = read_window(ds, None, band, out_dtype="float64")
         nod = ds.nodata
-    if nod is not None and not np.isnan(nod):
-        a[a == nod] = np.nan
+    a[nodata_mask(a, nod)] = np.nan
     return a
 
 

@@ -8,7 +8,7 @@
   the model is wrapped in ``DistributedDataParallel``; the loss is rescaled so that the
   averaged gradient equals the gradient of the single-process loss on the whole global batch
   (:class:`ShardedLoss`); checkpoints, logs, metrics.csv and plots come from rank 0 only.
-- **Downscaling** (:mod:`carbonsr_cli.downscale_distributed`): ranks split the rows of tiles.
+- **Downscaling** (:mod:`carbonsr_cli.downscale.distributed`): ranks split the rows of tiles.
 
 The context is built from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR``, ``MASTER_PORT``). Without them (a plain ``carbonsr`` call) it is a no-op

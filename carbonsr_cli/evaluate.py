@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from carbonsr_cli.nodata import nodata_mask
 from carbonsr_cli.errors import CarbonSRWarning, CheckpointError, ConservationError, InputDataError, UsageError
 from carbonsr_cli.rasters import open_raster, read_window, read_years
 
@@ -84,14 +85,6 @@ _RATIO_TOL = 1e-6
 # --------------------------------------------------------------------------------------
 # helpers shared by the three evaluations
 # --------------------------------------------------------------------------------------
-
-
-def _nodata_mask(values: np.ndarray, nodata: float | None) -> np.ndarray:
-    """Boolean mask of nodata cells: NaN always, plus ``nodata`` when it is a number."""
-    mask = np.isnan(values)
-    if nodata is not None and not math.isnan(nodata):
-        mask |= values == nodata
-    return mask
 
 
 def _fallback_names(names: Sequence[str]) -> bool:
@@ -467,7 +460,7 @@ def _check_chunk(
 ) -> None:
     """Update ``bc`` with one chunk: ``totals [h, w]`` and ``child [h*f, w*f]`` (float64)."""
     h, w = totals.shape
-    t_nd = _nodata_mask(totals, tnod)  # a NaN total is never valid
+    t_nd = nodata_mask(totals, tnod, nan=True)  # a NaN total is never valid
     # children: only the declared nodata value (NaN included if it is NaN) marks nodata;
     # an undeclared NaN is counted as a NaN, not as nodata
     if pnod is None:
@@ -685,7 +678,7 @@ def _pred_on_ref(pred: DatasetReader, band: int, plan: _Aligned, rows: tuple[int
         pc0 = -off[0] * k
         pr0 = -off[1] * k
         child = read_window(pred, Window(pc0, pr0 + a * k, w * k, (b - a) * k), band, out_dtype="float64")
-        nd = _nodata_mask(child, pred.nodata)
+        nd = nodata_mask(child, pred.nodata, nan=True)
         child = np.where(nd, np.nan, child)  # any nodata child makes the block nodata
         return _block_sum(child, k) if k > 1 else child
     return _reproject_sum(pred, band, plan, a, b)
@@ -860,7 +853,7 @@ def compare_to_reference(
 
                 wc0, wr0 = int(win.col_off), int(win.row_off)
                 t = read_window(ref, Window(wc0, wr0 + a, w, b - a), ri, out_dtype="float64")
-                t = np.where(_nodata_mask(t, ref.nodata), np.nan, t)
+                t = np.where(nodata_mask(t, ref.nodata, nan=True), np.nan, t)
                 ok = np.isfinite(p) & np.isfinite(t)
                 m = _in_region(plan, (a, b), region)
                 if m is not None:
@@ -1080,7 +1073,7 @@ def self_validate(
     import torch
 
     from carbonsr_cli.auxlayers import AuxStack, categorical_kinds, discover_aux
-    from carbonsr_cli.downscale import _resolve_aux_order
+    from carbonsr_cli.downscale.plan import _resolve_aux_order
     from carbonsr_cli.stats import AuxNormalizer
     from carbonsr_cli.train.checkpoints import load_checkpoint, load_model_for_inference
     from carbonsr_cli.train.dataset import AuxCache, BatchSpec, MainData, build_batch, load_main

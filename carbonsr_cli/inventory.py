@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from carbonsr_cli.nodata import nodata_mask
 from carbonsr_cli.errors import InputDataError, MissingInputError, UsageError
 
 __all__ = ["Period", "BandSource", "MainInput", "resolve_main", "write_totals", "period_from_name", "expand_main"]
@@ -637,8 +638,7 @@ def write_totals(inp: MainInput, dest: str | os.PathLike[str], *, rows_per_strip
                         if inp.south_up:
                             raw = raw[::-1]
                         if nodata is not None:
-                            m = np.isnan(raw) if (isinstance(nodata, float) and math.isnan(nodata)) else raw == nodata
-                            nd |= m
+                            nd |= nodata_mask(raw, nodata)
                         scale, offset = inp.scales[i] if i < len(inp.scales) else (1.0, 0.0)
                         vals = raw * scale + offset if (scale, offset) != (1.0, 0.0) else raw
                         if parsed is not None:

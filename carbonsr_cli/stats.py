@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from carbonsr_cli.nodata import nodata_mask
 from carbonsr_cli.errors import InputDataError, UsageError
 
 from carbonsr_cli.errors import MissingInputError
@@ -212,9 +213,7 @@ def _main_file_stats(
                 from carbonsr_cli.units import cell_areas_m2, to_totals
 
                 arr = to_totals(arr, unit, cell_areas_m2(grid, win), nodata=nodata)
-            bad = ~np.isfinite(arr)
-            if nodata is not None and not math.isnan(nodata):
-                bad |= arr == nodata
+            bad = ~np.isfinite(arr) | nodata_mask(arr, nodata, nan=True)
             for b, acc in enumerate(accs):
                 acc.update(arr[b], bad[b])
         desc = {

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from carbonsr_cli.nodata import nodata_mask
 from carbonsr_cli.errors import UsageError
 
 __all__ = [
@@ -284,11 +285,7 @@ def cell_areas_m2(grid: Any, window: Any = None) -> np.ndarray:
 
 
 def _mask(values: np.ndarray, nodata: float | None) -> np.ndarray | None:
-    if nodata is None:
-        return None
-    if isinstance(nodata, float) and math.isnan(nodata):
-        return np.isnan(values)
-    return values == nodata
+    return None if nodata is None else nodata_mask(values, nodata)
 
 
 def to_totals(

@@ -11,7 +11,8 @@ import rasterio
 from ds_helpers import assert_conserves
 
 from carbonsr_cli.downscale import downscale
-from carbonsr_cli.downscale_strips import StripFeed, StripGeometry, assemble, reader_config, symmetric_index
+from carbonsr_cli.downscale.readers import StripFeed, reader_config
+from carbonsr_cli.downscale.strips import StripGeometry, assemble, symmetric_index
 from carbonsr_cli.tiling import TileLayout, pad_reflect
 
 F = 2  # small factor keeps the arrays small; the geometry is the same for any factor
@@ -156,7 +157,8 @@ def test_reader_processes_give_the_thread_result(
     Pre-warping (process mode only) is switched off here so that the results must be equal;
     ``test_prewarped_layers_match_per_strip_warps`` covers it.
     """
-    from carbonsr_cli import downscale_pipeline, downscale_strips
+    from carbonsr_cli.downscale import engine as downscale_pipeline
+    from carbonsr_cli.downscale import readers as downscale_strips
 
     monkeypatch.setattr(downscale_pipeline, "CHUNK_BYTES", 1)  # several column chunks per tile row
     monkeypatch.setattr(downscale_strips, "materialize_warps", lambda stack, work_dir: None)
@@ -178,7 +180,7 @@ def test_blending_on_the_device_matches_the_host(
 ) -> None:
     """The CUDA path keeps predictions on the device and blends there (torch Blender); forced
     here on the CPU device, it must write what the numpy Blender writes."""
-    from carbonsr_cli import downscale_pipeline
+    from carbonsr_cli.downscale import predict as downscale_pipeline
 
     outs = {}
     for mode in ("host", "device"):
@@ -207,7 +209,7 @@ def test_error_in_a_reader_process_reaches_the_caller(tmp_path: Path) -> None:
 
     from ds_helpers import FailingStack
 
-    from carbonsr_cli.downscale_strips import ProcessStripReader
+    from carbonsr_cli.downscale.readers import ProcessStripReader
     from carbonsr_cli.errors import InputDataError
 
     lay = TileLayout(30, 12, F, 12 * F, 2)
@@ -239,7 +241,7 @@ def test_prewarped_layers_match_per_strip_warps(
     """Reader processes warp the EPSG:4326 / EPSG:3857 layers once up front; the result stays
     within GDAL's approximate-transformer differences of the per-strip warps, conserves, and
     the hidden warp folder is gone afterwards."""
-    from carbonsr_cli import downscale_strips
+    from carbonsr_cli.downscale import readers as downscale_strips
 
     made: list[Path] = []
     real = downscale_strips.materialize_warps
