@@ -328,7 +328,7 @@ def _read_band(path: Path, band: int) -> np.ndarray:
 
 def _quicklook(sample: Any, outputs: dict[str, Path], val_parent: np.ndarray | None, dest: Path, *, dasy_label: str) -> None:
     """1 km input (whole region, zoom outlined) and the 100 m baseline, model and truth in the zoom."""
-    from carbonsr_cli.plots import plot_quicklook
+    from carbonsr_cli.evaluate.plots import plot_quicklook
 
     band = len(sample.years)  # last year
     year = sample.years[-1]
