@@ -148,7 +148,7 @@ def main() -> None:
         aux_names = ["lights"]
         years = 1
     else:
-        from carbonsr_cli.auxlayers import discover_aux, layer_names
+        from carbonsr_cli.aux import discover_aux, layer_names
         from carbonsr_cli.sample_data import generate_sample_data
 
         years = args.years

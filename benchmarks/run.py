@@ -313,7 +313,7 @@ def main() -> None:
 
     from bench_downscale import _make_checkpoint
 
-    from carbonsr_cli.auxlayers import discover_aux, layer_names
+    from carbonsr_cli.aux import discover_aux, layer_names
     from carbonsr_cli.sample_data import generate_sample_data
 
     t0 = time.perf_counter()

@@ -21,7 +21,7 @@ The JSON written here travels with every training run and checkpoint. Keys:
   zeros, the max over all values read, not only the sampled ones), ``mean``/``std`` of the
   transformed, clipped values (std 1 for a constant layer), and the raw ``raw_mean``,
   ``raw_std``, ``raw_min``, ``raw_max``, ``skewness``, ``p99``, ``samples``. Aux layers are
-  read through :class:`carbonsr_cli.auxlayers.AuxStack` on the child grid, from a regular subset of
+  read through :class:`carbonsr_cli.aux.AuxStack` on the child grid, from a regular subset of
   120 x 120 tiles (every k-th tile row and column) on large rasters.
 - ``aux_coverage``: per source layer: covered and nodata fractions, fill value.
 
@@ -362,7 +362,7 @@ def compute_stats(
 
     Args:
         main_path: One main raster or several (e.g. regions or years); stats are pooled.
-        aux: None; an :class:`~carbonsr_cli.auxlayers.AuxStack` on the first main file's child grid
+        aux: None; an :class:`~carbonsr_cli.aux.AuxStack` on the first main file's child grid
             (only with a single main file); or aux paths/globs/directories (``--aux``), stacked
             on every main file's child grid.
         factor: Child cells per parent cell (for the aux child grid).
@@ -432,7 +432,7 @@ def _aux_stacks(
         if len(paths) > 1:
             raise UsageError("pass aux paths (not one AuxStack) when computing stats over several main files")
         return [aux], []
-    from carbonsr_cli.auxlayers import AuxStack, categorical_kinds, discover_aux
+    from carbonsr_cli.aux import AuxStack, categorical_kinds, discover_aux
     from carbonsr_cli.grids import ParentGrid
     from carbonsr_cli.rasters import open_raster, read_years
 

@@ -147,7 +147,7 @@ def register(app: typer.Typer) -> None:
             )
         if json_out is not None and str(json_out) != "-":
             from carbonsr_cli.atomic import check_not_an_input
-            from carbonsr_cli.auxlayers import expand_aux_paths
+            from carbonsr_cli.aux import expand_aux_paths
 
             check_not_an_input(json_out, {"output raster": output, "uncertainty raster": uncertainty, "main raster": main,
                                           "aux layer": expand_aux_paths(aux_paths), "model checkpoint": model,

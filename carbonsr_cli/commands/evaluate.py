@@ -187,7 +187,7 @@ def _refuse_outputs_naming_inputs(outputs: list[Any], inputs: dict[str, Any]) ->
     if len(given) == 2 and same_file(given[0], given[1]):
         raise OutputError("--json and --plot name the same file", given[0])
     if inputs.get("aux"):
-        from carbonsr_cli.auxlayers import expand_aux_paths
+        from carbonsr_cli.aux import expand_aux_paths
 
         inputs = {**inputs, "aux": expand_aux_paths(inputs["aux"])}
     for o in given:

@@ -56,7 +56,7 @@ def stats_command(
     to_stdout = output is not None and str(output) == "-"
     if output is not None and not to_stdout:
         from carbonsr_cli.atomic import check_not_an_input, check_output_path
-        from carbonsr_cli.auxlayers import expand_aux_paths
+        from carbonsr_cli.aux import expand_aux_paths
 
         check_output_path(output, overwrite)
         check_not_an_input(output, {"main raster": list(main), "aux layer": expand_aux_paths(aux)})

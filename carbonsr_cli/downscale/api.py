@@ -98,7 +98,7 @@ def downscale(
             CRS, north-up; or a netCDF variable, several files on one grid (a glob: months or
             years), south-up grids, densities or per-month values (see ``carbonsr_cli.inventory``;
             such inputs are converted to totals in a hidden temp GeoTIFF next to ``dst``).
-        aux_paths: Aux inputs (files, globs, directories; see ``auxlayers.discover_aux``). Needed for
+        aux_paths: Aux inputs (files, globs, directories; see ``carbonsr_cli.aux.discover_aux``). Needed for
             ``model`` and ``dasymetric``.
         dst: Output GeoTIFF (child grid, one band per output year); ``.nc``: CF netCDF with a
             time dimension (see ``carbonsr_cli.netcdf_out``; no ``cog``/``creation_options``/
@@ -127,7 +127,7 @@ def downscale(
         progress: Show a progress bar on stderr (only on a terminal).
         check: Re-read the written file and check conservation (recommended).
         fill_missing: Allow aux layers that do not cover the whole extent or are all nodata
-            (filled by the rule of ``carbonsr_cli.auxlayers``, with a warning); otherwise an error.
+            (filled by the rule of ``carbonsr_cli.aux``, with a warning); otherwise an error.
         categorical: Aux raster file stems or names read as categorical (``--categorical``);
             None: the checkpoint's setting (``train --categorical``), else detected.
         overlap: Context margin of model tiles in parent cells on each side (tiles step by

@@ -78,7 +78,7 @@ class _BandReader:
         self._aux_order: list[int] = []
 
     def _open(self) -> None:
-        from carbonsr_cli.auxlayers import AuxStack, discover_aux
+        from carbonsr_cli.aux import AuxStack, discover_aux
         from carbonsr_cli.rasters import open_raster
 
         plan = self.plan
@@ -449,7 +449,7 @@ def _open_strip_feed(
     (GDAL, all cores) into a hidden folder in ``work_dir`` (the output's folder), removed at
     the end.
     """
-    from carbonsr_cli.auxlayers import AuxStack, discover_aux
+    from carbonsr_cli.aux import AuxStack, discover_aux
 
     aux = plan.aux_stack
     if aux is None or aux.grid != plan.child or list(aux.years) != list(plan.aux_years):

@@ -19,7 +19,7 @@ import numpy as np
 
 from carbonsr_cli import distributed
 from carbonsr_cli.atomic import check_not_an_input
-from carbonsr_cli.auxlayers import AuxStack, categorical_kinds, discover_aux, expand_aux_paths
+from carbonsr_cli.aux import AuxStack, categorical_kinds, discover_aux, expand_aux_paths
 from carbonsr_cli.devices import resolve_device
 from carbonsr_cli.downscale.options import DownscaleOptions, MainSource
 from carbonsr_cli.downscale.readers import remove_killed_leftovers

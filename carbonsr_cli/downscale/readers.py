@@ -126,8 +126,7 @@ def _worker_warm() -> int:
     import rasterio  # noqa: F401
     import shapely  # noqa: F401
 
-    import carbonsr_cli.auxlayers  # noqa: F401
-    import carbonsr_cli.auxlayers_vector  # noqa: F401
+    import carbonsr_cli.aux  # noqa: F401
 
     return os.getpid()
 

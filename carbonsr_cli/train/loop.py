@@ -433,7 +433,7 @@ def evaluate_split(checkpoint: str | os.PathLike[str], *, device: str = "cpu") -
     """
     import torch
 
-    from carbonsr_cli.auxlayers import AuxStack, categorical_kinds, discover_aux
+    from carbonsr_cli.aux import AuxStack, categorical_kinds, discover_aux
     from carbonsr_cli.stats import AuxNormalizer
     from carbonsr_cli.train.checkpoints import load_model_for_inference
 
@@ -592,7 +592,7 @@ def train(config: TrainConfig) -> RunResult:
     """
     import torch
 
-    from carbonsr_cli.auxlayers import AuxStack, categorical_kinds, discover_aux
+    from carbonsr_cli.aux import AuxStack, categorical_kinds, discover_aux
     from carbonsr_cli.stats import AuxNormalizer, save_stats
     from carbonsr_cli.train import checkpoints as ckpt_mod
     from carbonsr_cli.train.resume import resolve_resume
@@ -974,7 +974,7 @@ def evaluate_against_truth(
     import torch
     from rasterio.windows import Window
 
-    from carbonsr_cli.auxlayers import AuxStack, categorical_kinds, discover_aux
+    from carbonsr_cli.aux import AuxStack, categorical_kinds, discover_aux
     from carbonsr_cli.rasters import open_raster, read_window
     from carbonsr_cli.stats import AuxNormalizer
     from carbonsr_cli.train.checkpoints import load_checkpoint, load_model_for_inference

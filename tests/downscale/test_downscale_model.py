@@ -146,7 +146,7 @@ def test_model_on_sample_data_with_aoi(sample_dir: Path, tmp_path: Path) -> None
     from shapely.geometry import box
 
     from carbonsr_cli.aoi import aoi_parent_window
-    from carbonsr_cli.auxlayers import discover_aux, layer_names
+    from carbonsr_cli.aux import discover_aux, layer_names
     from carbonsr_cli.grids import ParentGrid
 
     main = sample_dir / "emissions_1km.tif"
