@@ -44,7 +44,8 @@ from carbonsr_cli.downscale.check import check_written_conservation
 from carbonsr_cli.downscale.distributed import run_distributed
 from carbonsr_cli.downscale.engine import run_pipeline
 from carbonsr_cli.downscale.options import DownscaleOptions, MainSource, parse_creation_options
-from carbonsr_cli.downscale.plan import Plan, build_plan
+from carbonsr_cli.downscale.plan import Plan
+from carbonsr_cli.downscale.planning import build_plan
 from carbonsr_cli.downscale.summary import DownscaleSummary
 from carbonsr_cli.errors import CarbonSRError, UsageError
 from carbonsr_cli.methods import parse_method

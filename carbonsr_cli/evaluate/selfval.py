@@ -210,7 +210,7 @@ def self_validate(
     import torch
 
     from carbonsr_cli.aux import AuxStack, categorical_kinds, discover_aux
-    from carbonsr_cli.downscale.plan import _resolve_aux_order
+    from carbonsr_cli.downscale.planning import _resolve_aux_order
     from carbonsr_cli.stats import AuxNormalizer
     from carbonsr_cli.train.checkpoints import load_checkpoint, load_model_for_inference
     from carbonsr_cli.train.dataset import AuxCache, BatchSpec, MainData, build_batch, load_main

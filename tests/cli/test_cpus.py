@@ -48,7 +48,7 @@ def test_available_cpus_is_the_smallest_limit(monkeypatch: pytest.MonkeyPatch, a
 def test_reader_pool_and_torch_threads_follow_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from carbonsr_cli.downscale import plan
+    from carbonsr_cli.downscale import planning as plan
     from carbonsr_cli.downscale.readers import reader_config
 
     monkeypatch.delenv("CARBONSR_READ_PROCS", raising=False)
