@@ -39,6 +39,7 @@ import numpy as np
 import rasterio
 
 from carbonsr_cli import inventory
+from carbonsr_cli.inventory_totals import write_totals
 from carbonsr_cli.atomic import check_output_path, make_temp_path, remove_quietly
 from carbonsr_cli.downscale.check import check_written_conservation
 from carbonsr_cli.downscale.distributed import run_distributed
@@ -173,7 +174,7 @@ def downscale(
         raise UsageError("--uncertainty needs --method model (the baselines are deterministic)")
     tmp = make_temp_path(dst_path.absolute(), tag="totals")
     try:
-        inventory.write_totals(inp, tmp.with_suffix(".tif") if tmp.suffix.lower() != ".tif" else tmp)
+        write_totals(inp, tmp.with_suffix(".tif") if tmp.suffix.lower() != ".tif" else tmp)
         tif = tmp if tmp.suffix.lower() == ".tif" else tmp.with_suffix(".tif")
         notes = list(inp.notes) + [f"converted to totals per cell ({inp.totals_unit}) before downscaling"]
         try:
