@@ -14,13 +14,15 @@ import numpy as np
 
 from carbonsr_cli.inventory import MainInput, Period
 from carbonsr_cli.nodata import nodata_mask
+from carbonsr_cli import units as U
+from carbonsr_cli.rasters import read_window
+from carbonsr_cli.units import MONTH, SECONDS_PER_DAY
 
 __all__ = ["write_totals"]
 
 
 def _band_factor(unit: Any, period: Period) -> tuple[float, bool]:
     """``(multiplier, needs cell area in m2)`` from a value in ``unit`` to the band's total in t."""
-    from carbonsr_cli.units import MONTH, SECONDS_PER_DAY
 
     f = unit.mass_t
     if unit.is_density:
@@ -53,9 +55,6 @@ def write_totals(inp: MainInput, dest: str | os.PathLike[str], *, rows_per_strip
     """
     import rasterio
     from rasterio.windows import Window
-
-    from carbonsr_cli import units as U
-    from carbonsr_cli.rasters import read_window
 
     dest = Path(dest)
     parsed = U.parse_unit(inp.unit) if inp.unit is not None else None

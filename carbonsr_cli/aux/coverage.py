@@ -14,6 +14,7 @@ import numpy as np
 from carbonsr_cli.aux.sources import MIN_COVERAGE, SAMPLE_EDGE, LayerCoverage, _Slot
 from carbonsr_cli.aux.warp import _subgrid
 from carbonsr_cli.errors import AuxFillWarning, InputDataError
+from carbonsr_cli.rasters import decode_threads_env, open_raster
 
 if TYPE_CHECKING:
     from carbonsr_cli.aux.stack import AuxStack
@@ -88,7 +89,6 @@ def coverage_samples(stack: AuxStack, by_source: Mapping[Path, list[_Slot]]) -> 
     out: dict[Path, Any] = {}
     if not rasters:
         return out
-    from carbonsr_cli.rasters import decode_threads_env, open_raster
 
     with cf.ThreadPoolExecutor(max_workers=min(len(rasters), 8)) as ex:
         for path, sl in rasters:

@@ -26,6 +26,7 @@ from carbonsr_cli.aux.sources import (
     split_year,
 )
 from carbonsr_cli.errors import AuxFillWarning, CarbonSRError, InputDataError, MissingInputError, UsageError
+from carbonsr_cli.rasters import open_raster, read_window
 
 __all__ = ["categorical_kinds", "discover_aux", "expand_aux_paths"]
 
@@ -118,8 +119,6 @@ def _scan_classes(ds: Any, band: int, path: Path) -> tuple[int, ...]:
     """Class codes of a categorical band, the most frequent first, capped at MAX_CLASSES."""
     from rasterio.windows import Window
 
-    from carbonsr_cli.rasters import read_window
-
     counts: dict[int, int] = {}
     nodata = ds.nodata
 
@@ -158,7 +157,6 @@ def _scan_classes(ds: Any, band: int, path: Path) -> tuple[int, ...]:
 
 
 def _raster_source(path: Path, kind_override: str | None) -> AuxSource:
-    from carbonsr_cli.rasters import open_raster
 
     base, file_year = _base_name(path)
     with open_raster(path, require_north_up=False) as ds:

@@ -85,6 +85,8 @@ from carbonsr_cli.aux.readers import reader_for
 from carbonsr_cli.aux.sources import AuxSource, LayerCoverage, _Align, _Group, _Slot, _year_of
 from carbonsr_cli.aux.vector import VectorData
 from carbonsr_cli.errors import AuxFillWarning, UsageError
+from carbonsr_cli.grids import window_ints
+from carbonsr_cli.rasters import open_raster
 
 if TYPE_CHECKING:
     from rasterio.windows import Window
@@ -256,7 +258,6 @@ class AuxStack:
     def _dataset(self, path: Path) -> Any:
         ds = self._datasets.get(path)
         if ds is None:
-            from carbonsr_cli.rasters import open_raster
 
             ds = self._datasets[path] = open_raster(path, require_north_up=False)
         return ds
@@ -382,7 +383,6 @@ class AuxStack:
             float32 ``[C_aux, T, h, w]`` of raw physical values (units of each source;
             metres of line, fractions in [0, 1], counts); ``out`` when given.
         """
-        from carbonsr_cli.grids import window_ints
 
         self._check_process()
         c, r, w, h = window_ints(child_window)
@@ -466,8 +466,6 @@ class AuxStack:
             float32 ``[C_aux, T, h, W]`` with ``W`` = child grid width.
         """
         from rasterio.windows import Window
-
-        from carbonsr_cli.grids import window_ints
 
         _, r, _, h = window_ints(child_row_window)
         return self.read(Window(0, r, self.grid.width, h))

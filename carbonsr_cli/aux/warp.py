@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from carbonsr_cli.errors import InputDataError
+from carbonsr_cli.rasters import decode_threads_env, open_raster
 
 if TYPE_CHECKING:
     from carbonsr_cli.aux.sources import _Slot
@@ -92,8 +93,6 @@ def materialize_warps(stack: AuxStack, directory: Path, threads: int, rows_per_b
 
     import rasterio
     from rasterio.windows import Window
-
-    from carbonsr_cli.rasters import decode_threads_env, open_raster
 
     stack._check_process()
     by_path = warp_targets(stack)

@@ -14,6 +14,9 @@ import numpy as np
 from carbonsr_cli.conservation import ConservationCheck
 from carbonsr_cli.downscale.plan import Plan, read_totals
 from carbonsr_cli.nodata import nodata_mask
+from carbonsr_cli import units
+from carbonsr_cli.cpus import available_cpus
+from carbonsr_cli.rasters import decode_threads_env, open_raster, read_window
 
 __all__ = ["check_written_conservation"]
 
@@ -38,11 +41,8 @@ def check_written_conservation(
     import concurrent.futures as cf
     import threading
 
-    from carbonsr_cli.rasters import decode_threads_env, open_raster
-
     h, w = plan.grid.height, plan.grid.width
     step = rows_per_band or max(1, (1 << 21) // max(1, w * plan.factor**2 * len(plan.out_bands)))
-    from carbonsr_cli.cpus import available_cpus
 
     n_threads = max(1, min(6, available_cpus(respect_omp=False), -(-h // step)))
     decode = max(1, (os.cpu_count() or 1) // n_threads)  # block-decoding threads per read
@@ -72,8 +72,6 @@ def check_written_conservation(
 def _check_rows(main_ds: Any, out_ds: Any, plan: Plan, r0: int, r1: int) -> ConservationCheck:
     """Conservation figures of parent rows ``[r0, r1)`` (one band of :func:`check_written_conservation`)."""
     from rasterio.windows import Window
-
-    from carbonsr_cli.rasters import read_window
 
     f = plan.factor
     w = plan.grid.width
@@ -117,8 +115,6 @@ def _check_rows(main_ds: Any, out_ds: Any, plan: Plan, r0: int, r1: int) -> Cons
 def _child_density_to_totals(kids: np.ndarray, plan: Plan, r0: int, r1: int) -> np.ndarray:
     """Child densities of parent rows ``[r0, r1)`` -> totals per child cell."""
     from rasterio.windows import Window
-
-    from carbonsr_cli import units
 
     f = plan.factor
     areas = units.cell_areas_m2(plan.child, Window(0, r0 * f, plan.child.width, (r1 - r0) * f))

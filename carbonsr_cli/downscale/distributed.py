@@ -45,6 +45,7 @@ from carbonsr_cli import distributed
 
 from carbonsr_cli.downscale.engine import run_pipeline
 from carbonsr_cli.tiling import TileLayout
+from carbonsr_cli.writer import RasterWriter
 
 if TYPE_CHECKING:  # pragma: no cover
     from carbonsr_cli.downscale.plan import Plan
@@ -188,8 +189,6 @@ def _assemble(plan: Plan, dst: Path, parts: list[tuple[Path, tuple[int, int], in
     """
     import rasterio
     from rasterio.windows import Window
-
-    from carbonsr_cli.writer import RasterWriter
 
     f = plan.factor
     w = plan.child.width

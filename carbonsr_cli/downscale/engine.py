@@ -42,6 +42,12 @@ from carbonsr_cli.downscale import readers, strips
 from carbonsr_cli.downscale.plan import read_totals
 from carbonsr_cli.downscale.predict import BandData, _Predictor, _predict_row, _water_fill, unique_windows
 from carbonsr_cli.downscale.progress import _advance, _progress
+from carbonsr_cli import units
+from carbonsr_cli.aux import AuxStack, discover_aux
+from carbonsr_cli.devices import HostResult, to_device
+from carbonsr_cli.rasters import open_raster
+from carbonsr_cli.tiling import BlendStream, TileLayout, pad_reflect
+from carbonsr_cli.writer import RasterWriter
 
 if TYPE_CHECKING:  # pragma: no cover
     from carbonsr_cli.downscale.plan import Plan
@@ -78,8 +84,6 @@ class _BandReader:
         self._aux_order: list[int] = []
 
     def _open(self) -> None:
-        from carbonsr_cli.aux import AuxStack, discover_aux
-        from carbonsr_cli.rasters import open_raster
 
         plan = self.plan
         self._ds = open_raster(plan.main_path)
@@ -120,7 +124,6 @@ class _BandReader:
         return data
 
     def _read_model_inputs(self, i: int, j0: int, j1: int, data: BandData) -> None:
-        from carbonsr_cli.tiling import pad_reflect
 
         plan, lay = self.plan, self.layout
         f = plan.factor
@@ -188,14 +191,11 @@ def _finish_band(children: Any, totals: np.ndarray, plan: Plan, r0: int, out_dty
 
     ``children`` is an array ``[Y, h, w]`` or a :class:`~carbonsr_cli.devices.HostResult`.
     """
-    from carbonsr_cli.devices import HostResult
 
     f = plan.factor
     out = children.numpy() if isinstance(children, HostResult) else children
     if plan.unit is not None:
         from rasterio.windows import Window
-
-        from carbonsr_cli import units
 
         areas = units.cell_areas_m2(plan.child, Window(0, r0, plan.child.width, out.shape[-2]))
         out = np.asarray(units.from_totals(out.astype(np.float64), plan.unit, areas))
@@ -249,9 +249,6 @@ def run_pipeline(
     """
     import torch
 
-    from carbonsr_cli.tiling import BlendStream, TileLayout
-    from carbonsr_cli.writer import RasterWriter
-
     f = plan.factor
     out_dtype = torch.float64 if dtype == "float64" else torch.float32
     layout = TileLayout(plan.grid.height, plan.grid.width, f, plan.tile_child, plan.overlap_parent)
@@ -299,7 +296,6 @@ def run_pipeline(
         if feed is not None:  # model: aux inputs assembled from the row strips
             data.aux = strips.assemble(feed.geom, i, j, feed.get(i, j), aux_order)
             if feed.device is not None:  # upload here, not in the thread that feeds the GPU
-                from carbonsr_cli.devices import to_device
 
                 data.main = to_device(data.main, feed.device)
         return data
@@ -449,7 +445,6 @@ def _open_strip_feed(
     (GDAL, all cores) into a hidden folder in ``work_dir`` (the output's folder), removed at
     the end.
     """
-    from carbonsr_cli.aux import AuxStack, discover_aux
 
     aux = plan.aux_stack
     if aux is None or aux.grid != plan.child or list(aux.years) != list(plan.aux_years):

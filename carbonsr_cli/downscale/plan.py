@@ -17,6 +17,8 @@ import numpy as np
 
 from carbonsr_cli.methods import MethodSpec
 from carbonsr_cli.nodata import nodata_mask
+from carbonsr_cli import units
+from carbonsr_cli.rasters import read_window
 
 if TYPE_CHECKING:  # pragma: no cover
     from carbonsr_cli.grids import ChildGrid, ParentGrid
@@ -132,8 +134,6 @@ def read_totals(ds: Any, plan: Plan, r0: int, r1: int, bands: Sequence[int], *, 
     """
     from rasterio.windows import Window
 
-    from carbonsr_cli.rasters import read_window
-
     c1 = plan.grid.width if c1 is None else c1
     ro, co = plan.offset
     win = Window(co + c0, ro + r0, c1 - c0, r1 - r0)
@@ -150,8 +150,6 @@ def read_totals(ds: Any, plan: Plan, r0: int, r1: int, bands: Sequence[int], *, 
 def _density_to_totals(vals: np.ndarray, plan: Plan, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
     """Density -> totals per parent cell with the cell areas of the processed grid."""
     from rasterio.windows import Window
-
-    from carbonsr_cli import units
 
     areas = units.cell_areas_m2(plan.grid, Window(c0, r0, c1 - c0, r1 - r0))
     return np.asarray(units.to_totals(vals, plan.unit, areas), dtype=np.float64)

@@ -31,6 +31,13 @@ from carbonsr_cli.methods.model import prior_only_model
 from carbonsr_cli.nodata import nodata_mask
 from carbonsr_cli.stats import AuxNormalizer
 from carbonsr_cli.train.checkpoints import check_compatible, load_checkpoint, load_model_for_inference
+from carbonsr_cli import aoi as aoi_mod, units
+from carbonsr_cli.atomic import check_output_path
+from carbonsr_cli.cpus import available_cpus
+from carbonsr_cli.errors import GeographicCRSWarning, NoNodataWarning
+from carbonsr_cli.grids import ParentGrid, validate_factor
+from carbonsr_cli.rasters import open_raster, read_window
+from carbonsr_cli.units import parse_unit
 
 if TYPE_CHECKING:  # pragma: no cover
     from carbonsr_cli.grids import ChildGrid, ParentGrid
@@ -46,8 +53,6 @@ def _scan_main(ds: Any, plan: Plan) -> int:
             raster that is entirely nodata (inside the AOI).
     """
     from rasterio.windows import Window
-
-    from carbonsr_cli.rasters import read_window
 
     bands = sorted(set(plan.out_bands) | set(plan.in_bands))
     out_pos = [bands.index(b) for b in plan.out_bands]
@@ -142,7 +147,6 @@ def _resolve_aux_order(given: Sequence[str], expected: Sequence[str], ckpt_path:
 
 def _aoi(aoi: str | os.PathLike[str], grid: ParentGrid) -> tuple[Any, np.ndarray | None]:
     """AOI window of the parent grid (and its polygon mask, if the AOI module gives one)."""
-    from carbonsr_cli import aoi as aoi_mod
 
     res = aoi_mod.aoi_parent_window(aoi, grid)
     mask = None
@@ -161,7 +165,6 @@ def _parse_units(units: str | None) -> tuple[str | None, str]:
     text = "totals" if units is None else str(units).strip()
     if text.lower() in ("totals", "total", ""):
         return None, TOTALS_UNIT
-    from carbonsr_cli.units import parse_unit
 
     u = parse_unit(text)
     if not u.is_density:
@@ -174,8 +177,6 @@ def _area_km2(grid: ParentGrid) -> float:
     """Area of the grid's extent in km2 (geodesic for geographic CRSs)."""
     try:
         from rasterio.windows import Window
-
-        from carbonsr_cli import units
 
         areas = units.cell_areas_m2(grid, Window(0, 0, 1, grid.height))
         return float(np.asarray(areas, dtype=np.float64).sum()) * grid.width / 1e6
@@ -249,8 +250,6 @@ def _size_torch_threads() -> int:
     on; torch's own default counts the host's cores and oversubscribes a shared machine."""
     import torch
 
-    from carbonsr_cli.cpus import available_cpus
-
     n = available_cpus()
     n = n - 1 if n > 2 else n
     if torch.get_num_threads() != n:
@@ -262,8 +261,6 @@ def _size_torch_threads() -> int:
 def _grid_warnings(grid: ParentGrid, name: str) -> None:
     """The warnings of ``ParentGrid.from_raster`` for a converted input, naming the user's file."""
     import warnings
-
-    from carbonsr_cli.errors import GeographicCRSWarning, NoNodataWarning
 
     if grid.nodata is None:
         warnings.warn(f"{name}: no nodata value set; every cell is treated as valid", NoNodataWarning, stacklevel=3)
@@ -298,9 +295,6 @@ def build_plan(src: MainSource, aux_paths: Sequence[str | os.PathLike[str]] | No
     Raises the usage, input and checkpoint errors of :func:`~carbonsr_cli.downscale.downscale`
     before anything is written.
     """
-    from carbonsr_cli.atomic import check_output_path
-    from carbonsr_cli.grids import ParentGrid, validate_factor
-    from carbonsr_cli.rasters import open_raster
 
     spec = parse_method(opts.method, opts.checkpoint)
     checkpoint = opts.checkpoint

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from carbonsr_cli.downscale.progress import _advance
+from carbonsr_cli.devices import HostResult, to_device
 
 if TYPE_CHECKING:  # pragma: no cover
     from carbonsr_cli.downscale.plan import Plan
@@ -214,8 +215,6 @@ def _iter_batches(data: BandData, row: list[Any], uniq: list[list[int]], batch_s
     if on_cuda:
         import torch
 
-        from carbonsr_cli.devices import to_device
-
         if isinstance(src_aux, np.ndarray):
             src_aux = to_device(src_aux, device)
         if isinstance(src_main, np.ndarray):  # else uploaded by the preparing thread
@@ -333,7 +332,6 @@ def _water_fill(
     """
     import torch
 
-    from carbonsr_cli.devices import HostResult, to_device
     from models.physics import water_fill
 
     if isinstance(values_log, np.ndarray):

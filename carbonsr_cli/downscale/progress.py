@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from typing import Any
+from carbonsr_cli.console import err
 
 
 def _progress(enabled: bool, total: int, label: str) -> Any:
     """A rich progress bar on stderr (tiles/s and ETA), or a no-op when disabled."""
-    from carbonsr_cli.console import err
 
     if not enabled or not err.is_terminal:
         return None

@@ -25,6 +25,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from carbonsr_cli.atomic import owner_tag, remove_stale
+from carbonsr_cli.cpus import available_cpus
+from carbonsr_cli.devices import to_device
+from carbonsr_cli.errors import CarbonSRWarning
 
 if TYPE_CHECKING:  # pragma: no cover
     from carbonsr_cli.downscale.strips import StripGeometry
@@ -65,7 +69,6 @@ def reader_config(child_cells: int, cpu_count: int | None = None) -> tuple[int, 
         env = os.environ.get(var, "").strip()
         if env.isdigit() and int(env) > 0:
             return int(env), procs
-    from carbonsr_cli.cpus import available_cpus
 
     cores = cpu_count or available_cpus(respect_omp=False)
     if cores >= 6 and child_cells >= PROCESS_MIN_CELLS:
@@ -196,8 +199,6 @@ def remove_killed_leftovers(work_dir: Path) -> list[Path]:
     """
     import tempfile
 
-    from carbonsr_cli.atomic import remove_stale
-
     removed = remove_stale(work_dir, ".carbonsr-warp-")
     removed += remove_stale(tempfile.gettempdir(), "carbonsr-aux-")
     if os.path.isdir("/dev/shm"):
@@ -216,10 +217,6 @@ def materialize_warps(stack: Any, work_dir: Path) -> Path | None:
     import tempfile
     import warnings
 
-    from carbonsr_cli.errors import CarbonSRWarning
-
-    from carbonsr_cli.atomic import owner_tag, remove_stale
-
     if not stack.warp_targets():
         return None
     remove_stale(work_dir, ".carbonsr-warp-")  # left by a killed run (kill -9) in this folder
@@ -230,7 +227,6 @@ def materialize_warps(stack: Any, work_dir: Path) -> Path | None:
                       CarbonSRWarning, stacklevel=2)
         return None
     try:
-        from carbonsr_cli.cpus import available_cpus
 
         stack.materialize_warps(folder, threads=available_cpus(respect_omp=False))
     except OSError as exc:
@@ -282,7 +278,6 @@ class ProcessStripReader:
         self.slots: list[Any] = []
         self.stack_path = ""
         try:
-            from carbonsr_cli.atomic import owner_tag, remove_stale
 
             named = os.path.isdir("/dev/shm")  # Linux: named blocks, so a later run can find them
             if named:  # blocks of killed runs (when the resource tracker died too)
@@ -312,7 +307,6 @@ class ProcessStripReader:
         import tempfile
 
         self.stack = stack
-        from carbonsr_cli.atomic import owner_tag, remove_stale
 
         remove_stale(tempfile.gettempdir(), "carbonsr-aux-")  # left by killed runs
         fd, self.stack_path = tempfile.mkstemp(prefix=f"carbonsr-aux-{owner_tag()}-", suffix=".pkl")
@@ -427,7 +421,6 @@ class StripFeed:
             return self.get(i, j)
         if self.device is None:
             return out
-        from carbonsr_cli.devices import to_device
 
         for k in ks:
             with self.lock:
@@ -446,8 +439,6 @@ class StripFeed:
         without an ``if __name__ == "__main__":`` guard cannot start them.
         """
         import warnings
-
-        from carbonsr_cli.errors import CarbonSRWarning
 
         warnings.warn(
             "aux reader processes could not run (a script calling downscale() needs an "

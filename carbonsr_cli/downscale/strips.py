@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from carbonsr_cli.devices import to_device
 
 __all__ = ["StripGeometry", "assemble", "symmetric_index"]
 
@@ -151,8 +152,6 @@ def assemble(geom: StripGeometry, i: int, j: int, strips: dict[int, Any], order:
     rows, cols = geom.pad_maps(i, j)
     if not isinstance(parts[0], np.ndarray):
         import torch
-
-        from carbonsr_cli.devices import to_device
 
         dev = parts[0].device
         x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)

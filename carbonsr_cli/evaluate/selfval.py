@@ -133,6 +133,7 @@ def _region_mask(
     region: tuple[float, float, float, float] | str | None, main: Any, ck: dict[str, Any], main_path: PathLike
 ) -> tuple[np.ndarray, str]:
     """Boolean ``[H, W]`` parent-cell mask of the evaluated region and a label for it."""
+    # lazy: train/ and models/ import torch, which `carbonsr evaluate --conservation` never needs
     from carbonsr_cli.train.split import Split, parse_val_region
 
     h, w = main.values.shape[1:]
@@ -209,6 +210,7 @@ def self_validate(
     """
     import torch
 
+    # lazy: torch, rasterio and the downscale package load only when a model is validated
     from carbonsr_cli.aux import AuxStack, categorical_kinds, discover_aux
     from carbonsr_cli.downscale.planning import _resolve_aux_order
     from carbonsr_cli.stats import AuxNormalizer
@@ -349,7 +351,7 @@ def split_cell_mask(source: str | os.PathLike[str], shape: tuple[int, int]) -> n
     import json
 
     from carbonsr_cli.errors import InputDataError, MissingInputError
-    from carbonsr_cli.train.split import Split
+    from carbonsr_cli.train.split import Split  # lazy: train/ imports torch
 
     p = Path(source)
     if p.is_dir():
