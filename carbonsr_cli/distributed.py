@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
 from carbonsr_cli.errors import CarbonSRError, UsageError
+from carbonsr_cli import console
 
 __all__ = [
     "DistContext",
@@ -369,7 +370,6 @@ def context(use_cuda: bool | None = None) -> DistContext:
         owns = True
     ctx = DistContext(rank=rank, world_size=world, local_rank=local, active=True, cuda=bool(use_cuda), _owns_group=owns)
     if not ctx.is_main:
-        from carbonsr_cli import console
 
         console.out.quiet = True  # results (tables) from rank 0 only; errors still show
     _CONTEXT = ctx

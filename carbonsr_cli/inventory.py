@@ -48,6 +48,8 @@ from typing import Any
 import numpy as np
 
 from carbonsr_cli.errors import InputDataError, MissingInputError, UsageError
+from carbonsr_cli.rasters import _quiet_gdal, check_north_up, open_raster, read_years
+from carbonsr_cli.units import parse_unit
 
 __all__ = ["Period", "BandSource", "MainInput", "resolve_main", "period_from_name", "expand_main"]
 
@@ -225,8 +227,6 @@ def _netcdf_dataset(path: Path, variable: str | None) -> tuple[str, list[str]]:
     import rasterio
     from rasterio.errors import RasterioError
 
-    from carbonsr_cli.rasters import _quiet_gdal
-
     with _quiet_gdal(path):
         try:
             with rasterio.open(path) as ds:
@@ -353,8 +353,6 @@ def resolve_main(
     import rasterio
     from rasterio.crs import CRS
 
-    from carbonsr_cli.rasters import _quiet_gdal, check_north_up, open_raster, read_years
-
     paths = expand_main(main)
     bands: list[BandSource] = []
     notes: list[str] = []
@@ -438,7 +436,6 @@ def resolve_main(
     unit_text, origin = _choose_unit(units, file_units)
     if origin == "file":
         notes.append(f"units {unit_text!r} read from the file (give --units to override)")
-    from carbonsr_cli.units import parse_unit
 
     parsed = None
     if unit_text is not None:

@@ -109,6 +109,7 @@ from carbonsr_cli.sample_world import (
     _quantile,
     _smooth_field,
 )
+from carbonsr_cli.atomic import owner_tag, remove_stale
 
 
 @dataclass(frozen=True)
@@ -301,7 +302,6 @@ def _make_temp_sibling(dest: Path) -> Path:
     Temp folders of killed runs (``kill -9``) writing the same ``dest`` are removed first;
     so are ``.<name>.old-*`` folders (the replaced region) once ``dest`` itself exists.
     """
-    from carbonsr_cli.atomic import owner_tag, remove_stale
 
     if dest.parent.is_dir():
         remove_stale(dest.parent, f".{dest.name}.tmp-")
@@ -336,7 +336,6 @@ def _move_into_place(tmp: Path, dest: Path, overwrite: bool) -> None:
         if dest.exists():
             _check_destination(dest, overwrite)  # it may have changed while we worked
             if any(dest.iterdir()):
-                from carbonsr_cli.atomic import owner_tag
 
                 old = dest.parent / f".{dest.name}.old-{owner_tag()}-{uuid.uuid4().hex[:8]}"
                 dest.rename(old)
