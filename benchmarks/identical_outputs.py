@@ -5,7 +5,8 @@ CLI of that tree (``PYTHONPATH=<tree> python -m carbonsr_cli.cli``) on the same 
 data and writes ``uniform.tif``, ``dasymetric.tif`` and ``model.tif`` (a tiny-preset model
 trained for a few steps by the first tree; the same checkpoint is then used by every tree, so
 that the inference path is what is compared; the checkpoint trained by the second tree is
-compared tensor by tensor as well). Then it compares every pair of outputs exactly: the pixel
+compared tensor by tensor as well; the sample data written by the second tree is compared byte by
+byte with the first's). Then it compares every pair of outputs exactly: the pixel
 arrays of every band (bit patterns, NaN included), profile, band descriptions, per-band tags
 and dataset tags (``TIFFTAG_DATETIME`` excluded: it is the write time).
 
@@ -99,13 +100,20 @@ def main(argv: list[str] | None = None) -> int:
     sample = work / "sample"
     if not (sample / "emissions_1km.tif").exists():
         cli(before, "sample-data", str(sample), cwd=work)
+    sample_after = work / "sample_after"
+    if not (sample_after / "emissions_1km.tif").exists():
+        cli(after, "sample-data", str(sample_after), cwd=work)
+    ok = True
+    for f in sorted(q for q in sample.rglob("*") if q.is_file()):
+        same = f.read_bytes() == (sample_after / f.relative_to(sample)).read_bytes()
+        print(f"{'sample/' + f.relative_to(sample).as_posix():28s} {'identical bytes' if same else 'DIFFERS'}")
+        ok &= same
     runs = work / "runs"
     runs.mkdir(exist_ok=True)
     ckpt = train_tiny(before, sample, runs, "before")
     ckpt_after = train_tiny(after, sample, runs, "after")
     produce(before, sample, work / "before", ckpt)
     produce(after, sample, work / "after", ckpt)
-    ok = True
     for name in OUTPUTS:
         diff = compare(work / "before" / f"{name}.tif", work / "after" / f"{name}.tif")
         print(f"{name:12s} {'identical' if not diff else 'DIFFERS: ' + ', '.join(diff)}")
