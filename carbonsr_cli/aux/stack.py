@@ -455,6 +455,11 @@ class AuxStack:
         new.__setstate__(state)
         return new
 
+    def subset(self, names: Sequence[str]) -> AuxStack:
+        """A copy (own dataset handles) that reads only the layer groups holding ``names``."""
+        want = set(names)
+        return self.copy(groups=[g for g in self._groups if want & set(g.names)])
+
     def read_rows(self, child_row_window: Window) -> np.ndarray:
         """Read a full-width band of child rows (one query/warp per layer for the whole band).
 

@@ -46,7 +46,7 @@ from carbonsr_cli.downscale.distributed import run_distributed
 from carbonsr_cli.downscale.engine import run_pipeline
 from carbonsr_cli.downscale.options import DownscaleOptions, MainSource, parse_creation_options
 from carbonsr_cli.downscale.plan import Plan
-from carbonsr_cli.downscale.planning import build_plan
+from carbonsr_cli.downscale.planning import PlannedRun, build_plan
 from carbonsr_cli.downscale.summary import DownscaleSummary
 from carbonsr_cli.errors import CarbonSRError, UsageError
 from carbonsr_cli.methods import parse_method
@@ -193,6 +193,15 @@ def _downscale(src: MainSource, aux_paths: Sequence[str | os.PathLike[str]] | No
                opts: DownscaleOptions) -> DownscaleSummary:
     """:func:`downscale` on a resolved main raster: plan -> engine (or distributed) -> check."""
     run = build_plan(src, aux_paths, dst_path, opts)
+    try:
+        return _run(run, dst_path, opts)
+    finally:
+        if run.plan.aux_stack is not None:
+            run.plan.aux_stack.close()
+
+
+def _run(run: PlannedRun, dst_path: Path, opts: DownscaleOptions) -> DownscaleSummary:
+    """Engine (or distributed) -> check of the written file, for a planned run."""
     plan, summary = run.plan, run.summary
     t0 = time.perf_counter()
     # GDAL's block cache defaults to 5 % of RAM; bound it to what one strip of output blocks

@@ -88,9 +88,7 @@ class _BandReader:
         plan = self.plan
         self._ds = open_raster(plan.main_path)
         if not plan.method.method.runs_model and plan.aux_names:  # the model's layers come from the strip reader
-            sources = discover_aux(plan.aux_paths, kinds=plan.aux_kinds)
-            sources = [s for s in sources if any(n in s.layers for n in plan.aux_names)]
-            self._aux = AuxStack(sources, plan.child, plan.aux_years, fill_missing=plan.fill_missing)
+            self._aux = plan_stack(plan).subset(plan.aux_names)  # handles of this thread
             names = list(self._aux.names)
             self._aux_order = [names.index(n) for n in plan.aux_names]
 
@@ -436,6 +434,15 @@ def run_pipeline(
         # Leaving the ExitStack closes the writers: flush, (COG), rename.
 
 
+def plan_stack(plan: Plan) -> AuxStack:
+    """The plan's coverage-checked aux stack (built once, at planning), or, for a plan of another
+    grid (a torchrun part: ``distributed.sub_plan``), a stack of the same layers on its grid."""
+    aux = plan.aux_stack
+    if aux is None or aux.grid != plan.child or list(aux.years) != list(plan.aux_years):
+        aux = AuxStack(discover_aux(plan.aux_paths, kinds=plan.aux_kinds), plan.child, plan.aux_years, fill_missing=plan.fill_missing)
+    return aux
+
+
 def _open_strip_feed(
     plan: Plan, layout: Any, chunks: list[tuple[int, int]], device: Any, work_dir: Path
 ) -> tuple[Any, list[int] | None]:
@@ -446,9 +453,7 @@ def _open_strip_feed(
     the end.
     """
 
-    aux = plan.aux_stack
-    if aux is None or aux.grid != plan.child or list(aux.years) != list(plan.aux_years):
-        aux = AuxStack(discover_aux(plan.aux_paths, kinds=plan.aux_kinds), plan.child, plan.aux_years, fill_missing=plan.fill_missing)
+    aux = plan_stack(plan)
     names = list(aux.names)
     order: list[int] | None = [names.index(n) for n in plan.aux_names]
     if order == list(range(len(names))):

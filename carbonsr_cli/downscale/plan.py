@@ -111,7 +111,7 @@ class Plan:
     creation_options: dict[str, str] = field(default_factory=dict)
     #: Build overviews in a plain GeoTIFF output.
     overviews: bool = False
-    #: The coverage-checked AuxStack of the model's aux layers on ``child`` (reused by the
+    #: The coverage-checked AuxStack of the run's aux layers on ``child`` (reused by the
     #: pipeline; a plan for another grid must not carry it).
     aux_stack: Any = field(default=None, repr=False, compare=False)
 

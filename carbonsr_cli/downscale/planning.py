@@ -392,9 +392,6 @@ def build_plan(src: MainSource, aux_paths: Sequence[str | os.PathLike[str]] | No
         stack = _checked_stack(sources, child, aux_years, fill_missing=opts.fill_missing)
         given = list(stack.names)
         points = list(stack.point_names)
-        if loaded is None:  # baselines read their layers themselves
-            stack.close()
-            stack = None
         if loaded is not None:
             _resolve_aux_order(given, loaded.aux_names, loaded.path)
             aux_names = list(loaded.aux_names)
@@ -426,7 +423,7 @@ def build_plan(src: MainSource, aux_paths: Sequence[str | os.PathLike[str]] | No
         tile_child=_tile_size(f, loaded.config.downsample_factor if loaded is not None else 1),
         fill_missing=opts.fill_missing,
         aux_kinds=aux_kinds,
-        aux_stack=stack if spec.method.runs_model else None,
+        aux_stack=stack,
         overlap_parent=int(opts.overlap),
         source_name=source_name or main.name,
         creation_options=dict(opts.creation_options or {}),
