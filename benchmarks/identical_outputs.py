@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,7 +37,10 @@ def cli(tree: Path, *args: str, cwd: Path) -> None:
         raise SystemExit(f"failed ({tree}): {' '.join(args)}\n{done.stdout}\n{done.stderr}")
 
 
-def train_tiny(tree: Path, sample: Path, runs: Path, name: str) -> Path:
+def train_tiny(tree: Path, sample: Path, runs: Path, name: str, *, reuse: bool = False) -> Path:
+    if reuse and (runs / name / "best_model.pth").exists():
+        return runs / name / "best_model.pth"
+    shutil.rmtree(runs / name, ignore_errors=True)
     cli(tree, "train", str(sample / "emissions_1km.tif"), "--aux", str(sample / "aux"),
         "--preset", "tiny", "--epochs", "1", "--steps-per-epoch", "6", "--batch-size", "2",
         "--device", "cpu", "--runs-dir", str(runs), "--name", name, "--seed", "0",
@@ -110,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         ok &= same
     runs = work / "runs"
     runs.mkdir(exist_ok=True)
-    ckpt = train_tiny(before, sample, runs, "before")
+    ckpt = train_tiny(before, sample, runs, "before", reuse=True)  # same base tree: reuse its run
     ckpt_after = train_tiny(after, sample, runs, "after")
     produce(before, sample, work / "before", ckpt)
     produce(after, sample, work / "after", ckpt)
