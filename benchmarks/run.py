@@ -201,12 +201,12 @@ def downscale_worker(spec: dict[str, Any]) -> dict[str, Any]:
     tree_pss = sampler.stop()
     collect_gpu_times()
     from carbonsr_cli.downscale import engine as dp
-    from carbonsr_cli.downscale import readers as downscale_strips
+    from carbonsr_cli.downscale import readers
 
     acc["read_wait"] = dp.LAST_RUN_SECONDS.get("read_wait", 0.0)
     acc["loop"] = dp.LAST_RUN_SECONDS.get("total", 0.0)  # the row loop, after readers are open
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # largest reader process, MiB
-    n_read, procs = (downscale_strips.reader_config(s.child_cells) if spec["method"] == "model" else (1, False))
+    n_read, procs = (readers.reader_config(s.child_cells) if spec["method"] == "model" else (1, False))
     return {
         "readers": f"{n_read} {'processes' if procs else 'threads'}", "child_rss_mb": kids if procs else 0.0,
         "total_rss_mb": tree_pss if procs else _peak_rss_mb(),

@@ -31,12 +31,12 @@ def test_model_conserves_with_aux_in_other_crs(
     The float64 run splits every tile row into chunks of 2 tiles (as a very wide raster would)
     and must give the same values as the float32 run with whole-row chunks.
     """
-    from carbonsr_cli.downscale import engine as downscale_pipeline
+    from carbonsr_cli.downscale import engine
 
     outs = {}
     for dtype in ("float32", "float64"):
         if dtype == "float64":
-            monkeypatch.setattr(downscale_pipeline, "CHUNK_BYTES", 1)
+            monkeypatch.setattr(engine, "CHUNK_BYTES", 1)
         out = outs[dtype] = tmp_path / f"m_{dtype}.tif"
         s = downscale(small_region["main"], [small_region["aux"]], out, checkpoint=small_ckpt, device="cpu",
                       dtype=dtype, progress=False, batch_size=6 if dtype == "float32" else 4)
@@ -203,10 +203,10 @@ def test_dihedral_roundtrip() -> None:
 
 def test_interrupt_leaves_no_output(small_region: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C in the middle of the run (second row band) leaves neither output nor temp file."""
-    from carbonsr_cli.downscale import engine as downscale_pipeline
+    from carbonsr_cli.downscale import engine
 
     calls = {"n": 0}
-    real = downscale_pipeline._baseline_fill
+    real = engine._baseline_fill
 
     def flaky(*args, **kwargs):  # noqa: ANN002, ANN003
         calls["n"] += 1
@@ -214,7 +214,7 @@ def test_interrupt_leaves_no_output(small_region: dict, tmp_path: Path, monkeypa
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(downscale_pipeline, "_baseline_fill", flaky)
+    monkeypatch.setattr(engine, "_baseline_fill", flaky)
     out = tmp_path / "int.tif"
     with pytest.raises(KeyboardInterrupt):
         downscale(small_region["main"], [], out, method="uniform", progress=False)
