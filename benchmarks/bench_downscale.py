@@ -41,7 +41,7 @@ def _peak_rss_mb() -> float:
 def _make_checkpoint(path: Path, preset_name: str, aux_names: list[str], years_window: int) -> Path:
     import torch
 
-    from carbonsr_cli.train.checkpoints import save_checkpoint
+    from carbonsr_cli.checkpoints import save_checkpoint
     from models.config import preset
     from models.network import DSTCarbonFormer, count_parameters
 

@@ -124,7 +124,7 @@ def resume_cmd(
     quiet: Annotated[bool, quiet_option("No per-epoch tables.")] = False,
 ) -> None:
     """Continue a run from one of its checkpoints."""
-    from carbonsr_cli.train.checkpoints import load_checkpoint
+    from carbonsr_cli.checkpoints import load_checkpoint
     from carbonsr_cli.train.config import TrainConfig
     from carbonsr_cli.train.loop import train
     from carbonsr_cli.train.resume import find_latest_run, list_checkpoints, newest_checkpoint
@@ -165,7 +165,7 @@ def _planned_steps(result: Any, cfg: Any) -> int:
     train_cfg = {"epochs": cfg.epochs, "steps_per_epoch": cfg.steps_per_epoch}
     if result.last_checkpoint is not None:
         try:
-            from carbonsr_cli.train.checkpoints import load_checkpoint
+            from carbonsr_cli.checkpoints import load_checkpoint
 
             train_cfg.update(load_checkpoint(result.last_checkpoint).get("train_config", {}))
         except Exception:  # noqa: BLE001 - the plain sentence falls back to this invocation's config
@@ -175,7 +175,7 @@ def _planned_steps(result: Any, cfg: Any) -> int:
 
 def _best_is_initial(path: Any) -> bool:
     """Whether ``best_model.pth`` is the untrained state (global step 0)."""
-    from carbonsr_cli.train.checkpoints import load_checkpoint
+    from carbonsr_cli.checkpoints import load_checkpoint
 
     try:
         return int(load_checkpoint(path).get("global_step", -1)) == 0

@@ -30,7 +30,7 @@ from carbonsr_cli.methods.auto import choose as choose_auto
 from carbonsr_cli.methods.model import prior_only_model
 from carbonsr_cli.nodata import nodata_mask
 from carbonsr_cli.stats import AuxNormalizer
-from carbonsr_cli.train.checkpoints import check_compatible, load_checkpoint, load_model_for_inference
+from carbonsr_cli.checkpoints import check_compatible, load_checkpoint, load_model_for_inference
 from carbonsr_cli import aoi as aoi_mod, units
 from carbonsr_cli.atomic import check_output_path
 from carbonsr_cli.cpus import available_cpus
@@ -222,7 +222,7 @@ def _normalizer(loaded: Any) -> Any:
 
 def checkpoint_categorical(checkpoint: str | os.PathLike[str]) -> list[str]:
     """The aux rasters a checkpoint was trained to read as categorical (``train --categorical``)."""
-    from carbonsr_cli.train.checkpoints import load_checkpoint
+    from carbonsr_cli.checkpoints import load_checkpoint
 
     cfg = load_checkpoint(checkpoint).get("train_config") or {}
     return [str(n) for n in (cfg.get("categorical") or [])]

@@ -214,7 +214,7 @@ def self_validate(
     from carbonsr_cli.aux import AuxStack, categorical_kinds, discover_aux
     from carbonsr_cli.downscale.planning import _resolve_aux_order
     from carbonsr_cli.stats import AuxNormalizer
-    from carbonsr_cli.train.checkpoints import load_checkpoint, load_model_for_inference
+    from carbonsr_cli.checkpoints import load_checkpoint, load_model_for_inference
     from carbonsr_cli.train.dataset import AuxCache, BatchSpec, MainData, build_batch, load_main
     from carbonsr_cli.train.loop import _children, resolve_device
     from models.baselines import dasymetric_fill, uniform_fill
@@ -361,7 +361,7 @@ def split_cell_mask(source: str | os.PathLike[str], shape: tuple[int, int]) -> n
     if p.suffix.lower() == ".json":
         split = Split.from_dict(json.loads(p.read_text()))
     else:
-        from carbonsr_cli.train.checkpoints import load_checkpoint
+        from carbonsr_cli.checkpoints import load_checkpoint
 
         ck = load_checkpoint(p)
         if "split" not in ck:

@@ -435,10 +435,10 @@ def evaluate_split(checkpoint: str | os.PathLike[str], *, device: str = "cpu") -
 
     from carbonsr_cli.aux import AuxStack, categorical_kinds, discover_aux
     from carbonsr_cli.stats import AuxNormalizer
-    from carbonsr_cli.train.checkpoints import load_model_for_inference
+    from carbonsr_cli.checkpoints import load_model_for_inference
 
     loaded = load_model_for_inference(checkpoint, device)
-    from carbonsr_cli.train.checkpoints import load_checkpoint
+    from carbonsr_cli.checkpoints import load_checkpoint
 
     ck = load_checkpoint(checkpoint)
     cfg = TrainConfig.from_dict(ck["train_config"])
@@ -594,7 +594,7 @@ def train(config: TrainConfig) -> RunResult:
 
     from carbonsr_cli.aux import AuxStack, categorical_kinds, discover_aux
     from carbonsr_cli.stats import AuxNormalizer, save_stats
-    from carbonsr_cli.train import checkpoints as ckpt_mod
+    from carbonsr_cli import checkpoints as ckpt_mod
     from carbonsr_cli.train.resume import resolve_resume
     from models.config import preset as model_preset
     from models.losses import DualLayerWeightedLoss
@@ -977,7 +977,7 @@ def evaluate_against_truth(
     from carbonsr_cli.aux import AuxStack, categorical_kinds, discover_aux
     from carbonsr_cli.rasters import open_raster, read_window
     from carbonsr_cli.stats import AuxNormalizer
-    from carbonsr_cli.train.checkpoints import load_checkpoint, load_model_for_inference
+    from carbonsr_cli.checkpoints import load_checkpoint, load_model_for_inference
     from carbonsr_cli.train.dataset import degrade
     from models.dasymetric import softmax_children
 

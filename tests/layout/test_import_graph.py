@@ -138,3 +138,12 @@ def test_models_never_import_the_cli():
 if __name__ == "__main__":
     for c in find_cycles(_package_parents(import_graph())):
         print(" <-> ".join(c))
+
+
+def test_inference_reads_checkpoints_without_train():
+    """Downscaling and the checkpoint format never import the training package."""
+    graph = import_graph()
+    bad = {m: sorted(d for d in deps if d.startswith("carbonsr_cli.train"))
+           for m, deps in graph.items()
+           if m.startswith("carbonsr_cli.downscale") or m == "carbonsr_cli.checkpoints"}
+    assert not {m: d for m, d in bad.items() if d}
