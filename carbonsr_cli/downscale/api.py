@@ -39,7 +39,6 @@ import numpy as np
 import rasterio
 
 from carbonsr_cli import inventory
-from carbonsr_cli.inventory_totals import write_totals
 from carbonsr_cli.atomic import check_output_path, make_temp_path, remove_quietly
 from carbonsr_cli.downscale.check import check_written_conservation
 from carbonsr_cli.downscale.distributed import run_distributed
@@ -49,6 +48,7 @@ from carbonsr_cli.downscale.plan import Plan
 from carbonsr_cli.downscale.planning import PlannedRun, build_plan
 from carbonsr_cli.downscale.summary import DownscaleSummary
 from carbonsr_cli.errors import CarbonSRError, UsageError
+from carbonsr_cli.inventory_totals import write_totals
 from carbonsr_cli.methods import parse_method
 from carbonsr_cli.netcdf_out import netcdf_output as _netcdf_output
 from carbonsr_cli.writer import BLOCK
