@@ -29,13 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from carbonsr_cli.nodata import nodata_mask
-from carbonsr_cli.errors import OutputError
 from carbonsr_cli.atomic import atomic_write_text
 from carbonsr_cli.console import err
 from carbonsr_cli.downscale import downscale
+from carbonsr_cli.errors import OutputError
 from carbonsr_cli.evaluate import METRICS, check_conservation, compare_to_reference
 from carbonsr_cli.evaluate.plots import plot_quicklook
+from carbonsr_cli.nodata import nodata_mask
 from carbonsr_cli.rasters import open_raster, read_window
 from carbonsr_cli.sample_data import _foreign_entries, generate_sample_data
 from carbonsr_cli.train.config import TRAIN_PRESETS, TrainConfig

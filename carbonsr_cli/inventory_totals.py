@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from carbonsr_cli import units as U
 from carbonsr_cli.inventory import MainInput, Period
 from carbonsr_cli.nodata import nodata_mask
-from carbonsr_cli import units as U
 from carbonsr_cli.rasters import read_window
 from carbonsr_cli.units import MONTH, SECONDS_PER_DAY
 

@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from carbonsr_cli.errors import OutputError, UsageError
 from carbonsr_cli.atomic import atomic_path, check_output_path, make_temp_path, remove_quietly
 from carbonsr_cli.distributed import in_torchrun
+from carbonsr_cli.errors import OutputError, UsageError
 
 __all__ = ["NETCDF_SUFFIXES", "VARIABLE", "is_netcdf_path", "time_axis", "write_netcdf", "netcdf_output"]
 

@@ -85,15 +85,10 @@ from pathlib import Path
 
 import numpy as np
 
+from carbonsr_cli.atomic import owner_tag, remove_stale
 from carbonsr_cli.errors import OutputError, UsageError
 from carbonsr_cli.sample_files import _write_aux, _write_catalogue, _write_readme
 from carbonsr_cli.sample_world import (
-    _GTIFF,
-    _MARGIN,
-    _MARGIN_PARENT,
-    _STRIP,
-    _X_CENTRE,
-    _Y_TOP,
     CHILD_RES_M,
     CRS,
     EMISSION_UNITS,
@@ -101,6 +96,12 @@ from carbonsr_cli.sample_world import (
     KINDS,
     NODATA,
     PARENT_RES_M,
+    _GTIFF,
+    _MARGIN,
+    _MARGIN_PARENT,
+    _STRIP,
+    _X_CENTRE,
+    _Y_TOP,
     _block_sum,
     _blur,
     _from_origin,
@@ -109,7 +110,6 @@ from carbonsr_cli.sample_world import (
     _quantile,
     _smooth_field,
 )
-from carbonsr_cli.atomic import owner_tag, remove_stale
 
 
 @dataclass(frozen=True)

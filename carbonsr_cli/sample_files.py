@@ -12,11 +12,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from carbonsr_cli.sample_world import (
-    _GTIFF,
-    _LIGHTS_OFFSET_M,
-    _LIGHTS_RES_M,
-    _MARGIN,
-    _NDVI_RES_DEG,
     CATALOGUE_SIGMA,
     CHILD_RES_M,
     CRS,
@@ -27,13 +22,18 @@ from carbonsr_cli.sample_world import (
     NODATA,
     PARENT_RES_M,
     ROAD_WEIGHTS,
+    _GTIFF,
+    _LIGHTS_OFFSET_M,
+    _LIGHTS_RES_M,
+    _MARGIN,
+    _NDVI_RES_DEG,
+    _Plant,
+    _World,
     _blur,
     _from_origin,
     _gauss_kernel,
     _pixel_to_crs,
-    _Plant,
     _smooth_field,
-    _World,
 )
 
 if TYPE_CHECKING:

@@ -41,14 +41,12 @@ from typing import Any
 
 import numpy as np
 
-from carbonsr_cli.nodata import nodata_mask
-from carbonsr_cli.errors import InputDataError, UsageError
-
-from carbonsr_cli.errors import MissingInputError
 from carbonsr_cli import __version__
 from carbonsr_cli.atomic import atomic_write_text
 from carbonsr_cli.aux import AuxStack, categorical_kinds, discover_aux
+from carbonsr_cli.errors import InputDataError, MissingInputError, UsageError
 from carbonsr_cli.grids import ParentGrid
+from carbonsr_cli.nodata import nodata_mask
 from carbonsr_cli.rasters import open_raster, read_window, read_years
 from carbonsr_cli.units import cell_areas_m2, parse_unit, to_totals
 

@@ -2,7 +2,15 @@
 discovery, one reader per source kind, coverage, warp and the stack that reads any window of them."""
 
 from carbonsr_cli.aux.discovery import categorical_kinds, discover_aux, expand_aux_paths
-from carbonsr_cli.aux.sources import AUX_EXTENSIONS, MAX_CLASSES, AuxEntry, AuxSource, LayerCoverage, layer_names, split_year
+from carbonsr_cli.aux.sources import (
+    AUX_EXTENSIONS,
+    AuxEntry,
+    AuxSource,
+    LayerCoverage,
+    MAX_CLASSES,
+    layer_names,
+    split_year,
+)
 from carbonsr_cli.aux.stack import AuxStack
 
 __all__ = [

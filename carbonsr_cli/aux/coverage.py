@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from carbonsr_cli.aux.sources import MIN_COVERAGE, SAMPLE_EDGE, LayerCoverage, _Slot
+from carbonsr_cli.aux.sources import LayerCoverage, MIN_COVERAGE, SAMPLE_EDGE, _Slot
 from carbonsr_cli.aux.warp import _subgrid
 from carbonsr_cli.errors import AuxFillWarning, InputDataError
 from carbonsr_cli.rasters import decode_threads_env, open_raster

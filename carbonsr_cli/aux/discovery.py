@@ -15,14 +15,14 @@ from typing import Any
 import numpy as np
 
 from carbonsr_cli.aux.sources import (
+    AUX_EXTENSIONS,
+    AuxEntry,
+    AuxSource,
+    CATEGORICAL_HINTS,
+    MAX_CLASSES,
     _RASTER_EXT,
     _SCAN_FULL_LIMIT,
     _VECTOR_EXT,
-    AUX_EXTENSIONS,
-    CATEGORICAL_HINTS,
-    MAX_CLASSES,
-    AuxEntry,
-    AuxSource,
     split_year,
 )
 from carbonsr_cli.errors import AuxFillWarning, CarbonSRError, InputDataError, MissingInputError, UsageError

@@ -11,11 +11,11 @@ from typing import Any
 
 import numpy as np
 
+from carbonsr_cli import units
 from carbonsr_cli.conservation import ConservationCheck
+from carbonsr_cli.cpus import available_cpus
 from carbonsr_cli.downscale.plan import Plan, read_totals
 from carbonsr_cli.nodata import nodata_mask
-from carbonsr_cli import units
-from carbonsr_cli.cpus import available_cpus
 from carbonsr_cli.rasters import decode_threads_env, open_raster, read_window
 
 __all__ = ["check_written_conservation"]

@@ -42,7 +42,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from carbonsr_cli import distributed
-
 from carbonsr_cli.downscale.engine import run_pipeline
 from carbonsr_cli.tiling import TileLayout
 from carbonsr_cli.writer import RasterWriter

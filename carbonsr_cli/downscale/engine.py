@@ -36,15 +36,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from carbonsr_cli import units
+from carbonsr_cli.aux import AuxStack, discover_aux
 from carbonsr_cli.console import plural
-
+from carbonsr_cli.devices import HostResult, to_device
 from carbonsr_cli.downscale import readers, strips
 from carbonsr_cli.downscale.plan import read_totals
 from carbonsr_cli.downscale.predict import BandData, _Predictor, _predict_row, _water_fill, unique_windows
 from carbonsr_cli.downscale.progress import _advance, _progress
-from carbonsr_cli import units
-from carbonsr_cli.aux import AuxStack, discover_aux
-from carbonsr_cli.devices import HostResult, to_device
 from carbonsr_cli.rasters import open_raster
 from carbonsr_cli.tiling import BlendStream, TileLayout, pad_reflect
 from carbonsr_cli.writer import RasterWriter

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from carbonsr_cli import units
 from carbonsr_cli.methods import MethodSpec
 from carbonsr_cli.nodata import nodata_mask
-from carbonsr_cli import units
 from carbonsr_cli.rasters import read_window
 
 if TYPE_CHECKING:  # pragma: no cover

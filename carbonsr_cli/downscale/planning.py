@@ -15,32 +15,35 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from carbonsr_cli import distributed
-from carbonsr_cli.atomic import check_not_an_input
+from carbonsr_cli import aoi as aoi_mod, distributed, units
+from carbonsr_cli.atomic import check_not_an_input, check_output_path
 from carbonsr_cli.aux import AuxStack, categorical_kinds, discover_aux, expand_aux_paths
+from carbonsr_cli.checkpoints import check_compatible, load_checkpoint, load_model_for_inference
+from carbonsr_cli.cpus import available_cpus
 from carbonsr_cli.devices import resolve_device
 from carbonsr_cli.downscale.options import DownscaleOptions, MainSource
-from carbonsr_cli.downscale.plan import DEFAULT_NODATA, TOTALS_UNIT, Plan, year_window
+from carbonsr_cli.downscale.plan import DEFAULT_NODATA, Plan, TOTALS_UNIT, year_window
 from carbonsr_cli.downscale.readers import remove_killed_leftovers
 from carbonsr_cli.downscale.summary import DownscaleSummary
-from carbonsr_cli.errors import CarbonSRError, CheckpointError, InputDataError, UsageError
-from carbonsr_cli.grids import window_ints
+from carbonsr_cli.errors import (
+    CarbonSRError,
+    CheckpointError,
+    GeographicCRSWarning,
+    InputDataError,
+    NoNodataWarning,
+    UsageError,
+)
+from carbonsr_cli.grids import ParentGrid, validate_factor, window_ints
 from carbonsr_cli.methods import parse_method
 from carbonsr_cli.methods.auto import choose as choose_auto
 from carbonsr_cli.methods.model import prior_only_model
 from carbonsr_cli.nodata import nodata_mask
-from carbonsr_cli.stats import AuxNormalizer
-from carbonsr_cli.checkpoints import check_compatible, load_checkpoint, load_model_for_inference
-from carbonsr_cli import aoi as aoi_mod, units
-from carbonsr_cli.atomic import check_output_path
-from carbonsr_cli.cpus import available_cpus
-from carbonsr_cli.errors import GeographicCRSWarning, NoNodataWarning
-from carbonsr_cli.grids import ParentGrid, validate_factor
 from carbonsr_cli.rasters import open_raster, read_window
+from carbonsr_cli.stats import AuxNormalizer
 from carbonsr_cli.units import parse_unit
 
 if TYPE_CHECKING:  # pragma: no cover
-    from carbonsr_cli.grids import ChildGrid, ParentGrid
+    from carbonsr_cli.grids import ChildGrid
 
 __all__ = ["PlannedRun", "build_plan"]
 

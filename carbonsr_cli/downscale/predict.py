@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from carbonsr_cli.downscale.progress import _advance
 from carbonsr_cli.devices import HostResult, to_device
+from carbonsr_cli.downscale.progress import _advance
 
 if TYPE_CHECKING:  # pragma: no cover
     from carbonsr_cli.downscale.plan import Plan

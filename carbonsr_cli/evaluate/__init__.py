@@ -2,7 +2,7 @@
 reference (``compare``), scale-shift self-validation (``selfval``) and the figures (``plots``)."""
 
 from carbonsr_cli.conservation import ConservationReport, check_conservation
-from carbonsr_cli.evaluate.compare import METRIC_LABELS, METRICS, compare_to_reference
+from carbonsr_cli.evaluate.compare import METRICS, METRIC_LABELS, compare_to_reference
 from carbonsr_cli.evaluate.selfval import SelfValidationResult, self_validate, split_cell_mask
 
 __all__ = [
