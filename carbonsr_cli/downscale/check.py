@@ -13,7 +13,7 @@ import numpy as np
 
 from carbonsr_cli import units
 from carbonsr_cli.conservation import ConservationCheck
-from carbonsr_cli.cpus import available_cpus
+from carbonsr_cli import cpus  # cpus.available_cpus looked up at call time (tests patch it)
 from carbonsr_cli.downscale.plan import Plan, read_totals
 from carbonsr_cli.nodata import nodata_mask
 from carbonsr_cli.rasters import decode_threads_env, open_raster, read_window
@@ -44,7 +44,7 @@ def check_written_conservation(
     h, w = plan.grid.height, plan.grid.width
     step = rows_per_band or max(1, (1 << 21) // max(1, w * plan.factor**2 * len(plan.out_bands)))
 
-    n_threads = max(1, min(6, available_cpus(respect_omp=False), -(-h // step)))
+    n_threads = max(1, min(6, cpus.available_cpus(respect_omp=False), -(-h // step)))
     decode = max(1, (os.cpu_count() or 1) // n_threads)  # block-decoding threads per read
     local = threading.local()
     opened: list[Any] = []

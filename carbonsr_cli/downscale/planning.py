@@ -19,7 +19,7 @@ from carbonsr_cli import aoi as aoi_mod, distributed, units
 from carbonsr_cli.atomic import check_not_an_input, check_output_path
 from carbonsr_cli.aux import AuxStack, categorical_kinds, discover_aux, expand_aux_paths
 from carbonsr_cli.checkpoints import check_compatible, load_checkpoint, load_model_for_inference
-from carbonsr_cli.cpus import available_cpus
+from carbonsr_cli import cpus  # cpus.available_cpus looked up at call time (tests patch it)
 from carbonsr_cli.devices import resolve_device
 from carbonsr_cli.downscale.options import DownscaleOptions, MainSource
 from carbonsr_cli.downscale.plan import DEFAULT_NODATA, Plan, TOTALS_UNIT, year_window
@@ -253,7 +253,7 @@ def _size_torch_threads() -> int:
     on; torch's own default counts the host's cores and oversubscribes a shared machine."""
     import torch
 
-    n = available_cpus()
+    n = cpus.available_cpus()
     n = n - 1 if n > 2 else n
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from carbonsr_cli.atomic import owner_tag, remove_stale
-from carbonsr_cli.cpus import available_cpus
+from carbonsr_cli import cpus  # cpus.available_cpus looked up at call time (tests patch it)
 from carbonsr_cli.devices import to_device
 from carbonsr_cli.errors import CarbonSRWarning
 
@@ -70,7 +70,7 @@ def reader_config(child_cells: int, cpu_count: int | None = None) -> tuple[int, 
         if env.isdigit() and int(env) > 0:
             return int(env), procs
 
-    cores = cpu_count or available_cpus(respect_omp=False)
+    cores = cpu_count or cpus.available_cpus(respect_omp=False)
     if cores >= 6 and child_cells >= PROCESS_MIN_CELLS:
         return min(MAX_PROCESSES, cores - 2), True
     return (2 if cores >= 4 else 1), False
@@ -228,7 +228,7 @@ def materialize_warps(stack: Any, work_dir: Path) -> Path | None:
         return None
     try:
 
-        stack.materialize_warps(folder, threads=available_cpus(respect_omp=False))
+        stack.materialize_warps(folder, threads=cpus.available_cpus(respect_omp=False))
     except OSError as exc:
         remove_dir(folder)
         warnings.warn(f"{work_dir}: cannot write pre-warped aux layers ({exc}); warping per strip",
