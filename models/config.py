@@ -6,8 +6,9 @@ different model version fails loudly instead of silently building another networ
 
 Presets (``preset(name, aux_channels)``):
 
-- ``prior``: the fitted layer mix alone (trainable coefficients; no local head, no U-Net); the
-  default of ``carbonsr train``.
+- ``prior``: the fitted layer mix times a per-pixel correction fitted to the parent totals
+  (:mod:`models.mass_prior`; kept only when it validates better than the best baseline); no
+  local head, no U-Net; the default of ``carbonsr train``.
 - ``tiny``: about 82 k parameters (widths 8-32); unit tests and the CPU demo.
 - ``base``: about 1.16 M parameters (widths 16-128); the default for real data (GPU, bf16).
 - ``large``: about 3.9 M parameters (widths 24-192, 8 experts); large regions on a GPU.
@@ -62,8 +63,12 @@ class ModelConfig:
             log1p of children, projected onto the block totals. ``dasymetric``: raw =
             per-pixel log-weights ``prior + pointwise + context`` and children =
             ``S * softmax_block(raw)`` (exact by construction); see :mod:`models.dasymetric`.
-        use_prior: (dasymetric) the additive layer mix of :class:`models.dasymetric.DasymetricPrior`,
-            fitted on the parent cells before training. Off: a uniform prior.
+        use_prior: (dasymetric) a prior fitted on the parent cells before training (see
+            ``prior_kind``). Off: a uniform prior.
+        prior_kind: ``mix``: the additive layer mix of :class:`models.dasymetric.DasymetricPrior`;
+            ``mass``: the per-pixel emission mass network of :class:`models.mass_prior.MassPrior`
+            (a disaggregation regression; products of layers, point catalogues placed linearly).
+        mass_hidden: Hidden width of the mass prior's MLP.
         use_pointwise: (dasymetric) a local head: an MLP of the aux values in a 3x3 neighbourhood
             (POMELO-style occupancy correction), zero at initialisation.
         use_context: (dasymetric) the U-Net path (SFT, MoE, attention, temporal scan) gives the
@@ -105,6 +110,8 @@ class ModelConfig:
     use_context: bool = True
     prior_exponents: tuple[float, ...] = (0.5, 1.0, 2.0)
     prior_smooth: tuple[int, ...] = (1, 3)
+    prior_kind: str = "mix"
+    mass_hidden: int = 16
     pointwise_hidden: int = 32
     context_channels: int = 8
     context_pool: int = 10
@@ -163,6 +170,10 @@ class ModelConfig:
             raise bad("prior_exponents", "need at least one power > 0")
         if not self.prior_smooth or any(k < 1 or k % 2 == 0 for k in self.prior_smooth):
             raise bad("prior_smooth", "need odd sizes >= 1")
+        if self.prior_kind not in ("mix", "mass"):
+            raise bad("prior_kind", "must be 'mix' or 'mass'")
+        if self.mass_hidden < 1:
+            raise bad("mass_hidden", "must be >= 1")
         if self.pointwise_hidden < 1:
             raise bad("pointwise_hidden", "must be >= 1")
         if self.context_channels < 1 or self.context_pool < 1:
@@ -210,11 +221,13 @@ class ModelConfig:
 
 #: Preset name -> field overrides (``aux_channels`` is always given by the caller).
 PRESETS: dict[str, dict[str, Any]] = {
-    # The fitted layer mix with trainable coefficients, no local head, no U-Net: the default of
+    # The fitted layer mix times its per-pixel correction (models.mass_prior; the correction is
+    # dropped when it does not validate better), no local head, no U-Net: the default of
     # `carbonsr train` (measured: the learned head and context lowered 100 m accuracy on the
     # generated regions; see benchmarks/README.md, "Accuracy").
     "prior": dict(
         allocation="dasymetric",
+        prior_kind="mass",
         use_pointwise=False,
         use_context=False,
         base_width=8,

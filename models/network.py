@@ -43,6 +43,7 @@ from models.blocks import (
 )
 from models.config import ModelConfig
 from models.dasymetric import DasymetricPrior, softmax_children
+from models.mass_prior import MassPrior
 from models.physics import water_fill
 
 __all__ = ["DSTCarbonFormer", "count_parameters"]
@@ -114,7 +115,10 @@ class DSTCarbonFormer(nn.Module):
         config.validate()
         self.config = config
         self.dasymetric = config.allocation == "dasymetric"
-        self.prior = DasymetricPrior(config.aux_channels, config.prior_exponents, config.prior_smooth) if self.dasymetric and config.use_prior else None
+        self.prior: nn.Module | None = None
+        if self.dasymetric and config.use_prior:
+            self.prior = (MassPrior(config.aux_channels, config.mass_hidden, config.prior_smooth, config.prior_exponents, config.prior_smooth) if config.prior_kind == "mass"
+                          else DasymetricPrior(config.aux_channels, config.prior_exponents, config.prior_smooth))
         ctx_ch = config.context_channels if config.use_context else 0
         self.pointwise = LocalHead(config.aux_channels, ctx_ch, config.pointwise_hidden) if self.dasymetric and config.use_pointwise else None
         self.aux_loss: Tensor = torch.zeros(())

@@ -47,7 +47,8 @@ def prior_only_model(checkpoint: dict[str, Any], normalizer: Any) -> Any:
         raise CheckpointError("the checkpoint holds no fitted layer mix (trained before carbonsr 0.3); retrain")
     fit = PriorFit.from_dict(checkpoint["prior_fit"])
     cfg = ModelConfig.from_dict(checkpoint["model_config"]).replace(
-        allocation="dasymetric", use_prior=True, use_pointwise=False, use_context=False, prior_exponents=fit.exponents, prior_smooth=fit.smooth
+        allocation="dasymetric", use_prior=True, use_pointwise=False, use_context=False, prior_exponents=fit.exponents, prior_smooth=fit.smooth,
+        prior_kind="mix",
     )
     net = DSTCarbonFormer(cfg)
     net.prior.load_state_dict(build_fitted_prior(fit, normalizer).state_dict())

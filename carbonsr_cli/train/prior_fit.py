@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["PriorFit", "fit_prior_on_cache", "prior_module"]
+__all__ = ["PriorFit", "build_network_prior", "fit_mass_on_cache", "fit_prior_on_cache", "prior_module"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class PriorFit:
         basis: The basis offered to the fit (e.g. ``pixel + 3x3, p=0.5,1,2``).
         share_loss: Normalised absolute error of sharing the training groups' totals among their
             parent cells with the fitted mix (in-sample; ``models.dasymetric.share_loss``).
+        mass: The fitted mass prior (:func:`fit_mass_on_cache`) when the network uses one, else None.
     """
 
     exponents: tuple[float, ...]
@@ -42,6 +43,7 @@ class PriorFit:
     terms: dict[str, float]
     basis: str = ""
     share_loss: float = float("nan")
+    mass: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PriorFit:
@@ -49,13 +51,13 @@ class PriorFit:
         return cls(tuple(float(v) for v in d["exponents"]), tuple(int(v) for v in d["smooth"]),
                    tuple(float(v) for v in d["coef"]), float(d["floor"]),
                    tuple(float(v) for v in d["ref"]), int(d.get("cells", 0)), dict(d.get("terms", {})),
-                   str(d.get("basis", "")), float(d.get("share_loss", float("nan"))))
+                   str(d.get("basis", "")), float(d.get("share_loss", float("nan"))), d.get("mass"))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict (stored in checkpoints and run files)."""
         return {"exponents": list(self.exponents), "smooth": list(self.smooth), "coef": list(self.coef), "floor": self.floor,
                 "ref": list(self.ref), "cells": self.cells, "terms": dict(self.terms), "basis": self.basis,
-                "share_loss": self.share_loss}
+                "share_loss": self.share_loss, "mass": self.mass}
 
 
 def prior_module(normalizer: Any, exponents: tuple[float, ...], smooth: tuple[int, ...],
@@ -69,7 +71,8 @@ def prior_module(normalizer: Any, exponents: tuple[float, ...], smooth: tuple[in
 
 
 def fit_prior_on_cache(cache: Any, main: Any, train_mask: np.ndarray, normalizer: Any, factor: int, *,
-                       exponents: tuple[float, ...], smooth: tuple[int, ...], rows_per_chunk: int = 16) -> PriorFit:
+                       exponents: tuple[float, ...], smooth: tuple[int, ...], rows_per_chunk: int = 16,
+                       mass: bool = False, mass_hidden: int = 16, seed: int = 0) -> PriorFit:
     """Fit the layer mix on the training parent cells of every year.
 
     Args:
@@ -81,6 +84,9 @@ def fit_prior_on_cache(cache: Any, main: Any, train_mask: np.ndarray, normalizer
         factor: Child cells per parent cell along an axis.
         exponents: Powers of the basis.
         smooth: Neighbourhood sizes of the basis.
+        mass: Also fit the mass prior (:func:`fit_mass_on_cache`; ``PriorFit.mass``).
+        mass_hidden: Hidden width of the mass prior.
+        seed: Seed of the mass prior's fit.
 
     Returns:
         The :class:`PriorFit`.
@@ -136,8 +142,83 @@ def fit_prior_on_cache(cache: Any, main: Any, train_mask: np.ndarray, normalizer
     terms = {n: float(v / total) for n, v in sorted(zip(names, contrib), key=lambda kv: -kv[1]) if v > 0}
     terms["(floor)"] = float(floor * n_all.sum() / total)
     basis = " + ".join("pixel" if k == 1 else f"{k}x{k}" for k in smooth) + ", p=" + ",".join(f"{p:g}" for p in exponents)
+    mass_fit = None
+    if mass:
+        prior.set_coefficients(coef, floor)
+        mass_fit = fit_mass_on_cache(cache, main, train_mask, prior, factor, hidden=mass_hidden, smooth=smooth, seed=seed,
+                                     rows_per_chunk=rows_per_chunk)
     return PriorFit(tuple(float(p) for p in exponents), tuple(int(k) for k in smooth), tuple(float(v) for v in coef), float(floor), ref,
-                    int(t_all.size), terms, basis, share_loss(groups, coef, floor) if groups else float("nan"))
+                    int(t_all.size), terms, basis, share_loss(groups, coef, floor) if groups else float("nan"), mass_fit)
+
+
+def fit_mass_on_cache(cache: Any, main: Any, train_mask: np.ndarray, mix: Any, factor: int, *, hidden: int = 16,
+                      smooth: tuple[int, ...] = (1, 3), seed: int = 0, max_blocks: int = 4000, steps: int = 300,
+                      rows_per_chunk: int = 16) -> dict[str, Any]:
+    """Fit the per-pixel correction of the fitted mix ``mix`` (:class:`models.mass_prior.MassPrior`)
+    on (at most ``max_blocks``, drawn with ``seed``) training parent cells with a total > 0, all
+    years; see :func:`models.mass_prior.fit_mass_prior`.
+
+    Returns:
+        ``{"hidden", "smooth", "blocks", "loss", "state"}`` (``state`` = the module's state dict
+        as nested lists, mix included), for :func:`build_network_prior`.
+    """
+    import torch
+
+    from models.mass_prior import MassPrior, block_samples, fit_mass_prior
+
+    arr = cache.array
+    c, n_years, hc, wc = arr.shape
+    h, w = hc // factor, wc // factor
+    prior = MassPrior(c, hidden, smooth, mix.basis.exponents, mix.basis.smooth)
+    prior.mix.load_state_dict(mix.state_dict())
+    values = np.asarray(main.values, dtype=np.float64)
+    chosen = [np.argwhere(train_mask & np.isfinite(values[y]) & (np.nan_to_num(values[y]) > 0)) for y in range(n_years)]
+    index = np.concatenate([np.column_stack([np.full(len(b), y), b]) for y, b in enumerate(chosen)]) if chosen else np.zeros((0, 3), int)
+    if len(index) > max_blocks:
+        rng = np.random.default_rng(seed)
+        index = index[np.sort(rng.choice(len(index), max_blocks, replace=False))]
+    margin = max(max(smooth), max(mix.basis.smooth)) // 2
+    feats, mixes, tots = [], [], []
+    with torch.no_grad():
+        for y in range(n_years):
+            rows_y = index[index[:, 0] == y]
+            for r0 in range(0, h, rows_per_chunk):
+                r1 = min(h, r0 + rows_per_chunk)
+                sel = rows_y[(rows_y[:, 1] >= r0) & (rows_y[:, 1] < r1)]
+                if not len(sel):
+                    continue
+                a0, a1 = max(0, r0 * factor - margin), min(hc, r1 * factor + margin)
+                x = torch.from_numpy(np.asarray(arr[:, y : y + 1, a0:a1], dtype=np.float32))[None]
+                cut = slice(r0 * factor - a0, r0 * factor - a0 + (r1 - r0) * factor)
+                fb = block_samples(prior.raw_features(x)[0, :, 0, cut].numpy(), factor)  # [rows, w, P, K]
+                mb = block_samples(prior.mix(x)[0, :, 0, cut].double().numpy(), factor)[..., 0]  # [rows, w, P]
+                feats.append(fb[sel[:, 1] - r0, sel[:, 2]])
+                mixes.append(mb[sel[:, 1] - r0, sel[:, 2]])
+                tots.append(values[y, sel[:, 1], sel[:, 2]])
+    p2 = factor * factor
+    ft = torch.from_numpy(np.concatenate(feats)) if feats else torch.zeros((0, p2, prior.features_size))
+    mt = torch.from_numpy(np.concatenate(mixes)) if mixes else torch.zeros((0, p2), dtype=torch.float64)
+    tt = torch.from_numpy(np.concatenate(tots)) if tots else torch.zeros(0, dtype=torch.float64)
+    loss = fit_mass_prior(prior, ft, mt, tt, steps=steps, seed=seed)
+    state = {k: v.detach().cpu().tolist() for k, v in prior.state_dict().items()}
+    return {"hidden": int(hidden), "smooth": [int(k) for k in smooth], "blocks": int(len(tt)), "loss": float(loss), "state": state}
+
+
+def build_network_prior(fit: PriorFit, normalizer: Any, kind: str = "mix") -> Any:
+    """The prior module a network of ``prior_kind`` ``kind`` starts from (eval mode)."""
+    import torch
+
+    if kind != "mass":
+        return build_fitted_prior(fit, normalizer)
+    if fit.mass is None:
+        raise ValueError("the prior fit holds no mass prior (fit with mass=True)")
+    from models.mass_prior import MassPrior
+
+    m = fit.mass
+    prior = MassPrior(len(normalizer.names), int(m["hidden"]), tuple(m["smooth"]), fit.exponents, fit.smooth)
+    ref_state = prior.state_dict()
+    prior.load_state_dict({k: torch.as_tensor(v, dtype=ref_state[k].dtype).reshape(ref_state[k].shape) for k, v in m["state"].items()})
+    return prior.eval()
 
 
 def build_fitted_prior(fit: PriorFit, normalizer: Any) -> Any:
