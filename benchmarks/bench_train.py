@@ -122,8 +122,9 @@ def measure(
                     if device.type == "cuda":
                         torch.cuda.synchronize()
 
-                unet = CompiledUNet(model) if compile else None
-                kw = dict(device=device, autocast=autocast, factor=10, moe_weight=0.01, grad_clip=1.0, unet=unet)
+                if compile:
+                    CompiledUNet(model)  # installed on the model: training forwards use it
+                kw = dict(device=device, autocast=autocast, factor=10, moe_weight=0.01, grad_clip=1.0)
                 w0 = time.perf_counter()
                 for s in range(warmup):
                     training_step(model, make(0, s), loss_fn, opt, sched, **kw)

@@ -445,12 +445,10 @@ def train(config: TrainConfig) -> RunResult:
     def step_once(b: Batch) -> Any:
         kw = dict(device=device, autocast=autocast, factor=f, moe_weight=cfg.moe_weight, grad_clip=cfg.grad_clip,
                   mass_weight=cfg.mass_weight, log_loss_weight=cfg.log_loss_weight, sync=not on_cuda)
-        if unet is None or not unet.enabled:
+        if unet is None or unet.proven or not unet.enabled:
             return training_step(train_model, b, loss_fn, optimizer, scheduler, **kw)
-        if unet.proven:
-            return training_step(train_model, b, loss_fn, optimizer, scheduler, unet=unet, **kw)
         try:  # the first compiled step: fall back to eager if the compiler is unusable here
-            loss = training_step(train_model, b, loss_fn, optimizer, scheduler, unet=unet, **kw)
+            loss = training_step(train_model, b, loss_fn, optimizer, scheduler, **kw)
         except Exception as exc:  # noqa: BLE001 - compile errors come in many types
             unet.failed(exc)
             return training_step(train_model, b, loss_fn, optimizer, scheduler, **kw)
@@ -575,6 +573,8 @@ def train(config: TrainConfig) -> RunResult:
             _plot(run_dir / "training_curves.png", history, cfg.val_scales)
     except Exception as exc:  # noqa: BLE001 - a plot must never fail a finished run
         log.warning("could not draw the training curves: %s", exc)
+    if unet is not None:
+        unet.remove()
     speed = meter.result()
     if speed is not None:
         log.info("training speed after warm-up: %.1f patches/s (%d steps, global batch %d), waiting for data %.1f%%",

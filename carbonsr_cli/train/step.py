@@ -79,7 +79,6 @@ def training_step(
     mass_weight: float = 0.0,
     log_loss_weight: float = 1.0,
     sync: bool = True,
-    unet: CompiledUNet | None = None,
 ) -> Any:
     """One optimisation step on a batch; returns the loss (a float, or with ``sync=False`` the
     detached loss tensor on the device, so that the host need not wait for the step).
@@ -87,7 +86,8 @@ def training_step(
     The model predicts log1p child totals from ``batch.aux [B, C, T, P, P]`` (float32, or
     float16 converted on the device) and ``batch.main``; children are shared onto
     ``batch.totals`` (``block = s * factor``), sum-pooled to parent cells and compared with
-    ``batch.truth`` in the log domain. ``unet``: run the forward with the compiled U-Net.
+    ``batch.truth`` in the log domain (a :class:`CompiledUNet` installed on the model is used by
+    its forward).
     """
     import torch
 
@@ -102,14 +102,13 @@ def training_step(
     try:
         return _step(model, batch, loss_fn, optimizer, scheduler, device=device, autocast=autocast, factor=factor,
                      moe_weight=moe_weight, grad_clip=grad_clip, mass_weight=mass_weight,
-                     log_loss_weight=log_loss_weight, sync=sync, unet=unet)
+                     log_loss_weight=log_loss_weight, sync=sync)
     finally:
         cudnn.benchmark = prev_benchmark
 
 
 def _step(model: Any, batch: Batch, loss_fn: Any, optimizer: Any, scheduler: Any, *, device: Any, autocast: Any,
-          factor: int, moe_weight: float, grad_clip: float, mass_weight: float, log_loss_weight: float, sync: bool,
-          unet: CompiledUNet | None) -> Any:
+          factor: int, moe_weight: float, grad_clip: float, mass_weight: float, log_loss_weight: float, sync: bool) -> Any:
     import torch
 
     from models.physics import block_sum
@@ -121,7 +120,7 @@ def _step(model: Any, batch: Batch, loss_fn: Any, optimizer: Any, scheduler: Any
     totals = _to_device(batch.totals, device)
     truth = _to_device(batch.truth, device)
     mask = _to_device(batch.mask, device)
-    with autocast(), (unet.active() if unet is not None else contextlib.nullcontext()):
+    with autocast():
         raw, _ = model(aux, mi, context_block=batch.scale * factor)
     children = _children(model, raw, totals, batch.scale * factor)
     parent = block_sum(children, factor)
@@ -209,8 +208,10 @@ def compile_wanted(setting: str, device: Any, model: Any, planned_steps: int) ->
 
 
 class CompiledUNet:
-    """``torch.compile`` of ``model._features`` (the encoder, bottleneck and decoder), used only
-    inside :meth:`active` (the training forward); validation and checkpoints see the plain model.
+    """``torch.compile`` of ``model._features`` (the encoder, bottleneck and decoder) for the
+    training steps: installed once as an instance attribute that calls the compiled function
+    when gradients are enabled (training) and the plain method otherwise (validation runs under
+    ``no_grad`` and stays eager; checkpoints hold the same state dict). :meth:`remove` undoes it.
 
     The U-Net's input shapes are fixed for a run (batch share, T, patch), so it compiles once;
     the parts that depend on the coarse scale (context averaging, prior, local head) stay eager.
@@ -221,20 +222,22 @@ class CompiledUNet:
         import torch
 
         self.model = model
-        self.fn = torch.compile(model._features, dynamic=False)
+        self.eager = model._features
+        self.fn = torch.compile(self.eager, dynamic=False)
         self.proven = False
         self.enabled = True
+        model.__dict__["_features"] = self  # instance attribute shadows the method
 
-    @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
-        if not self.enabled:
-            yield
-            return
-        self.model.__dict__["_features"] = self.fn  # instance attribute shadows the method
-        try:
-            yield
-        finally:
-            self.model.__dict__.pop("_features", None)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        if self.enabled and torch.is_grad_enabled():
+            return self.fn(*args, **kwargs)
+        return self.eager(*args, **kwargs)
+
+    def remove(self) -> None:
+        if self.model.__dict__.get("_features") is self:
+            del self.model.__dict__["_features"]
 
     def failed(self, exc: BaseException) -> None:
         log.warning("torch.compile of the U-Net failed (%s: %s); training continues without it",

@@ -103,3 +103,35 @@ def test_cuda_speed_paths_equal_the_cpu_operators() -> None:
         y = y.expand(2, 3, 2, 40 // block, block, 40 // block, block).reshape(x.shape)
         torch.testing.assert_close(y, block_mean(x, block), rtol=1e-5, atol=1e-6)
     assert F is not None
+
+
+def test_compiled_unet_is_used_for_training_forwards_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from carbonsr_cli.train.step import CompiledUNet
+    from models.config import preset
+    from models.network import DSTCarbonFormer
+
+    calls: list[str] = []
+
+    def fake_compile(fn, **kw):  # noqa: ANN001, ANN202 - stands in for torch.compile
+        def compiled(*a, **k):  # noqa: ANN002, ANN003, ANN202
+            calls.append("compiled")
+            return fn(*a, **k)
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    torch.manual_seed(0)
+    model = DSTCarbonFormer(preset("tiny", aux_channels=2, widths=(8, 8), depths=(1, 1), n_experts=2, attn_heads=2))
+    aux, main = torch.randn(1, 2, 1, 16, 16), torch.rand(1, 1, 1, 16, 16)
+    ref = model(aux, main, context_block=8)[0].detach()
+    unet = CompiledUNet(model)
+    out = model(aux, main, context_block=8)[0]
+    assert calls == ["compiled"] and torch.equal(out.detach(), ref)
+    with torch.no_grad():
+        model(aux, main, context_block=8)
+    assert calls == ["compiled"]  # validation (no_grad) stays eager
+    unet.failed(RuntimeError("no compiler"))
+    model(aux, main, context_block=8)
+    assert calls == ["compiled"]
+    unet.remove()
+    assert "_features" not in model.__dict__ and set(model.state_dict()) == set(DSTCarbonFormer(model.config).state_dict())
