@@ -196,7 +196,7 @@ def main() -> None:  # noqa: D103
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    console = Console()
+    console = Console(width=max(160, Console().width))  # logs keep every column unabridged
     tmp = None
     data = args.data
     if data is None:
