@@ -80,7 +80,7 @@ class TrainConfig:
         cache_ram_gb: Largest in-memory aux cache; larger caches go to a memmap in the run.
         progress: Show progress and per-epoch tables.
         compile: ``torch.compile`` the network's U-Net for the training steps: ``on``, ``off``
-            or ``auto`` (CUDA, a preset with a U-Net, at least 2,000 planned steps: the first
+            or ``auto`` (CUDA, a preset with a U-Net, at least 4,000 planned steps: the first
             compile takes one to two minutes). ``CARBONSR_COMPILE=0|1`` overrides.
     """
 

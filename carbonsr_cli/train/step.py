@@ -36,8 +36,9 @@ log = logging.getLogger("carbonsr.train")
 #: CUDA: losses are copied to the host (and checked for divergence) every this many steps.
 LOSS_FLUSH_EVERY = 25
 #: ``compile="auto"`` compiles the U-Net on CUDA when the invocation plans at least this many
-#: steps (the first compile takes ~1-2 min on an H200; later runs reuse the on-disk caches).
-COMPILE_MIN_STEPS = 2000
+#: steps. Measured on an H200 (``base``, batch 32): 85 ms per eager step, 49 ms compiled, and a
+#: cold compile of ~130 s (later runs reuse the on-disk caches): it pays from ~3,700 steps.
+COMPILE_MIN_STEPS = 4000
 
 
 def autocast_factory(device: Any, precision: str) -> Any:
