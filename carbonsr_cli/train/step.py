@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
 from typing import Any
 
 from carbonsr_cli.errors import UsageError
