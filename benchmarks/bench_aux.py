@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from rasterio.windows import Window
 
-    from carbonsr_cli.auxlayers import AuxStack, discover_aux
+    from carbonsr_cli.aux import AuxStack, discover_aux
     from carbonsr_cli.grids import ParentGrid
 
     tmp = None

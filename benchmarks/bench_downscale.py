@@ -41,7 +41,7 @@ def _peak_rss_mb() -> float:
 def _make_checkpoint(path: Path, preset_name: str, aux_names: list[str], years_window: int) -> Path:
     import torch
 
-    from carbonsr_cli.train.checkpoints import save_checkpoint
+    from carbonsr_cli.checkpoints import save_checkpoint
     from models.config import preset
     from models.network import DSTCarbonFormer, count_parameters
 
@@ -148,7 +148,7 @@ def main() -> None:
         aux_names = ["lights"]
         years = 1
     else:
-        from carbonsr_cli.auxlayers import discover_aux, layer_names
+        from carbonsr_cli.aux import discover_aux, layer_names
         from carbonsr_cli.sample_data import generate_sample_data
 
         years = args.years

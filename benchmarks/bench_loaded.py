@@ -52,7 +52,7 @@ def main() -> None:
 
     from bench_downscale import _make_checkpoint
 
-    from carbonsr_cli.auxlayers import discover_aux, layer_names
+    from carbonsr_cli.aux import discover_aux, layer_names
     from carbonsr_cli.cpus import available_cpus
     from carbonsr_cli.sample_data import generate_sample_data
 

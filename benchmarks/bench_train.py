@@ -65,7 +65,7 @@ def measure(
     import numpy as np
     import torch
 
-    from carbonsr_cli.auxlayers import AuxStack, discover_aux
+    from carbonsr_cli.aux import AuxStack, discover_aux
     from carbonsr_cli.stats import AuxNormalizer, compute_stats
     from carbonsr_cli.train.dataset import AuxCache, PatchSampler, Prefetcher, build_batch, load_main, parse_scales
     from carbonsr_cli.train.loop import _autocast_factory, resolve_device, training_step

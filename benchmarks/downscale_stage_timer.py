@@ -42,18 +42,45 @@ def main() -> None:
 
         setattr(mod, name, wrapper)
 
+    import importlib
+
     import torch  # noqa: F401 - counted as import time
 
-    from carbonsr_cli import cli, downscale, downscale_distributed, downscale_pipeline
+    from carbonsr_cli import cli
+
+    def mod(name: str) -> object | None:
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            return None
 
     t_import = time.perf_counter() - T0
-    wrap(downscale, "downscale", "downscale_call")
-    wrap(downscale, "_run_and_check", "run_and_check")
-    wrap(downscale, "run_pipeline", "pipeline")
-    wrap(downscale_pipeline, "run_pipeline", "pipeline")
-    wrap(downscale, "check_written_conservation", "conservation_check")
-    wrap(downscale_distributed, "_assemble", "assemble")
-    wrap(downscale_pipeline, "_open_strip_feed", "open_feed")
+    # the package layout (carbonsr_cli/downscale/: api, engine, check, distributed) ...
+    api, engine, dist = mod("carbonsr_cli.downscale.api"), mod("carbonsr_cli.downscale.engine"), mod("carbonsr_cli.downscale.distributed")
+    for m in (api, dist):
+        if m is not None:
+            wrap(m, "run_pipeline", "pipeline")
+            wrap(m, "check_written_conservation", "conservation_check")
+    if api is not None:
+        wrap(api, "_downscale", "downscale_call")
+        wrap(api, "_run", "run_and_check")
+    if dist is not None:
+        wrap(dist, "_assemble", "assemble")
+    if engine is not None:
+        wrap(engine, "_open_strip_feed", "open_feed")
+    # ... and the flat modules before it (downscale.py, downscale_pipeline.py, downscale_distributed.py)
+    old, pipe, olddist = mod("carbonsr_cli.downscale"), mod("carbonsr_cli.downscale_pipeline"), mod("carbonsr_cli.downscale_distributed")
+    if api is None and old is not None:
+        wrap(old, "downscale", "downscale_call")
+        wrap(old, "_run_and_check", "run_and_check")
+        wrap(old, "run_pipeline", "pipeline")
+        wrap(old, "check_written_conservation", "conservation_check")
+    if pipe is not None:
+        wrap(pipe, "run_pipeline", "pipeline")
+        wrap(pipe, "_open_strip_feed", "open_feed")
+    if olddist is not None:
+        wrap(olddist, "_assemble", "assemble")
+    downscale_pipeline = engine or pipe
     code = 0
     sys.argv = ["carbonsr", *argv]
     try:

@@ -32,7 +32,7 @@ def main() -> None:  # noqa: D103
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from carbonsr_cli import downscale_pipeline as dp
+    from carbonsr_cli.downscale import engine as dp
     from carbonsr_cli.downscale import downscale
 
     prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])

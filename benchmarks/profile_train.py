@@ -45,7 +45,7 @@ def log(msg: str) -> None:
 
 
 def setup(data: Path, cache_dir: Path) -> dict[str, Any]:
-    from carbonsr_cli.auxlayers import AuxStack, discover_aux
+    from carbonsr_cli.aux import AuxStack, discover_aux
     from carbonsr_cli.stats import AuxNormalizer, compute_stats
     from carbonsr_cli.train.dataset import AuxCache, load_main, parse_scales
     from carbonsr_cli.train.split import make_block_split

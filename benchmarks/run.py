@@ -73,7 +73,7 @@ def _install_timers(device: str) -> tuple[dict[str, float], Any]:
 
     import torch
 
-    from carbonsr_cli import downscale_pipeline as dp
+    from carbonsr_cli.downscale import engine as dp
     from carbonsr_cli import tiling
     from carbonsr_cli import writer as wr
 
@@ -187,7 +187,7 @@ def downscale_worker(spec: dict[str, Any]) -> dict[str, Any]:
         # Everything of the model path but the network: the "prediction" is the main input
         # itself (log1p of the uniform share), so reading and warping the aux layers, batching,
         # blending, water-filling and writing still run. The floor the model path cannot beat.
-        from carbonsr_cli import downscale_pipeline as dp
+        from carbonsr_cli.downscale import engine as dp
 
         dp._Predictor._choose = lambda self, a, m: (lambda a_, m_: m_.float())
     from carbonsr_cli.downscale import downscale
@@ -200,13 +200,13 @@ def downscale_worker(spec: dict[str, Any]) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     tree_pss = sampler.stop()
     collect_gpu_times()
-    from carbonsr_cli import downscale_pipeline as dp
-    from carbonsr_cli import downscale_strips
+    from carbonsr_cli.downscale import engine as dp
+    from carbonsr_cli.downscale import readers
 
     acc["read_wait"] = dp.LAST_RUN_SECONDS.get("read_wait", 0.0)
     acc["loop"] = dp.LAST_RUN_SECONDS.get("total", 0.0)  # the row loop, after readers are open
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # largest reader process, MiB
-    n_read, procs = (downscale_strips.reader_config(s.child_cells) if spec["method"] == "model" else (1, False))
+    n_read, procs = (readers.reader_config(s.child_cells) if spec["method"] == "model" else (1, False))
     return {
         "readers": f"{n_read} {'processes' if procs else 'threads'}", "child_rss_mb": kids if procs else 0.0,
         "total_rss_mb": tree_pss if procs else _peak_rss_mb(),
@@ -427,7 +427,7 @@ def main() -> None:
 
     from bench_downscale import _make_checkpoint
 
-    from carbonsr_cli.auxlayers import discover_aux, layer_names
+    from carbonsr_cli.aux import discover_aux, layer_names
     from carbonsr_cli.sample_data import generate_sample_data
 
     need_region = not args.skip_downscale or (args.gpus > 1 and not args.gpus_skip_downscale)

@@ -29,7 +29,18 @@ from typing import Any
 
 import numpy as np
 
+from carbonsr_cli.atomic import atomic_write_text
+from carbonsr_cli.console import err
+from carbonsr_cli.downscale import downscale
 from carbonsr_cli.errors import OutputError
+from carbonsr_cli.evaluate import METRICS, check_conservation, compare_to_reference
+from carbonsr_cli.evaluate.plots import plot_quicklook
+from carbonsr_cli.nodata import nodata_mask
+from carbonsr_cli.rasters import open_raster, read_window
+from carbonsr_cli.sample_data import _foreign_entries, generate_sample_data
+from carbonsr_cli.train.config import TRAIN_PRESETS, TrainConfig
+from carbonsr_cli.train.loop import train
+from carbonsr_cli.train.split import Split, window_sums
 
 __all__ = ["DemoResult", "run_demo", "DEMO_METRICS"]
 
@@ -79,7 +90,6 @@ def _check_previous_demo(root: Path) -> None:
     only the demo's ``*_100m.tif`` files: a project directory with real data or training runs
     under those names is never removed.
     """
-    from carbonsr_cli.sample_data import _foreign_entries
 
     problems: list[str] = []
     data = root / "data"
@@ -118,7 +128,6 @@ def _prepare_dir(root: Path, overwrite: bool) -> None:
 def _zoom_window(truth_parent: np.ndarray, val_mask: np.ndarray | None, size: int) -> tuple[int, int, bool]:
     """Top-left parent cell of a ``size x size`` zoom window with the most nonzero 1 km cells,
     inside the held-out region when one fits there. Returns ``(row, col, inside_validation)``."""
-    from carbonsr_cli.train.split import window_sums
 
     nz = np.nan_to_num(truth_parent) > 0
     h, w = nz.shape
@@ -160,15 +169,8 @@ def run_demo(
     Returns:
         A :class:`DemoResult`.
     """
-    from carbonsr_cli.downscale import downscale
-    from carbonsr_cli.evaluate import METRICS, check_conservation, compare_to_reference
-    from carbonsr_cli.sample_data import generate_sample_data
-    from carbonsr_cli.train.config import TRAIN_PRESETS, TrainConfig
-    from carbonsr_cli.train.loop import train
-    from carbonsr_cli.train.split import Split
 
     if log is None:
-        from carbonsr_cli.console import err
 
         def log(msg: str) -> None:
             err.print(msg, highlight=False, markup=False, soft_wrap=True)
@@ -278,7 +280,6 @@ def run_demo(
     secs["total"] = time.perf_counter() - t0
 
     results_json = root_p / "results.json"
-    from carbonsr_cli.atomic import atomic_write_text
 
     payload = {
         "rows": rows,
@@ -316,19 +317,16 @@ def _json_safe(obj: Any) -> Any:
 
 
 def _read_band(path: Path, band: int) -> np.ndarray:
-    from carbonsr_cli.rasters import open_raster, read_window
 
     with open_raster(path) as ds:
         a = read_window(ds, None, band, out_dtype="float64")
         nod = ds.nodata
-    if nod is not None and not np.isnan(nod):
-        a[a == nod] = np.nan
+    a[nodata_mask(a, nod)] = np.nan
     return a
 
 
 def _quicklook(sample: Any, outputs: dict[str, Path], val_parent: np.ndarray | None, dest: Path, *, dasy_label: str) -> None:
     """1 km input (whole region, zoom outlined) and the 100 m baseline, model and truth in the zoom."""
-    from carbonsr_cli.plots import plot_quicklook
 
     band = len(sample.years)  # last year
     year = sample.years[-1]

@@ -8,7 +8,7 @@
   the model is wrapped in ``DistributedDataParallel``; the loss is rescaled so that the
   averaged gradient equals the gradient of the single-process loss on the whole global batch
   (:class:`ShardedLoss`); checkpoints, logs, metrics.csv and plots come from rank 0 only.
-- **Downscaling** (:mod:`carbonsr_cli.downscale_distributed`): ranks split the rows of tiles.
+- **Downscaling** (:mod:`carbonsr_cli.downscale.distributed`): ranks split the rows of tiles.
 
 The context is built from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR``, ``MASTER_PORT``). Without them (a plain ``carbonsr`` call) it is a no-op
@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
 from carbonsr_cli.errors import CarbonSRError, UsageError
+from carbonsr_cli import console
 
 __all__ = [
     "DistContext",
@@ -369,7 +370,6 @@ def context(use_cuda: bool | None = None) -> DistContext:
         owns = True
     ctx = DistContext(rank=rank, world_size=world, local_rank=local, active=True, cuda=bool(use_cuda), _owns_group=owns)
     if not ctx.is_main:
-        from carbonsr_cli import console
 
         console.out.quiet = True  # results (tables) from rank 0 only; errors still show
     _CONTEXT = ctx

@@ -27,6 +27,7 @@ from rasterio.windows import Window
 
 from carbonsr_cli.errors import GeographicCRSWarning, NoNodataWarning, UsageError
 from carbonsr_cli.rasters import check_north_up
+from carbonsr_cli.rasters import open_raster, read_years
 
 if TYPE_CHECKING:
     from rasterio.crs import CRS
@@ -153,7 +154,6 @@ class ParentGrid:
             UsageError: missing file.
             InputDataError: not a raster, truncated, no CRS, rotated/sheared transform.
         """
-        from carbonsr_cli.rasters import open_raster, read_years
 
         with open_raster(path) as ds:
             grid = cls(

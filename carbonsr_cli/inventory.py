@@ -48,8 +48,10 @@ from typing import Any
 import numpy as np
 
 from carbonsr_cli.errors import InputDataError, MissingInputError, UsageError
+from carbonsr_cli.rasters import _quiet_gdal, check_north_up, open_raster, read_years
+from carbonsr_cli.units import parse_unit
 
-__all__ = ["Period", "BandSource", "MainInput", "resolve_main", "write_totals", "period_from_name", "expand_main"]
+__all__ = ["Period", "BandSource", "MainInput", "resolve_main", "period_from_name", "expand_main"]
 
 _NETCDF_SUFFIXES = (".nc", ".nc4", ".netcdf", ".cdf", ".h5", ".hdf5", ".he5")
 #: Subdataset variables that are never the data variable.
@@ -225,8 +227,6 @@ def _netcdf_dataset(path: Path, variable: str | None) -> tuple[str, list[str]]:
     import rasterio
     from rasterio.errors import RasterioError
 
-    from carbonsr_cli.rasters import _quiet_gdal
-
     with _quiet_gdal(path):
         try:
             with rasterio.open(path) as ds:
@@ -353,8 +353,6 @@ def resolve_main(
     import rasterio
     from rasterio.crs import CRS
 
-    from carbonsr_cli.rasters import _quiet_gdal, check_north_up, open_raster, read_years
-
     paths = expand_main(main)
     bands: list[BandSource] = []
     notes: list[str] = []
@@ -438,7 +436,6 @@ def resolve_main(
     unit_text, origin = _choose_unit(units, file_units)
     if origin == "file":
         notes.append(f"units {unit_text!r} read from the file (give --units to override)")
-    from carbonsr_cli.units import parse_unit
 
     parsed = None
     if unit_text is not None:
@@ -564,108 +561,3 @@ def _check_same_grid(ref: dict[str, Any], info: dict[str, Any], path: Path, firs
         raise InputDataError(f"nodata {nd1} differs from {nd0} in {first.name}", path)
 
 
-def _band_factor(unit: Any, period: Period) -> tuple[float, bool]:
-    """``(multiplier, needs cell area in m2)`` from a value in ``unit`` to the band's total in t."""
-    from carbonsr_cli.units import MONTH, SECONDS_PER_DAY
-
-    f = unit.mass_t
-    if unit.is_density:
-        f /= unit.area_m2
-    if unit.time_given:
-        duration_s = period.days * SECONDS_PER_DAY
-        if unit.time_s is None:  # per year
-            unit_s = period.year_days * SECONDS_PER_DAY
-        elif unit.time_s == MONTH:
-            unit_s = duration_s  # checked: monthly bands only
-        else:
-            unit_s = unit.time_s
-        f *= duration_s / unit_s
-    return f, unit.is_density
-
-
-def write_totals(inp: MainInput, dest: str | os.PathLike[str], *, rows_per_strip: int | None = None) -> Path:
-    """Write the converted totals per cell (float64, north-up, one band per output period).
-
-    Streams over strips of rows (bounded memory). Nodata cells (in any summed month) stay nodata.
-
-    Args:
-        inp: From :func:`resolve_main`.
-        dest: GeoTIFF to write (overwritten).
-        rows_per_strip: Rows converted at once (default: about 2^22 values per strip).
-
-    Returns:
-        ``dest`` as a Path.
-    """
-    import rasterio
-    from rasterio.windows import Window
-
-    from carbonsr_cli import units as U
-    from carbonsr_cli.rasters import read_window
-
-    dest = Path(dest)
-    parsed = U.parse_unit(inp.unit) if inp.unit is not None else None
-    co2 = U.CO2_PER_C if (inp.co2 and parsed is not None and (parsed.species or "").upper() == "C") else 1.0
-    h, w = inp.height, inp.width
-    nodata = inp.nodata
-    out_nodata = nodata if nodata is not None else None
-    profile = {
-        "driver": "GTiff", "width": w, "height": h, "count": len(inp.out_names), "dtype": "float64",
-        "crs": inp.crs, "transform": inp.north_up_transform, "nodata": out_nodata, "tiled": True,
-        "blockxsize": 256, "blockysize": 256, "compress": "deflate", "predictor": 3, "BIGTIFF": "IF_SAFER",
-    }
-    step = rows_per_strip or max(1, min(h, (1 << 22) // max(1, w * max(len(g) for g in inp.out_groups))))
-    grid = _GridView(inp.crs, inp.north_up_transform, w, h)
-    handles: dict[str, Any] = {}
-    try:
-        with rasterio.open(dest, "w", **profile) as out:
-            for k, name in enumerate(inp.out_names, start=1):
-                out.set_band_description(k, name)
-            for r0 in range(0, h, step):
-                r1 = min(h, r0 + step)
-                # Source rows of output rows [r0, r1) (flipped for south-up inputs).
-                src_win = Window(0, h - r1, w, r1 - r0) if inp.south_up else Window(0, r0, w, r1 - r0)
-                areas = None
-                for k, group in enumerate(inp.out_groups, start=1):
-                    acc = np.zeros((r1 - r0, w), dtype=np.float64)
-                    nd = np.zeros((r1 - r0, w), dtype=bool)
-                    for i in group:
-                        band = inp.bands[i]
-                        ds = handles.get(band.dataset)
-                        if ds is None:
-                            ds = handles[band.dataset] = rasterio.open(band.dataset)
-                        raw = read_window(ds, src_win, band.index, out_dtype="float64")
-                        if inp.south_up:
-                            raw = raw[::-1]
-                        if nodata is not None:
-                            m = np.isnan(raw) if (isinstance(nodata, float) and math.isnan(nodata)) else raw == nodata
-                            nd |= m
-                        scale, offset = inp.scales[i] if i < len(inp.scales) else (1.0, 0.0)
-                        vals = raw * scale + offset if (scale, offset) != (1.0, 0.0) else raw
-                        if parsed is not None:
-                            f, need_area = _band_factor(parsed, band.period)
-                            if need_area:
-                                if areas is None:
-                                    areas = U.cell_areas_m2(grid, Window(0, r0, w, r1 - r0))
-                                vals = vals * (f * areas)
-                            elif f != 1.0:
-                                vals = vals * f
-                        acc += np.where(nd, 0.0, vals) if nodata is not None else vals
-                    if co2 != 1.0:
-                        acc *= co2
-                    if nodata is not None:
-                        acc[nd] = nodata
-                    out.write(acc, k, window=Window(0, r0, w, r1 - r0))
-    finally:
-        for ds in handles.values():
-            ds.close()
-    return dest
-
-
-@dataclass(frozen=True)
-class _GridView:
-    """Just enough of a grid for ``units.cell_areas_m2``."""
-
-    crs: Any
-    transform: Any
-    width: int
-    height: int

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from carbonsr_cli.atomic import atomic_path, check_output_path, make_temp_path, remove_quietly
+from carbonsr_cli.distributed import in_torchrun
 from carbonsr_cli.errors import OutputError, UsageError
 
 __all__ = ["NETCDF_SUFFIXES", "VARIABLE", "is_netcdf_path", "time_axis", "write_netcdf", "netcdf_output"]
@@ -71,8 +73,6 @@ def write_netcdf(tif: Path, dst: Path, *, overwrite: bool, compress: str = "defl
     """
     import rasterio
     import rasterio.shutil
-
-    from carbonsr_cli.atomic import atomic_path
 
     with rasterio.open(tif, "r+") as ds:  # GDAL netCDF metadata, read by CreateCopy
         names = [d or str(i) for i, d in enumerate(ds.descriptions, 1)]
@@ -134,11 +134,9 @@ def netcdf_output(func: Callable[..., Any]) -> Callable[..., Any]:
                          ("--overviews", a.get("overviews")), ("--uncertainty", unc is not None)):
             if on:
                 raise UsageError(f"{flag} applies to GeoTIFF outputs only, not to the netCDF {Path(str(a['dst'])).name}")
-        from carbonsr_cli.distributed import in_torchrun
 
         if in_torchrun():  # each rank would write its own temp GeoTIFF
             raise UsageError("a netCDF output is not written under torchrun; write a .tif (then gdal_translate -of netCDF)")
-        from carbonsr_cli.atomic import check_output_path, make_temp_path, remove_quietly
 
         overwrite = bool(a.get("overwrite", False))
         dst = check_output_path(a["dst"], overwrite)

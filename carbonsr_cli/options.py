@@ -6,21 +6,30 @@ Use them as parameter annotations with a default::
                   aux: AuxPaths = None, device: Device = "auto") -> None: ...
 
 This module imports only typer (no rasterio/torch), so ``carbonsr --help`` stays fast.
-Used by: downscale (most), train, stats, evaluate, sample-data, demo.
+Used by every command: downscale, train/resume, stats, evaluate, sample-data, demo.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import click
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperOption
 
 __all__ = [
-    "InputTif",
-    "OutputTif",
+    "option",
+    "output_option",
+    "overwrite_option",
+    "device_option",
+    "factor_option",
+    "quiet_option",
+    "json_option",
+    "aux_option",
+    "categorical_option",
+    "fill_missing_option",
+    "units_option",
     "Overwrite",
     "Device",
     "Factor",
@@ -31,7 +40,6 @@ __all__ = [
     "AuxPaths",
     "Categorical",
     "Aoi",
-    "InputUnits",
     "COMPRESS_CHOICES",
     "AuxGlobCommand",
     "absorb_aux_values",
@@ -49,24 +57,84 @@ def _check_compress(value: str) -> str:
     return v
 
 
-#: Main input raster (positional): totals per cell, one band per year.
-InputTif = Annotated[
-    Path,
-    typer.Argument(help="Main raster (GeoTIFF, one band per year; totals per cell unless --units says otherwise).",
-                   show_default=False),
-]
-#: Output raster (``-o/--output``).
-OutputTif = Annotated[Path, typer.Option("--output", "-o", help="Output GeoTIFF path.", show_default=False)]
+def option(name: str, *aliases: str, help: str, **kwargs: Any) -> Any:
+    """``typer.Option`` of a shared option: the name is spelled here once, the help may differ by
+    command (e.g. ``--overwrite`` replaces an output file in one command, a folder in another)."""
+    return typer.Option(name, *aliases, help=help, **kwargs)
+
+
+#: Help texts of the shared options (commands pass their own where the meaning narrows).
+HELP = {
+    "output": "Output GeoTIFF path.",
+    "overwrite": "Replace the output if it already exists.",
+    "device": "Torch device: auto (CUDA/ROCm if available, else CPU), cpu, cuda, cuda:1.",
+    "factor": "Child cells per parent cell along each axis (10: 1 km -> 100 m).",
+    "quiet": "No progress bar; print only errors and warnings.",
+    "json": "Also write the result as JSON to this file ('-': stdout).",
+    "aux": "Auxiliary raster/vector file, directory or quoted glob ('aux/*.tif'); repeatable.",
+    "categorical": "Read this aux raster (file stem or name, e.g. lc) as land-cover classes: one cover-fraction "
+    "layer per class; repeatable. Otherwise only rasters tagged CARBONSR_KIND=categorical or with an "
+    "integer type and a name such as landcover are.",
+    "fill_missing": "Allow aux layers that do not cover the whole extent (filled, with a warning).",
+}
+
+
+def output_option(help: str = HELP["output"]) -> Any:
+    """``-o/--output``."""
+    return option("--output", "-o", help=help, show_default=False)
+
+
+def overwrite_option(help: str = HELP["overwrite"]) -> Any:
+    """``--overwrite``."""
+    return option("--overwrite", help=help)
+
+
+def device_option(help: str = HELP["device"]) -> Any:
+    """``--device``."""
+    return option("--device", help=help)
+
+
+def factor_option(help: str = HELP["factor"]) -> Any:
+    """``--factor`` (an int >= 2)."""
+    return option("--factor", min=2, help=help)
+
+
+def quiet_option(help: str = HELP["quiet"]) -> Any:
+    """``-q/--quiet``."""
+    return option("--quiet", "-q", help=help)
+
+
+def json_option(help: str = HELP["json"]) -> Any:
+    """``--json`` (a file or '-')."""
+    return option("--json", help=help)
+
+
+def aux_option(help: str = HELP["aux"]) -> Any:
+    """``--aux`` (repeatable)."""
+    return option("--aux", help=help)
+
+
+def categorical_option(help: str = HELP["categorical"]) -> Any:
+    """``--categorical NAME`` (repeatable)."""
+    return option("--categorical", metavar="NAME", help=help)
+
+
+def fill_missing_option(*aliases: str, help: str = HELP["fill_missing"]) -> Any:
+    """``--fill-missing``."""
+    return option("--fill-missing", *aliases, help=help)
+
+
+def units_option(help: str) -> Any:
+    """``--units`` of the main raster."""
+    return option("--units", help=help)
+
+
 #: ``--overwrite``: replace an existing output.
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace the output if it already exists.")]
+Overwrite = Annotated[bool, overwrite_option()]
 #: ``--device``: torch device.
-Device = Annotated[
-    str, typer.Option("--device", help="Torch device: auto (CUDA/ROCm if available, else CPU), cpu, cuda, cuda:1.")
-]
+Device = Annotated[str, device_option()]
 #: ``--factor``: child cells per parent cell along each axis.
-Factor = Annotated[
-    int, typer.Option("--factor", min=2, help="Child cells per parent cell along each axis (10: 1 km -> 100 m).")
-]
+Factor = Annotated[int, factor_option()]
 #: ``--compress``: GeoTIFF compression.
 Compress = Annotated[
     str,
@@ -76,34 +144,17 @@ Compress = Annotated[
 #: ``--cog``: write a Cloud Optimized GeoTIFF.
 Cog = Annotated[bool, typer.Option("--cog", help="Write a Cloud Optimized GeoTIFF (internal tiles + overviews).")]
 #: ``-q/--quiet``: no progress bar or summary table.
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar; print only errors and warnings.")]
+Quiet = Annotated[bool, quiet_option()]
 #: ``--json``: machine-readable result ("-" for stdout).
-JsonOut = Annotated[
-    Optional[Path], typer.Option("--json", help="Also write the result as JSON to this file ('-': stdout).")
-]
+JsonOut = Annotated[Optional[Path], json_option()]
 #: ``--aux``: repeatable; files, directories or quoted globs.
-AuxPaths = Annotated[
-    Optional[list[str]],
-    typer.Option("--aux", help="Auxiliary raster/vector file, directory or quoted glob ('aux/*.tif'); repeatable."),
-]
+AuxPaths = Annotated[Optional[list[str]], aux_option()]
 #: ``--categorical``: repeatable; aux rasters (file stem or name) read as class codes.
-Categorical = Annotated[
-    Optional[list[str]],
-    typer.Option("--categorical", metavar="NAME",
-                 help="Read this aux raster (file stem or name, e.g. lc) as land-cover classes: one cover-fraction "
-                 "layer per class; repeatable. Otherwise only rasters tagged CARBONSR_KIND=categorical or with an "
-                 "integer type and a name such as landcover are."),
-]
+Categorical = Annotated[Optional[list[str]], categorical_option()]
 #: ``--aoi``: restrict work to the parent cells touching these polygons.
 Aoi = Annotated[
     Optional[Path],
     typer.Option("--aoi", help="Area of interest (GeoPackage/GeoJSON, any CRS): only parent cells touching it."),
-]
-#: ``--units``: unit of the main raster values.
-InputUnits = Annotated[
-    str,
-    typer.Option("--units", help="Unit of the main raster: a total per cell ('t/cell/yr', default) or a density "
-                 "('kg m-2 s-1', 't km-2 yr-1', 't ha-1 yr-1'), converted with cell areas."),
 ]
 
 

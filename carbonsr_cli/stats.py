@@ -21,7 +21,7 @@ The JSON written here travels with every training run and checkpoint. Keys:
   zeros, the max over all values read, not only the sampled ones), ``mean``/``std`` of the
   transformed, clipped values (std 1 for a constant layer), and the raw ``raw_mean``,
   ``raw_std``, ``raw_min``, ``raw_max``, ``skewness``, ``p99``, ``samples``. Aux layers are
-  read through :class:`carbonsr_cli.auxlayers.AuxStack` on the child grid, from a regular subset of
+  read through :class:`carbonsr_cli.aux.AuxStack` on the child grid, from a regular subset of
   120 x 120 tiles (every k-th tile row and column) on large rasters.
 - ``aux_coverage``: per source layer: covered and nodata fractions, fill value.
 
@@ -41,9 +41,14 @@ from typing import Any
 
 import numpy as np
 
-from carbonsr_cli.errors import InputDataError, UsageError
-
-from carbonsr_cli.errors import MissingInputError
+from carbonsr_cli import __version__
+from carbonsr_cli.atomic import atomic_write_text
+from carbonsr_cli.aux import AuxStack, categorical_kinds, discover_aux
+from carbonsr_cli.errors import InputDataError, MissingInputError, UsageError
+from carbonsr_cli.grids import ParentGrid
+from carbonsr_cli.nodata import nodata_mask
+from carbonsr_cli.rasters import open_raster, read_window, read_years
+from carbonsr_cli.units import cell_areas_m2, parse_unit, to_totals
 
 __all__ = [
     "AuxNormalizer",
@@ -192,8 +197,6 @@ def _main_file_stats(
     path: Path, *, units: str | None, exact_limit: int
 ) -> tuple[dict[str, Any], list[tuple[str, _MainAccumulator]]]:
     """Stream one main raster; returns its grid description and one accumulator per band."""
-    from carbonsr_cli.grids import ParentGrid
-    from carbonsr_cli.rasters import open_raster, read_window, read_years
 
     grid = ParentGrid.from_raster(path)
     with open_raster(path) as ds:
@@ -202,19 +205,15 @@ def _main_file_stats(
         tag_units = ds.tags().get("UNITS") or ds.tags().get("units") or (ds.units[0] if ds.units and ds.units[0] else None)
         unit = None
         if units is not None:
-            from carbonsr_cli.units import parse_unit
 
             unit = parse_unit(units)
         accs = [_MainAccumulator(exact_limit) for _ in names]
         for win in _row_windows(ds.height, ds.width):
             arr = read_window(ds, win, out_dtype="float64")
             if unit is not None and unit.is_density:
-                from carbonsr_cli.units import cell_areas_m2, to_totals
 
                 arr = to_totals(arr, unit, cell_areas_m2(grid, win), nodata=nodata)
-            bad = ~np.isfinite(arr)
-            if nodata is not None and not math.isnan(nodata):
-                bad |= arr == nodata
+            bad = ~np.isfinite(arr) | nodata_mask(arr, nodata, nan=True)
             for b, acc in enumerate(accs):
                 acc.update(arr[b], bad[b])
         desc = {
@@ -363,7 +362,7 @@ def compute_stats(
 
     Args:
         main_path: One main raster or several (e.g. regions or years); stats are pooled.
-        aux: None; an :class:`~carbonsr_cli.auxlayers.AuxStack` on the first main file's child grid
+        aux: None; an :class:`~carbonsr_cli.aux.AuxStack` on the first main file's child grid
             (only with a single main file); or aux paths/globs/directories (``--aux``), stacked
             on every main file's child grid.
         factor: Child cells per parent cell (for the aux child grid).
@@ -384,7 +383,6 @@ def compute_stats(
     Raises:
         UsageError / InputDataError: unreadable inputs (one-line messages with the path).
     """
-    from carbonsr_cli import __version__
 
     paths = [Path(main_path)] if isinstance(main_path, (str, os.PathLike)) else [Path(p) for p in main_path]
     if not paths:
@@ -433,9 +431,6 @@ def _aux_stacks(
         if len(paths) > 1:
             raise UsageError("pass aux paths (not one AuxStack) when computing stats over several main files")
         return [aux], []
-    from carbonsr_cli.auxlayers import AuxStack, categorical_kinds, discover_aux
-    from carbonsr_cli.grids import ParentGrid
-    from carbonsr_cli.rasters import open_raster, read_years
 
     aux_paths = [aux] if isinstance(aux, (str, os.PathLike)) else list(aux)
     if not aux_paths:
@@ -487,7 +482,6 @@ def save_stats(stats: dict[str, Any], path: str | os.PathLike[str], *, overwrite
     Raises:
         OutputError: the file exists and ``overwrite`` is False, or cannot be written.
     """
-    from carbonsr_cli.atomic import atomic_write_text
 
     return atomic_write_text(path, stats_to_json_text(stats), overwrite=overwrite)
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from carbonsr_cli.nodata import nodata_mask
 from carbonsr_cli.errors import UsageError
 
 __all__ = [
@@ -283,12 +284,23 @@ def cell_areas_m2(grid: Any, window: Any = None) -> np.ndarray:
     return np.repeat(per_row[:, None], w, axis=1)
 
 
-def _mask(values: np.ndarray, nodata: float | None) -> np.ndarray | None:
-    if nodata is None:
-        return None
-    if isinstance(nodata, float) and math.isnan(nodata):
-        return np.isnan(values)
-    return values == nodata
+def _convert(values: np.ndarray, unit: str | Unit, areas_m2: np.ndarray | None, nodata: float | None,
+             days_per_year: float, *, to_density: bool) -> np.ndarray:
+    """Densities in ``unit`` -> totals per cell (or back with ``to_density``); totals units pass
+    through as float64 copies; ``nodata`` cells are returned unchanged."""
+    u = parse_unit(unit) if isinstance(unit, str) else unit
+    v = np.asarray(values, dtype=np.float64)
+    if not u.is_density:
+        return v.copy()
+    if areas_m2 is None:
+        to = "to density unit" if to_density else "density unit"
+        raise ValueError(f"cell areas are needed to convert {to} {u.text!r}")
+    scale = u.factor_to_t_per_m2_yr(days_per_year) * np.asarray(areas_m2, dtype=np.float64)
+    out = v / scale if to_density else v * scale
+    if nodata is not None:
+        m = nodata_mask(v, nodata)
+        out[m] = v[m]
+    return out
 
 
 def to_totals(
@@ -312,17 +324,7 @@ def to_totals(
         float64 totals per cell in :func:`totals_unit` (``t / cell / yr`` for densities); totals
         input is returned as float64 unchanged.
     """
-    u = parse_unit(unit) if isinstance(unit, str) else unit
-    v = np.asarray(values, dtype=np.float64)
-    if not u.is_density:
-        return v.copy()
-    if areas_m2 is None:
-        raise ValueError(f"cell areas are needed to convert density unit {u.text!r}")
-    out = v * (u.factor_to_t_per_m2_yr(days_per_year) * np.asarray(areas_m2, dtype=np.float64))
-    m = _mask(v, nodata)
-    if m is not None:
-        out[m] = v[m]
-    return out
+    return _convert(values, unit, areas_m2, nodata, days_per_year, to_density=False)
 
 
 def from_totals(
@@ -345,14 +347,4 @@ def from_totals(
     Returns:
         float64 values in ``unit``.
     """
-    u = parse_unit(unit) if isinstance(unit, str) else unit
-    v = np.asarray(totals, dtype=np.float64)
-    if not u.is_density:
-        return v.copy()
-    if areas_m2 is None:
-        raise ValueError(f"cell areas are needed to convert to density unit {u.text!r}")
-    out = v / (u.factor_to_t_per_m2_yr(days_per_year) * np.asarray(areas_m2, dtype=np.float64))
-    m = _mask(v, nodata)
-    if m is not None:
-        out[m] = v[m]
-    return out
+    return _convert(totals, unit, areas_m2, nodata, days_per_year, to_density=True)

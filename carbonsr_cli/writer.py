@@ -39,6 +39,7 @@ from carbonsr_cli import __version__
 from carbonsr_cli.atomic import atomic_path, make_temp_path, remove_quietly
 from carbonsr_cli.errors import OutputError, UsageError
 from carbonsr_cli.grids import ChildGrid, window_ints
+from carbonsr_cli.inventory import period_from_name
 
 __all__ = ["RasterWriter", "output_profile", "COMPRESSIONS"]
 
@@ -375,7 +376,6 @@ class RasterWriter:
 
 def _time_tags(name: str) -> dict[str, str]:
     """Per-band time tags of a band named like ``2019`` or ``2019-01`` (else none)."""
-    from carbonsr_cli.inventory import period_from_name
 
     text = str(name).strip()
     if not text:

@@ -18,17 +18,15 @@ the valid cells; "nonzero" means truth > 0):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 __all__ = [
-    "ConservationReport",
     "MetricAccumulator",
     "balanced_mae",
     "compute_metrics",
-    "conservation_report",
     "mae",
     "nonzero_mae",
     "pearson",
@@ -290,138 +288,3 @@ class MetricAccumulator:
             "n_zero": float(self.n_zero),
             "n_nonzero": float(self.n_nonzero),
         }
-
-
-# --------------------------------------------------------------------------------------------
-# Conservation
-
-
-@dataclass
-class ConservationReport:
-    """Block-sum check of children against their parent totals.
-
-    Attributes:
-        blocks_checked: Parent cells with a valid (non-nodata) total.
-        cells_checked: Child cells in those blocks.
-        max_abs_error: max |sum(children) - S| (t CO2 / parent cell / yr).
-        max_rel_error: max |sum(children) - S| / |S| over blocks with S != 0.
-        worst_block: ``(band, row, col)`` of the block with the largest relative error (parent
-            cell indices, offset applied), or of the largest absolute error if all S are 0.
-        negatives: Child cells < 0 in valid blocks.
-        nans: Non-finite child cells in valid blocks.
-        nodata_blocks: Parent cells that are nodata.
-        nodata_mismatch: Nodata parent cells whose children are not all nodata.
-        zero_total_violations: Blocks whose total is exactly 0 but whose children are not all
-            exactly 0 (a zero total must give exact zeros; relative error is undefined there).
-    """
-
-    blocks_checked: int = 0
-    cells_checked: int = 0
-    max_abs_error: float = 0.0
-    max_rel_error: float = 0.0
-    worst_block: tuple[int, int, int] | None = None
-    negatives: int = 0
-    nans: int = 0
-    nodata_blocks: int = 0
-    nodata_mismatch: int = 0
-    zero_total_violations: int = 0
-    _worst_key: float = field(default=-1.0, repr=False)
-
-    @property
-    def ok(self) -> bool:
-        """``passes()`` with the default tolerances (a plain bool: ``assert rep.ok`` can fail)."""
-        return self.passes()
-
-    def passes(self, rtol: float = 1e-6, atol: float = 0.0) -> bool:
-        """True when every block sum is within ``rtol``/``atol``, no negatives, NaNs or mismatch."""
-        return (
-            self.max_rel_error <= rtol
-            and (atol <= 0 or self.max_abs_error <= atol)
-            and self.negatives == 0
-            and self.nans == 0
-            and self.nodata_mismatch == 0
-            and self.zero_total_violations == 0
-        )
-
-    def merge(self, other: ConservationReport) -> ConservationReport:
-        """Combine the reports of two windows (in place; returns self)."""
-        self.blocks_checked += other.blocks_checked
-        self.cells_checked += other.cells_checked
-        self.max_abs_error = max(self.max_abs_error, other.max_abs_error)
-        self.max_rel_error = max(self.max_rel_error, other.max_rel_error)
-        if other._worst_key > self._worst_key:
-            self._worst_key, self.worst_block = other._worst_key, other.worst_block
-        self.negatives += other.negatives
-        self.nans += other.nans
-        self.nodata_blocks += other.nodata_blocks
-        self.nodata_mismatch += other.nodata_mismatch
-        self.zero_total_violations += other.zero_total_violations
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict for JSON (without private fields)."""
-        d = asdict(self)
-        d.pop("_worst_key")
-        d["worst_block"] = list(self.worst_block) if self.worst_block is not None else None
-        return d
-
-
-def conservation_report(
-    children: ArrayLike,
-    totals: ArrayLike,
-    factor: int,
-    nodata_mask: ArrayLike | None = None,
-    *,
-    child_nodata: float | None = None,
-    offset: tuple[int, int] = (0, 0),
-) -> ConservationReport:
-    """Check that every ``factor x factor`` block of children sums to its parent total.
-
-    Args:
-        children: ``[T, H, W]``, ``[H, W]`` or ``[B, 1, T, H, W]`` child totals.
-        totals: Parent totals ``[..., H / factor, W / factor]`` (same leading dims); NaN = nodata.
-        factor: Child cells per parent cell along each axis.
-        nodata_mask: Optional bool array like ``totals``, True = parent nodata.
-        child_nodata: Child nodata value (treated as NaN), if not NaN itself.
-        offset: ``(row, col)`` of this window's first parent cell, added to ``worst_block``.
-
-    Returns:
-        A :class:`ConservationReport`.
-    """
-    c = _np(children).copy()
-    s = _np(totals)
-    if child_nodata is not None and not math.isnan(child_nodata):
-        c[c == child_nodata] = np.nan
-    if c.ndim < 2 or c.shape[-2] % factor or c.shape[-1] % factor:
-        raise ValueError(f"children {c.shape} are not whole {factor}x{factor} blocks")
-    hb, wb = c.shape[-2] // factor, c.shape[-1] // factor
-    if s.shape != (*c.shape[:-2], hb, wb):
-        raise ValueError(f"totals {s.shape} do not match children {c.shape} with factor {factor}")
-    blocks = c.reshape(-1, hb, factor, wb, factor).transpose(0, 1, 3, 2, 4).reshape(-1, hb, wb, factor * factor)
-    s3 = s.reshape(-1, hb, wb)
-    nod = np.isnan(s3)
-    if nodata_mask is not None:
-        nod |= np.asarray(nodata_mask, dtype=bool).reshape(s3.shape)
-    valid = ~nod
-    rep = ConservationReport()
-    rep.blocks_checked = int(valid.sum())
-    rep.cells_checked = rep.blocks_checked * factor * factor
-    rep.nodata_blocks = int(nod.sum())
-    rep.nodata_mismatch = int((nod & ~np.isnan(blocks).all(axis=-1)).sum())
-    vb = blocks[valid]
-    rep.nans = int((~np.isfinite(vb)).sum())
-    rep.negatives = int((vb < 0).sum())
-    if rep.blocks_checked:
-        err = np.abs(np.nansum(vb, axis=-1) - s3[valid])
-        err = np.where(np.isfinite(vb).all(axis=-1), err, np.inf)
-        sv = np.abs(s3[valid])
-        rel = np.where(sv > 0, err / np.where(sv > 0, sv, 1.0), 0.0)
-        rep.zero_total_violations = int(((sv == 0) & (err > 0)).sum())
-        rep.max_abs_error = float(err.max())
-        rep.max_rel_error = float(rel.max())
-        key = rel if rep.max_rel_error > 0 else err
-        i = int(np.argmax(key))
-        band, row, col = (int(v) for v in np.argwhere(valid)[i])
-        rep.worst_block = (band, row + offset[0], col + offset[1])
-        rep._worst_key = float(key[i]) if rep.max_rel_error > 0 else 0.0
-    return rep

@@ -1,10 +1,8 @@
-"""Subcommands of the ``carbonsr`` CLI, one module each.
+"""Subcommands of the ``carbonsr`` CLI, one module each (listed in :data:`COMMAND_MODULES`, each
+with ``register(app)``): parse options (``options.py``), call one library function, print."""
 
-Every module listed in :data:`COMMAND_MODULES` defines ``register(app)``, which
-adds its command(s) to the Typer app. Commands stay thin: parse options, call
-one library function, print the result. Import heavy libraries (torch,
-rasterio) inside the command function so ``carbonsr --help`` stays fast.
-"""
+# Commands import their library modules (and through them torch, rasterio) inside the command
+# function, so that ``carbonsr --help`` stays fast.
 
 from __future__ import annotations
 

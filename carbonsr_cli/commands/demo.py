@@ -8,6 +8,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from carbonsr_cli.options import device_option, overwrite_option
+
 HELP = """Run the whole product on a synthetic sample region (a few minutes on 2 CPU cores).
 
 Generates the sample data, trains the tiny model briefly on the CPU, downscales the 1 km
@@ -78,9 +80,9 @@ def register(app: typer.Typer) -> None:
         directory: Annotated[
             Path, typer.Argument(help="Directory for the demo's files (created).", show_default=True)
         ] = Path("carbonsr-demo"),
-        overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous demo in DIRECTORY.")] = False,
+        overwrite: Annotated[bool, overwrite_option("Replace a previous demo in DIRECTORY.")] = False,
         seed: Annotated[int, typer.Option("--seed", help="Seed of the sample region and of the training.")] = 0,
-        device: Annotated[str, typer.Option("--device", help="cpu (default, reproducible), cuda, auto.")] = "cpu",
+        device: Annotated[str, device_option("cpu (default, reproducible), cuda, auto.")] = "cpu",
         max_train_seconds: Annotated[
             Optional[float],
             typer.Option("--max-train-seconds", help="Stop training after this many seconds (default: the full "

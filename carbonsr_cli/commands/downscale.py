@@ -11,7 +11,21 @@ from typing import Annotated, Any, Optional
 import typer
 
 from carbonsr_cli.console import plural
-from carbonsr_cli.options import Aoi, AuxPaths, Categorical, Cog, Compress, Device, JsonOut, Overwrite, Quiet
+from carbonsr_cli.options import (
+    Aoi,
+    AuxPaths,
+    Categorical,
+    Cog,
+    Compress,
+    Device,
+    JsonOut,
+    Overwrite,
+    Quiet,
+    factor_option,
+    fill_missing_option,
+    output_option,
+    units_option,
+)
 
 HELP = """Downscale a 1 km emission raster to 100 m with a trained model or a baseline.
 
@@ -75,7 +89,7 @@ def register(app: typer.Typer) -> None:
             typer.Argument(help="MAIN raster (1 km totals or densities, one band per year or month; GeoTIFF, netCDF, or a quoted glob of files on one grid); further paths are aux inputs.", show_default=False,
                            metavar="MAIN [AUX]"),
         ],
-        output: Annotated[Path, typer.Option("--output", "-o", help="Output GeoTIFF (child grid).", show_default=False)],
+        output: Annotated[Path, output_option("Output GeoTIFF (child grid).")],
         aux: AuxPaths = None,
         categorical: Categorical = None,
         model: Annotated[
@@ -92,11 +106,11 @@ def register(app: typer.Typer) -> None:
         ] = None,
         dtype: Annotated[str, typer.Option("--dtype", help="Output type: float32 or float64.")] = "float32",
         factor: Annotated[
-            Optional[int], typer.Option("--factor", min=2, help="Child cells per parent cell for baselines (default 10; a model uses its own).")
+            Optional[int], factor_option("Child cells per parent cell for baselines (default 10; a model uses its own).")
         ] = None,
         units: Annotated[
             Optional[str],
-            typer.Option("--units", help="Unit of the main raster: a total per cell ('t/cell/yr', 't C/cell/month', 'Tonnes') or a density "
+            units_option("Unit of the main raster: a total per cell ('t/cell/yr', 't C/cell/month', 'Tonnes') or a density "
                          "('kg m-2 s-1', 't km-2 yr-1'), converted with cell areas. Default: the file's units attribute, else t CO2/cell/yr."),
         ] = None,
         variable: Annotated[
@@ -123,7 +137,7 @@ def register(app: typer.Typer) -> None:
         ] = None,
         fill_missing: Annotated[
             bool,
-            typer.Option("--fill-missing", help="Allow aux layers that do not cover the whole extent (gaps filled, with a warning)."),
+            fill_missing_option(help="Allow aux layers that do not cover the whole extent (gaps filled, with a warning)."),
         ] = False,
         overlap: Annotated[
             int,
@@ -147,7 +161,7 @@ def register(app: typer.Typer) -> None:
             )
         if json_out is not None and str(json_out) != "-":
             from carbonsr_cli.atomic import check_not_an_input
-            from carbonsr_cli.auxlayers import expand_aux_paths
+            from carbonsr_cli.aux import expand_aux_paths
 
             check_not_an_input(json_out, {"output raster": output, "uncertainty raster": uncertainty, "main raster": main,
                                           "aux layer": expand_aux_paths(aux_paths), "model checkpoint": model,

@@ -9,6 +9,15 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from carbonsr_cli.options import (
+    AuxGlobCommand,
+    aux_option,
+    categorical_option,
+    device_option,
+    json_option,
+    overwrite_option,
+)
+
 from carbonsr_cli.errors import UsageError
 
 HELP = """Check a downscaled raster: conservation of the totals, accuracy against a reference,
@@ -187,7 +196,7 @@ def _refuse_outputs_naming_inputs(outputs: list[Any], inputs: dict[str, Any]) ->
     if len(given) == 2 and same_file(given[0], given[1]):
         raise OutputError("--json and --plot name the same file", given[0])
     if inputs.get("aux"):
-        from carbonsr_cli.auxlayers import expand_aux_paths
+        from carbonsr_cli.aux import expand_aux_paths
 
         inputs = {**inputs, "aux": expand_aux_paths(inputs["aux"])}
     for o in given:
@@ -196,8 +205,6 @@ def _refuse_outputs_naming_inputs(outputs: list[Any], inputs: dict[str, Any]) ->
 
 def register(app: typer.Typer) -> None:
     """Add ``evaluate`` to the app."""
-
-    from carbonsr_cli.options import AuxGlobCommand
 
     @app.command("evaluate", help=HELP, cls=AuxGlobCommand)
     def evaluate_cmd(
@@ -217,7 +224,7 @@ def register(app: typer.Typer) -> None:
                          "top5-mae, rmse, r2, pearson, bias. Default: all."),
         ] = None,
         json_out: Annotated[
-            Optional[str], typer.Option("--json", help="Write results as JSON to this file, or '-' for stdout.")
+            Optional[str], json_option("Write results as JSON to this file, or '-' for stdout.")
         ] = None,
         plot: Annotated[
             Optional[Path], typer.Option("--plot", help="Write a comparison PNG (needs --reference).")
@@ -242,21 +249,20 @@ def register(app: typer.Typer) -> None:
         ] = None,
         aux: Annotated[
             Optional[list[str]],
-            typer.Option("--aux", help="Auxiliary layers for self-validation: files, directories or globs "
+            aux_option("Auxiliary layers for self-validation: files, directories or globs "
                          "(repeatable)."),
         ] = None,
         categorical: Annotated[
             Optional[list[str]],
-            typer.Option("--categorical", metavar="NAME",
-                         help="Self-validation: read this aux raster (file stem or name) as land-cover classes; "
+            categorical_option("Self-validation: read this aux raster (file stem or name) as land-cover classes; "
                          "repeatable (default: as the model was trained)."),
         ] = None,
         scales: Annotated[
             Optional[list[str]],
             typer.Option("--scales", help="Coarsening scales in parent cells, e.g. 2,4,12 (repeatable)."),
         ] = None,
-        device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, ...")] = "auto",
-        overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing --json/--plot files.")] = False,
+        device: Annotated[str, device_option("auto, cpu, cuda, cuda:1, ...")] = "auto",
+        overwrite: Annotated[bool, overwrite_option("Replace existing --json/--plot files.")] = False,
     ) -> None:
         from carbonsr_cli.console import err, out
 

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import click
 import typer
+
+from carbonsr_cli.options import overwrite_option
 from typer.core import TyperCommand
 
 if TYPE_CHECKING:
@@ -97,7 +99,7 @@ def sample_data(
             show_default="2019 2020 2021",
         ),
     ] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT_DIR if it exists and is not empty.")] = False,
+    overwrite: Annotated[bool, overwrite_option("Replace OUT_DIR if it exists and is not empty.")] = False,
     kind: Annotated[
         str,
         typer.Option(

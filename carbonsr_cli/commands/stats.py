@@ -8,7 +8,17 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from carbonsr_cli.options import AuxGlobCommand, AuxPaths, Categorical, Factor, Overwrite, Quiet
+from carbonsr_cli.options import (
+    AuxGlobCommand,
+    AuxPaths,
+    Categorical,
+    Factor,
+    Overwrite,
+    Quiet,
+    fill_missing_option,
+    output_option,
+    units_option,
+)
 
 HELP = """Compute the global statistics training needs (zero/nonzero balance, log-domain spread,
 quantiles, per-aux-layer normalisation), print them and write them as JSON.
@@ -34,18 +44,18 @@ def stats_command(
     ],
     output: Annotated[
         Optional[Path],
-        typer.Option("--output", "-o", help="Write the statistics JSON here ('-': stdout).", show_default=False)
+        output_option("Write the statistics JSON here ('-': stdout).")
     ] = None,
     aux: AuxPaths = None,
     categorical: Categorical = None,
     factor: Factor = 10,
     units: Annotated[
         Optional[str],
-        typer.Option("--units", help="Unit of the main raster when it is a density (e.g. 'kg m-2 s-1'); default: "
+        units_option("Unit of the main raster when it is a density (e.g. 'kg m-2 s-1'); default: "
                      "totals per cell."),
     ] = None,
     fill_missing_aux: Annotated[
-        bool, typer.Option("--fill-missing", "--fill-missing-aux", help="Allow aux layers that do not cover the whole extent (filled).")
+        bool, fill_missing_option("--fill-missing-aux", help="Allow aux layers that do not cover the whole extent (filled).")
     ] = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -56,7 +66,7 @@ def stats_command(
     to_stdout = output is not None and str(output) == "-"
     if output is not None and not to_stdout:
         from carbonsr_cli.atomic import check_not_an_input, check_output_path
-        from carbonsr_cli.auxlayers import expand_aux_paths
+        from carbonsr_cli.aux import expand_aux_paths
 
         check_output_path(output, overwrite)
         check_not_an_input(output, {"main raster": list(main), "aux layer": expand_aux_paths(aux)})

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from carbonsr_cli.options import AuxGlobCommand, AuxPaths, Categorical, Device
+from carbonsr_cli.options import AuxGlobCommand, AuxPaths, Categorical, Device, fill_missing_option, quiet_option
 
 TRAIN_EXAMPLE = "carbonsr train data/sample/emissions_1km.tif --aux 'data/sample/aux/*' --preset tiny --epochs 5"
 RESUME_EXAMPLE = "carbonsr resume runs/run_20250101_120000"
@@ -66,9 +66,9 @@ def train_cmd(
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Stop after this many steps in total (autosaved, resumable).")] = None,
     max_time: Annotated[Optional[float], typer.Option("--max-time", min=1.0, help="Stop after this many seconds of training (autosaved, resumable).")] = None,
     stats: Annotated[Optional[Path], typer.Option("--stats", help="Use this stats.json (from `carbonsr stats`) instead of computing it.")] = None,
-    fill_missing: Annotated[bool, typer.Option("--fill-missing", help="Allow aux layers that do not cover the whole extent (filled, with a warning).")] = False,
+    fill_missing: Annotated[bool, fill_missing_option(help="Allow aux layers that do not cover the whole extent (filled, with a warning).")] = False,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Threads preparing batches ahead.")] = 2,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No per-epoch tables.")] = False,
+    quiet: Annotated[bool, quiet_option("No per-epoch tables.")] = False,
 ) -> None:
     """Train a model; print where the run went and how it compares with the baselines."""
     from carbonsr_cli.errors import UsageError
@@ -121,10 +121,10 @@ def resume_cmd(
     device: Device = "auto",
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Stop after this many steps in total.")] = None,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Threads preparing batches ahead.")] = 2,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No per-epoch tables.")] = False,
+    quiet: Annotated[bool, quiet_option("No per-epoch tables.")] = False,
 ) -> None:
     """Continue a run from one of its checkpoints."""
-    from carbonsr_cli.train.checkpoints import load_checkpoint
+    from carbonsr_cli.checkpoints import load_checkpoint
     from carbonsr_cli.train.config import TrainConfig
     from carbonsr_cli.train.loop import train
     from carbonsr_cli.train.resume import find_latest_run, list_checkpoints, newest_checkpoint
@@ -165,7 +165,7 @@ def _planned_steps(result: Any, cfg: Any) -> int:
     train_cfg = {"epochs": cfg.epochs, "steps_per_epoch": cfg.steps_per_epoch}
     if result.last_checkpoint is not None:
         try:
-            from carbonsr_cli.train.checkpoints import load_checkpoint
+            from carbonsr_cli.checkpoints import load_checkpoint
 
             train_cfg.update(load_checkpoint(result.last_checkpoint).get("train_config", {}))
         except Exception:  # noqa: BLE001 - the plain sentence falls back to this invocation's config
@@ -175,7 +175,7 @@ def _planned_steps(result: Any, cfg: Any) -> int:
 
 def _best_is_initial(path: Any) -> bool:
     """Whether ``best_model.pth`` is the untrained state (global step 0)."""
-    from carbonsr_cli.train.checkpoints import load_checkpoint
+    from carbonsr_cli.checkpoints import load_checkpoint
 
     try:
         return int(load_checkpoint(path).get("global_step", -1)) == 0

@@ -212,9 +212,9 @@ def train(config: TrainConfig) -> RunResult:
     """
     import torch
 
-    from carbonsr_cli.auxlayers import AuxStack, categorical_kinds, discover_aux
+    from carbonsr_cli.aux import AuxStack, categorical_kinds, discover_aux
     from carbonsr_cli.stats import AuxNormalizer, save_stats
-    from carbonsr_cli.train import checkpoints as ckpt_mod
+    from carbonsr_cli import checkpoints as ckpt_mod
     from carbonsr_cli.train.resume import resolve_resume
     from models.config import preset as model_preset
     from models.losses import DualLayerWeightedLoss

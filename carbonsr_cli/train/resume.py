@@ -70,7 +70,7 @@ def find_latest_run(runs_dir: str | os.PathLike[str]) -> Path:
 
 def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[CheckpointInfo]:
     """Every readable checkpoint of a run, newest first (unreadable files are skipped)."""
-    from carbonsr_cli.train.checkpoints import load_checkpoint
+    from carbonsr_cli.checkpoints import load_checkpoint
 
     d = Path(run_dir)
     if not d.is_dir():

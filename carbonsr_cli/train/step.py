@@ -51,9 +51,12 @@ def autocast_factory(device: Any, precision: str) -> Any:
 
 
 def _children(model: Any, raw: Any, totals: Any, block: int) -> Any:
-    from carbonsr_cli.train.validation import _children as children
+    """Linear child totals (float64) from the model's raw output, by its allocation (see
+    :func:`models.dasymetric.children_from_raw`)."""
+    from models.dasymetric import children_from_raw
 
-    return children(model, raw, totals, block)
+    cfg = model.config
+    return children_from_raw(raw, totals, block, getattr(cfg, "allocation", "water_fill"), getattr(cfg, "use_physics", True))
 
 
 def _to_device(x: Any, device: Any) -> Any:

@@ -19,6 +19,7 @@ from carbonsr_cli.train.config import TrainConfig
 from carbonsr_cli.train.dataset import AuxCache, Batch, BatchSpec, MainData, build_batch, load_main
 from carbonsr_cli.train.prior_fit import PriorFit, build_fitted_prior
 from carbonsr_cli.train.split import Split
+from carbonsr_cli.train.step import _children, autocast_factory
 
 __all__ = ["METRIC_KEYS", "selection", "evaluate_split", "evaluate_against_truth"]
 
@@ -200,14 +201,6 @@ def _model_scores(model: Any, items: list[tuple[int, int, int]], scales: Sequenc
         model.train(was_training)
     return out
 
-def _children(model: Any, raw: Any, totals: Any, block: int) -> Any:
-    """Linear child totals (float64) from the model's raw output, by its allocation (see
-    :func:`models.dasymetric.children_from_raw`)."""
-    from models.dasymetric import children_from_raw
-
-    cfg = model.config
-    return children_from_raw(raw, totals, block, getattr(cfg, "allocation", "water_fill"), getattr(cfg, "use_physics", True))
-
 def evaluate_split(checkpoint: str | os.PathLike[str], *, device: str = "cpu") -> dict[int, dict[str, Any]]:
     """Re-score a checkpoint on its own run's validation windows (model and baselines).
 
@@ -217,13 +210,12 @@ def evaluate_split(checkpoint: str | os.PathLike[str], *, device: str = "cpu") -
     """
     import torch
 
-    from carbonsr_cli.auxlayers import AuxStack, categorical_kinds, discover_aux
+    from carbonsr_cli.aux import AuxStack, categorical_kinds, discover_aux
     from carbonsr_cli.stats import AuxNormalizer
-    from carbonsr_cli.train.checkpoints import load_model_for_inference
-    from carbonsr_cli.train.step import autocast_factory
+    from carbonsr_cli.checkpoints import load_model_for_inference
 
     loaded = load_model_for_inference(checkpoint, device)
-    from carbonsr_cli.train.checkpoints import load_checkpoint
+    from carbonsr_cli.checkpoints import load_checkpoint
 
     ck = load_checkpoint(checkpoint)
     cfg = TrainConfig.from_dict(ck["train_config"])
@@ -271,10 +263,10 @@ def evaluate_against_truth(
     import torch
     from rasterio.windows import Window
 
-    from carbonsr_cli.auxlayers import AuxStack, categorical_kinds, discover_aux
+    from carbonsr_cli.aux import AuxStack, categorical_kinds, discover_aux
     from carbonsr_cli.rasters import open_raster, read_window
     from carbonsr_cli.stats import AuxNormalizer
-    from carbonsr_cli.train.checkpoints import load_checkpoint, load_model_for_inference
+    from carbonsr_cli.checkpoints import load_checkpoint, load_model_for_inference
     from carbonsr_cli.train.dataset import degrade
     from models.dasymetric import softmax_children
 

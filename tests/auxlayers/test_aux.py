@@ -1,4 +1,4 @@
-"""Tests of carbonsr_cli.auxlayers: discovery, names, alignment in several CRSs, years, coverage."""
+"""Tests of carbonsr_cli.aux: discovery, names, alignment in several CRSs, years, coverage."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from aux_helpers import child_centres, coordinate_raster, parent_grid, write_ras
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
-from carbonsr_cli.auxlayers import AuxStack, discover_aux, split_year
+from carbonsr_cli.aux import AuxStack, discover_aux, split_year
 from carbonsr_cli.errors import AuxFillWarning, InputDataError, MissingInputError, UsageError
 from carbonsr_cli.grids import ChildGrid
 

@@ -11,7 +11,8 @@ import raster_files
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
-from carbonsr_cli.auxlayers import AuxStack, discover_aux
+from carbonsr_cli.aux import AuxStack, discover_aux
+from carbonsr_cli.aux.readers import CATEGORICAL, RASTER
 from carbonsr_cli.grids import ChildGrid
 
 # Child grid of utm_parent: 60 x 80 cells of 100 m from (500000, 5600000).
@@ -78,7 +79,7 @@ def test_fast_continuous_matches_warp(
     with fast, slow:
         slot = fast._groups[0].per_t[0]
         assert slot.resampling == resampling
-        assert fast._fast_value(slot, Window(0, 0, 80, 60)) is not None  # the fast path is taken
+        assert RASTER.fast_value(fast, slot, Window(0, 0, 80, 60)) is not None  # the fast path is taken
         # Child cells (whole-grid coordinates) lying entirely inside the source extent.
         c_lo, r_lo = (origin[0] - X0) / CELL, (Y0 - origin[1]) / CELL
         c_hi, r_hi = c_lo + shape[1] * res / CELL, r_lo + shape[0] * res / CELL
@@ -108,7 +109,7 @@ def test_unaligned_or_other_crs_uses_the_warp(tmp_path: Path, utm_parent: object
         stack = AuxStack(discover_aux([off, fine3]), cg, ["2020"], fill_missing=True)
     with stack:
         for g in stack._groups:
-            assert stack._fast_value(g.per_t[0], Window(0, 0, 80, 60)) is None, g.key
+            assert RASTER.fast_value(stack, g.per_t[0], Window(0, 0, 80, 60)) is None, g.key
 
 
 @pytest.mark.parametrize(
@@ -131,7 +132,7 @@ def test_fast_categorical_matches_warp_exactly(
     fast, slow = _both([path], cg)
     with fast, slow:
         slot = fast._groups[0].per_t[0]
-        assert fast._fast_counts(slot, Window(0, 0, 80, 60)) is not None
+        assert CATEGORICAL.fast_counts(fast, slot, Window(0, 0, 80, 60)) is not None
         for win in WINDOWS:
             a, b = fast.read(win), slow.read(win)
             np.testing.assert_array_equal(a, b, err_msg=str(win))
@@ -153,9 +154,9 @@ def test_sample_data_fast_equals_warp(sample_dir: Path) -> None:
     with fast, slow:
         for g in fast._groups:
             s = g.per_t[0]
-            if s.op == "value" and fast._fast_value(s, Window(0, 0, 8, 8)) is not None:
+            if s.op == "value" and RASTER.fast_value(fast, s, Window(0, 0, 8, 8)) is not None:
                 fast_slots += 1
-            elif s.op == "classes" and fast._fast_counts(s, Window(0, 0, 8, 8)) is not None:
+            elif s.op == "classes" and CATEGORICAL.fast_counts(fast, s, Window(0, 0, 8, 8)) is not None:
                 fast_slots += 1
         assert fast_slots == 4
         for win in (Window(-20, -20, 120, 120), Window(0, 37, cg.width, 50)):

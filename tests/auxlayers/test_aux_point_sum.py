@@ -10,7 +10,7 @@ import pytest
 from aux_helpers import write_raster
 from rasterio.windows import Window
 
-from carbonsr_cli.auxlayers import AuxStack, discover_aux
+from carbonsr_cli.aux import AuxStack, discover_aux
 from carbonsr_cli.errors import AuxFillWarning, InputDataError, MissingInputError, UsageError
 from carbonsr_cli.grids import ChildGrid
 

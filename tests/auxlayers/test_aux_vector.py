@@ -9,8 +9,8 @@ import pytest
 from aux_helpers import parent_grid
 from rasterio.windows import Window
 
-from carbonsr_cli.auxlayers import AuxStack, discover_aux
-from carbonsr_cli.auxlayers_vector import clip_segments_to_grid
+from carbonsr_cli.aux import AuxStack, discover_aux
+from carbonsr_cli.aux.vector import clip_segments_to_grid
 from carbonsr_cli.errors import InputDataError
 from carbonsr_cli.grids import ChildGrid
 

@@ -54,7 +54,7 @@ def test_downscale_uses_checkpoint_setting(files: dict[str, Path], tmp_path: Pat
 
     from carbonsr_cli.downscale import downscale
     from carbonsr_cli.errors import CheckpointError
-    from carbonsr_cli.train.checkpoints import load_checkpoint, save_checkpoint
+    from carbonsr_cli.checkpoints import load_checkpoint, save_checkpoint
 
     names = ["lc:class1", "lc:class2", "lc:class3"]
     plain = make_checkpoint(tmp_path / "plain.pth", names, factor=2)

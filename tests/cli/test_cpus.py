@@ -48,8 +48,8 @@ def test_available_cpus_is_the_smallest_limit(monkeypatch: pytest.MonkeyPatch, a
 def test_reader_pool_and_torch_threads_follow_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from carbonsr_cli import downscale
-    from carbonsr_cli.downscale_strips import reader_config
+    from carbonsr_cli.downscale import planning as plan
+    from carbonsr_cli.downscale.readers import reader_config
 
     monkeypatch.delenv("CARBONSR_READ_PROCS", raising=False)
     monkeypatch.delenv("CARBONSR_READ_THREADS", raising=False)
@@ -57,8 +57,8 @@ def test_reader_pool_and_torch_threads_follow_the_budget(monkeypatch: pytest.Mon
     assert reader_config(10**9) == (1, False)  # the host may have 64 cores: 2 are ours
     before = torch.get_num_threads()
     try:
-        assert downscale._size_torch_threads() == 2 and torch.get_num_threads() == 2
+        assert plan._size_torch_threads() == 2 and torch.get_num_threads() == 2
         monkeypatch.setattr(cpus, "available_cpus", lambda respect_omp=True: 8)
-        assert downscale._size_torch_threads() == 7
+        assert plan._size_torch_threads() == 7
     finally:
         torch.set_num_threads(before)

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "downscale"))
 from dist_helpers import run_spec  # noqa: E402
 from ds_helpers import make_checkpoint, synthetic_totals, write_tif  # noqa: E402
 
-from carbonsr_cli.downscale_distributed import align_rows, context_rows, part_extent, row_parts  # noqa: E402
+from carbonsr_cli.downscale.distributed import align_rows, context_rows, part_extent, row_parts  # noqa: E402
 from carbonsr_cli.tiling import TileLayout  # noqa: E402
 
 #: 192 x 8 parent cells (model) and the 192 km sample region (baselines): 24 tile rows

@@ -15,7 +15,7 @@ from dist_helpers import run_spec  # noqa: E402
 from helpers import small_config  # noqa: E402
 
 from carbonsr_cli.distributed import DistContext, share_bounds  # noqa: E402
-from carbonsr_cli.train import checkpoints as ck  # noqa: E402
+from carbonsr_cli import checkpoints as ck  # noqa: E402
 
 #: Relative tolerance on validation metrics and weights (float rounding of the gradient sums
 #: over differently split batches; measured differences are ~1e-7).

@@ -78,7 +78,7 @@ def make_checkpoint(
     """
     import torch
 
-    from carbonsr_cli.train.checkpoints import save_checkpoint
+    from carbonsr_cli.checkpoints import save_checkpoint
     from models.config import preset
     from models.network import DSTCarbonFormer
 

@@ -191,7 +191,7 @@ def test_conservation_check_in_bands_finds_violations(
 
     from rasterio.windows import Window
 
-    from carbonsr_cli import downscale as ds_mod
+    from carbonsr_cli.downscale import api as ds_mod
 
     plans = []
     real = ds_mod.check_written_conservation

@@ -1,4 +1,4 @@
-"""Tests for the batching of tiles in carbonsr_cli.downscale_pipeline (strided views vs slices)."""
+"""Tests for the batching of tiles in carbonsr_cli.downscale.predict (strided views vs slices)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from carbonsr_cli.downscale_pipeline import BandData, _iter_batches, _tile_views
+from carbonsr_cli.downscale.predict import BandData, _iter_batches, _tile_views
 from carbonsr_cli.tiling import TileLayout
 
 
@@ -70,7 +70,7 @@ def test_single_tile_row_is_batched() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_graphed_water_fill_equals_eager_on_cuda() -> None:
     """Bands of a repeated shape replay a CUDA graph of the water-fill: same children."""
-    from carbonsr_cli.downscale_pipeline import _water_fill
+    from carbonsr_cli.downscale.predict import _water_fill
 
     dev = torch.device("cuda")
     rng = np.random.default_rng(5)

@@ -13,7 +13,8 @@ from ds_helpers import make_checkpoint, no_temp_files, synthetic_totals, write_t
 from typer.testing import CliRunner
 
 from carbonsr_cli.cli import app
-from carbonsr_cli.downscale import downscale, parse_method
+from carbonsr_cli.downscale import downscale
+from carbonsr_cli.methods import parse_method
 from carbonsr_cli.errors import CheckpointError, InputDataError, OutputError, UsageError
 
 runner = CliRunner()

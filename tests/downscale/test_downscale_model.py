@@ -10,8 +10,9 @@ import rasterio
 import rasterio.windows
 from ds_helpers import assert_conserves, make_checkpoint, no_temp_files
 
-from carbonsr_cli.downscale import downscale, year_window
-from carbonsr_cli.downscale_pipeline import unique_windows
+from carbonsr_cli.downscale import downscale
+from carbonsr_cli.downscale.plan import year_window
+from carbonsr_cli.downscale.predict import unique_windows
 
 
 #: Issue 18 item 10c: warnings raised from carbonsr's own code (deprecated affine ``*``, matplotlib
@@ -30,12 +31,12 @@ def test_model_conserves_with_aux_in_other_crs(
     The float64 run splits every tile row into chunks of 2 tiles (as a very wide raster would)
     and must give the same values as the float32 run with whole-row chunks.
     """
-    from carbonsr_cli import downscale_pipeline
+    from carbonsr_cli.downscale import engine
 
     outs = {}
     for dtype in ("float32", "float64"):
         if dtype == "float64":
-            monkeypatch.setattr(downscale_pipeline, "CHUNK_BYTES", 1)
+            monkeypatch.setattr(engine, "CHUNK_BYTES", 1)
         out = outs[dtype] = tmp_path / f"m_{dtype}.tif"
         s = downscale(small_region["main"], [small_region["aux"]], out, checkpoint=small_ckpt, device="cpu",
                       dtype=dtype, progress=False, batch_size=6 if dtype == "float32" else 4)
@@ -145,7 +146,7 @@ def test_model_on_sample_data_with_aoi(sample_dir: Path, tmp_path: Path) -> None
     from shapely.geometry import box
 
     from carbonsr_cli.aoi import aoi_parent_window
-    from carbonsr_cli.auxlayers import discover_aux, layer_names
+    from carbonsr_cli.aux import discover_aux, layer_names
     from carbonsr_cli.grids import ParentGrid
 
     main = sample_dir / "emissions_1km.tif"
@@ -189,7 +190,7 @@ def test_uncertainty_output(geo_region: dict, tmp_path: Path) -> None:
 def test_dihedral_roundtrip() -> None:
     import torch
 
-    from carbonsr_cli.downscale_pipeline import dihedral, dihedral_inverse
+    from carbonsr_cli.downscale.predict import dihedral, dihedral_inverse
 
     x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
     seen = set()
@@ -202,10 +203,10 @@ def test_dihedral_roundtrip() -> None:
 
 def test_interrupt_leaves_no_output(small_region: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C in the middle of the run (second row band) leaves neither output nor temp file."""
-    from carbonsr_cli import downscale_pipeline
+    from carbonsr_cli.downscale import engine
 
     calls = {"n": 0}
-    real = downscale_pipeline._baseline_fill
+    real = engine._baseline_fill
 
     def flaky(*args, **kwargs):  # noqa: ANN002, ANN003
         calls["n"] += 1
@@ -213,7 +214,7 @@ def test_interrupt_leaves_no_output(small_region: dict, tmp_path: Path, monkeypa
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(downscale_pipeline, "_baseline_fill", flaky)
+    monkeypatch.setattr(engine, "_baseline_fill", flaky)
     out = tmp_path / "int.tif"
     with pytest.raises(KeyboardInterrupt):
         downscale(small_region["main"], [], out, method="uniform", progress=False)

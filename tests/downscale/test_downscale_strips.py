@@ -11,7 +11,8 @@ import rasterio
 from ds_helpers import assert_conserves
 
 from carbonsr_cli.downscale import downscale
-from carbonsr_cli.downscale_strips import StripFeed, StripGeometry, assemble, reader_config, symmetric_index
+from carbonsr_cli.downscale.readers import StripFeed, reader_config
+from carbonsr_cli.downscale.strips import StripGeometry, assemble, symmetric_index
 from carbonsr_cli.tiling import TileLayout, pad_reflect
 
 F = 2  # small factor keeps the arrays small; the geometry is the same for any factor
@@ -156,12 +157,12 @@ def test_reader_processes_give_the_thread_result(
     Pre-warping (process mode only) is switched off here so that the results must be equal;
     ``test_prewarped_layers_match_per_strip_warps`` covers it.
     """
-    from carbonsr_cli import downscale_pipeline, downscale_strips
+    from carbonsr_cli.downscale import engine, readers
 
-    monkeypatch.setattr(downscale_pipeline, "CHUNK_BYTES", 1)  # several column chunks per tile row
-    monkeypatch.setattr(downscale_strips, "materialize_warps", lambda stack, work_dir: None)
+    monkeypatch.setattr(engine, "CHUNK_BYTES", 1)  # several column chunks per tile row
+    monkeypatch.setattr(readers, "materialize_warps", lambda stack, work_dir: None)
     made: list[str] = []
-    for cls in (downscale_strips.ThreadStripReader, downscale_strips.ProcessStripReader):
+    for cls in (readers.ThreadStripReader, readers.ProcessStripReader):
         def init(self: object, *a: object, _cls: type = cls, _real: object = cls.__init__, **k: object) -> None:
             made.append(_cls.__name__)
             _real(self, *a, **k)  # type: ignore[operator]
@@ -178,18 +179,18 @@ def test_blending_on_the_device_matches_the_host(
 ) -> None:
     """The CUDA path keeps predictions on the device and blends there (torch Blender); forced
     here on the CPU device, it must write what the numpy Blender writes."""
-    from carbonsr_cli import downscale_pipeline
+    from carbonsr_cli.downscale import predict
 
     outs = {}
     for mode in ("host", "device"):
         if mode == "device":
-            real = downscale_pipeline._Predictor.__init__
+            real = predict._Predictor.__init__
 
             def init(self: object, *a: object, **k: object) -> None:
                 real(self, *a, **k)  # type: ignore[arg-type]
                 self.on_device = True  # type: ignore[attr-defined]
 
-            monkeypatch.setattr(downscale_pipeline._Predictor, "__init__", init)
+            monkeypatch.setattr(predict._Predictor, "__init__", init)
         out = outs[mode] = tmp_path / f"{mode}.tif"
         s = downscale(small_region["main"], [small_region["aux"]], out, checkpoint=small_ckpt, device="cpu",
                       progress=False, batch_size=4)
@@ -207,7 +208,7 @@ def test_error_in_a_reader_process_reaches_the_caller(tmp_path: Path) -> None:
 
     from ds_helpers import FailingStack
 
-    from carbonsr_cli.downscale_strips import ProcessStripReader
+    from carbonsr_cli.downscale.readers import ProcessStripReader
     from carbonsr_cli.errors import InputDataError
 
     lay = TileLayout(30, 12, F, 12 * F, 2)
@@ -239,10 +240,10 @@ def test_prewarped_layers_match_per_strip_warps(
     """Reader processes warp the EPSG:4326 / EPSG:3857 layers once up front; the result stays
     within GDAL's approximate-transformer differences of the per-strip warps, conserves, and
     the hidden warp folder is gone afterwards."""
-    from carbonsr_cli import downscale_strips
+    from carbonsr_cli.downscale import readers
 
     made: list[Path] = []
-    real = downscale_strips.materialize_warps
+    real = readers.materialize_warps
 
     def spy(stack: object, work_dir: Path) -> Path | None:
         folder = real(stack, work_dir)
@@ -250,7 +251,7 @@ def test_prewarped_layers_match_per_strip_warps(
         assert folder is not None and len(list(folder.iterdir())) == 2  # lights (4326) and pop (3857)
         return folder
 
-    monkeypatch.setattr(downscale_strips, "materialize_warps", spy)
+    monkeypatch.setattr(readers, "materialize_warps", spy)
     outs = _thread_and_process_runs(small_region, small_ckpt, tmp_path, monkeypatch)
     assert len(made) == 1 and not made[0].exists()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -28,7 +28,7 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
     from carbonsr_cli.sample_data import generate_sample_data
     from carbonsr_cli.stats import compute_stats
-    from carbonsr_cli.train.checkpoints import save_checkpoint
+    from carbonsr_cli.checkpoints import save_checkpoint
     from models.config import preset
     from models.network import DSTCarbonFormer
 

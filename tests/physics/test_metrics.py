@@ -12,7 +12,6 @@ from models.metrics import (
     MetricAccumulator,
     balanced_mae,
     compute_metrics,
-    conservation_report,
     mae,
     nonzero_mae,
     pearson,
@@ -99,45 +98,3 @@ def test_streaming_equals_one_pass(keep: bool) -> None:
         assert got[k] == pytest.approx(one[k], rel=1e-10), k
     for k in ("top1_nonzero_mae", "top5_nonzero_mae"):
         assert got[k] == pytest.approx(one[k], rel=1e-6 if keep else 1e-2), k
-
-
-def test_conservation_report() -> None:
-    rng = np.random.default_rng(2)
-    totals = rng.random((2, 3, 4)) * 100
-    totals[0, 1, 2] = np.nan
-    children = np.repeat(np.repeat(totals / 100, 10, axis=-2), 10, axis=-1)
-    rep = conservation_report(children, totals, 10)
-    assert rep.ok and rep.blocks_checked == 23 and rep.cells_checked == 2300 and rep.nodata_blocks == 1
-    assert rep.max_rel_error < 1e-13
-    bad = children.copy()
-    bad[1, 25, 33] += 0.5  # block (band 1, row 2, col 3)
-    bad[0, 0, 0] = -1.0
-    bad[1, 0, 0] = np.nan
-    bad[0, 10, 20] = 1.0  # inside the nodata block
-    rep = conservation_report(bad, totals, 10)
-    assert not rep.ok
-    assert rep.negatives == 1 and rep.nans == 1 and rep.nodata_mismatch == 1
-    assert rep.worst_block == (1, 0, 0)  # the NaN block: infinite error
-    bad[1, 0, 0] = children[1, 0, 0]
-    rep = conservation_report(bad, totals, 10, offset=(5, 7))
-    rel_a = 0.5 / totals[1, 2, 3]
-    rel_b = abs(-1.0 - children[0, 0, 0]) / totals[0, 0, 0]
-    assert rep.worst_block == ((1, 7, 10) if rel_a > rel_b else (0, 5, 7))
-    assert rep.max_rel_error == pytest.approx(max(rel_a, rel_b))
-    assert rep.max_abs_error == pytest.approx(max(0.5, abs(-1.0 - children[0, 0, 0])))
-    # merge over windows and torch [B, 1, T, H, W]
-    r1 = conservation_report(torch.from_numpy(children[None, None]), torch.from_numpy(totals[None, None]), 10)
-    merged = r1.merge(conservation_report(bad, totals, 10))
-    assert merged.blocks_checked == 46 and merged.negatives == 1
-    d = merged.to_dict()
-    assert "_worst_key" not in d and d["blocks_checked"] == 46
-
-
-def test_conservation_report_zero_total_must_give_exact_zeros() -> None:
-    totals = np.array([[[0.0, 5.0]]])
-    children = np.zeros((1, 10, 20))
-    children[:, :, 10:] = 0.05
-    assert conservation_report(children, totals, 10).ok
-    children[0, 3, 4] = 1e-9  # mass inside a block whose total is 0
-    rep = conservation_report(children, totals, 10)
-    assert rep.zero_total_violations == 1 and not rep.ok

@@ -65,7 +65,7 @@ def test_sample_main_matches_numpy(sample_dir: Path, sample_stats: dict) -> None
 
 
 def test_sample_aux_normalisation(sample_dir: Path, sample_stats: dict) -> None:
-    from carbonsr_cli.auxlayers import AuxStack, discover_aux
+    from carbonsr_cli.aux import AuxStack, discover_aux
     from carbonsr_cli.grids import ParentGrid
     from rasterio.windows import Window
 

@@ -84,7 +84,7 @@ def test_catalogue_is_an_incomplete_list_of_true_plants(regions: dict[str, sd.Sa
 
 
 def test_kinds_shift_emissions_in_the_intended_direction(regions: dict[str, sd.SampleData]) -> None:
-    from carbonsr_cli.auxlayers import AuxStack, discover_aux
+    from carbonsr_cli.aux import AuxStack, discover_aux
     from carbonsr_cli.grids import ParentGrid
 
     top_share, road_share = {}, {}
@@ -112,7 +112,7 @@ def test_kinds_shift_emissions_in_the_intended_direction(regions: dict[str, sd.S
 
 
 def test_catalogue_as_point_sum_aux_layer(regions: dict[str, sd.SampleData]) -> None:
-    from carbonsr_cli.auxlayers import AuxStack, discover_aux
+    from carbonsr_cli.aux import AuxStack, discover_aux
     from carbonsr_cli.grids import ParentGrid
 
     s = regions["points"]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from carbonsr_cli.errors import CheckpointError
-from carbonsr_cli.train import checkpoints as ck
+from carbonsr_cli import checkpoints as ck
 
 
 def _payload(value: float = 1.0) -> dict:

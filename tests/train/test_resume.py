@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import small_config  # noqa: E402
 
-from carbonsr_cli.train import checkpoints as ck  # noqa: E402
+from carbonsr_cli import checkpoints as ck  # noqa: E402
 
 _CHILD = """
 import json, sys
@@ -30,7 +30,7 @@ train(TrainConfig.from_dict(json.loads(sys.argv[1])))
 _CHILD_PAUSING = """
 import json, sys, time
 from pathlib import Path
-from carbonsr_cli.train import checkpoints
+from carbonsr_cli import checkpoints
 from carbonsr_cli.train.config import TrainConfig
 from carbonsr_cli.train.loop import train
 pause_at = sys.argv[2]

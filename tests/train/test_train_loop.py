@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from helpers import small_config  # noqa: E402
 
 from carbonsr_cli.errors import CheckpointError, MissingInputError, UsageError  # noqa: E402
-from carbonsr_cli.train import checkpoints as ck  # noqa: E402
+from carbonsr_cli import checkpoints as ck  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -36,18 +36,21 @@ import contextlib
 import dataclasses
 import math
 import os
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from carbonsr_cli import distributed
+from carbonsr_cli.downscale.engine import run_pipeline
+from carbonsr_cli.tiling import TileLayout
+from carbonsr_cli.writer import RasterWriter
 
 if TYPE_CHECKING:  # pragma: no cover
-    from carbonsr_cli.downscale import DownscaleSummary, Plan
+    from carbonsr_cli.downscale.plan import Plan
+    from carbonsr_cli.downscale.summary import DownscaleSummary
 
-__all__ = ["align_rows", "context_rows", "part_extent", "row_parts", "part_path", "sub_plan", "run_and_check"]
+__all__ = ["align_rows", "context_rows", "part_extent", "row_parts", "part_path", "sub_plan", "run_distributed"]
 
 #: Child rows copied per read/write during assembly.
 _ASSEMBLE_ROWS = 512
@@ -118,20 +121,16 @@ def sub_plan(plan: Plan, r0: int, r1: int) -> Plan:
     )
 
 
-def run_and_check(plan: Plan, dst_path: Path, summary: DownscaleSummary, t0: float, *, check: bool, **kwargs: Any) -> bool:
-    """Run the pipeline split over the torchrun ranks; False (nothing done) in one process.
+def run_distributed(plan: Plan, dst_path: Path, summary: DownscaleSummary, **kwargs: Any) -> distributed.DistContext | None:
+    """Run the pipeline split over the torchrun ranks; None (nothing done) in one process.
 
-    Arguments as ``downscale._run_and_check`` (``kwargs`` go to ``run_pipeline``). Fills
-    ``summary`` on every rank (tiles summed over ranks, context tiles included; the
-    conservation check from rank 0).
+    ``kwargs`` go to ``run_pipeline``. Fills ``summary`` on every rank (tiles summed over
+    ranks, context tiles included); rank 0 assembles the parts into ``dst_path``. Returns the
+    torchrun context (the caller checks the written file on rank 0 through it).
     """
     ctx = distributed.context(use_cuda=getattr(kwargs.get("device"), "type", "cpu") == "cuda")
     if not ctx.active:
-        return False
-    from carbonsr_cli.downscale import check_written_conservation
-    from carbonsr_cli.downscale_pipeline import run_pipeline
-    from carbonsr_cli.tiling import TileLayout
-
+        return None
     layout = TileLayout(plan.grid.height, plan.grid.width, plan.factor, plan.tile_child, plan.overlap_parent)
     parts = row_parts(layout, ctx.world_size)
     c = context_rows(layout)
@@ -175,17 +174,7 @@ def run_and_check(plan: Plan, dst_path: Path, summary: DownscaleSummary, t0: flo
         elif error is not None:
             with contextlib.suppress(OSError):
                 mine.unlink(missing_ok=True)
-    summary.seconds = time.perf_counter() - t0
-    summary.km2_per_s = summary.area_km2 * len(plan.out_names) / max(summary.seconds, 1e-9)
-    if check:
-        def _check() -> tuple[Any, float]:
-            t1 = time.perf_counter()
-            return check_written_conservation(dst_path, plan), time.perf_counter() - t1
-
-        summary.conservation, summary.check_seconds = ctx.from_main(_check)
-    else:
-        summary.notes.append("conservation of the written file was not checked (check=False)")
-    return True
+    return ctx
 
 
 def _assemble(plan: Plan, dst: Path, parts: list[tuple[Path, tuple[int, int], int]], kwargs: dict) -> None:
@@ -199,8 +188,6 @@ def _assemble(plan: Plan, dst: Path, parts: list[tuple[Path, tuple[int, int], in
     """
     import rasterio
     from rasterio.windows import Window
-
-    from carbonsr_cli.writer import RasterWriter
 
     f = plan.factor
     w = plan.child.width

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from carbonsr_cli.atomic import atomic_path
+from carbonsr_cli.gridmatch import _block_sum
 
 __all__ = ["plot_comparison", "plot_quicklook", "log_limits"]
 
@@ -155,7 +156,6 @@ def plot_comparison(
     """
     from matplotlib.colors import LogNorm, SymLogNorm
 
-    from carbonsr_cli.evaluate import _display_reduce
 
     plt = _pyplot()
     pred = np.asarray(pred, dtype=np.float64)
@@ -186,7 +186,7 @@ def plot_comparison(
     ax.set_title(f"cells > 0 in both (n={int(both.sum())}; {n_zero_mismatch} zero in one only)", fontsize=9)
     ax.tick_params(labelsize=8)
     # --- maps (display-reduced)
-    pm, rm = _display_reduce(pred, max_map_cells), _display_reduce(ref, max_map_cells)
+    pm, rm = display_reduce(pred, max_map_cells), display_reduce(ref, max_map_cells)
     vmin, vmax = log_limits(pm, rm)
     norm = LogNorm(vmin=vmin, vmax=vmax, clip=False)
     cmap = _cmap(_CMAP)
@@ -270,3 +270,12 @@ def plot_quicklook(
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return _save(fig, out_png, overwrite, dpi)
+
+
+def display_reduce(a: np.ndarray, max_cells: int = 600) -> np.ndarray:
+    """Block-sum a map for display so that its longer side is at most ``max_cells`` (NaN kept)."""
+    k = max(1, int(math.ceil(max(a.shape) / max_cells)))
+    if k == 1:
+        return a
+    h, w = a.shape[0] // k * k, a.shape[1] // k * k
+    return _block_sum(a[:h, :w], k)
