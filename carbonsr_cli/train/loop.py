@@ -167,6 +167,7 @@ def _stats_for_run(cfg: TrainConfig, main: MainData, stack: Any, run_dir: Path) 
     return stats_mod.compute_stats(cfg.main, cfg.aux, factor=cfg.factor, fill_missing=cfg.fill_missing,
                                    categorical=cfg.categorical)
 
+
 # --------------------------------------------------------------------------- main entry
 
 
