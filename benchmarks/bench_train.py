@@ -7,7 +7,10 @@ Generates its own sample region (``generate_sample_data(..., size_km=N)``) unles
 1. *synchronous*: batch preparation and the optimisation step timed separately
    (``torch.cuda.synchronize`` around the step on CUDA), giving the data-loading share;
 2. *prefetched*: the same steps with batches prepared ahead in worker threads, as in
-   training (end-to-end patches/s).
+   training (end-to-end patches/s): on CUDA, as ``carbonsr train`` does since issue 20,
+   float16 aux in page-locked memory and no host sync inside the timed steps
+   (``legacy=True``: float32 batches in pageable memory and ``float(loss)`` after every step,
+   the loop before issue 20); ``compile=True``: the U-Net compiled as with ``compile="on"``.
 
 Prints one table row per configuration. Examples::
 
@@ -48,13 +51,16 @@ def measure(
     scales_spec: str = "12:0.5,4:0.25,2:0.25",
     cache_dir: Path | None = None,
     log: Any = print,
+    compile: bool = False,
+    legacy: bool = False,
 ) -> list[dict[str, Any]]:
     """Time training steps on the sample region ``data``; one dict per configuration.
 
     Keys: ``preset, params, T, precision, batch, prep_ms, step_ms, data_share`` (synchronous:
     preparation / (preparation + step)), ``pps_sync``, ``pps_prefetch`` (patches/s with batches
     prepared by ``workers`` threads, as in training), ``wait_share`` (share of the prefetched
-    run's wall time the training loop spent waiting for a batch), ``gpu_peak_mib``, ``gpu_util``.
+    run's wall time the training loop spent waiting for a batch), ``gpu_peak_mib``, ``gpu_util``,
+    ``compile`` and ``warmup_s`` (seconds of the warm-up steps, the compile included).
     """
     import numpy as np
     import torch
@@ -63,6 +69,7 @@ def measure(
     from carbonsr_cli.stats import AuxNormalizer, compute_stats
     from carbonsr_cli.train.dataset import AuxCache, PatchSampler, Prefetcher, build_batch, load_main, parse_scales
     from carbonsr_cli.train.loop import _autocast_factory, resolve_device, training_step
+    from carbonsr_cli.train.step import CompiledUNet
     from carbonsr_cli.train.split import make_block_split
     from models.config import preset as model_preset
     from models.losses import DualLayerWeightedLoss
@@ -105,16 +112,24 @@ def measure(
                 autocast = _autocast_factory(device, precision)
                 sampler = PatchSampler(positions, len(main.years), t, scales, batch_size, seed=0)
 
+                fast = device.type == "cuda" and not legacy
+                batch_kw: dict[str, Any] = dict(aux_dtype=np.float16, pin=True) if fast else {}
+
                 def make(e: int, s: int, sampler: Any = sampler, t: int = t) -> object:
-                    return build_batch(sampler.spec(e, s), main, cache, factor=10, patch=12, years_window=t)
+                    return build_batch(sampler.spec(e, s), main, cache, factor=10, patch=12, years_window=t, **batch_kw)
 
                 def sync() -> None:
                     if device.type == "cuda":
                         torch.cuda.synchronize()
 
+                if compile:
+                    CompiledUNet(model)  # installed on the model: training forwards use it
                 kw = dict(device=device, autocast=autocast, factor=10, moe_weight=0.01, grad_clip=1.0)
+                w0 = time.perf_counter()
                 for s in range(warmup):
                     training_step(model, make(0, s), loss_fn, opt, sched, **kw)
+                sync()
+                warm_s = time.perf_counter() - w0
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 prep, step_t = [], []
@@ -137,7 +152,7 @@ def measure(
                     w0 = time.perf_counter()
                     b = next(it)
                     wait += time.perf_counter() - w0
-                    training_step(model, b, loss_fn, opt, sched, **kw)
+                    training_step(model, b, loss_fn, opt, sched, sync=not fast, **kw)
                     if k == steps // 2 and device.type == "cuda":
                         util = _gpu_util()
                 sync()
@@ -149,7 +164,8 @@ def measure(
                     "data_share": p_ms / (p_ms + s_ms), "pps_sync": batch_size / ((p_ms + s_ms) / 1000),
                     "pps_prefetch": batch_size * steps / pre_total, "wait_share": wait / pre_total,
                     "gpu_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
-                    "gpu_util": util, "device": str(device),
+                    "gpu_util": util, "device": str(device), "compile": bool(compile), "legacy": bool(legacy or not fast),
+                    "warmup_s": warm_s,
                 })
                 del model, opt
     return rows
@@ -170,6 +186,8 @@ def main() -> None:  # noqa: D103
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--scales", default="12:0.5,4:0.25,2:0.25")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--compile", action="store_true", help="compile the U-Net (as compile='on' in training)")
+    ap.add_argument("--legacy", action="store_true", help="float32 pageable batches and a host sync per step (before issue 20)")
     args = ap.parse_args()
 
     import torch
@@ -178,7 +196,7 @@ def main() -> None:  # noqa: D103
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    console = Console()
+    console = Console(width=max(160, Console().width))  # logs keep every column unabridged
     tmp = None
     data = args.data
     if data is None:
@@ -193,6 +211,7 @@ def main() -> None:  # noqa: D103
         data, device_name=args.device, presets=args.preset, windows=args.years_window, precisions=args.precision,
         batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, workers=args.workers,
         scales_spec=args.scales, cache_dir=Path(tmp.name if tmp else ".") / "cache", log=console.print,
+        compile=args.compile, legacy=args.legacy,
     )
     table = Table(title=f"training throughput ({torch.get_num_threads()} CPU threads)")
     for col in ("preset", "params", "T", "precision", "batch", "prep ms/batch", "step ms", "data share",

@@ -219,26 +219,131 @@ def downscale_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """Training throughput rows (``bench_train.measure``) in this process."""
+    """Training throughput rows (``bench_train.measure``) in this process: one row per entry of
+    ``spec["configs"]`` (``precision``, ``compile``, ``steps``), or per precision of
+    ``spec["precisions"]`` (eager)."""
     import bench_train
 
-    rows = bench_train.measure(
-        Path(spec["data"]), device_name=spec["device"], presets=[spec["preset"]], windows=[spec["T"]],
-        precisions=spec["precisions"], batch_size=spec["batch"], steps=spec["steps"], warmup=spec["warmup"],
-        workers=spec["workers"], cache_dir=Path(spec["cache"]), log=lambda m: print(m, file=sys.stderr),
-    )
+    configs = spec.get("configs") or [{"precision": p, "compile": False} for p in spec["precisions"]]
+    rows = []
+    for c in configs:
+        rows += bench_train.measure(
+            Path(spec["data"]), device_name=spec["device"], presets=[spec["preset"]], windows=[spec["T"]],
+            precisions=[c["precision"]], batch_size=spec["batch"], steps=c.get("steps", spec["steps"]),
+            warmup=c.get("warmup", spec["warmup"]), workers=spec["workers"], cache_dir=Path(spec["cache"]),
+            log=lambda m: print(m, file=sys.stderr), compile=bool(c.get("compile")), legacy=bool(c.get("legacy")),
+        )
     return {"rows": rows, "peak_rss_mb": _peak_rss_mb()}
 
 
-def _child(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
-    env = dict(os.environ, **spec.get("env", {}))
-    proc = subprocess.run([sys.executable, __file__, "--worker", kind, json.dumps(spec)], capture_output=True,
-                          text=True, env=env)
+def train_run_worker(spec: dict[str, Any]) -> dict[str, Any] | None:
+    """One ``carbonsr train`` run (``loop.train``) in this process, or in each rank under torchrun:
+    patches/s after warm-up (``RunResult.throughput``) and the validation scores. Rank 0 reports."""
+    from carbonsr_cli import distributed
+    from carbonsr_cli.train.config import TrainConfig
+    from carbonsr_cli.train.loop import train
+
+    data = Path(spec["data"])
+    cfg = TrainConfig(
+        main=[str(data / "emissions_1km.tif")], aux=[str(data / "aux")], preset=spec["preset"], years_window=spec["T"],
+        batch_size=spec["batch"], epochs=spec["epochs"], steps_per_epoch=spec["steps_per_epoch"],
+        precision=spec["precision"], device=spec["device"], runs_dir=spec["runs"], name=spec["name"],
+        compile=spec["compile"], workers=spec["workers"], progress=False, patience=0, seed=0,
+        autosave_every=10**9, snapshot_every=10**9, max_val_windows=spec.get("max_val_windows", 256),
+    )
+    t0 = time.perf_counter()
+    res = train(cfg)
+    wall = time.perf_counter() - t0
+    ctx = distributed.get_context()
+    if not ctx.is_main:
+        return None
+    return {"world": ctx.world_size, "wall_s": wall, "throughput": res.throughput, "best_score": res.best_score,
+            "initial_score": res.initial_score, "global_step": res.global_step,
+            "history": [{k: h[k] for k in ("epoch", "global_step", "train_loss", "val_score")} for h in res.history]}
+
+
+def _torchrun(n: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n)]
+
+
+def _gpu_env() -> dict[str, str]:
+    """NVLink multicast stays off (required by the GPU machines); set before any process starts."""
+    return {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def gpus_train(td: Path, work: Path, n: int, *, steps_per_epoch: int, epochs: int, batch: int, compile_: str,
+               device: str, preset: str = "base") -> dict[str, Any]:
+    """The same training on 1 GPU (global batch ``batch``) and on ``n`` GPUs under torchrun (global
+    batch ``n * batch``: the per-GPU batch is kept), each a separate process."""
+    out: dict[str, Any] = {}
+    for k in (1, n):
+        spec = {"data": str(td), "runs": str(work / "gpus_runs"), "name": f"g{k}", "preset": preset, "T": 3,
+                "batch": batch * k, "epochs": epochs, "steps_per_epoch": steps_per_epoch, "precision": "bf16",
+                "device": device, "compile": compile_, "workers": 2}
+        env = dict(_gpu_env(), CUDA_VISIBLE_DEVICES=",".join(str(i) for i in range(k)), OMP_NUM_THREADS="4")
+        t0 = time.perf_counter()
+        r = _child("train-run", spec, launcher=_torchrun(k) if k > 1 else None, env=env)
+        r["command_wall_s"] = time.perf_counter() - t0
+        out[str(k)] = r
+        thr = r.get("throughput") or {}
+        _log(f"train {k} GPU(s), global batch {batch * k}: {thr.get('patches_per_s', float('nan')):.1f} patches/s "
+             f"after warm-up, wait {100 * thr.get('data_wait_share', float('nan')):.1f}%, val score "
+             f"{r['history'][-1]['val_score'] if r['history'] else float('nan'):.4f}, wall {r['command_wall_s']:.1f} s")
+    return out
+
+
+def gpus_downscale(sd: Any, ckpt: Path, work: Path, n: int) -> dict[str, Any]:
+    """``carbonsr downscale`` (the CLI, timed from outside, with per-rank stage timers) on 1 GPU
+    and on ``n`` GPUs under torchrun; whether the two outputs are identical."""
+    import numpy as np
+    import rasterio
+    from rasterio.windows import Window
+
+    out: dict[str, Any] = {}
+    timer = str(ROOT / "benchmarks" / "downscale_stage_timer.py")
+    for k in (1, n):
+        dst, js, st = work / f"gpus_out{k}.tif", work / f"gpus_out{k}.json", work / f"gpus_stages{k}"
+        cmd = ([sys.executable] if k == 1 else _torchrun(k)) + [timer, str(st), "downscale", str(sd.emissions), "--aux",
+                                                                 str(sd.aux_dir), "--model", str(ckpt), "-o", str(dst),
+                                                                 "-q", "--overwrite", "--json", str(js)]
+        env = dict(os.environ, **_gpu_env(), CUDA_VISIBLE_DEVICES=",".join(str(i) for i in range(k)))
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise SystemExit(f"downscale on {k} GPU(s) failed:\n{proc.stderr[-3000:]}")
+        summ = json.loads(js.read_text())
+        ranks = [json.loads(p.read_text()) for p in sorted(st.glob("stages_rank*.json"))]
+        out[str(k)] = {"wall_s": wall, "pipeline_s": summ["seconds"], "check_s": summ.get("check_seconds"),
+                       "conservation_ok": summ.get("conservation", {}).get("ok") if isinstance(summ.get("conservation"), dict) else None,
+                       "ranks": [{"import_s": r["import_s"], "end_s": r["end_s"], **{k2: round(v, 3) for k2, v in r["durations"].items()}}
+                                 for r in ranks]}
+        _log(f"downscale {k} GPU(s): pipeline {summ['seconds']:.2f} s, command {wall:.2f} s")
+    same, worst = True, 0.0
+    with rasterio.open(work / "gpus_out1.tif") as a, rasterio.open(work / f"gpus_out{n}.tif") as b:
+        for r in range(0, a.height, 2000):
+            w = Window(0, r, a.width, min(2000, a.height - r))
+            x, y = a.read(window=w), b.read(window=w)
+            same &= bool(np.array_equal(x, y, equal_nan=True))
+            with np.errstate(all="ignore"):
+                d = np.abs(x.astype(np.float64) - y) / np.maximum(np.abs(x.astype(np.float64)), 1e-30)
+            worst = max(worst, float(np.nanmax(d)) if d.size else 0.0)
+    out["identical"], out["max_rel_diff"] = same, worst
+    for k in (1, n):
+        (work / f"gpus_out{k}.tif").unlink(missing_ok=True)
+    return out
+
+
+def _child(kind: str, spec: dict[str, Any], launcher: list[str] | None = None, env: dict[str, str] | None = None) -> dict[str, Any]:
+    env = dict(os.environ, **spec.get("env", {}), **(env or {}))
+    cmd = (launcher or [sys.executable]) + [__file__, "--worker", kind, json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise SystemExit(f"{kind} run {spec.get('label', '')} failed:\n{proc.stderr[-4000:]}")
+        raise SystemExit(f"{kind} run {spec.get('label', spec.get('name', ''))} failed:\n{proc.stderr[-4000:]}")
     if proc.stderr.strip():
         print(proc.stderr.strip()[-2000:], file=sys.stderr)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    lines = [ln for ln in proc.stdout.strip().splitlines() if ln.startswith("{")]
+    return json.loads(lines[-1])
 
 
 # ------------------------------------------------------------------------------------------
@@ -282,6 +387,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="downscale tiles per batch (default: downscale's)")
     ap.add_argument("--train-size-km", type=int, default=None, help="training region (default 200 CUDA, 48 CPU)")
     ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--skip-downscale", action="store_true", help="no single-process downscale rows")
+    ap.add_argument("--gpus", type=int, default=0,
+                    help="also run training (1 GPU vs N GPUs under torchrun, global batch N x 32) and "
+                         "downscaling (the CLI on 1 vs N GPUs) as separate processes: the multi-GPU rows")
+    ap.add_argument("--gpus-skip-downscale", action="store_true", help="with --gpus: training rows only")
+    ap.add_argument("--gpus-steps", type=int, default=150, help="with --gpus: steps per epoch (2 epochs)")
+    ap.add_argument("--compile", default="on", help="training rows: compile the U-Net (on/off), as TrainConfig.compile")
     ap.add_argument("--ablate", action="store_true",
                     help="also run base with 8 reader threads, 8 reader processes and the first-pass settings "
                          "(1 reader thread, batch 32) for the ratios")
@@ -295,8 +407,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         kind, spec = args.worker
-        fn = downscale_worker if kind == "downscale" else train_worker
-        print(json.dumps(fn(json.loads(spec))))
+        fn = {"downscale": downscale_worker, "train": train_worker, "train-run": train_run_worker}[kind]
+        result = fn(json.loads(spec))
+        if result is not None:  # torchrun: rank 0 only
+            print(json.dumps(result), flush=True)
         return
 
     import torch
@@ -316,19 +430,23 @@ def main() -> None:
     from carbonsr_cli.aux import discover_aux, layer_names
     from carbonsr_cli.sample_data import generate_sample_data
 
-    t0 = time.perf_counter()
-    sd = generate_sample_data(work / f"region{size}", size_km=size, years=(2020,), overwrite=True)
-    res["sample_s"] = time.perf_counter() - t0
-    _log(f"sample-data {size} km, 1 year: {res['sample_s']:.1f} s")
-    aux_names = layer_names(discover_aux([sd.aux_dir]))
-    res["aux_layers"] = len(aux_names)
+    need_region = not args.skip_downscale or (args.gpus > 1 and not args.gpus_skip_downscale)
+    sd, aux_names = None, []
+    if need_region:
+        t0 = time.perf_counter()
+        sd = generate_sample_data(work / f"region{size}", size_km=size, years=(2020,), overwrite=True)
+        res["sample_s"] = time.perf_counter() - t0
+        _log(f"sample-data {size} km, 1 year: {res['sample_s']:.1f} s")
+        aux_names = layer_names(discover_aux([sd.aux_dir]))
+        res["aux_layers"] = len(aux_names)
 
-    methods = ["uniform", "base"] if gpu else ["uniform", "tiny", "base"]
-    if args.ablate:
+    methods = [] if args.skip_downscale else (["uniform", "base"] if gpu else ["uniform", "tiny", "base"])
+    if args.ablate and methods:
         methods += ["base-eager", "base-8threads", "base-8procs", "base-1reader-b32"]
-    methods += [v for v in args.variants if v not in methods]
+    methods += [v for v in args.variants if v not in methods and methods]
     res["downscale"] = {}
     for m in methods:
+        assert sd is not None
         spec: dict[str, Any] = {"label": m, "main": str(sd.emissions), "aux": [str(sd.aux_dir)],
                                 "out": str(work / f"out_{m}.tif"), "device": device, "batch_size": args.batch_size}
         if m == "uniform":
@@ -353,21 +471,38 @@ def main() -> None:
              f"conserved {r['conservation_ok']}, stages {json.dumps({k: round(v, 2) for k, v in r['stages'].items()})}")
         Path(spec["out"]).unlink(missing_ok=True)
 
-    if not args.skip_train:
+    td = None
+    if not args.skip_train or args.gpus > 1:
         tsize = args.train_size_km or (48 if (args.quick or not gpu) else 200)
         t0 = time.perf_counter()
         td = generate_sample_data(work / f"train{tsize}", size_km=tsize, years=(2018, 2019, 2020), overwrite=True)
         _log(f"training sample {tsize} km, 3 years: {time.perf_counter() - t0:.1f} s")
+    if not args.skip_train:
+        assert td is not None
+        comp = args.compile == "on"
+        # CUDA: the U-Net compiled (as carbonsr train with compile=on/auto), then eager bf16 and fp32.
+        configs = ([{"precision": "bf16", "compile": True}] if comp else []) + [
+            {"precision": "bf16", "compile": False}, {"precision": "fp32", "compile": False, "steps": 10}]
         tspec = {"data": str(td.root if hasattr(td, "root") else td.emissions.parent), "device": device,
                  # CPU: fp32 only (bf16 autocast is many times slower on CPUs without bf16 units).
-                 "preset": "base", "T": 3, "precisions": ["bf16", "fp32"] if gpu else ["fp32"],
+                 "preset": "base", "T": 3, "precisions": ["fp32"], "configs": configs if gpu else None,
                  "batch": 32 if gpu else (2 if args.quick else 4),
                  "steps": 20 if gpu else (2 if args.quick else 4), "warmup": 3 if gpu else 1,
                  "workers": 2, "cache": str(work / "train_cache")}
         res["train"] = _child("train", tspec)["rows"]
         for r in res["train"]:
-            _log(f"train {r['preset']} T={r['T']} {r['precision']}: {r['pps_prefetch']:.1f} patches/s, "
-                 f"wait {100 * r['wait_share']:.1f}%, sync data share {100 * r['data_share']:.1f}%")
+            _log(f"train {r['preset']} T={r['T']} {r['precision']}{' compiled' if r.get('compile') else ''}: "
+                 f"{r['pps_prefetch']:.1f} patches/s, wait {100 * r['wait_share']:.1f}%, "
+                 f"sync data share {100 * r['data_share']:.1f}%, warm-up {r.get('warmup_s', 0):.1f} s")
+    if args.gpus > 1:
+        assert td is not None
+        res["gpus"] = {"n": args.gpus, "train": gpus_train(
+            td.root, work, args.gpus, steps_per_epoch=args.gpus_steps, epochs=2, batch=32 if gpu else 2,
+            compile_=args.compile if gpu else "off", device=device, preset="base" if gpu else "tiny")}
+        if not args.gpus_skip_downscale:
+            assert sd is not None
+            ck = _make_checkpoint(work / "base.pth", "base", aux_names, 1)
+            res["gpus"]["downscale"] = gpus_downscale(sd, ck, work, args.gpus)
 
     table = _table(res, gpu)
     print(f"carbonsr benchmark  {res['date']}  device: {res['device']}  commit: {res['commit']}")
@@ -376,39 +511,21 @@ def main() -> None:
         args.json.write_text(json.dumps(res, indent=2, default=str))
 
 
-def _table(res: dict[str, Any], gpu: bool) -> str:
-    """Format the figures as a fixed-width table (one row per figure)."""
+def _train_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """Training rows of the table: compiled bf16 (the target figure on CUDA), eager bf16, fp32."""
     rows: list[tuple[str, str, str, str, str]] = []
-    ds = res["downscale"]
-    size = res["size_km"]
-    uni = ds["uniform"]
-    rows.append((f"sample-data {size} km, 1 yr (s)", f"{res['sample_s']:.1f}", "-", "-", "-"))
-    rows.append((f"downscale uniform {size**2:,} km2 (s)", f"{uni['seconds']:.2f}", "-", "-", "I/O limit"))
-    for m in [k for k in ds if k != "uniform"]:
-        r = ds[m]
-        tgt = "< 20 s (10 s)" if gpu and m == "base" else "-"
-        rows.append((f"downscale {m} end to end (s)", f"{r['seconds']:.2f}", "20 s" if gpu and m == "base" else "-",
-                     f"{r['seconds'] / 20:.2f}" if gpu and m == "base" else "-", tgt))
-        rows.append((f"  {m} whole downscale() call (s)", f"{r['wall_with_check']:.2f}",
-                     f"uniform {uni['wall_with_check']:.2f}", f"{r['wall_with_check'] / uni['wall_with_check']:.1f}x",
-                     "planning + run + file check"))
-        rows.append((f"  {m} throughput (km2/s)", f"{r['km2_per_s']:,.0f}", f"uniform {uni['km2_per_s']:,.0f}",
-                     f"{r['km2_per_s'] / uni['km2_per_s']:.2f}", ">= 0.50"))
-        st = r["stages"]
-        rows.append((f"  {m} physics (water-fill) share", f"{st['water_fill']:.2f} s",
-                     f"run {r['seconds']:.2f} s", f"{100 * st['water_fill'] / r['seconds']:.1f}%", "< 5%"))
-        rows.append((f"  {m} peak host RSS (MB)", f"{r['peak_rss_mb']:,.0f}", "4,096 MB",
-                     f"{r['peak_rss_mb'] / 4096:.2f}", "< 1.00"))
-        if r.get("child_rss_mb"):
-            rows.append((f"  {m} PSS incl. readers ({r['readers']})", f"{r['total_rss_mb']:,.0f}", "4,096 MB",
-                         f"{r['total_rss_mb'] / 4096:.2f}", "< 1.00"))
-    rows.append(("uniform peak host RSS (MB)", f"{uni['peak_rss_mb']:,.0f}", "4,096 MB",
-                 f"{uni['peak_rss_mb'] / 4096:.2f}", "< 1.00"))
-    ok = all(r["conservation_ok"] for r in ds.values())
-    worst = max(float(r["max_rel_error"] or 0.0) for r in ds.values())
-    rows.append(("conservation check (all outputs)", "pass" if ok else "FAIL", f"max rel err {worst:.1e}", "-",
-                 "pass"))
-    tr = {r["precision"]: r for r in res.get("train", [])}
+    comp = [r for r in res.get("train", []) if r.get("compile")]
+    if comp:
+        c = comp[0]
+        eager = next((r for r in res.get("train", []) if r["precision"] == c["precision"] and not r.get("compile")), None)
+        rows.append((f"train base T=3 {c['precision']} b{c['batch']}, U-Net compiled (patches/s)", f"{c['pps_prefetch']:.1f}",
+                     "270 (b32510f)", f"{c['pps_prefetch'] / 270:.2f}x", ">= 2x"))
+        rows.append(("  data wait share (prefetch)", f"{100 * c['wait_share']:.1f}%", "step time", "-", "< 10%"))
+        rows.append(("  warm-up steps incl. compile (s)", f"{c.get('warmup_s', 0):.1f}", "-", "-", "-"))
+        if eager:
+            rows.append(("  same, eager U-Net (patches/s)", f"{eager['pps_prefetch']:.1f}", "compiled",
+                         f"{eager['pps_prefetch'] / c['pps_prefetch']:.2f}", "-"))
+    tr = {r["precision"]: r for r in res.get("train", []) if not r.get("compile")}
     if "bf16" in tr:
         b = tr["bf16"]
         rows.append((f"train base T=3 bf16 b{b['batch']} (patches/s)", f"{b['pps_prefetch']:.1f}", "-", "-", "-"))
@@ -422,6 +539,80 @@ def _table(res: dict[str, Any], gpu: bool) -> str:
                      f"bf16 {ref['pps_prefetch']:.1f}" if ref else "-",
                      f"{f['pps_prefetch'] / ref['pps_prefetch']:.2f}" if ref else "-", "reported"))
         rows.append(("  data wait share (prefetch)", f"{100 * f['wait_share']:.1f}%", "step time", "-", "< 10%"))
+    return rows
+
+
+def _gpus_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """Rows of ``--gpus N``: training throughput and validation on 1 vs N GPUs, downscaling 1 vs N."""
+    rows: list[tuple[str, str, str, str, str]] = []
+    g = res.get("gpus")
+    if not g:
+        return rows
+    n = g["n"]
+    tr = g.get("train", {})
+    one, many = tr.get("1"), tr.get(str(n))
+    if one and many and one.get("throughput") and many.get("throughput"):
+        p1, pn = one["throughput"]["patches_per_s"], many["throughput"]["patches_per_s"]
+        b1, bn = one["throughput"]["global_batch"], many["throughput"]["global_batch"]
+        rows.append((f"train 1 GPU, batch {b1} (patches/s, after warm-up)", f"{p1:.1f}", "-", "-", "-"))
+        rows.append((f"train {n} GPUs, batch {bn} (patches/s)", f"{pn:.1f}", f"1 GPU {p1:.1f}", f"{pn / p1:.2f}x",
+                     f">= {0.9 * n:.1f}x"))
+        rows.append((f"  data wait share 1 / {n} GPUs", f"{100 * one['throughput']['data_wait_share']:.1f}%",
+                     f"{100 * many['throughput']['data_wait_share']:.1f}%", "-", "< 10%"))
+        v1 = one["history"][-1]["val_score"] if one["history"] else float("nan")
+        vn = many["history"][-1]["val_score"] if many["history"] else float("nan")
+        rows.append((f"  val score after {one['global_step']} steps, 1 / {n} GPUs", f"{v1:.4f}", f"{vn:.4f}",
+                     f"{vn / v1:.3f}", "same within noise"))
+        rows.append((f"  command wall 1 / {n} GPUs (s)", f"{one['command_wall_s']:.1f}", f"{many['command_wall_s']:.1f}",
+                     "-", "-"))
+    ds = g.get("downscale")
+    if ds:
+        d1, dn = ds["1"], ds[str(n)]
+        rows.append((f"downscale base, 1 GPU: pipeline (s)", f"{d1['pipeline_s']:.2f}", "-", "-", "-"))
+        rows.append((f"downscale base, {n} GPUs: pipeline (s)", f"{dn['pipeline_s']:.2f}", f"1 GPU {d1['pipeline_s']:.2f}",
+                     f"{dn['pipeline_s'] / d1['pipeline_s']:.2f}", "<= 0.60"))
+        rows.append((f"  command wall 1 / {n} GPUs (s)", f"{dn['wall_s']:.2f}", f"1 GPU {d1['wall_s']:.2f}",
+                     f"{dn['wall_s'] / d1['wall_s']:.2f}", "<= 0.75"))
+        rows.append((f"  output {n} GPUs vs 1", "identical" if ds["identical"] else "differs",
+                     f"max rel {ds['max_rel_diff']:.1e}", "-", "identical or rounding"))
+    return rows
+
+
+def _table(res: dict[str, Any], gpu: bool) -> str:
+    """Format the figures as a fixed-width table (one row per figure)."""
+    rows: list[tuple[str, str, str, str, str]] = []
+    ds = res["downscale"]
+    size = res["size_km"]
+    if ds:
+        uni = ds["uniform"]
+        rows.append((f"sample-data {size} km, 1 yr (s)", f"{res['sample_s']:.1f}", "-", "-", "-"))
+        rows.append((f"downscale uniform {size**2:,} km2 (s)", f"{uni['seconds']:.2f}", "-", "-", "I/O limit"))
+        for m in [k for k in ds if k != "uniform"]:
+            r = ds[m]
+            tgt = "< 20 s (10 s)" if gpu and m == "base" else "-"
+            rows.append((f"downscale {m} end to end (s)", f"{r['seconds']:.2f}", "20 s" if gpu and m == "base" else "-",
+                         f"{r['seconds'] / 20:.2f}" if gpu and m == "base" else "-", tgt))
+            rows.append((f"  {m} whole downscale() call (s)", f"{r['wall_with_check']:.2f}",
+                         f"uniform {uni['wall_with_check']:.2f}", f"{r['wall_with_check'] / uni['wall_with_check']:.1f}x",
+                         "planning + run + file check"))
+            rows.append((f"  {m} throughput (km2/s)", f"{r['km2_per_s']:,.0f}", f"uniform {uni['km2_per_s']:,.0f}",
+                         f"{r['km2_per_s'] / uni['km2_per_s']:.2f}", ">= 0.50"))
+            st = r["stages"]
+            rows.append((f"  {m} physics (water-fill) share", f"{st['water_fill']:.2f} s",
+                         f"run {r['seconds']:.2f} s", f"{100 * st['water_fill'] / r['seconds']:.1f}%", "< 5%"))
+            rows.append((f"  {m} peak host RSS (MB)", f"{r['peak_rss_mb']:,.0f}", "4,096 MB",
+                         f"{r['peak_rss_mb'] / 4096:.2f}", "< 1.00"))
+            if r.get("child_rss_mb"):
+                rows.append((f"  {m} PSS incl. readers ({r['readers']})", f"{r['total_rss_mb']:,.0f}", "4,096 MB",
+                             f"{r['total_rss_mb'] / 4096:.2f}", "< 1.00"))
+        rows.append(("uniform peak host RSS (MB)", f"{uni['peak_rss_mb']:,.0f}", "4,096 MB",
+                     f"{uni['peak_rss_mb'] / 4096:.2f}", "< 1.00"))
+        ok = all(r["conservation_ok"] for r in ds.values())
+        worst = max(float(r["max_rel_error"] or 0.0) for r in ds.values())
+        rows.append(("conservation check (all outputs)", "pass" if ok else "FAIL", f"max rel err {worst:.1e}", "-",
+                     "pass"))
+    rows += _train_rows(res)
+    rows += _gpus_rows(res)
     w = [max(len(r[i]) for r in rows + [("figure", "value", "reference", "ratio", "target")]) for i in range(5)]
     head = ("figure", "value", "reference", "ratio", "target")
     fmt = lambda r: "  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r))  # noqa: E731

@@ -142,6 +142,27 @@ class GroupedPointwise(nn.Module):
         return y.flatten(-2).movedim(-1, 1)
 
 
+def _temporal_shifted(conv: nn.Conv3d, h: Tensor) -> Tensor:
+    """A depthwise ``(3, 1, 1)`` convolution (zero padding 1 in T) as three shifted products.
+
+    Used on CUDA only, for speed: PyTorch's depthwise 3D kernels (forward and backward) were
+    ~10 % of a ``base`` training step. The same values as ``conv(h)`` up to float rounding: the
+    operands are rounded to the autocast dtype as the convolution would round them, and the
+    three products and the bias are summed in float32 (the convolution's accumulation).
+    """
+    dtype = h.dtype
+    dev = h.device.type
+    if torch.is_autocast_enabled(dev):
+        get = getattr(torch, "get_autocast_dtype", None)
+        dtype = get(dev) if get is not None else torch.get_autocast_gpu_dtype()
+    w = conv.weight.to(dtype).float().reshape(1, -1, 3, 1, 1)
+    x = F.pad(h.to(dtype).float(), (0, 0, 0, 0, 1, 1))
+    y = x[:, :, :-2] * w[:, :, 0:1] + x[:, :, 1:-1] * w[:, :, 1:2] + x[:, :, 2:] * w[:, :, 2:3]
+    if conv.bias is not None:
+        y = y + conv.bias.to(dtype).float().reshape(1, -1, 1, 1, 1)
+    return y.to(dtype)
+
+
 class MultiScaleDSConv3d(nn.Module):
     """Multi-scale depthwise-separable 3D convolution (residual), factorised as (2+1)D.
 
@@ -197,7 +218,7 @@ class MultiScaleDSConv3d(nn.Module):
         conv = self.temporal
         assert conv is not None
         if h.shape[2] > 1:
-            return conv(h)
+            return _temporal_shifted(conv, h) if h.is_cuda else conv(h)
         scale = conv.weight[:, 0, 1, 0, 0].reshape(1, -1, 1, 1, 1)
         return h * scale.to(h.dtype) + conv.bias.reshape(1, -1, 1, 1, 1).to(h.dtype)
 

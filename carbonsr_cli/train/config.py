@@ -17,7 +17,7 @@ __all__ = ["TrainConfig", "RESUME_MUTABLE", "TRAIN_PRESETS", "default_years_wind
 #: Fields a resumed run may change without breaking exact continuation (the rest come from
 #: the checkpoint). ``epochs`` may grow (the cosine schedule keeps its original length).
 RESUME_MUTABLE = frozenset(
-    {"epochs", "max_steps", "max_time_s", "device", "workers", "progress", "patience", "threads", "main", "aux", "resume", "cache_ram_gb"}
+    {"epochs", "max_steps", "max_time_s", "device", "workers", "progress", "patience", "threads", "main", "aux", "resume", "cache_ram_gb", "compile"}
 )
 
 
@@ -79,6 +79,9 @@ class TrainConfig:
         threads: ``torch.set_num_threads`` on the CPU (None: leave as is).
         cache_ram_gb: Largest in-memory aux cache; larger caches go to a memmap in the run.
         progress: Show progress and per-epoch tables.
+        compile: ``torch.compile`` the network's U-Net for the training steps: ``on``, ``off``
+            or ``auto`` (CUDA, a preset with a U-Net, at least 4,000 planned steps: the first
+            compile takes one to two minutes). ``CARBONSR_COMPILE=0|1`` overrides.
     """
 
     main: list[str]
@@ -128,6 +131,7 @@ class TrainConfig:
     threads: int | None = None
     cache_ram_gb: float = 8.0
     progress: bool = True
+    compile: str = "auto"
 
     def __post_init__(self) -> None:
         self.main = [str(p) for p in ([self.main] if isinstance(self.main, str) else self.main)]
@@ -151,6 +155,7 @@ class TrainConfig:
             (self.years_window is None or self.years_window >= 1, "--years-window must be >= 1"),
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1"),
             (self.precision in ("auto", "bf16", "fp32"), "--precision must be auto, bf16 or fp32"),
+            (self.compile in ("auto", "on", "off"), "compile must be auto, on or off"),
             (0.0 <= self.max_nodata < 1.0, "max_nodata must be in [0, 1)"),
             (all(s >= 1 and self.patch % s == 0 for s in self.val_scales), f"val scales must divide the patch ({self.patch})"),
         ]

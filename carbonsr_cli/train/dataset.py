@@ -338,10 +338,12 @@ class PatchSampler:
 
 @dataclass
 class Batch:
-    """One training or validation batch (numpy, CPU).
+    """One training or validation batch (numpy, CPU; with ``build_batch(..., pin=True)`` the
+    fields are torch tensors in page-locked host memory).
 
     Attributes:
-        aux: float32 ``[B, C_aux, T, P, P]`` normalised aux, ``P = patch * factor``.
+        aux: float32 ``[B, C_aux, T, P, P]`` normalised aux, ``P = patch * factor`` (float16, the
+            cache's values unconverted, with ``build_batch(..., aux_dtype=np.float16)``).
         main: float32 ``[B, 1, T, P, P]`` = log1p(coarse total / (s * factor) ** 2), broadcast.
         totals: float64 ``[B, 1, T, patch / s, patch / s]`` coarse totals (t CO2 / block / yr).
         truth: float32 ``[B, 1, T, patch, patch]`` true parent totals, nodata as 0.
@@ -385,12 +387,26 @@ def _augment(x: np.ndarray, rot: int, flip: bool) -> np.ndarray:
     return x
 
 
-def build_batch(spec: BatchSpec, main: MainData, aux: AuxCache, *, factor: int, patch: int, years_window: int) -> Batch:
-    """Assemble the batch described by ``spec`` (pure numpy; safe to run in a thread)."""
+def build_batch(spec: BatchSpec, main: MainData, aux: AuxCache, *, factor: int, patch: int, years_window: int,
+                aux_dtype: Any = np.float32, pin: bool = False) -> Batch:
+    """Assemble the batch described by ``spec`` (pure numpy; safe to run in a thread).
+
+    Args:
+        aux_dtype: dtype of ``Batch.aux``: float32 (default) or float16, the cache's own dtype
+            (no conversion on the host: the values are the same, converted exactly to float32
+            on the device; half the bytes to copy).
+        pin: Put every array of the batch into page-locked (pinned) host memory, as torch
+            tensors (CUDA training: asynchronous copies to the device, no copy out of pageable
+            memory on the GPU's stream). Needs CUDA.
+    """
     p, f, t = patch, factor, years_window
+    half = np.dtype(aux_dtype) == np.float16
     aux_list, truth_list, mask_list = [], [], []
     for r, c, y0, rot, flip in zip(spec.rows, spec.cols, spec.year0, spec.rot, spec.flip):
-        a = aux.window(r * f, c * f, p * f, y0, t)
+        if half:
+            a = aux.array[:, y0 : y0 + t, r * f : r * f + p * f, c * f : c * f + p * f]
+        else:
+            a = aux.window(r * f, c * f, p * f, y0, t)
         v = main.values[y0 : y0 + t, r : r + p, c : c + p]
         ok = np.isfinite(v)
         aux_list.append(_augment(a, rot, flip))
@@ -399,14 +415,28 @@ def build_batch(spec: BatchSpec, main: MainData, aux: AuxCache, *, factor: int, 
     truth = np.ascontiguousarray(np.stack(truth_list)[:, None])
     mask = np.ascontiguousarray(np.stack(mask_list)[:, None])
     totals, main_in = degrade(truth, spec.scale, f)
-    return Batch(
-        aux=np.ascontiguousarray(np.stack(aux_list)),
-        main=np.ascontiguousarray(main_in),
-        totals=totals,
-        truth=truth,
-        mask=mask,
-        scale=spec.scale,
-    )
+    if not pin:
+        return Batch(
+            aux=np.ascontiguousarray(np.stack(aux_list)),
+            main=np.ascontiguousarray(main_in),
+            totals=totals,
+            truth=truth,
+            mask=mask,
+            scale=spec.scale,
+        )
+    import torch
+
+    n = len(aux_list)
+    aux_t = torch.empty((n, *aux_list[0].shape), dtype=torch.float16 if half else torch.float32, pin_memory=True)
+    np.stack(aux_list, out=aux_t.numpy())  # straight into pinned memory (one copy)
+
+    def pinned(x: np.ndarray) -> Any:
+        out = torch.empty(x.shape, dtype=torch.from_numpy(x[:0]).dtype, pin_memory=True)
+        out.numpy()[...] = x
+        return out
+
+    return Batch(aux=aux_t, main=pinned(main_in), totals=pinned(totals), truth=pinned(truth), mask=pinned(mask),
+                 scale=spec.scale)
 
 
 class Prefetcher:

@@ -31,16 +31,12 @@ CPU run ends with bitwise the same weights as an uninterrupted one (tested).
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
 import math
 import os
 import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -51,19 +47,26 @@ import numpy as np
 from carbonsr_cli import __version__
 from carbonsr_cli.errors import CheckpointError, OutputError, UsageError
 from carbonsr_cli.train.config import RESUME_MUTABLE, TrainConfig, default_years_window
-from carbonsr_cli.train.dataset import (
-    AuxCache,
-    Batch,
-    BatchSpec,
-    MainData,
-    PatchSampler,
-    Prefetcher,
-    build_batch,
-    load_main,
-    parse_scales,
-)
-from carbonsr_cli.train.prior_fit import PriorFit, build_fitted_prior, build_network_prior, fit_prior_on_cache
+from carbonsr_cli.train.dataset import AuxCache, Batch, MainData, PatchSampler, Prefetcher, build_batch, load_main, parse_scales
+from carbonsr_cli.train.prior_fit import build_fitted_prior, build_network_prior, fit_prior_on_cache
+from carbonsr_cli.train.reporting import _epoch_table, _history_row, _plot, _setup_logging, _write_json, _write_metrics_csv
 from carbonsr_cli.train.split import Split, make_block_split, make_region_split, parse_val_region
+from carbonsr_cli.train.step import CompiledUNet, LossTracker, Throughput, compile_wanted, training_step
+from carbonsr_cli.train.step import autocast_factory as _autocast_factory
+from carbonsr_cli.train.validation import (  # noqa: F401 - re-exported for callers of train.loop
+    METRIC_KEYS,
+    _baseline_scores,
+    _children,
+    _host_variants,
+    _model_scores,
+    _scores,
+    _summarise_baselines,
+    _val_items,
+    _val_score,
+    evaluate_against_truth,
+    evaluate_split,
+    selection,
+)
 from models.dasymetric import DEFAULT_EXPONENTS, DEFAULT_SMOOTH
 
 from carbonsr_cli.devices import resolve_device  # re-exported for callers of train.loop
@@ -71,8 +74,6 @@ from carbonsr_cli.devices import resolve_device  # re-exported for callers of tr
 __all__ = ["RunResult", "train", "training_step", "resolve_device", "evaluate_split", "evaluate_against_truth"]
 
 log = logging.getLogger("carbonsr.train")
-
-METRIC_KEYS = ("nonzero_mae", "balanced_mae", "top1_nonzero_mae", "top5_nonzero_mae")
 
 
 @dataclass
@@ -90,6 +91,9 @@ class RunResult:
         history: One dict per finished epoch (also in metrics.csv).
         last_checkpoint: The last checkpoint written.
         initial_score: Validation score of the initial state (the fitted prior), if scored.
+        throughput: Training speed of this invocation after a warm-up (``patches_per_s`` of the
+            global batch, ``steps``, ``seconds``, ``data_wait_share``, ``global_batch``), None
+            when too few steps ran.
     """
 
     run_dir: Path
@@ -101,7 +105,7 @@ class RunResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     last_checkpoint: Path | None = None
     initial_score: float | None = None
-
+    throughput: dict[str, float] | None = None
 
 # --------------------------------------------------------------------------- run setup
 
@@ -124,23 +128,6 @@ def _new_run_dir(cfg: TrainConfig) -> Path:
         except FileExistsError:
             k += 1
             d = root / f"{base}_{k}"
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    from carbonsr_cli.atomic import atomic_write_bytes
-
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
-
-
-def _setup_logging(run_dir: Path) -> logging.Handler:
-    handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    # train.log gets INFO; the console only with -v (root logger at INFO or below)
-    log.propagate = logging.getLogger().getEffectiveLevel() <= logging.INFO
-    return handler
-
 
 class _Interrupt:
     """SIGINT -> flag checked after each step (a second Ctrl-C interrupts at once)."""
@@ -165,7 +152,6 @@ class _Interrupt:
         if self._old is not None:
             signal.signal(signal.SIGINT, self._old)
 
-
 # --------------------------------------------------------------------------- statistics
 
 
@@ -180,371 +166,6 @@ def _stats_for_run(cfg: TrainConfig, main: MainData, stack: Any, run_dir: Path) 
         return stats_mod.compute_stats(cfg.main[0], stack, factor=cfg.factor, fill_missing=cfg.fill_missing)
     return stats_mod.compute_stats(cfg.main, cfg.aux, factor=cfg.factor, fill_missing=cfg.fill_missing,
                                    categorical=cfg.categorical)
-
-
-# --------------------------------------------------------------------------- validation
-
-
-@dataclass
-class _ValSet:
-    items: list[tuple[int, int, int]]  # (row, col, year0)
-    baselines: dict[int, dict[str, Any]]  # scale -> {"uniform": metrics, "dasymetric": metrics, "dasy_layer": name}
-
-
-def _scores(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
-    """Parent-level metrics (linear domain, t CO2 / parent cell / yr) on valid cells."""
-    from models import metrics as M
-
-    return {
-        "nonzero_mae": float(M.nonzero_mae(pred, true)),
-        "balanced_mae": float(M.balanced_mae(pred, true)),
-        "top1_nonzero_mae": float(M.topk_nonzero_mae(pred, true, q=0.99)),
-        "top5_nonzero_mae": float(M.topk_nonzero_mae(pred, true, q=0.95)),
-    }
-
-
-def _val_batches(items: Sequence[tuple[int, int, int]], scale: int, main: MainData, cache: AuxCache, cfg: TrainConfig, t: int) -> Iterator[tuple[list[tuple[int, int, int]], Batch]]:
-    bs = max(1, cfg.val_batch_size)
-    for k in range(0, len(items), bs):
-        chunk = list(items[k : k + bs])
-        spec = BatchSpec(
-            scale=scale,
-            rows=tuple(i[0] for i in chunk),
-            cols=tuple(i[1] for i in chunk),
-            year0=tuple(i[2] for i in chunk),
-            rot=(0,) * len(chunk),
-            flip=(False,) * len(chunk),
-        )
-        yield chunk, build_batch(spec, main, cache, factor=cfg.factor, patch=cfg.patch, years_window=t)
-
-
-def _val_items(split: Split, n_years: int, t: int, max_items: int) -> list[tuple[int, int, int]]:
-    items = [(r, c, y0) for (r, c) in split.val_windows for y0 in range(n_years - t + 1)]
-    if len(items) > max_items:
-        keep = np.linspace(0, len(items) - 1, max_items).round().astype(int)
-        items = [items[i] for i in sorted(set(keep.tolist()))]
-    return items
-
-
-def _baseline_scores(items: list[tuple[int, int, int]], scales: Sequence[int], main: MainData, cache: AuxCache, stack: Any, cfg: TrainConfig, t: int, fitted: Any = None) -> dict[int, dict[str, Any]]:
-    """Every registered baseline (each variant: uniform, dasymetric per layer, points per surface)
-    and the fitted layer mix on the validation items, at parent level (computed once).
-
-    Returns:
-        ``{scale: {"uniform", "dasymetric", "dasy_layer", "fitted", "points", "points_layer",
-        "best", "best_label", "all": {label: metrics}}}``; ``best`` is the baseline with the
-        lowest Nonzero-MAE at that scale (the one the model must beat).
-    """
-    import torch
-    from rasterio.windows import Window
-
-    from models.dasymetric import softmax_children
-    from models.physics import block_sum
-
-    f, p = cfg.factor, cfg.patch
-    names = list(stack.names)
-    variants, layer_idx = _host_variants(names, list(getattr(stack, "point_names", [])))
-    raw_cache: dict[tuple[int, int], np.ndarray] = {}
-    out: dict[int, dict[str, Any]] = {}
-    for s in scales:
-        preds: dict[str, list[np.ndarray]] = {v.label: [] for v in variants}
-        if fitted is not None:
-            preds["fitted"] = []
-        truths: list[np.ndarray] = []
-        for chunk, b in _val_batches(items, s, main, cache, cfg, t):
-            totals = torch.from_numpy(b.totals).double()
-            block = s * f
-            m = b.mask
-            truths.append(b.truth[m])
-            raws = []
-            for r, c, y0 in chunk:
-                key = (r, c)
-                if key not in raw_cache:
-                    if len(raw_cache) > 64:
-                        raw_cache.clear()
-                    raw_cache[key] = np.asarray(stack.read(Window(c * f, r * f, p * f, p * f)), dtype=np.float32)
-                raws.append(raw_cache[key][:, y0 : y0 + t])
-            raw = torch.from_numpy(np.stack(raws)).double().movedim(1, 0)[:, :, None]  # [C, B, 1, T, P, P]
-            for v in variants:
-                layers = raw[layer_idx[v.label]] if layer_idx[v.label] else None
-                preds[v.label].append(block_sum(v.method.fill(totals, layers, block), f).numpy()[m])
-            if fitted is not None:
-                with torch.no_grad():
-                    lw = fitted(torch.from_numpy(b.aux))
-                preds["fitted"].append(block_sum(softmax_children(lw, totals, block), f).numpy()[m])
-        truth = np.concatenate(truths)
-        out[s] = _summarise_baselines({k: _scores(np.concatenate(v), truth) for k, v in preds.items()})
-    return out
-
-
-def _host_variants(names: Sequence[str], point_names: Sequence[str]) -> tuple[list[Any], dict[str, list[int]]]:
-    """Every variant of every registered host method (uniform, dasymetric per layer, points per
-    surface) and, per variant label, the channels of ``names`` its ``fill`` reads."""
-    from carbonsr_cli.methods import REGISTRY
-
-    variants = [v for m in REGISTRY.values() if not m.runs_model and m.name != "auto" for v in m.variants(names, point_names)]
-    layer_idx = {v.label: [list(names).index(n) for n in v.method.layers(v, names, point_names)] for v in variants}
-    return variants, layer_idx
-
-
-def _summarise_baselines(every: dict[str, dict[str, float]]) -> dict[str, Any]:
-    """Baseline scores by variant label -> ``{"uniform", "dasymetric", "dasy_layer",
-    "all_dasymetric", "points", "points_layer", "fitted", "best", "best_label", "all"}`` (the best
-    layer / surface / baseline by Nonzero-MAE; points and fitted only when scored)."""
-    dasy = {k.split(":", 1)[1]: v for k, v in every.items() if k.startswith("dasymetric:")}
-    best_layer = min(dasy, key=lambda n: (dasy[n]["nonzero_mae"], n))
-    res: dict[str, Any] = {"uniform": every["uniform"], "dasymetric": dasy[best_layer], "dasy_layer": best_layer,
-                           "all_dasymetric": dasy, "all": every}
-    pts = {k: v for k, v in every.items() if k.startswith("points:")}
-    if pts:
-        best_p = min(pts, key=lambda k: (pts[k]["nonzero_mae"], k))
-        res["points"], res["points_layer"] = pts[best_p], best_p
-    if "fitted" in every:
-        res["fitted"] = every["fitted"]
-    best_label = min(every, key=lambda k: (every[k]["nonzero_mae"], k))
-    res["best"], res["best_label"] = every[best_label], best_label
-    return res
-
-
-def _val_score(model_s: dict[int, dict[str, float]], base: dict[int, dict[str, Any]], scales: Sequence[int]) -> float:
-    """Validation score: model Nonzero-MAE / best baseline's, averaged over scales with weights
-    ``1 / s`` (the smallest scales, closest to the 100 m task, weigh most). Below 1 the model wins."""
-    w = np.array([1.0 / s for s in scales])
-    r = np.array([model_s[s]["nonzero_mae"] / max(base[s]["best"]["nonzero_mae"], 1e-12) for s in scales])
-    return float((w * r).sum() / w.sum())
-
-
-def selection(history: list[dict[str, Any]], base: dict[int, dict[str, Any]], scales: Sequence[int],
-              initial_score: float | None = None) -> dict[str, Any]:
-    """What ``downscale --method auto`` uses: the model if its best validation score is below 1
-    (it beats the best baseline on held-out blocks), else the baseline that validated best at the
-    smallest scale; with the reason in words."""
-    s0 = min(scales)
-    best_base = base[s0]["best_label"]
-    scores = [float(h["val_score"]) for h in history] + ([float(initial_score)] if initial_score is not None else [])
-    if not scores:
-        return {"method": best_base, "reason": "no epoch finished; the best baseline on validation is used"}
-    score = min(scores)
-    if score < 0.99:  # 1 % better than the best baseline (the untrained network is the fitted mix)
-        return {"method": "model", "score": score,
-                "reason": f"the model's held-out Nonzero-MAE is {score:.3f} x the best baseline's (validation, parent level)"}
-    return {"method": best_base, "score": score,
-            "reason": f"the model did not beat the best baseline on held-out validation (ratio {score:.3f}); "
-                      f"{best_base} validated best at s={s0}"}
-
-
-def _model_scores(model: Any, items: list[tuple[int, int, int]], scales: Sequence[int], main: MainData, cache: AuxCache, cfg: TrainConfig, t: int, device: Any, autocast: Any) -> dict[int, dict[str, float]]:
-    import torch
-
-    from models.physics import block_sum
-
-    f = cfg.factor
-    was_training = model.training
-    model.eval()
-    out: dict[int, dict[str, float]] = {}
-    try:
-        with torch.no_grad():
-            for s in scales:
-                preds, truths = [], []
-                for _, b in _val_batches(items, s, main, cache, cfg, t):
-                    aux = torch.from_numpy(b.aux).to(device)
-                    mi = torch.from_numpy(b.main).to(device)
-                    with autocast():
-                        raw, _ = model(aux, mi, context_block=s * f)
-                    children = _children(model, raw, torch.from_numpy(b.totals).to(device), s * f)
-                    parent = block_sum(children, f).cpu().numpy()
-                    preds.append(parent[b.mask])
-                    truths.append(b.truth[b.mask])
-                out[s] = _scores(np.concatenate(preds), np.concatenate(truths))
-    finally:
-        model.train(was_training)
-    return out
-
-
-def _children(model: Any, raw: Any, totals: Any, block: int) -> Any:
-    """Linear child totals (float64) from the model's raw output, by its allocation (see
-    :func:`models.dasymetric.children_from_raw`)."""
-    from models.dasymetric import children_from_raw
-
-    cfg = model.config
-    return children_from_raw(raw, totals, block, getattr(cfg, "allocation", "water_fill"), getattr(cfg, "use_physics", True))
-
-
-def training_step(
-    model: Any,
-    batch: Batch,
-    loss_fn: Any,
-    optimizer: Any,
-    scheduler: Any,
-    *,
-    device: Any,
-    autocast: Any,
-    factor: int,
-    moe_weight: float,
-    grad_clip: float,
-    mass_weight: float = 0.0,
-    log_loss_weight: float = 1.0,
-) -> float:
-    """One optimisation step on a batch; returns the loss (float).
-
-    The model predicts log1p child totals from ``batch.aux [B, C, T, P, P]`` and
-    ``batch.main``; children are water-filled onto ``batch.totals`` (``block = s * factor``),
-    sum-pooled to parent cells and compared with ``batch.truth`` in the log domain.
-    """
-    import torch
-
-    from models.physics import block_sum
-
-    aux = torch.from_numpy(batch.aux).to(device, non_blocking=True)
-    mi = torch.from_numpy(batch.main).to(device, non_blocking=True)
-    totals = torch.from_numpy(batch.totals).to(device, non_blocking=True)
-    truth = torch.from_numpy(batch.truth).to(device, non_blocking=True)
-    mask = torch.from_numpy(batch.mask).to(device, non_blocking=True)
-    with autocast():
-        raw, _ = model(aux, mi, context_block=batch.scale * factor)
-    children = _children(model, raw, totals, batch.scale * factor)
-    parent = block_sum(children, factor)
-    loss = loss_fn(torch.log1p(parent.clamp(min=0)), torch.log1p(truth.double()), mask)
-    if log_loss_weight != 1.0:
-        loss = loss * log_loss_weight
-    if mass_weight:
-        m = mask.to(parent.dtype)
-        t = torch.nan_to_num(truth.double(), nan=0.0)
-        err = (torch.nan_to_num(parent, nan=0.0) - t).abs()
-        loss = loss + mass_weight * (err * m).sum() / (t * m).sum().clamp(min=1e-12)
-    aux_loss = getattr(model, "aux_loss", None)
-    if moe_weight and aux_loss is not None and torch.is_tensor(aux_loss) and aux_loss.requires_grad:
-        loss = loss + moe_weight * aux_loss.double()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    scheduler.step()
-    return float(loss.detach())
-
-
-def evaluate_split(checkpoint: str | os.PathLike[str], *, device: str = "cpu") -> dict[int, dict[str, Any]]:
-    """Re-score a checkpoint on its own run's validation windows (model and baselines).
-
-    Returns:
-        ``{scale: {"model": metrics, "uniform": metrics, "dasymetric": metrics,
-        "dasy_layer": name}}`` at parent level.
-    """
-    import torch
-
-    from carbonsr_cli.aux import AuxStack, categorical_kinds, discover_aux
-    from carbonsr_cli.stats import AuxNormalizer
-    from carbonsr_cli.checkpoints import load_model_for_inference
-
-    loaded = load_model_for_inference(checkpoint, device)
-    from carbonsr_cli.checkpoints import load_checkpoint
-
-    ck = load_checkpoint(checkpoint)
-    cfg = TrainConfig.from_dict(ck["train_config"])
-    main = load_main(cfg.main)
-    child = main.grid.child(cfg.factor)
-    with AuxStack(discover_aux(cfg.aux, kinds=categorical_kinds(cfg.categorical)), child, main.years, fill_missing=cfg.fill_missing) as stack:
-        norm = AuxNormalizer.from_stats(ck["stats"], stack.names)
-        cache = AuxCache.build(stack, norm.apply, child.shape, len(main.years))
-        split = Split.from_dict(ck["split"])
-        t = int(ck["years_window"])
-        items = _val_items(split, len(main.years), t, cfg.max_val_windows)
-        base = _baseline_scores(items, cfg.val_scales, main, cache, stack, cfg, t)
-    dev = torch.device(device)
-    model_s = _model_scores(loaded.model, items, cfg.val_scales, main, cache, cfg, t, dev, _autocast_factory(dev, "fp32"))
-    return {s: {"model": model_s[s], **{k: v for k, v in base[s].items() if k != "all_dasymetric"}} for s in cfg.val_scales}
-
-
-def _autocast_factory(device: Any, precision: str) -> Any:
-    import contextlib
-
-    import torch
-
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if use_bf16:
-        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
-
-
-# --------------------------------------------------------------------------- reporting
-
-
-def _history_row(epoch: int, global_step: int, train_loss: float, lr: float, elapsed: float, model_s: dict, base: dict, scales: Sequence[int], score: float, best: bool) -> dict[str, Any]:
-    row: dict[str, Any] = {"epoch": epoch, "global_step": global_step, "train_loss": train_loss, "lr": lr, "time_s": round(elapsed, 2)}
-    for s in scales:
-        for k in METRIC_KEYS:
-            row[f"s{s}_model_{k}"] = model_s[s][k]
-            row[f"s{s}_uniform_{k}"] = base[s]["uniform"][k]
-            row[f"s{s}_dasy_{k}"] = base[s]["dasymetric"][k]
-            row[f"s{s}_best_{k}"] = base[s]["best"][k]
-        row[f"s{s}_dasy_layer"] = base[s]["dasy_layer"]
-        row[f"s{s}_best_label"] = base[s]["best_label"]
-        if "fitted" in base[s]:
-            row[f"s{s}_fitted_nonzero_mae"] = base[s]["fitted"]["nonzero_mae"]
-        row[f"s{s}_ratio_model_dasy"] = model_s[s]["nonzero_mae"] / max(base[s]["dasymetric"]["nonzero_mae"], 1e-12)
-        row[f"s{s}_ratio_model_best"] = model_s[s]["nonzero_mae"] / max(base[s]["best"]["nonzero_mae"], 1e-12)
-    row["val_score"] = score
-    row["is_best"] = int(best)
-    return row
-
-
-def _write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
-    from carbonsr_cli.atomic import atomic_write_bytes
-
-    if not history:
-        return
-    keys: list[str] = []
-    for row in history:
-        keys.extend(k for k in row if k not in keys)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys)
-    w.writeheader()
-    for row in history:
-        w.writerow(row)
-    atomic_write_bytes(path, buf.getvalue().encode())
-
-
-def _epoch_table(row: dict[str, Any], scales: Sequence[int], epochs: int) -> Any:
-    from rich.table import Table
-
-    table = Table(title=f"epoch {row['epoch']}/{epochs}  step {row['global_step']}  train loss {row['train_loss']:.4f}", title_justify="left")
-    table.add_column("scale")
-    table.add_column("method")
-    for k, label in zip(METRIC_KEYS, ("Nonzero-MAE", "Balanced MAE", "Top-1% NZ-MAE", "Top-5% NZ-MAE")):
-        table.add_column(label, justify="right")
-    for s in scales:
-        for method, key in (("model", "model"), (f"best baseline ({row[f's{s}_best_label']})", "best"), ("uniform", "uniform"), (f"dasymetric ({row[f's{s}_dasy_layer']})", "dasy")):
-            table.add_row(f"s={s}", method, *(f"{row[f's{s}_{key}_{k}']:.4g}" for k in METRIC_KEYS))
-    return table
-
-
-def _plot(path: Path, history: list[dict[str, Any]], scales: Sequence[int]) -> None:
-    if not history:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from carbonsr_cli.atomic import atomic_path
-
-    ep = [h["epoch"] for h in history]
-    fig, axes = plt.subplots(1, 1 + len(scales), figsize=(4.5 * (1 + len(scales)), 3.6))
-    axes[0].plot(ep, [h["train_loss"] for h in history], marker="o")
-    axes[0].set_title("training loss")
-    axes[0].set_xlabel("epoch")
-    for ax, s in zip(axes[1:], scales):
-        for key, label in (("model", "model"), ("uniform", "uniform"), ("dasy", "best dasymetric")):
-            ax.plot(ep, [h[f"s{s}_{key}_nonzero_mae"] for h in history], marker="o", label=label)
-        ax.set_title(f"validation Nonzero-MAE, s={s}")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("t CO2 / parent cell / yr")
-        ax.legend()
-    fig.tight_layout()
-    with atomic_path(path, overwrite=True) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
 
 
 # --------------------------------------------------------------------------- main entry
@@ -810,8 +431,34 @@ def train(config: TrainConfig) -> RunResult:
         log.info("autosave at epoch %d step %d (global step %d)", ep, st, global_step)
         dist_ctx.barrier()
 
+    # CUDA: float16 aux (converted exactly on the device) in page-locked memory, prepared by the
+    # worker threads; the host never waits for a step inside an epoch (losses in LossTracker).
+    on_cuda = device.type == "cuda"
+    batch_kw: dict[str, Any] = dict(aux_dtype=np.float16, pin=True) if on_cuda else {}
+
     def make_batch(ep: int, st: int) -> Batch:
-        return build_batch(dist_ctx.shard_spec(sampler.spec(ep, st)), main, cache, factor=cfg.factor, patch=cfg.patch, years_window=t)
+        return build_batch(dist_ctx.shard_spec(sampler.spec(ep, st)), main, cache, factor=cfg.factor, patch=cfg.patch,
+                           years_window=t, **batch_kw)
+
+    planned = (cfg.epochs * cfg.steps_per_epoch - global_step) if cfg.max_steps is None else min(cfg.max_steps - global_step, cfg.epochs * cfg.steps_per_epoch - global_step)
+    unet = CompiledUNet(model) if compile_wanted(cfg.compile, device, model, planned) else None
+    if unet is not None:
+        log.info("the U-Net is compiled with torch.compile for the training steps (the first steps take longer)")
+    tracker = LossTracker(dist_ctx, cfg.lr, every=25 if on_cuda else 1)
+    meter = Throughput(device, cfg.batch_size)
+
+    def step_once(b: Batch) -> Any:
+        kw = dict(device=device, autocast=autocast, factor=f, moe_weight=cfg.moe_weight, grad_clip=cfg.grad_clip,
+                  mass_weight=cfg.mass_weight, log_loss_weight=cfg.log_loss_weight, sync=not on_cuda)
+        if unet is None or unet.proven or not unet.enabled:
+            return training_step(train_model, b, loss_fn, optimizer, scheduler, **kw)
+        try:  # the first compiled step: fall back to eager if the compiler is unusable here
+            loss = training_step(train_model, b, loss_fn, optimizer, scheduler, **kw)
+        except Exception as exc:  # noqa: BLE001 - compile errors come in many types
+            unet.failed(exc)
+            return training_step(train_model, b, loss_fn, optimizer, scheduler, **kw)
+        unet.proven = True
+        return loss
 
     stopped = "completed"
     # The network starts at its fitted prior: score that state and keep it as best_model.pth, so
@@ -845,26 +492,24 @@ def train(config: TrainConfig) -> RunResult:
     with _Interrupt(patient=dist_ctx.active) as intr:
         while epoch < cfg.epochs:
             model.train()
-            losses: list[float] = []
             keys = ((epoch, s) for s in range(step, cfg.steps_per_epoch))
             prefetch = Prefetcher(make_batch, keys, workers=cfg.workers)
             halt: str | None = None
+            batches = iter(prefetch)
             try:
-                for b in prefetch:
-                    loss = training_step(
-                        train_model, b, loss_fn, optimizer, scheduler, device=device, autocast=autocast,
-                        factor=f, moe_weight=cfg.moe_weight, grad_clip=cfg.grad_clip, mass_weight=cfg.mass_weight, log_loss_weight=cfg.log_loss_weight,
-                    )
+                while True:
+                    w0 = time.perf_counter()
+                    b = next(batches, None)
+                    if b is None:
+                        break
+                    meter.waited(time.perf_counter() - w0)
+                    loss = step_once(b)
                     step += 1
                     global_step += 1
-                    lv = dist_ctx.mean_float(loss)  # global-batch loss (rank shares summed)
-                    if not math.isfinite(lv):
-                        raise UsageError(
-                            f"training diverged (loss {lv}) at epoch {epoch} step {step}; try a smaller --lr "
-                            f"(now {cfg.lr}) or --precision fp32"
-                        )
-                    losses.append(lv)
+                    tracker.add(loss, epoch, step)  # global-batch loss (rank shares summed)
+                    meter.after_step()
                     if global_step % cfg.autosave_every == 0:
+                        tracker.flush()
                         autosave(epoch, step)
                     if intr.flag:
                         halt = "interrupted"
@@ -875,8 +520,11 @@ def train(config: TrainConfig) -> RunResult:
                     halt = dist_ctx.agree_halt(halt)
                     if halt:
                         break
+                tracker.flush()
             finally:
                 prefetch.close()
+                meter.pause()
+            losses = tracker.take()
             if halt:
                 if not (last_ckpt and global_step % cfg.autosave_every == 0):
                     autosave(epoch, step, rotate=False)
@@ -941,6 +589,12 @@ def train(config: TrainConfig) -> RunResult:
             _plot(run_dir / "training_curves.png", history, cfg.val_scales)
     except Exception as exc:  # noqa: BLE001 - a plot must never fail a finished run
         log.warning("could not draw the training curves: %s", exc)
+    if unet is not None:
+        unet.remove()
+    speed = meter.result()
+    if speed is not None:
+        log.info("training speed after warm-up: %.1f patches/s (%d steps, global batch %d), waiting for data %.1f%%",
+                 speed["patches_per_s"], speed["steps"], speed["global_batch"], 100 * speed["data_wait_share"])
     log.info("finished (%s): %d epochs, %d steps, best val score %s", stopped, epoch, global_step, best_score)
     log.removeHandler(handler)
     handler.close()
@@ -955,97 +609,6 @@ def train(config: TrainConfig) -> RunResult:
         history=history,
         last_checkpoint=last_ckpt[-1] if last_ckpt else None,
         initial_score=float(initial_score) if initial_score is not None else None,
+        throughput=speed,
     )
 
-
-def evaluate_against_truth(
-    checkpoint: str | os.PathLike[str],
-    truth_path: str | os.PathLike[str],
-    *,
-    device: str = "cpu",
-    batch_size: int = 8,
-) -> dict[str, Any]:
-    """Score a checkpoint at child resolution on its run's validation windows, with a fine truth.
-
-    Each validation window (``patch x patch`` parent cells) of each year is downscaled as at
-    inference: ``main = log1p(parent total / factor**2)``, the model's children are
-    shared onto every parent cell (``block = factor``). Every registered host method variant
-    (uniform, dasymetric per layer, points per surface) and the fitted layer mix get the same
-    parent totals; the best layer / surface is chosen on the same windows (with the truth, so the
-    comparison favours it). The truth is used **only** here, never in training.
-
-    Args:
-        checkpoint: A run's checkpoint (its ``train_config`` names the main and aux inputs).
-        truth_path: Child-resolution truth raster (same child grid, one band per year).
-        device: Torch device for the model.
-        batch_size: Windows per forward pass.
-
-    Returns:
-        ``{"model": metrics, "cells": n}`` plus the keys of :func:`_summarise_baselines`
-        (``uniform``, ``dasymetric``, ``dasy_layer``, ``all_dasymetric``, ``points``,
-        ``points_layer``, ``fitted``, ``best``, ``best_label``, ``all``), metrics as in
-        :func:`_scores` (t CO2 / child cell / yr).
-    """
-    import torch
-    from rasterio.windows import Window
-
-    from carbonsr_cli.aux import AuxStack, categorical_kinds, discover_aux
-    from carbonsr_cli.rasters import open_raster, read_window
-    from carbonsr_cli.stats import AuxNormalizer
-    from carbonsr_cli.checkpoints import load_checkpoint, load_model_for_inference
-    from carbonsr_cli.train.dataset import degrade
-    from models.dasymetric import softmax_children
-
-    ck = load_checkpoint(checkpoint)
-    cfg = TrainConfig.from_dict(ck["train_config"])
-    loaded = load_model_for_inference(checkpoint, device)
-    dev = torch.device(device)
-    main = load_main(cfg.main)
-    child = main.grid.child(cfg.factor)
-    split = Split.from_dict(ck["split"])
-    f, p, t = cfg.factor, split.patch, int(ck["years_window"])
-    pc = p * f
-    items = [(r, c, y0) for (r, c) in split.val_windows for y0 in range(len(main.years) - t + 1)]
-    preds: dict[str, list[np.ndarray]] = {}
-    truths: list[np.ndarray] = []
-    with AuxStack(discover_aux(cfg.aux, kinds=categorical_kinds(cfg.categorical)), child, main.years, fill_missing=cfg.fill_missing) as stack, open_raster(truth_path) as tds:
-        if (tds.height, tds.width) != child.shape:
-            raise UsageError(f"truth grid {tds.height}x{tds.width} does not match the child grid {child.shape}", truth_path)
-        norm = AuxNormalizer.from_stats(ck["stats"], stack.names)
-        names = list(stack.names)
-        fitted = build_fitted_prior(PriorFit.from_dict(ck["prior_fit"]), norm) if ck.get("prior_fit") else None
-        variants, layer_idx = _host_variants(names, list(getattr(stack, "point_names", [])))
-        for k in range(0, len(items), batch_size):
-            chunk = items[k : k + batch_size]
-            raws, parents, fine = [], [], []
-            for r, c, y0 in chunk:
-                win = Window(c * f, r * f, pc, pc)
-                raws.append(np.asarray(stack.read(win))[:, y0 : y0 + t])
-                parents.append(main.values[y0 : y0 + t, r : r + p, c : c + p])
-                fine.append(read_window(tds, win, list(range(y0 + 1, y0 + t + 1)), out_dtype="float32"))
-            raw = np.stack(raws).astype(np.float32)  # [B, C, T, P, P]
-            par = np.stack(parents)[:, None]  # [B, 1, T, p, p]
-            ok_parent = np.isfinite(par)
-            par0 = np.where(ok_parent, par, 0.0).astype(np.float32)
-            totals, main_in = degrade(par0, 1, f)
-            truth = np.stack(fine)[:, None].astype(np.float64)
-            mask = np.repeat(np.repeat(ok_parent, f, axis=-2), f, axis=-1) & np.isfinite(truth)
-            if tds.nodata is not None:
-                mask &= truth != tds.nodata
-            tt = torch.from_numpy(totals)
-            with torch.no_grad():
-                xn = torch.from_numpy(norm.apply(raw))
-                out, _ = loaded.model(xn.to(dev), torch.from_numpy(main_in).to(dev))
-                model_children = _children(loaded.model, out, tt.to(dev), f).cpu().numpy()
-                if fitted is not None:
-                    preds.setdefault("fitted", []).append(softmax_children(fitted(xn), tt, f).numpy()[mask])
-            preds.setdefault("model", []).append(model_children[mask])
-            layers_all = torch.from_numpy(raw).double().movedim(1, 0)[:, :, None]  # [C, B, 1, T, P, P]
-            for v in variants:
-                idx = layer_idx[v.label]
-                kids = v.method.fill(tt.double(), layers_all[idx] if idx else None, f)
-                preds.setdefault(v.label, []).append(kids.numpy()[mask])
-            truths.append(truth[mask])
-    y = np.concatenate(truths)
-    every = {k: _scores(np.concatenate(v), y) for k, v in preds.items()}
-    return {"model": every.pop("model"), **_summarise_baselines(every), "cells": int(y.size)}

@@ -1,0 +1,325 @@
+"""Validation of a training run: the held-out windows, every baseline's and the model's scores.
+
+Used by :mod:`.loop` at the start (baselines, the fitted prior) and after every epoch (the
+model), and by :func:`evaluate_split` / :func:`evaluate_against_truth` on a finished run. Scores
+are parent-level metrics (linear domain) on the fixed validation windows of the run's split.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from carbonsr_cli.errors import UsageError
+from carbonsr_cli.train.config import TrainConfig
+from carbonsr_cli.train.dataset import AuxCache, Batch, BatchSpec, MainData, build_batch, load_main
+from carbonsr_cli.train.prior_fit import PriorFit, build_fitted_prior
+from carbonsr_cli.train.split import Split
+from carbonsr_cli.train.step import _children, autocast_factory
+
+__all__ = ["METRIC_KEYS", "selection", "evaluate_split", "evaluate_against_truth"]
+
+METRIC_KEYS = ("nonzero_mae", "balanced_mae", "top1_nonzero_mae", "top5_nonzero_mae")
+
+
+@dataclass
+class _ValSet:
+    items: list[tuple[int, int, int]]  # (row, col, year0)
+    baselines: dict[int, dict[str, Any]]  # scale -> {"uniform": metrics, "dasymetric": metrics, "dasy_layer": name}
+
+
+def _scores(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
+    """Parent-level metrics (linear domain, t CO2 / parent cell / yr) on valid cells."""
+    from models import metrics as M
+
+    return {
+        "nonzero_mae": float(M.nonzero_mae(pred, true)),
+        "balanced_mae": float(M.balanced_mae(pred, true)),
+        "top1_nonzero_mae": float(M.topk_nonzero_mae(pred, true, q=0.99)),
+        "top5_nonzero_mae": float(M.topk_nonzero_mae(pred, true, q=0.95)),
+    }
+
+
+def _val_batches(items: Sequence[tuple[int, int, int]], scale: int, main: MainData, cache: AuxCache, cfg: TrainConfig, t: int) -> Iterator[tuple[list[tuple[int, int, int]], Batch]]:
+    bs = max(1, cfg.val_batch_size)
+    for k in range(0, len(items), bs):
+        chunk = list(items[k : k + bs])
+        spec = BatchSpec(
+            scale=scale,
+            rows=tuple(i[0] for i in chunk),
+            cols=tuple(i[1] for i in chunk),
+            year0=tuple(i[2] for i in chunk),
+            rot=(0,) * len(chunk),
+            flip=(False,) * len(chunk),
+        )
+        yield chunk, build_batch(spec, main, cache, factor=cfg.factor, patch=cfg.patch, years_window=t)
+
+
+def _val_items(split: Split, n_years: int, t: int, max_items: int) -> list[tuple[int, int, int]]:
+    items = [(r, c, y0) for (r, c) in split.val_windows for y0 in range(n_years - t + 1)]
+    if len(items) > max_items:
+        keep = np.linspace(0, len(items) - 1, max_items).round().astype(int)
+        items = [items[i] for i in sorted(set(keep.tolist()))]
+    return items
+
+
+def _baseline_scores(items: list[tuple[int, int, int]], scales: Sequence[int], main: MainData, cache: AuxCache, stack: Any, cfg: TrainConfig, t: int, fitted: Any = None) -> dict[int, dict[str, Any]]:
+    """Every registered baseline (each variant: uniform, dasymetric per layer, points per surface)
+    and the fitted layer mix on the validation items, at parent level (computed once).
+
+    Returns:
+        ``{scale: {"uniform", "dasymetric", "dasy_layer", "fitted", "points", "points_layer",
+        "best", "best_label", "all": {label: metrics}}}``; ``best`` is the baseline with the
+        lowest Nonzero-MAE at that scale (the one the model must beat).
+    """
+    import torch
+    from rasterio.windows import Window
+
+    from models.dasymetric import softmax_children
+    from models.physics import block_sum
+
+    f, p = cfg.factor, cfg.patch
+    names = list(stack.names)
+    variants, layer_idx = _host_variants(names, list(getattr(stack, "point_names", [])))
+    raw_cache: dict[tuple[int, int], np.ndarray] = {}
+    out: dict[int, dict[str, Any]] = {}
+    for s in scales:
+        preds: dict[str, list[np.ndarray]] = {v.label: [] for v in variants}
+        if fitted is not None:
+            preds["fitted"] = []
+        truths: list[np.ndarray] = []
+        for chunk, b in _val_batches(items, s, main, cache, cfg, t):
+            totals = torch.from_numpy(b.totals).double()
+            block = s * f
+            m = b.mask
+            truths.append(b.truth[m])
+            raws = []
+            for r, c, y0 in chunk:
+                key = (r, c)
+                if key not in raw_cache:
+                    if len(raw_cache) > 64:
+                        raw_cache.clear()
+                    raw_cache[key] = np.asarray(stack.read(Window(c * f, r * f, p * f, p * f)), dtype=np.float32)
+                raws.append(raw_cache[key][:, y0 : y0 + t])
+            raw = torch.from_numpy(np.stack(raws)).double().movedim(1, 0)[:, :, None]  # [C, B, 1, T, P, P]
+            for v in variants:
+                layers = raw[layer_idx[v.label]] if layer_idx[v.label] else None
+                preds[v.label].append(block_sum(v.method.fill(totals, layers, block), f).numpy()[m])
+            if fitted is not None:
+                with torch.no_grad():
+                    lw = fitted(torch.from_numpy(b.aux))
+                preds["fitted"].append(block_sum(softmax_children(lw, totals, block), f).numpy()[m])
+        truth = np.concatenate(truths)
+        out[s] = _summarise_baselines({k: _scores(np.concatenate(v), truth) for k, v in preds.items()})
+    return out
+
+
+def _host_variants(names: Sequence[str], point_names: Sequence[str]) -> tuple[list[Any], dict[str, list[int]]]:
+    """Every variant of every registered host method (uniform, dasymetric per layer, points per
+    surface) and, per variant label, the channels of ``names`` its ``fill`` reads."""
+    from carbonsr_cli.methods import REGISTRY
+
+    variants = [v for m in REGISTRY.values() if not m.runs_model and m.name != "auto" for v in m.variants(names, point_names)]
+    layer_idx = {v.label: [list(names).index(n) for n in v.method.layers(v, names, point_names)] for v in variants}
+    return variants, layer_idx
+
+
+def _summarise_baselines(every: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Baseline scores by variant label -> ``{"uniform", "dasymetric", "dasy_layer",
+    "all_dasymetric", "points", "points_layer", "fitted", "best", "best_label", "all"}`` (the best
+    layer / surface / baseline by Nonzero-MAE; points and fitted only when scored)."""
+    dasy = {k.split(":", 1)[1]: v for k, v in every.items() if k.startswith("dasymetric:")}
+    best_layer = min(dasy, key=lambda n: (dasy[n]["nonzero_mae"], n))
+    res: dict[str, Any] = {"uniform": every["uniform"], "dasymetric": dasy[best_layer], "dasy_layer": best_layer,
+                           "all_dasymetric": dasy, "all": every}
+    pts = {k: v for k, v in every.items() if k.startswith("points:")}
+    if pts:
+        best_p = min(pts, key=lambda k: (pts[k]["nonzero_mae"], k))
+        res["points"], res["points_layer"] = pts[best_p], best_p
+    if "fitted" in every:
+        res["fitted"] = every["fitted"]
+    best_label = min(every, key=lambda k: (every[k]["nonzero_mae"], k))
+    res["best"], res["best_label"] = every[best_label], best_label
+    return res
+
+
+def _val_score(model_s: dict[int, dict[str, float]], base: dict[int, dict[str, Any]], scales: Sequence[int]) -> float:
+    """Validation score: model Nonzero-MAE / best baseline's, averaged over scales with weights
+    ``1 / s`` (the smallest scales, closest to the 100 m task, weigh most). Below 1 the model wins."""
+    w = np.array([1.0 / s for s in scales])
+    r = np.array([model_s[s]["nonzero_mae"] / max(base[s]["best"]["nonzero_mae"], 1e-12) for s in scales])
+    return float((w * r).sum() / w.sum())
+
+
+def selection(history: list[dict[str, Any]], base: dict[int, dict[str, Any]], scales: Sequence[int],
+              initial_score: float | None = None) -> dict[str, Any]:
+    """What ``downscale --method auto`` uses: the model if its best validation score is below 1
+    (it beats the best baseline on held-out blocks), else the baseline that validated best at the
+    smallest scale; with the reason in words."""
+    s0 = min(scales)
+    best_base = base[s0]["best_label"]
+    scores = [float(h["val_score"]) for h in history] + ([float(initial_score)] if initial_score is not None else [])
+    if not scores:
+        return {"method": best_base, "reason": "no epoch finished; the best baseline on validation is used"}
+    score = min(scores)
+    if score < 0.99:  # 1 % better than the best baseline (the untrained network is the fitted mix)
+        return {"method": "model", "score": score,
+                "reason": f"the model's held-out Nonzero-MAE is {score:.3f} x the best baseline's (validation, parent level)"}
+    return {"method": best_base, "score": score,
+            "reason": f"the model did not beat the best baseline on held-out validation (ratio {score:.3f}); "
+                      f"{best_base} validated best at s={s0}"}
+
+
+def _model_scores(model: Any, items: list[tuple[int, int, int]], scales: Sequence[int], main: MainData, cache: AuxCache, cfg: TrainConfig, t: int, device: Any, autocast: Any) -> dict[int, dict[str, float]]:
+    import torch
+
+    from models.physics import block_sum
+
+    f = cfg.factor
+    was_training = model.training
+    model.eval()
+    out: dict[int, dict[str, float]] = {}
+    try:
+        with torch.no_grad():
+            for s in scales:
+                preds, truths = [], []
+                for _, b in _val_batches(items, s, main, cache, cfg, t):
+                    aux = torch.from_numpy(b.aux).to(device)
+                    mi = torch.from_numpy(b.main).to(device)
+                    with autocast():
+                        raw, _ = model(aux, mi, context_block=s * f)
+                    children = _children(model, raw, torch.from_numpy(b.totals).to(device), s * f)
+                    parent = block_sum(children, f).cpu().numpy()
+                    preds.append(parent[b.mask])
+                    truths.append(b.truth[b.mask])
+                out[s] = _scores(np.concatenate(preds), np.concatenate(truths))
+    finally:
+        model.train(was_training)
+    return out
+
+def evaluate_split(checkpoint: str | os.PathLike[str], *, device: str = "cpu") -> dict[int, dict[str, Any]]:
+    """Re-score a checkpoint on its own run's validation windows (model and baselines).
+
+    Returns:
+        ``{scale: {"model": metrics, "uniform": metrics, "dasymetric": metrics,
+        "dasy_layer": name}}`` at parent level.
+    """
+    import torch
+
+    from carbonsr_cli.aux import AuxStack, categorical_kinds, discover_aux
+    from carbonsr_cli.stats import AuxNormalizer
+    from carbonsr_cli.checkpoints import load_model_for_inference
+
+    loaded = load_model_for_inference(checkpoint, device)
+    from carbonsr_cli.checkpoints import load_checkpoint
+
+    ck = load_checkpoint(checkpoint)
+    cfg = TrainConfig.from_dict(ck["train_config"])
+    main = load_main(cfg.main)
+    child = main.grid.child(cfg.factor)
+    with AuxStack(discover_aux(cfg.aux, kinds=categorical_kinds(cfg.categorical)), child, main.years, fill_missing=cfg.fill_missing) as stack:
+        norm = AuxNormalizer.from_stats(ck["stats"], stack.names)
+        cache = AuxCache.build(stack, norm.apply, child.shape, len(main.years))
+        split = Split.from_dict(ck["split"])
+        t = int(ck["years_window"])
+        items = _val_items(split, len(main.years), t, cfg.max_val_windows)
+        base = _baseline_scores(items, cfg.val_scales, main, cache, stack, cfg, t)
+    dev = torch.device(device)
+    model_s = _model_scores(loaded.model, items, cfg.val_scales, main, cache, cfg, t, dev, autocast_factory(dev, "fp32"))
+    return {s: {"model": model_s[s], **{k: v for k, v in base[s].items() if k != "all_dasymetric"}} for s in cfg.val_scales}
+
+def evaluate_against_truth(
+    checkpoint: str | os.PathLike[str],
+    truth_path: str | os.PathLike[str],
+    *,
+    device: str = "cpu",
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Score a checkpoint at child resolution on its run's validation windows, with a fine truth.
+
+    Each validation window (``patch x patch`` parent cells) of each year is downscaled as at
+    inference: ``main = log1p(parent total / factor**2)``, the model's children are
+    shared onto every parent cell (``block = factor``). Every registered host method variant
+    (uniform, dasymetric per layer, points per surface) and the fitted layer mix get the same
+    parent totals; the best layer / surface is chosen on the same windows (with the truth, so the
+    comparison favours it). The truth is used **only** here, never in training.
+
+    Args:
+        checkpoint: A run's checkpoint (its ``train_config`` names the main and aux inputs).
+        truth_path: Child-resolution truth raster (same child grid, one band per year).
+        device: Torch device for the model.
+        batch_size: Windows per forward pass.
+
+    Returns:
+        ``{"model": metrics, "cells": n}`` plus the keys of :func:`_summarise_baselines`
+        (``uniform``, ``dasymetric``, ``dasy_layer``, ``all_dasymetric``, ``points``,
+        ``points_layer``, ``fitted``, ``best``, ``best_label``, ``all``), metrics as in
+        :func:`_scores` (t CO2 / child cell / yr).
+    """
+    import torch
+    from rasterio.windows import Window
+
+    from carbonsr_cli.aux import AuxStack, categorical_kinds, discover_aux
+    from carbonsr_cli.rasters import open_raster, read_window
+    from carbonsr_cli.stats import AuxNormalizer
+    from carbonsr_cli.checkpoints import load_checkpoint, load_model_for_inference
+    from carbonsr_cli.train.dataset import degrade
+    from models.dasymetric import softmax_children
+
+    ck = load_checkpoint(checkpoint)
+    cfg = TrainConfig.from_dict(ck["train_config"])
+    loaded = load_model_for_inference(checkpoint, device)
+    dev = torch.device(device)
+    main = load_main(cfg.main)
+    child = main.grid.child(cfg.factor)
+    split = Split.from_dict(ck["split"])
+    f, p, t = cfg.factor, split.patch, int(ck["years_window"])
+    pc = p * f
+    items = [(r, c, y0) for (r, c) in split.val_windows for y0 in range(len(main.years) - t + 1)]
+    preds: dict[str, list[np.ndarray]] = {}
+    truths: list[np.ndarray] = []
+    with AuxStack(discover_aux(cfg.aux, kinds=categorical_kinds(cfg.categorical)), child, main.years, fill_missing=cfg.fill_missing) as stack, open_raster(truth_path) as tds:
+        if (tds.height, tds.width) != child.shape:
+            raise UsageError(f"truth grid {tds.height}x{tds.width} does not match the child grid {child.shape}", truth_path)
+        norm = AuxNormalizer.from_stats(ck["stats"], stack.names)
+        names = list(stack.names)
+        fitted = build_fitted_prior(PriorFit.from_dict(ck["prior_fit"]), norm) if ck.get("prior_fit") else None
+        variants, layer_idx = _host_variants(names, list(getattr(stack, "point_names", [])))
+        for k in range(0, len(items), batch_size):
+            chunk = items[k : k + batch_size]
+            raws, parents, fine = [], [], []
+            for r, c, y0 in chunk:
+                win = Window(c * f, r * f, pc, pc)
+                raws.append(np.asarray(stack.read(win))[:, y0 : y0 + t])
+                parents.append(main.values[y0 : y0 + t, r : r + p, c : c + p])
+                fine.append(read_window(tds, win, list(range(y0 + 1, y0 + t + 1)), out_dtype="float32"))
+            raw = np.stack(raws).astype(np.float32)  # [B, C, T, P, P]
+            par = np.stack(parents)[:, None]  # [B, 1, T, p, p]
+            ok_parent = np.isfinite(par)
+            par0 = np.where(ok_parent, par, 0.0).astype(np.float32)
+            totals, main_in = degrade(par0, 1, f)
+            truth = np.stack(fine)[:, None].astype(np.float64)
+            mask = np.repeat(np.repeat(ok_parent, f, axis=-2), f, axis=-1) & np.isfinite(truth)
+            if tds.nodata is not None:
+                mask &= truth != tds.nodata
+            tt = torch.from_numpy(totals)
+            with torch.no_grad():
+                xn = torch.from_numpy(norm.apply(raw))
+                out, _ = loaded.model(xn.to(dev), torch.from_numpy(main_in).to(dev))
+                model_children = _children(loaded.model, out, tt.to(dev), f).cpu().numpy()
+                if fitted is not None:
+                    preds.setdefault("fitted", []).append(softmax_children(fitted(xn), tt, f).numpy()[mask])
+            preds.setdefault("model", []).append(model_children[mask])
+            layers_all = torch.from_numpy(raw).double().movedim(1, 0)[:, :, None]  # [C, B, 1, T, P, P]
+            for v in variants:
+                idx = layer_idx[v.label]
+                kids = v.method.fill(tt.double(), layers_all[idx] if idx else None, f)
+                preds.setdefault(v.label, []).append(kids.numpy()[mask])
+            truths.append(truth[mask])
+    y = np.concatenate(truths)
+    every = {k: _scores(np.concatenate(v), y) for k, v in preds.items()}
+    return {"model": every.pop("model"), **_summarise_baselines(every), "cells": int(y.size)}
