@@ -45,7 +45,7 @@ def train_cmd(
     main: Annotated[list[Path], typer.Argument(help="Main raster: one GeoTIFF with a band per year, or one GeoTIFF per year (totals per cell).", show_default=False)],
     aux: AuxPaths = None,
     categorical: Categorical = None,
-    preset: Annotated[str, typer.Option("--preset", help="Model: prior (the fitted layer mix with trainable coefficients; the default, the most accurate at 100 m in our measurements), or the full network tiny, base or large (a local head and a U-Net context path on top of the prior); or 'demo' (prior, the demo's short schedule).")] = "prior",
+    preset: Annotated[str, typer.Option("--preset", help="Model: prior (the fitted layer mix with trainable coefficients; the default, the most accurate at 100 m in our measurements), mass (the mix times a per-pixel correction fitted to the 1 km totals; better on street-dominated regions, worse on smooth urban ones; see README), or the full network tiny, base or large (a local head and a U-Net context path on top of the prior); or 'demo' (prior, the demo's short schedule).")] = "prior",
     epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Epochs to train.", show_default="20")] = None,
     steps_per_epoch: Annotated[Optional[int], typer.Option("--steps-per-epoch", min=1, help="Optimisation steps per epoch.", show_default="100")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Patches (120x120 child cells) per step.", show_default="8")] = None,
@@ -80,8 +80,8 @@ def train_cmd(
     fields: dict[str, Any] = {}
     if preset in TRAIN_PRESETS:
         fields.update(TRAIN_PRESETS[preset])
-    elif preset not in ("prior", "tiny", "base", "large"):
-        raise UsageError(f"--preset {preset!r}: choose prior, tiny, base, large or demo")
+    elif preset not in ("prior", "mass", "tiny", "base", "large"):
+        raise UsageError(f"--preset {preset!r}: choose prior, mass, tiny, base, large or demo")
     else:
         fields["preset"] = preset
     given = dict(

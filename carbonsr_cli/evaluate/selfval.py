@@ -294,14 +294,7 @@ def self_validate(
             items = items_by_scale[s]
             for k in range(0, len(items), batch_size):
                 chunk = items[k : k + batch_size]
-                spec = BatchSpec(
-                    scale=s,
-                    rows=tuple(i[0] for i in chunk),
-                    cols=tuple(i[1] for i in chunk),
-                    year0=tuple(i[3] for i in chunk),
-                    rot=(0,) * len(chunk),
-                    flip=(False,) * len(chunk),
-                )
+                spec = BatchSpec.windows(s, [i[0] for i in chunk], [i[1] for i in chunk], [i[3] for i in chunk])
                 b = build_batch(spec, crop, cache, factor=f, patch=patch, years_window=t)
                 sel = np.stack([i[2][None, :, :] & i[4][:, None, None] for i in chunk])[:, None]  # [B,1,T,p,p]
                 m = b.mask & sel

@@ -1,9 +1,5 @@
-"""Every way of filling a parent cell (uniform, dasymetric, point-source aware, fitted, model,
-auto) behind one interface, in one registry that downscaling and validation iterate over.
-
-A new method is one module here that defines a :class:`~carbonsr_cli.methods.base.Method`
-subclass and registers it; its tests iterate with the others (``tests/methods``).
-"""
+"""Every way of filling a parent cell (uniform, dasymetric, points, fitted, model, auto) behind one
+interface and registry; a new method is one module here plus its tests (``tests/methods``)."""
 
 from carbonsr_cli.methods import auto, dasymetric, model, points, uniform  # noqa: F401  (register)
 from carbonsr_cli.methods.base import REGISTRY, Method, MethodSpec, get_method, parse_method

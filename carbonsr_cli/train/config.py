@@ -181,8 +181,8 @@ class TrainConfig:
 
 
 def default_years_window(preset: str, n_years: int) -> int:
-    """T when not given: 1 for ``prior`` and ``tiny``, else 3; never more than the number of years."""
-    return max(1, min(1 if preset in ("prior", "tiny") else 3, n_years))
+    """T when not given: 1 for ``prior``, ``mass`` and ``tiny``, else 3; never more than the number of years."""
+    return max(1, min(1 if preset in ("prior", "mass", "tiny") else 3, n_years))
 
 
 #: A slimmer ``tiny`` (about 19 k parameters, one 3x3 branch, three levels) that learns the

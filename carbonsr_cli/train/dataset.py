@@ -267,6 +267,13 @@ class BatchSpec:
     rot: tuple[int, ...]
     flip: tuple[bool, ...]
 
+    @classmethod
+    def windows(cls, scale: int, rows: Sequence[int], cols: Sequence[int], year0: Sequence[int]) -> BatchSpec:
+        """Windows as they are (no rotation, no flip): validation and self-validation."""
+        n = len(rows)
+        return cls(scale=scale, rows=tuple(int(r) for r in rows), cols=tuple(int(c) for c in cols),
+                   year0=tuple(int(y) for y in year0), rot=(0,) * n, flip=(False,) * n)
+
 
 class PatchSampler:
     """Deterministic sampler: :meth:`spec` depends only on ``(seed, epoch, step)``.

@@ -48,14 +48,7 @@ def _val_batches(items: Sequence[tuple[int, int, int]], scale: int, main: MainDa
     bs = max(1, cfg.val_batch_size)
     for k in range(0, len(items), bs):
         chunk = list(items[k : k + bs])
-        spec = BatchSpec(
-            scale=scale,
-            rows=tuple(i[0] for i in chunk),
-            cols=tuple(i[1] for i in chunk),
-            year0=tuple(i[2] for i in chunk),
-            rot=(0,) * len(chunk),
-            flip=(False,) * len(chunk),
-        )
+        spec = BatchSpec.windows(scale, [i[0] for i in chunk], [i[1] for i in chunk], [i[2] for i in chunk])
         yield chunk, build_batch(spec, main, cache, factor=cfg.factor, patch=cfg.patch, years_window=t)
 
 
