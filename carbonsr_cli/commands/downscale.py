@@ -146,6 +146,10 @@ def register(app: typer.Typer) -> None:
         quiet: Quiet = False,
         json_out: JsonOut = None,
     ) -> None:
+        if not (method or "").strip().lower().startswith("uniform"):  # uniform never imports torch
+            from carbonsr_cli.preload import preload_torch
+
+            preload_torch()  # overlaps the imports and checks below
         from carbonsr_cli.console import err, out
         from carbonsr_cli.downscale import downscale
         from carbonsr_cli.errors import ConservationError, UsageError
