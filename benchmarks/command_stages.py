@@ -21,8 +21,11 @@ child is started with ``-c`` code that patches them and then calls the CLI), so 
     python benchmarks/command_stages.py                       # this tree, 100 km, 3 repeats
     python benchmarks/command_stages.py --old ../before-tree  # plus old vs new ratios
 
-With ``--old`` the two trees run alternately (old, new, old, new, ...) on the same inputs and
-the table gives the median of each; ``ratio`` is old / new wall time (> 1: new is faster).
+With ``--old`` the trees run alternately (old, new, new-cold, old, ...) on the same inputs and
+the table gives the median of each; ``old/this`` is the old wall time over this one (> 1:
+faster than before). ``new`` runs with the cache of per-input work (``carbonsr_cli/aux/cache.py``)
+filled by a warm-up run, as a repeated command finds it; ``new-cold`` with the cache off, as a
+first run on new inputs.
 """
 
 from __future__ import annotations
@@ -115,11 +118,12 @@ main()
 """
 
 
-def run_once(tree: Path, args: list[str], python: str) -> dict[str, float]:
+def run_once(tree: Path, args: list[str], python: str, extra_env: dict[str, str] | None = None) -> dict[str, float]:
     """Run one command of ``tree``; its stage seconds (and ``wall``)."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         log = Path(fh.name)
-    env = dict(os.environ, PYTHONPATH=str(tree), CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+    env = dict(os.environ, PYTHONPATH=str(tree), CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+               **(extra_env or {}))
     t0 = time.time()
     done = subprocess.run([python, "-c", CHILD, str(log), "downscale", *args], env=env, cwd=str(tree),
                           capture_output=True, text=True)
@@ -166,14 +170,15 @@ def table(results: dict[str, dict[str, list[dict[str, float]]]], trees: list[str
     lines.append("-" * len(head))
     for k in (*STAGES, "command_other", "wall"):
         lines.append(f"{k:<18}" + "".join(f"{med[t][m][k]:>18.2f}" for m in methods for t in trees))
-    if len(trees) == 2:
+    if len(trees) >= 2 and trees[0] == "old":
         lines.append("")
-        lines.append(f"{'method':<12}{'old wall s':>12}{'new wall s':>12}{'old/new':>10}   runs (old | new)")
+        lines.append(f"{'method':<12}{'tree':<14}{'wall s':>8}{'old/this':>10}   runs")
         for m in methods:
-            o, n = med[trees[0]][m]["wall"], med[trees[1]][m]["wall"]
-            ro = " ".join(f"{r['wall']:.2f}" for r in results[trees[0]][m])
-            rn = " ".join(f"{r['wall']:.2f}" for r in results[trees[1]][m])
-            lines.append(f"{m:<12}{o:>12.2f}{n:>12.2f}{o / n:>10.2f}   {ro} | {rn}")
+            o = med["old"][m]["wall"]
+            for t in trees:
+                n = med[t][m]["wall"]
+                runs = " ".join(f"{r['wall']:.2f}" for r in results[t][m])
+                lines.append(f"{m:<12}{t:<14}{n:>8.2f}{o / n:>10.2f}   {runs}")
     return "\n".join(lines)
 
 
@@ -190,6 +195,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", type=Path, default=None, help="existing checkpoint (default: random preset)")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--no-cold", action="store_true", help="skip the runs with the cache off")
     args = ap.parse_args()
     python = sys.executable
     work = args.workdir or Path(tempfile.mkdtemp(prefix="carbonsr_stages_"))
@@ -210,20 +216,25 @@ def main() -> None:
         from carbonsr_cli.aux import discover_aux, layer_names
 
         ckpt = _make_checkpoint(work / f"{args.preset}.pth", args.preset, layer_names(discover_aux([data / "aux"])), 1)
-    trees = [("old", args.old.resolve())] if args.old else []
-    trees.append(("new", new))
+    # new: the cache of per-input work (aux/cache.py) in its own directory, filled by the warm-up
+    # run (a repeated command); new-cold: the cache off (a first run on these inputs)
+    cache = {"CARBONSR_CACHE_DIR": str(work / "cache")}
+    trees = [("old", args.old.resolve(), {})] if args.old else []
+    trees.append(("new", new, cache))
+    if not args.no_cold:
+        trees.append(("new-cold", new, {"CARBONSR_CACHE": "0"}))
     cmds = commands(data, work, ckpt, args.methods, args.device)
-    results: dict[str, dict[str, list[dict[str, float]]]] = {t: {m: [] for m in cmds} for t, _ in trees}
+    results: dict[str, dict[str, list[dict[str, float]]]] = {t: {m: [] for m in cmds} for t, _, _ in trees}
     for m, cmd in cmds.items():
-        run_once(trees[-1][1], cmd, python)  # warm the page cache and the cache of this tree (if any)
+        run_once(new, cmd, python, cache)  # warm the page cache and the cache of per-input work
         for i in range(args.repeat):
-            for label, tree in trees:
-                r = run_once(tree, cmd, python)
+            for label, tree, env in trees:
+                r = run_once(tree, cmd, python, env)
                 results[label][m].append(r)
                 print(f"# {m} {label} run {i + 1}: wall {r['wall']:.2f} s", file=sys.stderr, flush=True)
     print(f"carbonsr downscale command stages  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  "
-          f"{args.size_km} km, device {args.device}, {os.cpu_count()} CPUs, model preset {args.preset}")
-    print(table(results, [t for t, _ in trees]))
+          f"{data.name}, device {args.device}, {os.cpu_count()} CPUs, model preset {args.preset}")
+    print(table(results, [t for t, _, _ in trees]))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -25,6 +25,7 @@ from carbonsr_cli.aux.sources import (
     _VECTOR_EXT,
     split_year,
 )
+from carbonsr_cli.aux import cache
 from carbonsr_cli.errors import AuxFillWarning, CarbonSRError, InputDataError, MissingInputError, UsageError
 from carbonsr_cli.rasters import open_raster, read_window
 
@@ -132,7 +133,13 @@ def _scan_classes(ds: Any, band: int, path: Path) -> tuple[int, ...]:
         for v, n in zip(u.tolist(), c.tolist()):
             counts[int(v)] = counts.get(int(v), 0) + int(n)
 
-    if ds.width * ds.height <= _SCAN_FULL_LIMIT:
+    # The counts depend only on the file: kept between runs, keyed by its identity (aux/cache.py).
+    ident = cache.file_identity(path)
+    params = (band, _SCAN_FULL_LIMIT, ds.width, ds.height, repr(nodata), ds.dtypes[band - 1])
+    kept = cache.load_array("classes", ident, params)
+    if kept is not None and kept.ndim == 2 and kept.shape[1] == 2 and kept.dtype == np.int64:
+        counts = {int(v): int(n) for v, n in kept.tolist()}
+    elif ds.width * ds.height <= _SCAN_FULL_LIMIT:
         rows = max(1, 4_000_000 // max(ds.width, 1))
         for r in range(0, ds.height, rows):
             add(read_window(ds, Window(0, r, ds.width, min(rows, ds.height - r)), band))
@@ -143,6 +150,13 @@ def _scan_classes(ds: Any, band: int, path: Path) -> tuple[int, ...]:
             add(ds.read(band, out_shape=shape))
         except Exception as exc:  # noqa: BLE001 - GDAL read error on a corrupt file
             raise InputDataError(f"cannot read data (truncated or corrupt file?): {exc}", path) from None
+    if kept is None and ident is not None:
+        try:
+            table = np.asarray(sorted(counts.items()), dtype=np.int64).reshape(-1, 2)
+        except (OverflowError, ValueError):  # codes beyond int64: not kept
+            table = None
+        if table is not None:
+            cache.store_array("classes", path, ident, params, table)
     ranked = sorted(counts, key=lambda v: (-counts[v], v))
     if len(ranked) > MAX_CLASSES:
         warnings.warn(
