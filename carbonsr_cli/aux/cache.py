@@ -1,10 +1,12 @@
 """Per-input results kept between runs, keyed by file identity (issue 20).
 
-Two things are computed from every aux raster on every run although they depend only on the
+Three things are computed from the aux files on every run although they depend only on the
 file: the coverage sample (the whole raster warped to a decimated grid over the main extent,
-``aux/coverage.py``: it decompresses the file) and the class scan of a categorical raster
-(``aux/discovery.py``). They are stored in a cache directory and reused while the file is the
-same.
+``aux/coverage.py``: it decompresses the file), the class scan of a categorical raster and the
+layers of a vector file (its classes by length, CRS and bounds: ``aux/discovery.py``; with
+them, a run that does not read the vector, e.g. dasymetric on a raster layer, neither imports
+geopandas nor reads the file). They are stored in a cache directory and reused while the file
+is the same.
 
 **Identity.** An entry is keyed by the file's resolved path, device, inode, size, and
 modification and change times in nanoseconds (``st_ctime`` cannot be set back by any tool:
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -34,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["cache_dir", "file_identity", "load_array", "store_array"]
+__all__ = ["cache_dir", "file_identity", "load_array", "load_json", "store_array", "store_json"]
 
 #: Format of the entries; bump it when a cached computation changes.
 VERSION = 1
@@ -98,12 +101,12 @@ def _gdal_version() -> str:
         return "?"
 
 
-def _entry(kind: str, identity: tuple[Any, ...], params: Sequence[Any]) -> Path | None:
+def _entry(kind: str, identity: tuple[Any, ...], params: Sequence[Any], suffix: str = ".npy") -> Path | None:
     d = cache_dir()
     if d is None:
         return None
     key = repr((VERSION, kind, identity, tuple(params), _gdal_version())).encode()
-    return d / kind / (hashlib.sha256(key).hexdigest() + ".npy")
+    return d / kind / (hashlib.sha256(key).hexdigest() + suffix)
 
 
 def load_array(kind: str, identity: tuple[Any, ...] | None, params: Sequence[Any]) -> np.ndarray | None:
@@ -141,8 +144,39 @@ def store_array(kind: str, path: str | os.PathLike[str], identity: tuple[Any, ..
         return
 
 
+def load_json(kind: str, identity: tuple[Any, ...] | None, params: Sequence[Any]) -> Any:
+    """The cached JSON value of ``kind`` for a file of this identity and these parameters, or None."""
+    if identity is None:
+        return None
+    entry = _entry(kind, identity, params, ".json")
+    if entry is None:
+        return None
+    try:
+        return json.loads(entry.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def store_json(kind: str, path: str | os.PathLike[str], identity: tuple[Any, ...] | None,
+               params: Sequence[Any], value: Any) -> None:
+    """Keep a JSON-serialisable ``value`` like :func:`store_array`."""
+    if identity is None or file_identity(path) != identity:
+        return
+    entry = _entry(kind, identity, params, ".json")
+    if entry is None:
+        return
+    try:
+        from carbonsr_cli.atomic import atomic_write_text
+
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(entry, json.dumps(value))
+        _evict(entry.parent)
+    except Exception:  # noqa: BLE001 - a cache must never fail a run
+        return
+
+
 def _evict(directory: Path) -> None:
-    entries = [e for e in directory.iterdir() if e.suffix == ".npy" and not e.name.startswith(".")]
+    entries = [e for e in directory.iterdir() if e.suffix in (".npy", ".json") and not e.name.startswith(".")]
     if len(entries) <= MAX_ENTRIES:
         return
     entries.sort(key=lambda e: e.stat().st_mtime)

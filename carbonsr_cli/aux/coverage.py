@@ -131,7 +131,7 @@ def check_coverage(stack: AuxStack) -> None:
         src = sl[0].source
         if src.kind == "vector":
             vcrs = CRS.from_user_input(src.crs.to_wkt())
-            covered = covered_fraction(stack, vcrs, tuple(src.gdf.total_bounds))
+            covered = covered_fraction(stack, vcrs, src.vector_bounds())
             if covered == 0.0:
                 raise InputDataError(
                     f"does not overlap the main raster extent ({extent_text(stack)}); check both CRSs", path

@@ -412,6 +412,9 @@ def build_plan(src: MainSource, aux_paths: Sequence[str | os.PathLike[str]] | No
             categorical = checkpoint_categorical(checkpoint)
         aux_kinds = categorical_kinds(categorical)
         sources = discover_aux(aux_list, kinds=aux_kinds)
+        if loaded is not None:  # the model reads every layer: vectors kept unread by discovery
+            for s in sources:  # (aux/cache.py) are read meanwhile, while coverage is checked
+                s.prefetch_frame()
         stack = _checked_stack(sources, child, aux_years, fill_missing=opts.fill_missing)
         given = list(stack.names)
         points = list(stack.point_names)

@@ -118,3 +118,56 @@ def test_unwritable_or_corrupt_cache_is_a_miss(tmp_path: Path, utm_parent: objec
     (entry,) = (cache_dir / "coverage").glob("*.npy")
     entry.write_bytes(b"not an array")
     assert _fill(p, utm_parent) == first
+
+
+def _roads(path: Path, classes: tuple[str, str]) -> Path:
+    import geopandas as gpd
+    from shapely.geometry import LineString
+
+    x0, y0 = 500_000.0, 5_600_000.0
+    gdf = gpd.GeoDataFrame(
+        {"class": list(classes)},
+        geometry=[LineString([(x0 + 100, y0 - 500), (x0 + 7_900, y0 - 500)]),
+                  LineString([(x0 + 500, y0 - 100), (x0 + 500, y0 - 5_900)])],
+        crs="EPSG:32632",
+    )
+    if path.exists():
+        time.sleep(0.05)
+        path.unlink()
+    gdf.to_file(path, driver="GPKG")
+    return path
+
+
+def test_vector_layers_are_kept_and_the_frame_read_on_use(tmp_path: Path, utm_parent: object, cache_dir: Path) -> None:
+    p = _roads(tmp_path / "roads.gpkg", ("primary", "track"))
+    (first,) = discover_aux([p])
+    assert first.gdf is not None and first.layers == ["roads:length", "roads:length:primary", "roads:length:track"]
+    (kept,) = discover_aux([p])
+    assert kept.gdf is None and kept.layers == first.layers and kept.class_attr == first.class_attr
+    assert kept.vector_bounds() == tuple(float(v) for v in first.gdf.total_bounds)
+    child = utm_parent.child(10)
+    stacks = [AuxStack([s], child, ["2020"]) for s in (first, kept)]
+    try:
+        from rasterio.windows import Window
+
+        w = Window(0, 0, child.width, child.height)
+        np.testing.assert_array_equal(stacks[0].read(w), stacks[1].read(w))
+        assert [c.covered for c in stacks[0].coverage()] == [c.covered for c in stacks[1].coverage()]
+    finally:
+        for s in stacks:
+            s.close()
+    _roads(p, ("motorway", "track"))  # new classes: the cached layers must not be used
+    (changed,) = discover_aux([p])
+    assert changed.layers == ["roads:length", "roads:length:motorway", "roads:length:track"]
+
+
+def test_vector_changed_after_discovery_is_an_error(tmp_path: Path, cache_dir: Path) -> None:
+    from carbonsr_cli.errors import InputDataError
+
+    p = _roads(tmp_path / "roads.gpkg", ("primary", "track"))
+    discover_aux([p])
+    (kept,) = discover_aux([p])
+    assert kept.gdf is None
+    _roads(p, ("motorway", "track"))
+    with pytest.raises(InputDataError, match="changed"):
+        kept.frame()
