@@ -231,7 +231,8 @@ def main() -> None:
             for label, tree, env in trees:
                 r = run_once(tree, cmd, python, env)
                 results[label][m].append(r)
-                print(f"# {m} {label} run {i + 1}: wall {r['wall']:.2f} s", file=sys.stderr, flush=True)
+                print(f"# {m} {label} run {i + 1}: wall {r['wall']:.2f} s  "
+                      + json.dumps({k: round(v, 2) for k, v in r.items() if k != "wall"}), file=sys.stderr, flush=True)
     print(f"carbonsr downscale command stages  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  "
           f"{data.name}, device {args.device}, {os.cpu_count()} CPUs, model preset {args.preset}")
     print(table(results, [t for t, _, _ in trees]))

@@ -137,10 +137,11 @@ register_all(app)
 def main() -> None:
     """Console-script entry point.
 
-    Ends the process with :func:`os._exit` once the command is done, its exit handlers have run
-    and stdout/stderr are flushed: the interpreter's own shutdown (tearing down torch's and
-    GDAL's modules) takes 0.5-1 s after a downscale and does nothing a finished command needs.
-    ``CARBONSR_FAST_EXIT=0`` restores the ordinary exit.
+    After a command that allows it (``preload.allow_fast_exit``: ``downscale``, whose outputs
+    are closed and renamed before it returns), ends the process with :func:`os._exit` once its
+    threads are joined, its exit handlers have run and stdout/stderr are flushed: the
+    interpreter's own shutdown (tearing down torch's and GDAL's modules) takes 0.5-1 s and does
+    nothing a finished command needs. ``CARBONSR_FAST_EXIT=0`` restores the ordinary exit.
     """
     try:
         app()
@@ -155,7 +156,10 @@ def _exit(code: Any) -> None:
     import os
     import sys
 
-    if os.environ.get("CARBONSR_FAST_EXIT", "1").strip().lower() in ("0", "false", "no", "off"):
+    from carbonsr_cli.preload import fast_exit_allowed
+
+    off = os.environ.get("CARBONSR_FAST_EXIT", "1").strip().lower() in ("0", "false", "no", "off")
+    if off or not fast_exit_allowed():  # only commands that allow it (downscale)
         sys.exit(code)
     if code is None:
         status = 0

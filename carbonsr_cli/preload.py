@@ -1,4 +1,5 @@
-"""Start slow imports early, in a background thread (issue 20).
+"""Process start-up and shutdown of a command (issue 20): slow imports started early in a
+background thread, and whether the process may skip the interpreter's shutdown.
 
 ``import torch`` takes 1.5-3 s, and a command that needs it usually has other work to do first
 (open and scan the main raster, discover the aux layers, check their coverage: much of it in
@@ -13,9 +14,22 @@ from __future__ import annotations
 import sys
 import threading
 
-__all__ = ["preload_torch"]
+__all__ = ["allow_fast_exit", "fast_exit_allowed", "preload_torch"]
 
 _started: threading.Thread | None = None
+_fast_exit = False
+
+
+def allow_fast_exit() -> None:
+    """Mark the command as done with every file it wrote closed: ``cli.main`` may then end the
+    process with ``os._exit`` after the exit handlers instead of the interpreter's shutdown."""
+    global _fast_exit
+    _fast_exit = True
+
+
+def fast_exit_allowed() -> bool:
+    """Whether :func:`allow_fast_exit` was called in this process."""
+    return _fast_exit
 
 
 def _import_torch() -> None:

@@ -152,6 +152,7 @@ def register(app: typer.Typer) -> None:
             preload_torch()  # overlaps the imports and checks below
         from carbonsr_cli.console import err, out
         from carbonsr_cli.downscale import downscale
+        from carbonsr_cli.preload import allow_fast_exit
         from carbonsr_cli.errors import ConservationError, UsageError
 
         if dtype not in ("float32", "float64"):
@@ -209,6 +210,7 @@ def register(app: typer.Typer) -> None:
                 atomic_write_text(json_out, text + "\n")
         if not quiet:
             _print_table(summary, err if str(json_out) == "-" else out)
+        allow_fast_exit()  # every output is closed and in place (also when the check failed)
         if not summary.conservation.ok:
             raise ConservationError(
                 "conservation check FAILED on the written file (this is a bug; please report it): "
