@@ -122,7 +122,8 @@ def run_once(tree: Path, args: list[str], python: str, extra_env: dict[str, str]
     """Run one command of ``tree``; its stage seconds (and ``wall``)."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         log = Path(fh.name)
-    env = dict(os.environ, PYTHONPATH=str(tree), CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+    path = os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH", "")) if p)  # tree first
+    env = dict(os.environ, PYTHONPATH=path, CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", ""),
                **(extra_env or {}))
     t0 = time.time()
     done = subprocess.run([python, "-c", CHILD, str(log), "downscale", *args], env=env, cwd=str(tree),
