@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from carbonsr_cli.aux import cache
 from carbonsr_cli.aux.sources import LayerCoverage, MIN_COVERAGE, SAMPLE_EDGE, _Slot
 from carbonsr_cli.aux.warp import _subgrid
 from carbonsr_cli.errors import AuxFillWarning, InputDataError
@@ -90,13 +91,28 @@ def coverage_samples(stack: AuxStack, by_source: Mapping[Path, list[_Slot]]) -> 
     if not rasters:
         return out
 
+    params = (tuple(t)[:6], sw, sh, stack.grid.crs.to_wkt(), "nearest", "float64")
+
+    def sample_and_keep(ds: Any, bands: list[int], path: Path, ident: Any) -> np.ndarray:
+        arr = sample(ds, bands, path)
+        cache.store_array("coverage", path, ident, (*params, tuple(bands)), arr)
+        return arr
+
     with cf.ThreadPoolExecutor(max_workers=min(len(rasters), 8)) as ex:
         for path, sl in rasters:
+            bands = sorted({s.entry.band for s in sl})
+            ident = cache.file_identity(path)
+            kept = cache.load_array("coverage", ident, (*params, tuple(bands)))
+            if kept is not None and kept.shape == (len(bands), sh, sw) and kept.dtype == np.float64:
+                done: cf.Future = cf.Future()  # the same file sampled on the same grid before
+                done.set_result(kept)
+                out[path] = done
+                continue
             # A handle of its own: rasterio datasets are not thread-safe. An unreadable file
             # raises here, in order, after waiting for the samples already started.
             with decode_threads_env():  # GTiff reads the option when the file is opened
                 own = open_raster(path, require_north_up=False)
-            fut = ex.submit(sample, own, sorted({s.entry.band for s in sl}), path)
+            fut = ex.submit(sample_and_keep, own, bands, path, ident)
             fut.add_done_callback(lambda _f, d=own: d.close())
             out[path] = fut
     return out
@@ -115,7 +131,7 @@ def check_coverage(stack: AuxStack) -> None:
         src = sl[0].source
         if src.kind == "vector":
             vcrs = CRS.from_user_input(src.crs.to_wkt())
-            covered = covered_fraction(stack, vcrs, tuple(src.gdf.total_bounds))
+            covered = covered_fraction(stack, vcrs, src.vector_bounds())
             if covered == 0.0:
                 raise InputDataError(
                     f"does not overlap the main raster extent ({extent_text(stack)}); check both CRSs", path

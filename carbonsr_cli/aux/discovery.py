@@ -25,6 +25,7 @@ from carbonsr_cli.aux.sources import (
     _VECTOR_EXT,
     split_year,
 )
+from carbonsr_cli.aux import cache
 from carbonsr_cli.errors import AuxFillWarning, CarbonSRError, InputDataError, MissingInputError, UsageError
 from carbonsr_cli.rasters import open_raster, read_window
 
@@ -132,7 +133,13 @@ def _scan_classes(ds: Any, band: int, path: Path) -> tuple[int, ...]:
         for v, n in zip(u.tolist(), c.tolist()):
             counts[int(v)] = counts.get(int(v), 0) + int(n)
 
-    if ds.width * ds.height <= _SCAN_FULL_LIMIT:
+    # The counts depend only on the file: kept between runs, keyed by its identity (aux/cache.py).
+    ident = cache.file_identity(path)
+    params = (band, _SCAN_FULL_LIMIT, ds.width, ds.height, repr(nodata), ds.dtypes[band - 1])
+    kept = cache.load_array("classes", ident, params)
+    if kept is not None and kept.ndim == 2 and kept.shape[1] == 2 and kept.dtype == np.int64:
+        counts = {int(v): int(n) for v, n in kept.tolist()}
+    elif ds.width * ds.height <= _SCAN_FULL_LIMIT:
         rows = max(1, 4_000_000 // max(ds.width, 1))
         for r in range(0, ds.height, rows):
             add(read_window(ds, Window(0, r, ds.width, min(rows, ds.height - r)), band))
@@ -143,6 +150,13 @@ def _scan_classes(ds: Any, band: int, path: Path) -> tuple[int, ...]:
             add(ds.read(band, out_shape=shape))
         except Exception as exc:  # noqa: BLE001 - GDAL read error on a corrupt file
             raise InputDataError(f"cannot read data (truncated or corrupt file?): {exc}", path) from None
+    if kept is None and ident is not None:
+        try:
+            table = np.asarray(sorted(counts.items()), dtype=np.int64).reshape(-1, 2)
+        except (OverflowError, ValueError):  # codes beyond int64: not kept
+            table = None
+        if table is not None:
+            cache.store_array("classes", path, ident, params, table)
     ranked = sorted(counts, key=lambda v: (-counts[v], v))
     if len(ranked) > MAX_CLASSES:
         warnings.warn(
@@ -231,19 +245,46 @@ def _point_sum_source(path: Path, gdf: Any, types: np.ndarray, attribute: str, b
 
 
 def _vector_source(path: Path, attribute: str | None = None) -> AuxSource:
-    import geopandas as gpd
+    if attribute is not None:
+        return _read_vector_source(path, attribute)
+    # The layers of a vector file depend only on the file: kept between runs, keyed by its
+    # identity (aux/cache.py); the frame itself is then read on first use (AuxSource.frame).
+    ident = cache.file_identity(path)
+    params = ("layers", MAX_CLASSES, tuple(_base_name(path)))
+    kept = cache.load_json("vector", ident, params)
+    if kept is not None:
+        try:
+            from pyproj import CRS as ProjCRS
+
+            entries = tuple(AuxEntry(str(g), str(op), None, None if y is None else int(y), tuple(str(c) for c in cl))
+                            for g, op, y, cl in kept["entries"])
+            crs = ProjCRS.from_wkt(kept["crs"])
+            bounds = tuple(float(v) for v in kept["bounds"])
+            class_attr = kept["class_attr"]
+            note = kept["warning"]
+        except (KeyError, TypeError, ValueError):
+            kept = None
+        else:
+            if note:
+                warnings.warn(f"{path}: {note}", AuxFillWarning, stacklevel=3)
+            return AuxSource(path=path, kind="vector", entries=entries, crs=crs, class_attr=class_attr,
+                             bounds=bounds, identity=ident)  # type: ignore[arg-type]
+    src = _read_vector_source(path, None)
+    if ident is not None and all(isinstance(c, str) for e in src.entries for c in e.classes):
+        cache.store_json("vector", path, ident, params, {
+            "entries": [[e.group, e.op, e.year, list(e.classes)] for e in src.entries],
+            "crs": src.crs.to_wkt(), "bounds": [float(v) for v in src.gdf.total_bounds],
+            "class_attr": src.class_attr, "warning": getattr(src, "_warning", None),
+        })
+    return src
+
+
+def _read_vector_source(path: Path, attribute: str | None = None) -> AuxSource:
     import shapely
 
-    try:
-        gdf = gpd.read_file(path, engine="pyogrio")
-    except Exception as exc:  # noqa: BLE001 - pyogrio/GDAL errors are varied
-        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise InputDataError(f"cannot read vector file: {msg}", path) from None
-    if gdf.crs is None:
-        raise InputDataError("vector file has no CRS; set one (e.g. ogr2ogr -a_srs EPSG:4326)", path)
-    gdf = gdf[~(gdf.geometry.isna() | gdf.geometry.is_empty)]
-    if len(gdf) == 0:
-        raise InputDataError("vector file has no geometries", path)
+    from carbonsr_cli.aux.vector import read_frame
+
+    gdf = read_frame(path)
     base, year = _base_name(path)
     types = shapely.get_type_id(np.asarray(gdf.geometry.values, dtype=object))
     if attribute is not None:
@@ -252,6 +293,7 @@ def _vector_source(path: Path, attribute: str | None = None) -> AuxSource:
     has_poly = bool(np.isin(types, (3, 6)).any())
     has_point = bool(np.isin(types, (0, 4)).any())
     class_attr = None
+    note = None
     classes: tuple[str, ...] = ()
     if has_line:
         cols = {c.lower(): c for c in gdf.columns if c != gdf.geometry.name}
@@ -264,12 +306,9 @@ def _vector_source(path: Path, attribute: str | None = None) -> AuxSource:
             lengths = lines.geometry.length.groupby(lines[class_attr].astype(str)).sum()
             ranked = sorted(lengths.index, key=lambda c: (-float(lengths[c]), c))
             if len(ranked) > MAX_CLASSES:
-                warnings.warn(
-                    f"{path}: {len(ranked)} values of {class_attr!r}; keeping the {MAX_CLASSES} longest "
-                    "as separate layers (the others count in the total length only)",
-                    AuxFillWarning,
-                    stacklevel=3,
-                )
+                note = (f"{len(ranked)} values of {class_attr!r}; keeping the {MAX_CLASSES} longest "
+                        "as separate layers (the others count in the total length only)")
+                warnings.warn(f"{path}: {note}", AuxFillWarning, stacklevel=4)
             classes = tuple(sorted(ranked[:MAX_CLASSES]))
     entries = []
     if has_line:
@@ -278,7 +317,9 @@ def _vector_source(path: Path, attribute: str | None = None) -> AuxSource:
         entries.append(AuxEntry(base, "polygon_cover", None, year))
     if has_point:
         entries.append(AuxEntry(base, "point_count", None, year))
-    return AuxSource(path=path, kind="vector", entries=tuple(entries), crs=gdf.crs, class_attr=class_attr, gdf=gdf)
+    src = AuxSource(path=path, kind="vector", entries=tuple(entries), crs=gdf.crs, class_attr=class_attr, gdf=gdf)
+    src._warning = note  # type: ignore[attr-defined]  # for the cache of the layers (_vector_source)
+    return src
 
 
 

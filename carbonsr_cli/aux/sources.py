@@ -5,10 +5,14 @@ year rule of names (:func:`split_year`) and the internal slots a stack reads."""
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+#: Serialises the reads of vector frames (AuxSource.frame) between a prefetch thread and the run.
+_FRAME_LOCK = threading.Lock()
 
 __all__ = [
     "AUX_EXTENSIONS",
@@ -147,6 +151,44 @@ class AuxSource:
     class_attr: str | None = None
     attribute: str | None = None
     gdf: Any = field(default=None, repr=False, compare=False)
+    #: Vector bounds ``(left, bottom, right, top)`` in ``crs`` when ``gdf`` is not read yet.
+    bounds: tuple[float, float, float, float] | None = field(default=None, repr=False, compare=False)
+    #: Identity (``aux/cache.py``) of a vector file whose ``gdf`` is read on first use.
+    identity: Any = field(default=None, repr=False, compare=False)
+
+    def frame(self) -> Any:
+        """The vector's GeoDataFrame, read on first use when discovery took its layers from the
+        cache (an error if the file changed since)."""
+        if self.gdf is None and self.kind == "vector":
+            with _FRAME_LOCK:  # a prefetch thread may be reading it (prefetch_frame)
+                if self.gdf is None:
+                    from carbonsr_cli.aux.cache import file_identity
+                    from carbonsr_cli.aux.vector import read_frame
+                    from carbonsr_cli.errors import InputDataError
+
+                    if self.identity is not None and file_identity(self.path) != self.identity:
+                        raise InputDataError("vector file changed during the run; run again", self.path)
+                    self.gdf = read_frame(self.path)
+        return self.gdf
+
+    def prefetch_frame(self) -> None:
+        """Start reading a vector's frame in a background thread (errors surface at :meth:`frame`)."""
+        if self.gdf is not None or self.kind != "vector":
+            return
+        import contextlib
+        import threading
+
+        def read() -> None:
+            with contextlib.suppress(BaseException):
+                self.frame()
+
+        threading.Thread(target=read, name="carbonsr-read-vector", daemon=True).start()
+
+    def vector_bounds(self) -> tuple[float, float, float, float]:
+        """Bounds of a vector source in its CRS (without reading it when discovery kept them)."""
+        if self.gdf is None and self.bounds is not None:
+            return self.bounds
+        return tuple(float(v) for v in self.frame().total_bounds)  # type: ignore[return-value]
 
     @property
     def layers(self) -> list[str]:

@@ -338,7 +338,7 @@ class AuxStack:
         data = self._vectors.get((src.path, src.attribute))
         if data is None:
             line = next((e for e in src.entries if e.op == "line_length"), None)
-            data = VectorData.build(src.gdf, self.grid.crs, line.classes if line else (), src.class_attr, src.attribute)
+            data = VectorData.build(src.frame(), self.grid.crs, line.classes if line else (), src.class_attr, src.attribute)
             self._vectors[(src.path, src.attribute)] = data
         return data
 

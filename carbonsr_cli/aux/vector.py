@@ -371,3 +371,26 @@ def rasterize_window(
             out += np.bincount(cell, weights=weights, minlength=height * width)
         return out.reshape(1, height, width).astype(np.float32)
     raise ValueError(f"unknown vector op {op!r}")
+
+
+def read_frame(path: Any) -> Any:
+    """A vector file as a GeoDataFrame without empty geometries (the frame discovery reads).
+
+    Raises:
+        InputDataError: unreadable, no CRS, no geometries.
+    """
+    import geopandas as gpd
+
+    from carbonsr_cli.errors import InputDataError
+
+    try:
+        gdf = gpd.read_file(path, engine="pyogrio")
+    except Exception as exc:  # noqa: BLE001 - pyogrio/GDAL errors are varied
+        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise InputDataError(f"cannot read vector file: {msg}", path) from None
+    if gdf.crs is None:
+        raise InputDataError("vector file has no CRS; set one (e.g. ogr2ogr -a_srs EPSG:4326)", path)
+    gdf = gdf[~(gdf.geometry.isna() | gdf.geometry.is_empty)]
+    if len(gdf) == 0:
+        raise InputDataError("vector file has no geometries", path)
+    return gdf

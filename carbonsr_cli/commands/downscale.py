@@ -146,8 +146,13 @@ def register(app: typer.Typer) -> None:
         quiet: Quiet = False,
         json_out: JsonOut = None,
     ) -> None:
+        if not (method or "").strip().lower().startswith("uniform"):  # uniform never imports torch
+            from carbonsr_cli.preload import preload_torch
+
+            preload_torch()  # overlaps the imports and checks below
         from carbonsr_cli.console import err, out
         from carbonsr_cli.downscale import downscale
+        from carbonsr_cli.preload import allow_fast_exit
         from carbonsr_cli.errors import ConservationError, UsageError
 
         if dtype not in ("float32", "float64"):
@@ -205,6 +210,7 @@ def register(app: typer.Typer) -> None:
                 atomic_write_text(json_out, text + "\n")
         if not quiet:
             _print_table(summary, err if str(json_out) == "-" else out)
+        allow_fast_exit()  # every output is closed and in place (also when the check failed)
         if not summary.conservation.ok:
             raise ConservationError(
                 "conservation check FAILED on the written file (this is a bug; please report it): "

@@ -276,6 +276,28 @@ def _grid_warnings(grid: ParentGrid, name: str) -> None:
 
 
 
+class _Host(str):
+    """The device of a uniform run, which never imports torch: ``"cpu"`` with ``.type``/``.index``
+    like ``torch.device("cpu")``."""
+
+    type = "cpu"
+    index = None
+
+
+def _host_device(spec: Any) -> Any:
+    """The host device of a baseline run (memory-bound: it runs on the host, --device unused).
+
+    Uniform needs no torch (``engine.uniform_children``); the other baselines fill with torch,
+    imported here, after the inputs are checked (a background import may have done it by now).
+    """
+    if spec.method.name == "uniform":
+        return _Host("cpu")
+    import torch
+
+    return torch.device("cpu")
+
+
+
 @dataclass
 class PlannedRun:
     """A :class:`Plan` and what the engine needs besides it (the loaded model, the device, the
@@ -347,9 +369,7 @@ def build_plan(src: MainSource, aux_paths: Sequence[str | os.PathLike[str]] | No
                 loaded.path,
             )
     else:
-        import torch  # lazy: torch is slow to import and the baselines need only its CPU device
-
-        dev = torch.device("cpu")  # baselines are memory-bound and run on the host (--device unused)
+        dev = None  # baselines run on the host (--device unused); set once the inputs are checked
         f = validate_factor(10 if factor is None else factor)
 
     out_bands = _select_bands(full, opts.years, opts.bands)
@@ -392,6 +412,9 @@ def build_plan(src: MainSource, aux_paths: Sequence[str | os.PathLike[str]] | No
             categorical = checkpoint_categorical(checkpoint)
         aux_kinds = categorical_kinds(categorical)
         sources = discover_aux(aux_list, kinds=aux_kinds)
+        if loaded is not None:  # the model reads every layer: vectors kept unread by discovery
+            for s in sources:  # (aux/cache.py) are read meanwhile, while coverage is checked
+                s.prefetch_frame()
         stack = _checked_stack(sources, child, aux_years, fill_missing=opts.fill_missing)
         given = list(stack.names)
         points = list(stack.point_names)
@@ -435,6 +458,8 @@ def build_plan(src: MainSource, aux_paths: Sequence[str | os.PathLike[str]] | No
     with open_raster(main) as ds:
         valid = _scan_main(ds, plan)
 
+    if dev is None:
+        dev = _host_device(spec)
     batch_size = opts.batch_size
     if batch_size is None:
         batch_size = 128 if dev.type == "cuda" else 8
