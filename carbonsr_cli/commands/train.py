@@ -204,7 +204,7 @@ def _report(result: Any, cfg: Any) -> None:
         init = getattr(result, "initial_score", None)
         if init is not None:
             kept = init <= best["val_score"] or (result.best_path is not None and _best_is_initial(result.best_path))
-            out.print(f"The initial state (the fitted layer mix) scored {init:.3f}; best_model.pth holds "
+            out.print(f"The initial state (the fitted prior) scored {init:.3f}; best_model.pth holds "
                       + ("that initial state (training did not improve on it clearly)." if kept else f"epoch {best['epoch']}."))
             best = dict(best, val_score=min(best["val_score"], init))
         if best["val_score"] < 0.99:
