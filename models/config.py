@@ -220,36 +220,29 @@ class ModelConfig:
         return ModelConfig.from_dict({**self.to_dict(), **changes})
 
 
+#: The ``prior`` preset: the dasymetric prior alone (no local head, no U-Net).
+_PRIOR_ONLY: dict[str, Any] = dict(
+    allocation="dasymetric",
+    use_pointwise=False,
+    use_context=False,
+    base_width=8,
+    widths=(8, 16),
+    depths=(1, 1),
+    attn_heads=2,
+    temporal_kernel=1,
+)
+
 #: Preset name -> field overrides (``aux_channels`` is always given by the caller).
 PRESETS: dict[str, dict[str, Any]] = {
     # The fitted layer mix with trainable coefficients, no local head, no U-Net: the default of
     # `carbonsr train` (measured: the learned head and context lowered 100 m accuracy on the
     # generated regions; see benchmarks/README.md, "Accuracy").
-    "prior": dict(
-        allocation="dasymetric",
-        use_pointwise=False,
-        use_context=False,
-        base_width=8,
-        widths=(8, 16),
-        depths=(1, 1),
-        attn_heads=2,
-        temporal_kernel=1,
-    ),
+    "prior": _PRIOR_ONLY,
     # The fitted mix times a per-pixel correction fitted to the parent totals (models.mass_prior),
     # kept only when it validates 5 % better than the best baseline. Opt-in: at 100 m it beat the
-    # mix on street-dominated regions (0.49-0.87 x) but lost on smooth urban ones and on the demo
-    # (1.04-1.3 x) where the 1 km validation still preferred it (benchmarks/README.md, session 5).
-    "mass": dict(
-        allocation="dasymetric",
-        prior_kind="mass",
-        use_pointwise=False,
-        use_context=False,
-        base_width=8,
-        widths=(8, 16),
-        depths=(1, 1),
-        attn_heads=2,
-        temporal_kernel=1,
-    ),
+    # mix on street-dominated regions (0.36-0.87 x) but lost on a smooth urban one and on the demo
+    # (1.04-1.08 x) where the 1 km validation still preferred it (benchmarks/README.md, session 5).
+    "mass": dict(_PRIOR_ONLY, prior_kind="mass"),
     "tiny": dict(
         allocation="dasymetric",
         base_width=8,

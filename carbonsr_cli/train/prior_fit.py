@@ -114,11 +114,8 @@ def fit_prior_on_cache(cache: Any, main: Any, train_mask: np.ndarray, normalizer
     with torch.no_grad():
         for y in range(n_years):
             grid = np.zeros((k, h, w))
-            for r0 in range(0, h, rows_per_chunk):
-                r1 = min(h, r0 + rows_per_chunk)
-                a0, a1 = max(0, r0 * factor - margin), min(hc, r1 * factor + margin)  # neighbourhoods see past the chunk
-                x = torch.from_numpy(np.asarray(arr[:, y : y + 1, a0:a1], dtype=np.float32))[None]
-                phi = prior.basis(x)[..., r0 * factor - a0 : r0 * factor - a0 + (r1 - r0) * factor, :]
+            for r0, r1, x, cut in _row_chunks(arr, y, factor, margin, rows_per_chunk):
+                phi = prior.basis(x)[..., cut, :]
                 grid[:, r0:r1] = block_sum(phi.double(), factor)[0, :, 0].numpy()  # [K, r1 - r0, W]
             keep = train_mask & np.isfinite(main.values[y])
             sums.append(grid.transpose(1, 2, 0)[keep])
@@ -151,6 +148,25 @@ def fit_prior_on_cache(cache: Any, main: Any, train_mask: np.ndarray, normalizer
                     int(t_all.size), terms, basis, share_loss(groups, coef, floor) if groups else float("nan"), mass_fit)
 
 
+def _row_chunks(arr: Any, year: int, factor: int, margin: int, rows_per_chunk: int,
+                wanted: Any = None) -> Any:
+    """Yield ``(r0, r1, x, cut)`` for parent rows ``r0:r1`` of year ``year`` of the cache ``arr``
+    ``[C, Y, H * f, W * f]``: ``x`` the normalised aux ``[1, C, 1, rows, W * f]`` with ``margin``
+    child rows either side (so neighbourhoods see past the chunk), ``cut`` the child rows of the
+    chunk in ``x``. ``wanted(r0, r1)`` False skips reading a chunk."""
+    import torch
+
+    hc = arr.shape[2]
+    h = hc // factor
+    for r0 in range(0, h, rows_per_chunk):
+        r1 = min(h, r0 + rows_per_chunk)
+        if wanted is not None and not wanted(r0, r1):
+            continue
+        a0, a1 = max(0, r0 * factor - margin), min(hc, r1 * factor + margin)
+        x = torch.from_numpy(np.asarray(arr[:, year : year + 1, a0:a1], dtype=np.float32))[None]
+        yield r0, r1, x, slice(r0 * factor - a0, r0 * factor - a0 + (r1 - r0) * factor)
+
+
 def fit_mass_on_cache(cache: Any, main: Any, train_mask: np.ndarray, mix: Any, factor: int, *, hidden: int = 16,
                       smooth: tuple[int, ...] = (1, 3), seed: int = 0, max_blocks: int = 4000, steps: int = 300,
                       rows_per_chunk: int = 16) -> dict[str, Any]:
@@ -167,8 +183,7 @@ def fit_mass_on_cache(cache: Any, main: Any, train_mask: np.ndarray, mix: Any, f
     from models.mass_prior import MassPrior, block_samples, fit_mass_prior
 
     arr = cache.array
-    c, n_years, hc, wc = arr.shape
-    h, w = hc // factor, wc // factor
+    c, n_years = arr.shape[:2]
     prior = MassPrior(c, hidden, smooth, mix.basis.exponents, mix.basis.smooth)
     prior.mix.load_state_dict(mix.state_dict())
     values = np.asarray(main.values, dtype=np.float64)
@@ -182,14 +197,9 @@ def fit_mass_on_cache(cache: Any, main: Any, train_mask: np.ndarray, mix: Any, f
     with torch.no_grad():
         for y in range(n_years):
             rows_y = index[index[:, 0] == y]
-            for r0 in range(0, h, rows_per_chunk):
-                r1 = min(h, r0 + rows_per_chunk)
+            wanted = lambda r0, r1, rows_y=rows_y: bool(((rows_y[:, 1] >= r0) & (rows_y[:, 1] < r1)).any())  # noqa: E731
+            for r0, r1, x, cut in _row_chunks(arr, y, factor, margin, rows_per_chunk, wanted):
                 sel = rows_y[(rows_y[:, 1] >= r0) & (rows_y[:, 1] < r1)]
-                if not len(sel):
-                    continue
-                a0, a1 = max(0, r0 * factor - margin), min(hc, r1 * factor + margin)
-                x = torch.from_numpy(np.asarray(arr[:, y : y + 1, a0:a1], dtype=np.float32))[None]
-                cut = slice(r0 * factor - a0, r0 * factor - a0 + (r1 - r0) * factor)
                 fb = block_samples(prior.raw_features(x)[0, :, 0, cut].numpy(), factor)  # [rows, w, P, K]
                 mb = block_samples(prior.mix(x)[0, :, 0, cut].double().numpy(), factor)[..., 0]  # [rows, w, P]
                 feats.append(fb[sel[:, 1] - r0, sel[:, 2]])
