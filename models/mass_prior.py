@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from models.dasymetric import DEFAULT_EXPONENTS, DEFAULT_SMOOTH, DasymetricPrior, neighbourhood_mean
 
-__all__ = ["MassPrior", "fit_mass_prior"]
+__all__ = ["MassPrior", "block_samples", "fit_mass_prior"]
 
 
 class MassPrior(nn.Module):
