@@ -294,11 +294,14 @@ def train(config: TrainConfig) -> RunResult:
         positions = split.train_positions(main.valid_all_years)
         sampler = PatchSampler(positions, n_years, t, scales, cfg.batch_size, cfg.seed, cfg.augment)
         items = _val_items(split, n_years, t, cfg.max_val_windows)
-        net_cfg = model_preset(cfg.preset, aux_channels=cache.channels, **cfg.model_overrides)
+        overrides = dict(cfg.model_overrides)
+        overrides.setdefault("max_years", max(t, 1))
+        overrides.setdefault("context_pool", cfg.factor)
+        mcfg = model_preset(cfg.preset, aux_channels=cache.channels, **overrides)
         prior_fit = fit_prior_on_cache(cache, main, ~split.forbidden_mask(), norm, cfg.factor,
                                        exponents=tuple(cfg.model_overrides.get("prior_exponents", DEFAULT_EXPONENTS)),
                                        smooth=tuple(cfg.model_overrides.get("prior_smooth", DEFAULT_SMOOTH)),
-                                       mass=net_cfg.use_prior and net_cfg.prior_kind == "mass", mass_hidden=net_cfg.mass_hidden, seed=cfg.seed)
+                                       mass=mcfg.use_prior and mcfg.prior_kind == "mass", mass_hidden=mcfg.mass_hidden, seed=cfg.seed)
         if prior_fit.mass is not None:
             log.info("fitted mass prior on %d training parent cells (log-abs error of block sums %.4f)", prior_fit.mass["blocks"], prior_fit.mass["loss"])
         log.info("fitted layer mix on %d training parent cells (basis %s; share loss %.4f): %s",
@@ -322,10 +325,6 @@ def train(config: TrainConfig) -> RunResult:
     import random as _random
 
     _random.seed(cfg.seed)
-    overrides = dict(cfg.model_overrides)
-    overrides.setdefault("max_years", max(t, 1))
-    overrides.setdefault("context_pool", cfg.factor)
-    mcfg = model_preset(cfg.preset, aux_channels=cache.channels, **overrides)
     if ck is not None:
         ckpt_mod.check_compatible(ck, resume_path, model_config=mcfg.to_dict())  # type: ignore[arg-type]
     model = DSTCarbonFormer(mcfg)
