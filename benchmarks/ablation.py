@@ -1,6 +1,7 @@
 """Ablation of the dasymetric network at 100 m on the generated kinds: what each part buys.
 
-Rows: prior only (the fitted layer mix, trainable); + local head (3x3 aux MLP); + context
+Rows: the fitted layer mix alone (no point sites); prior only (the surface mix, trainable, with
+the listed points' surplus on their sites); + local head (3x3 aux MLP); + context
 (U-Net features constant over the shared block, T=1); + temporal (T=3 windows, temporal scan).
 For each, the held-out 100 m Nonzero-MAE of the selected checkpoint (``best_model.pth``: the
 prior unless validation improved) and of the last trained state, as ratios to the best
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import run_one, summarise  # noqa: E402
 
 CONFIGS = {
+    "mix (no sites)": {"use_pointwise": False, "use_context": False, "point_sites": False},
     "prior only": {"use_pointwise": False, "use_context": False},
     "+ local head": {"use_context": False},
     "+ context": {"use_temporal": False},

@@ -70,6 +70,11 @@ class ModelConfig:
             ``mass``: the per-pixel emission mass network of :class:`models.mass_prior.MassPrior`
             (a disaggregation regression; products of layers, point catalogues placed linearly).
         mass_hidden: Hidden width of the mass prior's MLP.
+        point_sites: (dasymetric, with a prior) listed point sources take the surplus of their
+            block over the fitted surface, on their sites (:mod:`models.point_sites`); needs a
+            point layer with an emission attribute (``plants.gpkg:co2_t_yr``).
+        site_window: Site neighbourhood edge (odd, child cells).
+        site_delta: Largest signature-weighted distance of a site cell from its point's cell.
         use_pointwise: (dasymetric) a local head: an MLP of the aux values in a 3x3 neighbourhood
             (POMELO-style occupancy correction), zero at initialisation.
         use_context: (dasymetric) the U-Net path (SFT, MoE, attention, temporal scan) gives the
@@ -113,6 +118,9 @@ class ModelConfig:
     prior_smooth: tuple[int, ...] = (1, 3)
     prior_kind: str = "mix"
     mass_hidden: int = 16
+    point_sites: bool = False
+    site_window: int = 3
+    site_delta: float = 1.0
     pointwise_hidden: int = 32
     context_channels: int = 8
     context_pool: int = 10
@@ -175,6 +183,10 @@ class ModelConfig:
             raise bad("prior_kind", "must be 'mix' or 'mass'")
         if self.mass_hidden < 1:
             raise bad("mass_hidden", "must be >= 1")
+        if self.site_window < 1 or self.site_window % 2 == 0:
+            raise bad("site_window", "must be odd and >= 1")
+        if not self.site_delta >= 0:
+            raise bad("site_delta", "must be >= 0")
         if self.pointwise_hidden < 1:
             raise bad("pointwise_hidden", "must be >= 1")
         if self.context_channels < 1 or self.context_pool < 1:
@@ -223,6 +235,7 @@ class ModelConfig:
 #: The ``prior`` preset: the dasymetric prior alone (no local head, no U-Net).
 _PRIOR_ONLY: dict[str, Any] = dict(
     allocation="dasymetric",
+    point_sites=True,
     use_pointwise=False,
     use_context=False,
     base_width=8,
@@ -245,6 +258,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mass": dict(_PRIOR_ONLY, prior_kind="mass"),
     "tiny": dict(
         allocation="dasymetric",
+        point_sites=True,
         base_width=8,
         widths=(8, 16, 24, 32),
         depths=(1, 1, 1, 1),
@@ -257,6 +271,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     "base": dict(
         allocation="dasymetric",
+        point_sites=True,
         base_width=16,
         widths=(16, 32, 64, 128),
         depths=(1, 1, 2, 2),
@@ -269,6 +284,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     "large": dict(
         allocation="dasymetric",
+        point_sites=True,
         base_width=24,
         widths=(24, 48, 96, 192),
         depths=(1, 2, 3, 4),

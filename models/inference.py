@@ -26,7 +26,7 @@ def low_precision_copy(model: nn.Module, dtype: torch.dtype = torch.bfloat16) ->
     residual keeps float32 precision. The original model is not changed.
     """
     low = copy.deepcopy(model).to(dtype).eval()
-    for name in ("prior", "pointwise"):  # the dasymetric prior and head stay float32 (few flops),
+    for name in ("prior", "pointwise", "sites"):  # the dasymetric prior, head and sites stay float32 (few flops),
         part = getattr(model, name, None)  # copied from the original: a round trip through bf16
         if isinstance(part, nn.Module):  # would round its normalisation constants
             setattr(low, name, copy.deepcopy(part).float().eval())

@@ -14,6 +14,7 @@ With ``config.allocation == "dasymetric"`` the output is a per-pixel log-weight 
 
     context = block_mean(proj(features), context_pool)          (constant over each parent cell)
     raw = prior(aux) + local_head(aux 3x3, context)              (the head starts at 0)
+    raw = sites(raw, aux, main)        (point_sites: surplus over the fitted surface on the sites)
     constrained = log1p(S * softmax_block(raw))                  (float64, exact)
 
 so that placement inside a parent cell follows the aux at (and next to) each pixel (the prior is
@@ -44,6 +45,7 @@ from models.blocks import (
 from models.config import ModelConfig
 from models.dasymetric import DasymetricPrior, softmax_children
 from models.mass_prior import MassPrior
+from models.point_sites import PointSites
 from models.physics import water_fill
 
 __all__ = ["DSTCarbonFormer", "count_parameters"]
@@ -122,8 +124,10 @@ class DSTCarbonFormer(nn.Module):
         self.dasymetric = config.allocation == "dasymetric"
         self.prior: nn.Module | None = None
         if self.dasymetric and config.use_prior:
-            self.prior = (MassPrior(config.aux_channels, config.mass_hidden, config.prior_smooth, config.prior_exponents, config.prior_smooth) if config.prior_kind == "mass"
-                          else DasymetricPrior(config.aux_channels, config.prior_exponents, config.prior_smooth))
+            self.prior = self._new_prior(config)
+        self.sites: PointSites | None = None
+        if self.prior is not None and config.point_sites:
+            self.sites = PointSites(config.aux_channels, self._new_prior(config), config.site_window, config.site_delta)
         ctx_ch = config.context_channels if config.use_context else 0
         self.pointwise = LocalHead(config.aux_channels, ctx_ch, config.pointwise_hidden) if self.dasymetric and config.use_pointwise else None
         self.aux_loss: Tensor = torch.zeros(())
@@ -169,6 +173,13 @@ class DSTCarbonFormer(nn.Module):
             self.head: nn.Module = nn.Sequential(group_norm(w[0]), Pointwise(w[0], config.context_channels), nn.GELU())
         else:
             self.head = OutputHead(w[0], config.dropout)
+
+    @staticmethod
+    def _new_prior(config: ModelConfig) -> nn.Module:
+        """An unfitted prior of ``config.prior_kind``."""
+        if config.prior_kind == "mass":
+            return MassPrior(config.aux_channels, config.mass_hidden, config.prior_smooth, config.prior_exponents, config.prior_smooth)
+        return DasymetricPrior(config.aux_channels, config.prior_exponents, config.prior_smooth)
 
     def _check_inputs(self, aux: Tensor, main: Tensor) -> None:
         cfg = self.config
@@ -261,6 +272,8 @@ class DSTCarbonFormer(nn.Module):
             self.aux_loss = aux.new_zeros((), dtype=torch.float32)
         if self.pointwise is not None:
             log_w = log_w + self.pointwise(aux, context)
+        if self.sites is not None:
+            log_w = self.sites(log_w, aux, main, int(context_block or self.config.context_pool))
         constrained = None
         if block_totals is not None and block is not None and self.config.use_physics:
             with torch.autocast(device_type=log_w.device.type, enabled=False):

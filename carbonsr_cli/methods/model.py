@@ -48,7 +48,7 @@ def prior_only_model(checkpoint: dict[str, Any], normalizer: Any) -> Any:
     fit = PriorFit.from_dict(checkpoint["prior_fit"])
     cfg = ModelConfig.from_dict(checkpoint["model_config"]).replace(
         allocation="dasymetric", use_prior=True, use_pointwise=False, use_context=False, prior_exponents=fit.exponents, prior_smooth=fit.smooth,
-        prior_kind="mix",
+        prior_kind="mix", point_sites=False,
     )
     net = DSTCarbonFormer(cfg)
     net.prior.load_state_dict(build_fitted_prior(fit, normalizer).state_dict())

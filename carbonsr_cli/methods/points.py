@@ -10,9 +10,15 @@ from carbonsr_cli.methods.base import Method, MethodSpec, register
 from carbonsr_cli.methods.dasymetric import match_layer
 
 
-def _mass_layers(point_layers: Sequence[str]) -> list[str]:
+def mass_layers(point_layers: Sequence[str]) -> list[str]:
     """Point layers that carry an emission attribute (``plants:co2_t_yr``; counts do not)."""
     return [n for n in point_layers if not n.endswith(":count")]
+
+
+def listed_point_channels(names: Sequence[str], point_layers: Sequence[str]) -> list[int]:
+    """Indices in ``names`` of the point layers that carry an emission attribute."""
+    mass = set(mass_layers(point_layers))
+    return [i for i, n in enumerate(names) if n in mass]
 
 
 @register
@@ -27,7 +33,7 @@ class PointsFirst(Method):
     takes_layer = True
 
     def resolve(self, spec: MethodSpec, available: Sequence[str], point_layers: Sequence[str]) -> MethodSpec:
-        mass = _mass_layers(point_layers)
+        mass = mass_layers(point_layers)
         if not mass:
             raise UsageError("--method points needs a point layer with an emission attribute (--aux plants.gpkg:co2_t_yr)")
         others = [n for n in available if n not in mass]
@@ -39,7 +45,7 @@ class PointsFirst(Method):
 
     def layers(self, spec: MethodSpec, available: Sequence[str], point_layers: Sequence[str]) -> list[str]:
         surface = self.resolve(spec, available, point_layers).layer
-        return [surface, *_mass_layers(point_layers)]  # type: ignore[list-item]
+        return [surface, *mass_layers(point_layers)]  # type: ignore[list-item]
 
     def fill(self, totals: Any, layers: Any, block: int) -> Any:
         from models.baselines import point_first_fill
@@ -47,5 +53,5 @@ class PointsFirst(Method):
         return point_first_fill(totals, layers[1:].sum(dim=0), layers[0], block)
 
     def variants(self, available: Sequence[str], point_layers: Sequence[str]) -> list[MethodSpec]:
-        mass = _mass_layers(point_layers)
+        mass = mass_layers(point_layers)
         return [MethodSpec(self.name, n) for n in available if n not in mass] if mass else []

@@ -48,7 +48,8 @@ from carbonsr_cli import __version__
 from carbonsr_cli.errors import CheckpointError, OutputError, UsageError
 from carbonsr_cli.train.config import RESUME_MUTABLE, TrainConfig, default_years_window
 from carbonsr_cli.train.dataset import AuxCache, Batch, MainData, PatchSampler, Prefetcher, build_batch, load_main, parse_scales
-from carbonsr_cli.train.prior_fit import build_fitted_prior, build_network_prior, fit_prior_on_cache
+from carbonsr_cli.methods.points import listed_point_channels
+from carbonsr_cli.train.prior_fit import build_fitted_prior, build_network_prior, build_point_sites, fit_prior_on_cache
 from carbonsr_cli.train.reporting import _epoch_table, _history_row, _plot, _setup_logging, _write_json, _write_metrics_csv
 from carbonsr_cli.train.split import Split, make_block_split, make_region_split, parse_val_region
 from carbonsr_cli.train.step import CompiledUNet, LossTracker, Throughput, compile_wanted, training_step
@@ -297,11 +298,22 @@ def train(config: TrainConfig) -> RunResult:
         overrides = dict(cfg.model_overrides)
         overrides.setdefault("max_years", max(t, 1))
         overrides.setdefault("context_pool", cfg.factor)
+        point_channels = listed_point_channels(stack.names, getattr(stack, "point_names", ()))
+        if not point_channels:
+            overrides["point_sites"] = False  # nothing listed: no sites, whatever the preset says
         mcfg = model_preset(cfg.preset, aux_channels=cache.channels, **overrides)
+        sites_on = mcfg.allocation == "dasymetric" and mcfg.use_prior and mcfg.point_sites
         prior_fit = fit_prior_on_cache(cache, main, ~split.forbidden_mask(), norm, cfg.factor,
                                        exponents=tuple(cfg.model_overrides.get("prior_exponents", DEFAULT_EXPONENTS)),
                                        smooth=tuple(cfg.model_overrides.get("prior_smooth", DEFAULT_SMOOTH)),
-                                       mass=mcfg.use_prior and mcfg.prior_kind == "mass", mass_hidden=mcfg.mass_hidden, seed=cfg.seed)
+                                       mass=mcfg.use_prior and mcfg.prior_kind == "mass", mass_hidden=mcfg.mass_hidden, seed=cfg.seed,
+                                       point_channels=tuple(point_channels) if sites_on else ())
+        if sites_on and prior_fit.sites is None:  # listed layers, but no listed point in the region
+            mcfg = model_preset(cfg.preset, aux_channels=cache.channels, **{**overrides, "point_sites": False})
+        if prior_fit.sites is not None:
+            sig = sorted(zip(stack.names, prior_fit.sites["signature"]), key=lambda kv: -kv[1])
+            log.info("point sites: %d listed point cells; surface fitted on %d parent cells without one; site signature: %s",
+                     prior_fit.sites["point_cells"], prior_fit.sites["cells"], ", ".join(f"{n} {v:.0%}" for n, v in sig[:4] if v > 0))
         if prior_fit.mass is not None:
             log.info("fitted mass prior on %d training parent cells (log-abs error of block sums %.4f)", prior_fit.mass["blocks"], prior_fit.mass["loss"])
         log.info("fitted layer mix on %d training parent cells (basis %s; share loss %.4f): %s",
@@ -330,6 +342,8 @@ def train(config: TrainConfig) -> RunResult:
     model = DSTCarbonFormer(mcfg)
     if model.prior is not None:  # start at the fitted baseline (resume: overwritten by the checkpoint)
         model.prior.load_state_dict(build_network_prior(prior_fit, norm, mcfg.prior_kind).state_dict())
+        if model.sites is not None:
+            model.sites.load_state_dict(build_point_sites(prior_fit, norm, mcfg.prior_kind, mcfg.site_window, mcfg.site_delta).state_dict())
     model = model.to(device)
     total_steps = cfg.epochs * cfg.steps_per_epoch
     decay, no_decay = [], []

@@ -81,7 +81,7 @@ def test_fit_prior_recovers_an_additive_mix() -> None:
 
 def test_dasymetric_network_starts_at_its_prior_and_trains() -> None:
     torch.manual_seed(0)
-    net = DSTCarbonFormer(preset("tiny", 3))
+    net = DSTCarbonFormer(preset("tiny", 3, point_sites=False))  # sites: tests/model/test_point_sites.py
     assert net.dasymetric and net.prior is not None and net.pointwise is not None
     net.prior.set_coefficients(np.array([1.0] + [0.0] * (net.prior.basis.size - 1)), 0.1)
     aux = torch.randn(2, 3, 1, 40, 40)

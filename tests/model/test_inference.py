@@ -32,7 +32,7 @@ def test_low_precision_copy_keeps_the_dasymetric_prior_and_head_in_float32() -> 
     net.prior.basis.set_normalisation([True] * C_AUX, [1.2345] * C_AUX, [2.3456] * C_AUX, [0.0] * C_AUX, [0.777] * C_AUX)
     low = low_precision_copy(net)
     for name, p in low.named_parameters():
-        want = torch.float32 if name.startswith(("prior.", "pointwise.")) else torch.bfloat16
+        want = torch.float32 if name.startswith(("prior.", "pointwise.", "sites.")) else torch.bfloat16
         assert p.dtype == want, name
     aux, main = _inputs(2)
     with torch.inference_mode():

@@ -1,0 +1,173 @@
+"""Listed point sources on their sites; the rest of each block by the surface prior.
+
+A point catalogue (``--aux plants.gpkg:co2_t_yr``) gives each listed plant's emission at one
+coordinate, while a plant covers a few 100 m cells (its site) and its 1 km total is rarely the
+listed figure (other years, other fuels, reporting errors). Sharing a block among layers, as
+the additive mix does, spreads a plant's mass over every cell that shows any layer. This module
+instead splits each block total ``T`` (t CO2 / block / yr) into:
+
+- the surplus ``P = clip(T - S, 0, T)`` over the fitted surface's block sum ``S`` (absolute
+  t CO2: the surface prior is fitted to the totals of blocks without listed points), in blocks
+  that hold a listed point, placed on the sites in proportion to the listed mass;
+- the remainder ``T - P``, shared as the network's log-weights say (surface prior + heads).
+
+A point's *site* is the cells of its ``window x window`` neighbourhood that look like the
+point's own cell: ``sum_k s_k |z_k(y) - z_k(p)| <= delta`` over the normalised aux channels
+``z`` (point layers excluded), with ``s`` the *site signature*: how far the listed points'
+cells stand out from the average cell in each channel (normalised to sum 1; e.g. built-up land
+cover, no residents). The listed mass of a point is shared equally among its site's cells.
+Placement inside a 1 km cell cannot be learned from 1 km totals, so this rule is a stated
+assumption, not a fit (measured against the generator's truth in benchmarks/README.md).
+
+Shapes: aux ``[B, C, T, H, W]`` (normalised), log-weights ``[B, 1, T, H, W]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from models.physics import block_sum, from_blocks, to_blocks
+
+__all__ = ["PointSites", "listed_mass", "site_signature"]
+
+
+def listed_mass(basis: nn.Module, x: Tensor, point_mask: Tensor) -> Tensor:
+    """Listed point mass per child cell ``[B, 1, T, H, W]`` (raw units, e.g. t CO2 / yr).
+
+    Args:
+        basis: The prior's :class:`models.dasymetric.PriorBasis` (inverts the normaliser).
+        x: Normalised aux ``[B, C, T, H, W]``; the training cache stores it as float16, so a raw 0
+            comes back as a tiny positive value: values within two float16 steps of the
+            normalised zero count as 0.
+        point_mask: ``[C]`` 1 for the point layers to sum, else 0.
+    """
+    shape = (1, -1, 1, 1, 1)
+    std = basis.std.view(shape).clamp(min=1e-12)
+    z0 = torch.where(basis.is_log.view(shape) > 0.5, -basis.mean.view(shape), basis.lo.view(shape) - basis.mean.view(shape)) / std
+    step = torch.exp2(torch.floor(torch.log2(z0.abs().clamp(min=2.0**-14)))) * 2.0**-10  # float16 spacing at z0
+    empty = (x.float() - z0).abs() <= 2.0 * step + 1e-6
+    raw = torch.where(empty, torch.zeros_like(x, dtype=torch.float32), basis.raw(x))
+    return (raw * point_mask.view(shape)).sum(dim=1, keepdim=True)
+
+
+def site_signature(z_points: np.ndarray, z_all: np.ndarray, point_channels: Sequence[int]) -> np.ndarray:
+    """Channel weights ``[C]`` (sum 1, 0 on point channels): ``|mean z at points - mean z|``.
+
+    Args:
+        z_points: Mean normalised value per channel over the listed points' cells ``[C]``.
+        z_all: Mean normalised value per channel over all cells ``[C]``.
+        point_channels: Indices of the point layers (weight 0).
+    """
+    s = np.abs(np.asarray(z_points, np.float64) - np.asarray(z_all, np.float64))
+    s[list(point_channels)] = 0.0
+    s = np.nan_to_num(s, nan=0.0, posinf=0.0, neginf=0.0)
+    total = float(s.sum())
+    return s / total if total > 0 else s
+
+
+class PointSites(nn.Module):
+    """Surplus of each block over the surface prior, placed on the listed points' sites.
+
+    Args:
+        channels: Aux channels ``C``.
+        surface: The fitted surface prior (aux -> log of absolute weights, t CO2 / child cell /
+            yr); a frozen copy, used only for the surplus ``P``.
+        window: Site neighbourhood edge (odd, child cells).
+        delta: Largest signature-weighted distance of a site cell from the point's cell.
+    """
+
+    def __init__(self, channels: int, surface: nn.Module, window: int = 3, delta: float = 1.0) -> None:
+        super().__init__()
+        if window < 1 or window % 2 == 0:
+            raise ValueError(f"window must be odd and >= 1, got {window}")
+        if not delta >= 0:
+            raise ValueError(f"delta must be >= 0, got {delta}")
+        self.channels = int(channels)
+        self.window = int(window)
+        self.delta = float(delta)
+        self.surface = surface
+        for p in self.surface.parameters():
+            p.requires_grad_(False)
+        self.register_buffer("point_mask", torch.zeros(self.channels))
+        self.register_buffer("signature", torch.zeros(self.channels))
+
+    def set_sites(self, point_channels: Sequence[int], signature: Sequence[float]) -> None:
+        """Store which channels are point layers (listed mass, raw units) and the signature."""
+        mask = torch.zeros(self.channels)
+        mask[list(point_channels)] = 1.0
+        sig = torch.as_tensor(np.asarray(signature, np.float64), dtype=torch.float32)
+        if sig.shape != (self.channels,):
+            raise ValueError(f"expected {self.channels} signature weights, got {tuple(sig.shape)}")
+        with torch.no_grad():
+            self.point_mask.copy_(mask)
+            self.signature.copy_(sig)
+
+    def _basis(self) -> nn.Module:
+        return self.surface.basis if hasattr(self.surface, "basis") else self.surface.mix.basis
+
+    def listed_mass(self, x: Tensor) -> Tensor:
+        """Listed point mass per child cell ``[B, 1, T, H, W]`` (see :func:`listed_mass`)."""
+        return listed_mass(self._basis(), x, self.point_mask)
+
+    def spread(self, x: Tensor, block: int) -> Tensor:
+        """Listed mass shared equally among each point's site cells ``[B, 1, T, H, W]`` (a site
+        stays inside its point's ``block x block`` block)."""
+        mass = self.listed_mass(x)
+        z = x.float() * self.signature.view(1, -1, 1, 1, 1)  # signature-weighted: distance = L1
+        r = self.window // 2
+        h, w = x.shape[-2:]
+        zp = torch.nn.functional.pad(z, (r, r, r, r))
+        rows = torch.arange(h, device=x.device) // block
+        cols = torch.arange(w, device=x.device) // block
+        rows_p = torch.nn.functional.pad(rows[None, None], (r, r), value=-1)[0, 0]
+        cols_p = torch.nn.functional.pad(cols[None, None], (r, r), value=-1)[0, 0]
+        offsets = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
+        sims = []
+        for dy, dx in offsets:  # sim[o](p): is p + o part of p's site
+            zo = zp[..., r + dy : r + dy + h, r + dx : r + dx + w]
+            same = (rows_p[r + dy : r + dy + h] == rows)[:, None] & (cols_p[r + dx : r + dx + w] == cols)[None, :]
+            sims.append(((zo - z).abs().sum(dim=1, keepdim=True) <= self.delta) & same)
+        n = torch.stack(sims).sum(dim=0).clamp(min=1)
+        share = mass / n
+        out = torch.zeros_like(mass)
+        for (dy, dx), sim in zip(offsets, sims, strict=True):  # move each point's share to p + o
+            part = torch.nn.functional.pad(share * sim, (r, r, r, r))
+            out = out + part[..., r - dy : r - dy + h, r - dx : r - dx + w]
+        return out
+
+    def forward(self, log_w: Tensor, x: Tensor, main: Tensor, block: int) -> Tensor:
+        """Log-weights whose block shares put the surplus on the sites (see the module docstring).
+
+        Args:
+            log_w: The network's log-weights ``[B, 1, T, H, W]`` (surface prior + heads).
+            x: Normalised aux ``[B, C, T, H, W]``.
+            main: ``log1p(T / block**2)`` broadcast over each block ``[B, 1, T, H, W]``.
+            block: Block edge in child cells.
+
+        Returns:
+            ``log`` of weights summing to about ``T`` per block ``[B, 1, T, H, W]`` (float32);
+            the remainder's shares (and their gradient) come from ``log_w``.
+        """
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            totals = torch.expm1(main[..., ::block, ::block].double()).clamp(min=0) * float(block * block)
+            with torch.no_grad():
+                sites = self.spread(x, block).double()
+                surface = block_sum(torch.exp(self.surface(x).double()), block)
+                site_sum = block_sum(sites, block)
+                surplus = torch.where(site_sum > 0, (totals - surface).clamp(min=0), torch.zeros_like(totals))
+                surplus = torch.minimum(surplus, totals)
+            up = _repeat(surplus / site_sum.clamp(min=1e-300), block)
+            lw = log_w.double()
+            shares = torch.softmax(to_blocks(lw, block), dim=-1)
+            rest = from_blocks(shares * (totals - surplus).reshape(-1, 1), lw.shape, block)
+            weights = rest + sites * up
+            return torch.log(weights.clamp(min=1e-300)).float()
+
+
+def _repeat(v: Tensor, block: int) -> Tensor:
+    """Broadcast ``[..., h, w]`` over each block's children ``[..., h * block, w * block]``."""
+    return v.repeat_interleave(block, dim=-2).repeat_interleave(block, dim=-1)

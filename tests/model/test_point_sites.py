@@ -1,0 +1,121 @@
+"""Point sites: listed points spread over their sites, the block surplus placed there, physics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.config import ModelConfig, preset
+from models.dasymetric import DasymetricPrior, softmax_children
+from models.network import DSTCarbonFormer
+from models.point_sites import PointSites, listed_mass, site_signature
+
+F = 10
+#: Channels of the synthetic rasters: 0 = listed mass (t CO2 / yr), 1 = built-up, 2 = noise.
+C = 3
+
+
+def _surface(floor: float = 1.0) -> DasymetricPrior:
+    """A surface prior of ``floor`` t per child cell (raw = normalised input: identity normaliser)."""
+    prior = DasymetricPrior(C, exponents=(1.0,), smooth=(1,))
+    prior.basis.set_normalisation([False] * C, [0.0] * C, [1.0] * C, [0.0] * C, [1.0] * C)
+    prior.set_coefficients(np.zeros(C), floor)
+    prior.set_active(np.array([False, True, True]))
+    return prior
+
+
+def _sites(delta: float = 0.5) -> PointSites:
+    sites = PointSites(C, _surface(), window=3, delta=delta)
+    sites.set_sites([0], [0.0, 1.0, 0.0])
+    return sites
+
+
+def _layers(h: int = 20, w: int = 20) -> torch.Tensor:
+    """``[1, C, 1, H, W]``: a 90 t point at (3, 4) whose site is (3, 4), (3, 5), (4, 4); a 50 t
+    point at (4, 10), on the edge of block (0, 1), built-up also at (4, 9) (block (0, 0))."""
+    x = torch.zeros((1, C, 1, h, w))
+    x[0, 0, 0, 3, 4] = 90.0
+    x[0, 1, 0, 3, 4] = x[0, 1, 0, 3, 5] = x[0, 1, 0, 4, 4] = 1.0
+    x[0, 0, 0, 4, 10] = 50.0
+    x[0, 1, 0, 4, 9] = x[0, 1, 0, 4, 10] = 1.0
+    x[0, 2] = torch.rand((1, h, w), generator=torch.Generator().manual_seed(0)) * 0.1  # unweighted noise
+    return x
+
+
+def test_spread_shares_each_point_among_similar_cells_of_its_block() -> None:
+    spread = _sites().spread(_layers(), F)[0, 0, 0]
+    for r, c in [(3, 4), (3, 5), (4, 4)]:
+        assert spread[r, c].item() == pytest.approx(30.0)
+    assert spread[4, 10].item() == pytest.approx(50.0)  # (4, 9) is alike but in another block
+    assert spread[4, 9].item() == 0.0
+    assert spread.sum().item() == pytest.approx(140.0)
+    assert int((spread > 0).sum()) == 4
+
+
+def test_surplus_over_the_surface_goes_to_the_sites_and_blocks_conserve() -> None:
+    sites = _sites()
+    x = _layers()
+    totals = torch.tensor([[1100.0, 100.0], [250.0, 80.0]], dtype=torch.float64)[None, None, None]  # [1, 1, 1, 2, 2]
+    main = torch.log1p(totals / (F * F)).repeat_interleave(F, -2).repeat_interleave(F, -1).float()
+    log_w = torch.zeros((1, 1, 1, 20, 20))  # the network: uniform shares of the rest
+    children = softmax_children(sites(log_w, x, main, F), totals, F)[0, 0, 0]
+    blocks = children.reshape(2, F, 2, F).sum(dim=(1, 3))
+    assert torch.allclose(blocks, totals[0, 0, 0], rtol=1e-12)
+    assert bool((children >= 0).all())
+    # block (0, 0): surface 100 t, total 1100 t -> 1000 t on the 3 site cells, 1 t on every cell
+    assert children[3, 4].item() == pytest.approx(1000.0 / 3 + 1.0, rel=1e-5)
+    assert children[0, 0].item() == pytest.approx(1.0, rel=1e-5)
+    # block (0, 1): the 50 t point but total = surface (100 t): no surplus, uniform shares
+    assert children[4, 10].item() == pytest.approx(1.0, rel=1e-5)
+    assert children[4, 11].item() == pytest.approx(1.0, rel=1e-5)
+    # blocks without a point keep the network's shares
+    assert torch.allclose(children[10:, :10], torch.full((10, 10), 2.5, dtype=torch.float64))
+
+
+def test_listed_mass_reads_a_float16_zero_as_zero() -> None:
+    basis = DasymetricPrior(2, exponents=(1.0,), smooth=(1,)).basis
+    basis.set_normalisation([True, False], [3.0, 0.5], [2.0, 1.0], [0.0, 0.0])
+    raw = torch.tensor([0.0, 0.0, 1234.5, 0.0])
+    z = ((torch.log1p(raw) - 3.0) / 2.0).half().float()  # what the training cache holds
+    x = torch.stack([z, torch.zeros(4)])[None, :, None, None]  # [1, 2, 1, 1, 4]
+    mass = listed_mass(basis, x, torch.tensor([1.0, 0.0]))[0, 0, 0, 0]
+    assert mass[0].item() == 0.0 and mass[1].item() == 0.0 and mass[3].item() == 0.0
+    assert mass[2].item() == pytest.approx(1234.5, rel=2e-3)
+
+
+def test_site_signature_weights_what_sets_the_points_apart() -> None:
+    sig = site_signature(np.array([5.0, 2.0, 0.1, -1.0]), np.array([0.0, 0.0, 0.0, 0.0]), [0])
+    assert sig[0] == 0.0
+    assert sig.sum() == pytest.approx(1.0)
+    assert sig[1] > sig[3] > sig[2]
+
+
+def test_network_with_sites_conserves_and_trains_only_the_rest() -> None:
+    cfg = preset("prior", aux_channels=C, prior_exponents=(1.0,), prior_smooth=(1,), site_delta=0.5)
+    assert cfg.point_sites
+    net = DSTCarbonFormer(cfg)
+    assert net.sites is not None
+    net.prior.load_state_dict(_surface().state_dict())
+    net.sites.load_state_dict(_sites().state_dict())
+    x = _layers()
+    totals = torch.tensor([[1100.0, 100.0], [250.0, 80.0]], dtype=torch.float64)[None, None, None]
+    main = torch.log1p(totals / (F * F)).repeat_interleave(F, -2).repeat_interleave(F, -1).float()
+    log_w, _ = net(x, main, context_block=F)
+    children = softmax_children(log_w, totals, F)
+    assert torch.allclose(children[0, 0, 0].reshape(2, F, 2, F).sum(dim=(1, 3)), totals[0, 0, 0], rtol=1e-12)
+    assert children[0, 0, 0, 3, 4].item() > 300.0
+    children.sum().backward()
+    assert net.prior.log_floor.grad is not None  # the surface prior still trains the rest
+    assert all(p.grad is None for p in net.sites.parameters())  # the frozen copy does not
+    fresh = DSTCarbonFormer(cfg)
+    fresh.load_state_dict(net.state_dict())
+    assert torch.equal(fresh(x, main, context_block=F)[0], log_w.detach())
+
+
+def test_configs_without_the_field_have_no_sites() -> None:
+    cfg = ModelConfig.from_dict({"aux_channels": C, "allocation": "dasymetric"})
+    assert not cfg.point_sites
+    assert DSTCarbonFormer(cfg).sites is None
+    with pytest.raises(ValueError, match="site_window"):
+        ModelConfig(aux_channels=C, site_window=2)
