@@ -49,7 +49,7 @@ from carbonsr_cli.downscale.planning import PlannedRun, build_plan
 from carbonsr_cli.downscale.summary import DownscaleSummary
 from carbonsr_cli.errors import CarbonSRError, UsageError
 from carbonsr_cli.inventory_totals import write_totals
-from carbonsr_cli.methods import parse_method
+from carbonsr_cli.methods import needs_torch, parse_method
 from carbonsr_cli.netcdf_out import netcdf_output as _netcdf_output
 from carbonsr_cli.preload import preload_torch
 from carbonsr_cli.writer import BLOCK
@@ -154,7 +154,7 @@ def downscale(
         CheckpointError: not a carbonsr checkpoint, pickled code, aux layers do not match.
         OutputError: output exists without ``overwrite``, unwritable, disk full.
     """
-    if not (method or "").strip().lower().startswith("uniform"):  # uniform never imports torch
+    if needs_torch(method):  # uniform and dasymetric fill in numpy and never import torch
         preload_torch()  # in a background thread, while the inputs are opened and checked
     co = parse_creation_options(creation_options)
     dst_path = check_output_path(dst, overwrite)

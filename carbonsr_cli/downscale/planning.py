@@ -277,8 +277,8 @@ def _grid_warnings(grid: ParentGrid, name: str) -> None:
 
 
 class _Host(str):
-    """The device of a uniform run, which never imports torch: ``"cpu"`` with ``.type``/``.index``
-    like ``torch.device("cpu")``."""
+    """The device of a baseline run with a numpy fill, which never imports torch: ``"cpu"`` with
+    ``.type``/``.index`` like ``torch.device("cpu")``."""
 
     type = "cpu"
     index = None
@@ -287,10 +287,11 @@ class _Host(str):
 def _host_device(spec: Any) -> Any:
     """The host device of a baseline run (memory-bound: it runs on the host, --device unused).
 
-    Uniform needs no torch (``engine.uniform_children``); the other baselines fill with torch,
-    imported here, after the inputs are checked (a background import may have done it by now).
+    Methods with a numpy fill (uniform, dasymetric) need no torch; the other baselines fill
+    with torch, imported here, after the inputs are checked (a background import may have done
+    it by now).
     """
-    if spec.method.name == "uniform":
+    if spec.method.numpy_fill:
         return _Host("cpu")
     import torch
 
