@@ -40,6 +40,7 @@ import rasterio
 
 from carbonsr_cli import inventory
 from carbonsr_cli.atomic import check_output_path, make_temp_path, remove_quietly
+from carbonsr_cli.checkpoints import prefetch_sha256
 from carbonsr_cli.downscale.check import check_written_conservation
 from carbonsr_cli.downscale.distributed import run_distributed
 from carbonsr_cli.downscale.engine import run_pipeline
@@ -156,6 +157,8 @@ def downscale(
     """
     if needs_torch(method):  # uniform and dasymetric fill in numpy and never import torch
         preload_torch()  # in a background thread, while the inputs are opened and checked
+    if checkpoint is not None:
+        prefetch_sha256(checkpoint)  # in a background thread too (the output's model tag)
     co = parse_creation_options(creation_options)
     dst_path = check_output_path(dst, overwrite)
     if uncertainty is not None:
