@@ -73,6 +73,7 @@ def _install_timers(device: str) -> tuple[dict[str, float], Any]:
 
     import torch
 
+    from carbonsr_cli.downscale import bands as bd
     from carbonsr_cli.downscale import engine as dp
     from carbonsr_cli import tiling
     from carbonsr_cli import writer as wr
@@ -111,10 +112,12 @@ def _install_timers(device: str) -> tuple[dict[str, float], Any]:
             acc[name] += sum(e0.elapsed_time(e1) for e0, e1 in pairs) / 1000.0
 
     dp._BandReader.read = timed("read", dp._BandReader.read)
+    bd._RowReader.read = timed("read", bd._RowReader.read)  # baselines: in the preparing threads
     dp._Predictor.__call__ = timed("model", dp._Predictor.__call__, gpu=True)
     dp._water_fill = timed("water_fill", dp._water_fill, gpu=True)
-    dp._baseline_fill = timed("baseline_fill", dp._baseline_fill)
-    dp._finish_band = timed("finish", dp._finish_band)  # writer thread; waits for the GPU copy
+    bd.baseline_fill = timed("baseline_fill", bd.baseline_fill)  # preparing threads
+    dp.finish_band = timed("finish", dp.finish_band)  # writer thread; waits for the GPU copy
+    bd.finish_band = timed("finish", bd.finish_band)  # baselines: preparing threads
     wr.RasterWriter.write = timed("write", wr.RasterWriter.write)
     dp._open_strip_feed = timed("open_feed", dp._open_strip_feed)  # reader start-up and pre-warp
     dp._predict_row = timed("predict_row", dp._predict_row, gpu=True)  # model + batch slicing

@@ -20,11 +20,14 @@ point leaves either the old file or the new one, never a truncated file.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import contextlib
 import hashlib
 import os
 import pickle
 import random
 import tempfile
+import threading
 import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -54,6 +57,7 @@ __all__ = [
     "file_sha256",
     "load_checkpoint",
     "load_model_for_inference",
+    "prefetch_sha256",
     "restore_rng_state",
     "save_checkpoint",
     "to_plain",
@@ -227,8 +231,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict:
     return obj
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+def _hash_file(path: str | os.PathLike[str]) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -236,12 +239,83 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def load_model_for_inference(path: str | os.PathLike[str], device: "str | torch.device" = "cpu") -> LoadedModel:
+def _identity(path: str | os.PathLike[str]) -> tuple:
+    """What tells a file's versions apart: resolved path, device, inode, size, mtime, ctime."""
+    p = Path(path)
+    st = p.stat()
+    return (str(p.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+_SHA_LOCK = threading.Lock()
+#: Hashes started by :func:`prefetch_sha256`: resolved path -> (file identity, future); taken by
+#: :func:`file_sha256`.
+_SHA_STARTED: dict[str, tuple[tuple, cf.Future]] = {}
+
+
+def prefetch_sha256(path: str | os.PathLike[str]) -> None:
+    """Start hashing a file in a background thread (hashlib releases the GIL; the read also
+    brings the file into the page cache for the ``torch.load`` that follows): the next
+    :func:`file_sha256` of the unchanged file takes that result. Does nothing if the file
+    cannot be read now (the load reports it)."""
+    try:
+        key = _identity(path)
+    except OSError:
+        return
+    fut: cf.Future = cf.Future()
+    with _SHA_LOCK:
+        if key[0] in _SHA_STARTED and _SHA_STARTED[key[0]][0] == key:
+            return
+        _SHA_STARTED[key[0]] = (key, fut)
+
+    def run() -> None:
+        try:
+            fut.set_result(_hash_file(path))
+        except BaseException as exc:  # noqa: BLE001 - file_sha256 hashes again and reports
+            fut.set_exception(exc)
+
+    threading.Thread(target=run, name="carbonsr-sha256", daemon=True).start()
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks (or the hash :func:`prefetch_sha256` started,
+    when the file is unchanged since)."""
+    try:
+        key: tuple | None = _identity(path)
+    except OSError:
+        key = None
+    with _SHA_LOCK:
+        started = _SHA_STARTED.pop(key[0], None) if key is not None else None
+    if started is not None and started[0] == key:
+        with contextlib.suppress(Exception):
+            digest = started[1].result()
+            if _identity(path) == key:
+                return digest
+    return _hash_file(path)
+
+
+def _load_weights(model: Any, state: Mapping[str, Any]) -> None:
+    """``model.load_state_dict(state, strict=True)``, taking the loaded tensors as they are
+    (``assign=True``: no copy of every weight) when each one matches the model's tensor in
+    dtype, shape and strides, so that the values and layouts are those of a copy; else copying."""
+    import torch
+
+    own = model.state_dict(keep_vars=True)
+    same = own.keys() == state.keys() and all(
+        isinstance(v, torch.Tensor) and isinstance(own[k], torch.Tensor) and v.dtype == own[k].dtype
+        and v.shape == own[k].shape and v.stride() == own[k].stride() and v.device == own[k].device
+        for k, v in state.items()
+    )
+    model.load_state_dict(state, strict=True, assign=same)
+
+
+def load_model_for_inference(path: str | os.PathLike[str], device: "str | torch.device" = "cpu",
+                             checkpoint: dict | None = None) -> LoadedModel:
     """Load a checkpoint and build its model in eval mode on ``device``.
 
     Args:
         path: Checkpoint file (any kind: best_model.pth, latest.pth, autosave...).
         device: Torch device (``"cpu"``, ``"cuda"``, ``torch.device``).
+        checkpoint: ``load_checkpoint(path)`` when the caller has it already (not read again).
 
     Returns:
         A :class:`LoadedModel`.
@@ -256,14 +330,14 @@ def load_model_for_inference(path: str | os.PathLike[str], device: "str | torch.
     from models.network import DSTCarbonFormer
 
     p = Path(path)
-    ckpt = load_checkpoint(p)
+    ckpt = load_checkpoint(p) if checkpoint is None else checkpoint
     try:
         config = ModelConfig.from_dict(ckpt["model_config"])
         model = DSTCarbonFormer(config)
     except (TypeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"model configuration in the checkpoint is not usable: {exc}", p) from None
     try:
-        model.load_state_dict(ckpt["model_state"], strict=True)
+        _load_weights(model, ckpt["model_state"])
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise CheckpointError(f"weights do not match the model configuration: {first[:200]}", p) from None

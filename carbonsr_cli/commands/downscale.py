@@ -146,7 +146,9 @@ def register(app: typer.Typer) -> None:
         quiet: Quiet = False,
         json_out: JsonOut = None,
     ) -> None:
-        if not (method or "").strip().lower().startswith("uniform"):  # uniform never imports torch
+        from carbonsr_cli.methods import needs_torch
+
+        if needs_torch(method):  # uniform and dasymetric fill in numpy and never import torch
             from carbonsr_cli.preload import preload_torch
 
             preload_torch()  # overlaps the imports and checks below

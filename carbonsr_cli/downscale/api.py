@@ -40,6 +40,7 @@ import rasterio
 
 from carbonsr_cli import inventory
 from carbonsr_cli.atomic import check_output_path, make_temp_path, remove_quietly
+from carbonsr_cli.checkpoints import prefetch_sha256
 from carbonsr_cli.downscale.check import check_written_conservation
 from carbonsr_cli.downscale.distributed import run_distributed
 from carbonsr_cli.downscale.engine import run_pipeline
@@ -49,7 +50,7 @@ from carbonsr_cli.downscale.planning import PlannedRun, build_plan
 from carbonsr_cli.downscale.summary import DownscaleSummary
 from carbonsr_cli.errors import CarbonSRError, UsageError
 from carbonsr_cli.inventory_totals import write_totals
-from carbonsr_cli.methods import parse_method
+from carbonsr_cli.methods import needs_torch, parse_method
 from carbonsr_cli.netcdf_out import netcdf_output as _netcdf_output
 from carbonsr_cli.preload import preload_torch
 from carbonsr_cli.writer import BLOCK
@@ -154,8 +155,10 @@ def downscale(
         CheckpointError: not a carbonsr checkpoint, pickled code, aux layers do not match.
         OutputError: output exists without ``overwrite``, unwritable, disk full.
     """
-    if not (method or "").strip().lower().startswith("uniform"):  # uniform never imports torch
+    if needs_torch(method):  # uniform and dasymetric fill in numpy and never import torch
         preload_torch()  # in a background thread, while the inputs are opened and checked
+    if checkpoint is not None:
+        prefetch_sha256(checkpoint)  # in a background thread too (the output's model tag)
     co = parse_creation_options(creation_options)
     dst_path = check_output_path(dst, overwrite)
     if uncertainty is not None:

@@ -13,14 +13,16 @@ The raster is processed one *row of tiles* at a time (:class:`~carbonsr_cli.tili
    bfloat16 copy of the model when a check on the first batch stays within :data:`~carbonsr_cli.downscale.predict.BF16_TOL`,
    full batches replayed from a CUDA graph), blends the
    overlapping raw predictions in the log domain (:class:`~carbonsr_cli.tiling.BlendStream`)
-   and water-fills every parent cell in float64 on the device. Baselines skip the model and
-   fill the same rows from the totals (and one aux layer for ``dasymetric``).
+   and water-fills every parent cell in float64 on the device.
 3. A writer thread writes each finished band of child rows through
    :class:`~carbonsr_cli.writer.RasterWriter` (temp file + rename: an error or Ctrl-C leaves no
    output).
 
 Memory is bounded by the strip reader's slots (about ``readers + 2`` strips ahead plus the
 strips of the current tile row), two prepared tile rows and one batch on the device.
+
+Baselines need no tiles: their bands of rows are read, filled and finished in several threads
+(:func:`carbonsr_cli.downscale.bands.run_baseline_bands`) and written by the same writer.
 """
 
 from __future__ import annotations
@@ -31,19 +33,19 @@ import contextlib
 import functools
 import os
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from carbonsr_cli import units
-from carbonsr_cli.aux import AuxStack, discover_aux
 from carbonsr_cli.console import plural
-from carbonsr_cli.devices import HostResult, to_device
+from carbonsr_cli.devices import to_device
 from carbonsr_cli.downscale import readers, strips
-from carbonsr_cli.downscale.plan import read_totals
+from carbonsr_cli.downscale.bands import MAX_PENDING_WRITES, finish_band, row_window, run_baseline_bands, write_band
+from carbonsr_cli.downscale.plan import plan_stack, read_totals
 from carbonsr_cli.downscale.predict import BandData, _Predictor, _predict_row, _water_fill, unique_windows
-from carbonsr_cli.downscale.progress import _advance, _progress
+from carbonsr_cli.downscale.progress import _progress
 from carbonsr_cli.rasters import open_raster
 from carbonsr_cli.tiling import BlendStream, TileLayout, pad_reflect
 from carbonsr_cli.writer import RasterWriter
@@ -57,8 +59,6 @@ __all__ = ["LAST_RUN_SECONDS", "run_pipeline"]
 
 #: Target size of the raw aux inputs of one chunk of tiles (host memory per read, x2 with prefetch).
 CHUNK_BYTES = 64 << 20
-#: Pending writes allowed before the main thread waits for the writer.
-_MAX_PENDING_WRITES = 3
 
 
 #: Seconds the main thread of the last :func:`run_pipeline` call spent waiting for inputs
@@ -79,17 +79,9 @@ class _BandReader:
         self.layout = layout
         self.chunks = chunks
         self._ds: Any = None
-        self._aux: Any = None
-        self._aux_order: list[int] = []
 
     def _open(self) -> None:
-
-        plan = self.plan
-        self._ds = open_raster(plan.main_path)
-        if not plan.method.method.runs_model and plan.aux_names:  # the model's layers come from the strip reader
-            self._aux = plan_stack(plan).subset(plan.aux_names)  # handles of this thread
-            names = list(self._aux.names)
-            self._aux_order = [names.index(n) for n in plan.aux_names]
+        self._ds = open_raster(self.plan.main_path)  # the aux layers come from the strip reader
 
     def out_rows(self, i: int) -> tuple[int, int]:
         """Child rows finished by tile row ``i`` (see ``TileLayout.ready_until``)."""
@@ -97,7 +89,7 @@ class _BandReader:
         return r0, max(r0, self.layout.ready_until(i))
 
     def read(self, i: int, j: int = 0) -> BandData:
-        """Read the inputs of chunk ``j`` of tile row ``i`` (totals with chunk 0)."""
+        """Model: read the inputs of chunk ``j`` of tile row ``i`` (totals with chunk 0)."""
         if self._ds is None:
             self._open()
 
@@ -110,14 +102,7 @@ class _BandReader:
                 (len(plan.out_bands), 0, plan.grid.width)
             )
         data = BandData(i=i, out_rows=(r0, r1), totals=totals)
-        if plan.method.method.runs_model:
-            self._read_model_inputs(i, *self.chunks[j], data)
-        elif self._aux is not None and r1 > r0:
-            from rasterio.windows import Window
-
-            raw = self._aux.read(Window(0, r0, plan.child.width, r1 - r0))[self._aux_order]  # [L, Y, h, W]
-            w = np.nan_to_num(raw.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-            data.weights = np.maximum(w, 0.0)
+        self._read_model_inputs(i, *self.chunks[j], data)
         return data
 
     def _read_model_inputs(self, i: int, j0: int, j1: int, data: BandData) -> None:
@@ -143,77 +128,10 @@ class _BandReader:
 
     def close(self) -> None:
         """Close the handles (call from the reader thread)."""
-        if self._aux is not None:
-            with contextlib.suppress(Exception):
-                self._aux.close()
-            self._aux = None
         if self._ds is not None:
             with contextlib.suppress(Exception):
                 self._ds.close()
             self._ds = None
-
-
-# --------------------------------------------------------------------------------------
-# Model prediction (main thread)
-# --------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------
-# Filling (physics / baselines)
-# --------------------------------------------------------------------------------------
-
-
-def _write_band(writer: Any, band: Any, window: Any) -> None:
-    """Writer-thread job: ``band`` is an array, or a callable that makes it (waiting for the GPU)."""
-    writer.write(band() if callable(band) else band, window)
-
-
-def _baseline_fill(data: BandData, plan: Plan, out_dtype: Any) -> np.ndarray:
-    """Uniform or dasymetric children of a band ``[Y, h, W]`` (float64, NaN = nodata).
-
-    Baselines are computed in float64; their children are all >= 0, so the cast to float32
-    (done by the caller) changes every block sum by at most ~6e-8 relative.
-    """
-    f = plan.factor
-    if plan.method.method.name == "uniform":  # numpy: a uniform run never imports torch (~2 s)
-        return uniform_children(data.totals, f)
-    import torch
-
-    t = torch.from_numpy(np.ascontiguousarray(data.totals))[None, None]
-    layers = None if data.weights is None else torch.from_numpy(data.weights)[:, None, None]  # [L, 1, 1, Y, h, W]
-    x = plan.method.method.fill(t, layers, f)
-    return x[0, 0].numpy()
-
-
-def uniform_children(totals: np.ndarray, f: int) -> np.ndarray:
-    """``models.baselines.uniform_fill`` in numpy, bit for bit: float64 ``S / f**2`` repeated over
-    each ``f x f`` block of children (``[..., h, w]`` -> ``[..., h * f, w * f]``)."""
-    s = np.asarray(totals).astype(np.float64) / float(f * f)
-    *lead, h, w = s.shape
-    return np.broadcast_to(s[..., :, None, :, None], (*lead, h, f, w, f)).reshape(*lead, h * f, w * f)
-
-
-def _finish_band(children: Any, totals: np.ndarray, plan: Plan, r0: int, out_dtype: str) -> np.ndarray:
-    """Cast, convert to density if needed and put nodata where the parent is nodata.
-
-    ``children`` is an array ``[Y, h, w]`` or a :class:`~carbonsr_cli.devices.HostResult`.
-    """
-
-    f = plan.factor
-    out = children.numpy() if isinstance(children, HostResult) else children
-    if plan.unit is not None:
-        from rasterio.windows import Window
-
-        areas = units.cell_areas_m2(plan.child, Window(0, r0, plan.child.width, out.shape[-2]))
-        out = np.asarray(units.from_totals(out.astype(np.float64), plan.unit, areas))
-    out = out.astype(out_dtype, copy=False)
-    nd = np.isnan(totals)
-    if nd.any():
-        mask = np.repeat(np.repeat(nd, f, axis=-2), f, axis=-1)
-        if out.base is not None or not out.flags.writeable:
-            out = out.copy()
-        out[mask] = plan.nodata_out
-    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -288,13 +206,13 @@ def run_pipeline(
         creation_options=plan.creation_options, overviews=plan.overviews,
     )
 
-    chunks = _tile_chunks(layout, plan, batch_size) if is_model else [(0, layout.n_cols)]
+    chunks = _tile_chunks(layout, plan, batch_size) if is_model else []
     readers: list[_BandReader] = []
     local = threading.local()
     feed: Any = None
 
     def read_unit(i: int, j: int) -> BandData:
-        # One _BandReader (own dataset handles) per thread: totals, main input, baseline weights.
+        # Model only: one _BandReader (own dataset handles) per thread: totals and main input.
         rd = getattr(local, "reader", None)
         if rd is None:
             rd = local.reader = _BandReader(plan, layout, chunks)
@@ -302,7 +220,7 @@ def run_pipeline(
         data = rd.read(i, j)
         if j == 0:
             data.row = layout.row(i)
-        if feed is not None:  # model: aux inputs assembled from the row strips
+        if feed is not None:  # aux inputs assembled from the row strips
             data.aux = strips.assemble(feed.geom, i, j, feed.get(i, j), aux_order)
             if feed.device is not None:  # upload here, not in the thread that feeds the GPU
 
@@ -338,28 +256,34 @@ def run_pipeline(
                     units=unc_tags["CARBONSR_UNITS"], **writer_kw,
                 )
             )
-        aux_order: list[int] | None = None
-        if is_model:
-            warm = None
-            if predictor is not None and predictor.on_device:  # overlaps the readers' start-up
-                n_u = len(unique_windows(plan.windows)[0])
-                first = min(max(1, batch_size // n_views), (chunks[0][1] - chunks[0][0]) * n_u) * n_views
-                warm = threading.Thread(
-                    target=predictor.warm_up, name="carbonsr-warm-up", daemon=True,
-                    args=(first, len(plan.aux_names), len(plan.windows[0][0]), plan.tile_child),
-                )
-                warm.start()
+        if not is_model:
             try:
-                feed, aux_order = _open_strip_feed(plan, layout, chunks, device, Path(dst).parent)
+                wait, total = run_baseline_bands(plan, writer, summary, prog, dtype, layout.n_tiles * n_years)
             finally:
-                if warm is not None:
-                    warm.join()
-            stack.callback(feed.close)
+                if prog is not None:
+                    prog.stop()
+            LAST_RUN_SECONDS.clear()
+            LAST_RUN_SECONDS.update(read_wait=wait, total=total)
+            return
+        aux_order: list[int] | None = None
+        warm = None
+        if predictor is not None and predictor.on_device:  # overlaps the readers' start-up
+            n_u = len(unique_windows(plan.windows)[0])
+            first = min(max(1, batch_size // n_views), (chunks[0][1] - chunks[0][0]) * n_u) * n_views
+            warm = threading.Thread(
+                target=predictor.warm_up, name="carbonsr-warm-up", daemon=True,
+                args=(first, len(plan.aux_names), len(plan.windows[0][0]), plan.tile_child),
+            )
+            warm.start()
+        try:
+            feed, aux_order = _open_strip_feed(plan, layout, chunks, device, Path(dst).parent)
+        finally:
+            if warm is not None:
+                warm.join()
+        stack.callback(feed.close)
         # One thread prepares the units (model: assembles the aux strips) ahead of the main thread.
         read_ex = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="carbonsr-read")
         submit_read = functools.partial(read_ex.submit, read_unit)
-        import time
-
         t_start = time.perf_counter()
         read_wait = 0.0
         write_ex = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="carbonsr-write")
@@ -384,12 +308,11 @@ def run_pipeline(
                     row = data.row if data.row is not None else layout.row(i)
                     totals = data.totals
                     preds = [[] for _ in range(n_views)]
-                if is_model:
-                    j0, j1 = chunks[j]
-                    got = _predict_row(predictor, data, row[j0:j1], plan, n_views, prog)
-                    for d in range(n_views):
-                        preds[d].extend(got[d])
-                    del got
+                j0, j1 = chunks[j]
+                got = _predict_row(predictor, data, row[j0:j1], plan, n_views, prog)
+                for d in range(n_views):
+                    preds[d].extend(got[d])
+                del got
                 data.aux = data.main = None  # free the chunk inputs early
                 if feed is not None:
                     feed.done(i, j)
@@ -398,35 +321,28 @@ def run_pipeline(
                 assert totals is not None
                 summary.tiles += len(row) * n_samples * n_views
                 extra = None
-                if is_model:
-                    views = [streams[d].push(i, row, preds[d]) for d in range(n_views)]
-                    preds = []
-                    if not views[0]:
-                        continue
-                    ((window, _band),) = views[0]
-                    if int(window.row_off) != r0 or int(window.row_off + window.height) != r1:
-                        raise RuntimeError(f"blend band {window} does not match the rows read ({r0}, {r1})")
-                    filled = [_water_fill(v[0][1], totals, f, device, out_dtype, fill_graphs) for v in views]
-                    if unc_writer is None:  # the writer waits for the copy to the host, not this thread
-                        out = functools.partial(_finish_band, filled[0], totals, plan, r0, dtype)
-                    else:
-                        arrays = [h.numpy() for h in filled]
-                        out = _finish_band(arrays[0], totals, plan, r0, dtype)
-                        std = np.std(np.stack([x.astype(np.float64) for x in arrays]), axis=0)
-                        extra = _finish_band(std, totals, plan, r0, dtype)
-                        del arrays
-                    del filled, views
+                views = [streams[d].push(i, row, preds[d]) for d in range(n_views)]
+                preds = []
+                if not views[0]:
+                    continue
+                ((window, _band),) = views[0]
+                if int(window.row_off) != r0 or int(window.row_off + window.height) != r1:
+                    raise RuntimeError(f"blend band {window} does not match the rows read ({r0}, {r1})")
+                filled = [_water_fill(v[0][1], totals, f, device, out_dtype, fill_graphs) for v in views]
+                if unc_writer is None:  # the writer waits for the copy to the host, not this thread
+                    out = functools.partial(finish_band, filled[0], totals, plan, r0, dtype)
                 else:
-                    _advance(prog, len(row) * n_years)
-                    if r1 <= r0:
-                        continue
-                    data.totals = totals
-                    out = _finish_band(_baseline_fill(data, plan, out_dtype), totals, plan, r0, dtype)
-                window = _row_window(plan, r0, r1)
-                writes.append(write_ex.submit(_write_band, writer, out, window))
+                    arrays = [h.numpy() for h in filled]
+                    out = finish_band(arrays[0], totals, plan, r0, dtype)
+                    std = np.std(np.stack([x.astype(np.float64) for x in arrays]), axis=0)
+                    extra = finish_band(std, totals, plan, r0, dtype)
+                    del arrays
+                del filled, views
+                window = row_window(plan, r0, r1)
+                writes.append(write_ex.submit(write_band, writer, out, window))
                 if extra is not None:
                     writes.append(write_ex.submit(unc_writer.write, extra, window))
-                while len(writes) > _MAX_PENDING_WRITES:
+                while len(writes) > MAX_PENDING_WRITES:
                     writes.popleft().result()
             while writes:
                 writes.popleft().result()
@@ -443,15 +359,6 @@ def run_pipeline(
             if prog is not None:
                 prog.stop()
         # Leaving the ExitStack closes the writers: flush, (COG), rename.
-
-
-def plan_stack(plan: Plan) -> AuxStack:
-    """The plan's coverage-checked aux stack (built once, at planning), or, for a plan of another
-    grid (a torchrun part: ``distributed.sub_plan``), a stack of the same layers on its grid."""
-    aux = plan.aux_stack
-    if aux is None or aux.grid != plan.child or list(aux.years) != list(plan.aux_years):
-        aux = AuxStack(discover_aux(plan.aux_paths, kinds=plan.aux_kinds), plan.child, plan.aux_years, fill_missing=plan.fill_missing)
-    return aux
 
 
 def _open_strip_feed(
@@ -503,10 +410,3 @@ def _tile_chunks(layout: Any, plan: Plan, batch_size: int) -> list[tuple[int, in
     per_batch = max(1, -(-batch_size // n_u))  # tiles per batch
     k = max(per_batch, k // per_batch * per_batch)
     return [(j, min(j + k, layout.n_cols)) for j in range(0, layout.n_cols, k)]
-
-
-def _row_window(plan: Plan, r0: int, r1: int) -> Any:
-    from rasterio.windows import Window
-
-    return Window(0, r0, plan.child.width, r1 - r0)
-

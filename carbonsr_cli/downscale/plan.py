@@ -23,7 +23,7 @@ from carbonsr_cli.rasters import read_window
 if TYPE_CHECKING:  # pragma: no cover
     from carbonsr_cli.grids import ChildGrid, ParentGrid
 
-__all__ = ["DEFAULT_NODATA", "TOTALS_UNIT", "Plan", "read_totals", "year_window"]
+__all__ = ["DEFAULT_NODATA", "TOTALS_UNIT", "Plan", "plan_stack", "read_totals", "year_window"]
 
 
 #: Methods accepted by ``--method``.
@@ -155,3 +155,12 @@ def _density_to_totals(vals: np.ndarray, plan: Plan, r0: int, r1: int, c0: int, 
     return np.asarray(units.to_totals(vals, plan.unit, areas), dtype=np.float64)
 
 
+def plan_stack(plan: Plan) -> Any:
+    """The plan's coverage-checked aux stack (built once, at planning), or, for a plan of another
+    grid (a torchrun part: ``distributed.sub_plan``), a stack of the same layers on its grid."""
+    from carbonsr_cli.aux import AuxStack, discover_aux
+
+    aux = plan.aux_stack
+    if aux is None or aux.grid != plan.child or list(aux.years) != list(plan.aux_years):
+        aux = AuxStack(discover_aux(plan.aux_paths, kinds=plan.aux_kinds), plan.child, plan.aux_years, fill_missing=plan.fill_missing)
+    return aux

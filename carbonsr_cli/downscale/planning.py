@@ -223,11 +223,11 @@ def _normalizer(loaded: Any) -> Any:
 
 
 
-def checkpoint_categorical(checkpoint: str | os.PathLike[str]) -> list[str]:
-    """The aux rasters a checkpoint was trained to read as categorical (``train --categorical``)."""
-    from carbonsr_cli.checkpoints import load_checkpoint
-
-    cfg = load_checkpoint(checkpoint).get("train_config") or {}
+def checkpoint_categorical(checkpoint: str | os.PathLike[str] | dict) -> list[str]:
+    """The aux rasters a checkpoint (a path, or the loaded dict) was trained to read as
+    categorical (``train --categorical``)."""
+    ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
+    cfg = ckpt.get("train_config") or {}
     return [str(n) for n in (cfg.get("categorical") or [])]
 
 
@@ -277,8 +277,8 @@ def _grid_warnings(grid: ParentGrid, name: str) -> None:
 
 
 class _Host(str):
-    """The device of a uniform run, which never imports torch: ``"cpu"`` with ``.type``/``.index``
-    like ``torch.device("cpu")``."""
+    """The device of a baseline run with a numpy fill, which never imports torch: ``"cpu"`` with
+    ``.type``/``.index`` like ``torch.device("cpu")``."""
 
     type = "cpu"
     index = None
@@ -287,10 +287,11 @@ class _Host(str):
 def _host_device(spec: Any) -> Any:
     """The host device of a baseline run (memory-bound: it runs on the host, --device unused).
 
-    Uniform needs no torch (``engine.uniform_children``); the other baselines fill with torch,
-    imported here, after the inputs are checked (a background import may have done it by now).
+    Methods with a numpy fill (uniform, dasymetric) need no torch; the other baselines fill
+    with torch, imported here, after the inputs are checked (a background import may have done
+    it by now).
     """
-    if spec.method.name == "uniform":
+    if spec.method.numpy_fill:
         return _Host("cpu")
     import torch
 
@@ -348,8 +349,16 @@ def build_plan(src: MainSource, aux_paths: Sequence[str | os.PathLike[str]] | No
     loaded = None
     normalizer = None
     notes = list(src.notes)
+    ckpt: dict | None = None  # the checkpoint, read once per run
+
+    def checkpoint_dict() -> dict:
+        nonlocal ckpt
+        if ckpt is None:
+            ckpt = load_checkpoint(checkpoint)  # type: ignore[arg-type]
+        return ckpt
+
     if spec.kind == "auto":
-        spec, why = choose_auto(load_checkpoint(checkpoint))  # type: ignore[arg-type]
+        spec, why = choose_auto(checkpoint_dict())
         notes.append(f"--method auto chose {spec.label}: {why}")
         if opts.uncertainty is not None and spec.kind != "model":
             raise UsageError(f"--uncertainty needs the model, but --method auto chose {spec.label}")
@@ -359,7 +368,7 @@ def build_plan(src: MainSource, aux_paths: Sequence[str | os.PathLike[str]] | No
         dev = distributed.context(use_cuda=dev.type == "cuda").device(dev)  # torchrun: cuda:<local rank>
         if dev.type == "cpu":
             _size_torch_threads()
-        loaded = load_model_for_inference(checkpoint, dev)  # type: ignore[arg-type]
+        loaded = load_model_for_inference(checkpoint, dev, checkpoint=checkpoint_dict())  # type: ignore[arg-type]
         if factor is not None and int(factor) != loaded.factor:
             raise UsageError(f"--factor {factor} differs from the model's factor {loaded.factor}; omit --factor")
         f = loaded.factor
@@ -409,7 +418,7 @@ def build_plan(src: MainSource, aux_paths: Sequence[str | os.PathLike[str]] | No
         if not aux_list:
             raise UsageError(f"--method {spec.kind} needs aux layers (--aux aux/*.tif)")
         if categorical is None and checkpoint is not None:
-            categorical = checkpoint_categorical(checkpoint)
+            categorical = checkpoint_categorical(checkpoint_dict())
         aux_kinds = categorical_kinds(categorical)
         sources = discover_aux(aux_list, kinds=aux_kinds)
         if loaded is not None:  # the model reads every layer: vectors kept unread by discovery
@@ -423,7 +432,7 @@ def build_plan(src: MainSource, aux_paths: Sequence[str | os.PathLike[str]] | No
             aux_names = list(loaded.aux_names)
             normalizer = _normalizer(loaded)
             if spec.kind == "fitted":
-                loaded.model = prior_only_model(load_checkpoint(checkpoint), normalizer).to(dev)  # type: ignore[arg-type]
+                loaded.model = prior_only_model(checkpoint_dict(), normalizer).to(dev)
         else:
             spec = spec.method.resolve(spec, given, points)
             aux_names = spec.method.layers(spec, given, points)

@@ -379,7 +379,8 @@ class BandData:
         main: Model only: ``[N_in, eh, ew]`` float32 ``log1p(total / factor**2)`` on the
             children of the padded extent of the chunk's tiles (nodata -> 0).
         aux: Model only: ``[C_aux, N_in, eh, ew]`` float32 raw aux values (model channel order).
-        weights: Dasymetric only: ``[Y, r1 - r0, child_cols]`` float64 raw layer values.
+        weights: Baselines with aux layers only: ``[L, Y, r1 - r0, child_cols]`` layer values: raw
+            (float32, as read) for a method with a numpy fill, else float64 with NaN and negatives 0.
         origin: ``(row, col)`` child coordinates of ``main[..., 0, 0]``.
     """
 

@@ -7,9 +7,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
+
 from carbonsr_cli.errors import UsageError
 
-__all__ = ["REGISTRY", "Method", "MethodSpec", "get_method", "parse_method", "register"]
+__all__ = ["REGISTRY", "Method", "MethodSpec", "get_method", "needs_torch", "parse_method", "register"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,8 @@ class Method(ABC):
     needs_aux: ClassVar[bool] = False
     #: Accepts ``NAME:LAYER``.
     takes_layer: ClassVar[bool] = False
+    #: Has :meth:`fill_array` (numpy): a downscale run of it never imports torch.
+    numpy_fill: ClassVar[bool] = False
 
     def layers(self, spec: MethodSpec, available: Sequence[str], point_layers: Sequence[str]) -> list[str]:
         """Raw aux layers (names, in order) that :meth:`fill` needs, given the user's layers.
@@ -78,6 +82,20 @@ class Method(ABC):
             block: Block edge in child cells.
         """
         raise NotImplementedError(f"method {self.name!r} runs a model; it has no host fill")
+
+    def fill_array(self, totals: np.ndarray, layers: np.ndarray | None, block: int) -> np.ndarray:
+        """:meth:`fill` in numpy, bit for bit on the CPU (methods with :attr:`numpy_fill` only).
+
+        Args:
+            totals: Block totals ``[..., h, w]`` (float64; NaN = nodata).
+            layers: Raw aux values ``[L, ..., h * block, w * block]`` of :meth:`layers` (any float
+                dtype, NaN and negative values as read: cleaned here), or None.
+            block: Block edge in child cells.
+
+        Returns:
+            ``[..., h * block, w * block]`` float64 children (NaN where the total is NaN).
+        """
+        raise NotImplementedError(f"method {self.name!r} has no numpy fill")
 
     def variants(self, available: Sequence[str], point_layers: Sequence[str]) -> list[MethodSpec]:
         """Every spec of this method that validation scores (e.g. one per aux layer)."""
@@ -103,6 +121,14 @@ def get_method(name: str) -> Method:
         return REGISTRY[name]
     except KeyError:
         raise UsageError(f"unknown method {name!r}; choose one of {', '.join(sorted(REGISTRY))}") from None
+
+
+def needs_torch(method: str | None) -> bool:
+    """Whether a downscale run with this ``--method`` text imports torch (False only for a method
+    with a numpy fill; an unknown method counts as needing it: the run fails on it anyway)."""
+    kind = (method or "").partition(":")[0].strip().lower()
+    m = REGISTRY.get(kind)
+    return m is None or not m.numpy_fill
 
 
 def parse_method(method: str | None, checkpoint: Any) -> MethodSpec:

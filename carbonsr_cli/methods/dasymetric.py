@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from carbonsr_cli.errors import UsageError
 from carbonsr_cli.methods.base import Method, MethodSpec, register
 
@@ -40,6 +42,7 @@ class Dasymetric(Method):
     summary = "share each 1 km total in proportion to one aux layer (default: the first)"
     needs_aux = True
     takes_layer = True
+    numpy_fill = True
 
     def resolve(self, spec: MethodSpec, available: Sequence[str], point_layers: Sequence[str]) -> MethodSpec:
         if not available:
@@ -53,6 +56,12 @@ class Dasymetric(Method):
         from models.baselines import dasymetric_fill
 
         return dasymetric_fill(totals, layers[0], block)
+
+    def fill_array(self, totals: np.ndarray, layers: np.ndarray | None, block: int) -> np.ndarray:
+        from models.host_baselines import dasymetric_children
+
+        assert layers is not None
+        return dasymetric_children(totals, layers[0], block)
 
     def variants(self, available: Sequence[str], point_layers: Sequence[str]) -> list[MethodSpec]:
         return [MethodSpec(self.name, n) for n in available]

@@ -169,8 +169,10 @@ def test_unwritable_target(small_region: dict, tmp_path: Path) -> None:
 
 def test_disk_full_while_writing(small_region: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """ENOSPC from a write (in the writer thread) becomes one OutputError; nothing is left."""
+    from carbonsr_cli.downscale import bands
     from carbonsr_cli.writer import RasterWriter
 
+    monkeypatch.setattr(bands, "BASELINE_BAND_ROWS", 50)  # several writes
     real = RasterWriter.write
     calls = {"n": 0}
 

@@ -203,10 +203,11 @@ def test_dihedral_roundtrip() -> None:
 
 def test_interrupt_leaves_no_output(small_region: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C in the middle of the run (second row band) leaves neither output nor temp file."""
-    from carbonsr_cli.downscale import engine
+    from carbonsr_cli.downscale import bands
 
+    monkeypatch.setattr(bands, "BASELINE_BAND_ROWS", 50)  # 4 bands
     calls = {"n": 0}
-    real = engine._baseline_fill
+    real = bands.baseline_fill
 
     def flaky(*args, **kwargs):  # noqa: ANN002, ANN003
         calls["n"] += 1
@@ -214,11 +215,11 @@ def test_interrupt_leaves_no_output(small_region: dict, tmp_path: Path, monkeypa
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "_baseline_fill", flaky)
+    monkeypatch.setattr(bands, "baseline_fill", flaky)
     out = tmp_path / "int.tif"
     with pytest.raises(KeyboardInterrupt):
         downscale(small_region["main"], [], out, method="uniform", progress=False)
-    assert calls["n"] == 2
+    assert calls["n"] >= 2  # preparing threads may have started the next bands meanwhile
     assert not out.exists() and no_temp_files(tmp_path) == []
 
 
