@@ -123,8 +123,7 @@ def run_once(tree: Path, args: list[str], python: str, extra_env: dict[str, str]
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         log = Path(fh.name)
     path = os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH", "")) if p)  # tree first
-    env = dict(os.environ, PYTHONPATH=path, CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", ""),
-               **(extra_env or {}))
+    env = dict(os.environ, PYTHONPATH=path, **(extra_env or {}))  # CUDA_VISIBLE_DEVICES passed on as set (unset: all GPUs)
     t0 = time.time()
     done = subprocess.run([python, "-c", CHILD, str(log), "downscale", *args], env=env, cwd=str(tree),
                           capture_output=True, text=True)

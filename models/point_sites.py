@@ -35,7 +35,7 @@ from models.physics import block_sum, from_blocks, to_blocks
 __all__ = ["PointSites", "listed_mass", "site_signature"]
 
 
-def listed_mass(basis: nn.Module, x: Tensor, point_mask: Tensor) -> Tensor:
+def listed_mass(basis: nn.Module, x: Tensor, point_mask: Tensor, channels: Sequence[int] | None = None) -> Tensor:
     """Listed point mass per child cell ``[B, 1, T, H, W]`` (raw units, e.g. t CO2 / yr).
 
     Args:
@@ -44,14 +44,22 @@ def listed_mass(basis: nn.Module, x: Tensor, point_mask: Tensor) -> Tensor:
             comes back as a tiny positive value: values within two float16 steps of the
             normalised zero count as 0.
         point_mask: ``[C]`` 1 for the point layers to sum, else 0.
+        channels: The indices where ``point_mask`` is 1, when known (only those are inverted).
     """
+    if channels is None:
+        channels = [int(i) for i in torch.nonzero(point_mask.detach().cpu() > 0).flatten()]
+    if not channels:
+        return x.new_zeros((x.shape[0], 1, *x.shape[2:]), dtype=torch.float32)
+    idx = torch.tensor(list(channels), device=x.device)
     shape = (1, -1, 1, 1, 1)
-    std = basis.std.view(shape).clamp(min=1e-12)
-    z0 = torch.where(basis.is_log.view(shape) > 0.5, -basis.mean.view(shape), basis.lo.view(shape) - basis.mean.view(shape)) / std
+    is_log, mean, std, lo = (v.index_select(0, idx).view(shape) for v in (basis.is_log, basis.mean, basis.std, basis.lo))
+    xs = x.index_select(1, idx).float()
+    z0 = torch.where(is_log > 0.5, -mean, lo - mean) / std.clamp(min=1e-12)
     step = torch.exp2(torch.floor(torch.log2(z0.abs().clamp(min=2.0**-14)))) * 2.0**-10  # float16 spacing at z0
-    empty = (x.float() - z0).abs() <= 2.0 * step + 1e-6
-    raw = torch.where(empty, torch.zeros_like(x, dtype=torch.float32), basis.raw(x))
-    return (raw * point_mask.view(shape)).sum(dim=1, keepdim=True)
+    empty = (xs - z0).abs() <= 2.0 * step + 1e-6
+    z = xs * std + mean
+    raw = torch.where(is_log > 0.5, torch.expm1(z.clamp(max=60.0)), z - lo).clamp(min=0.0)
+    return torch.where(empty, torch.zeros_like(raw), raw).sum(dim=1, keepdim=True)
 
 
 def site_signature(z_points: np.ndarray, z_all: np.ndarray, point_channels: Sequence[int]) -> np.ndarray:
@@ -105,18 +113,64 @@ class PointSites(nn.Module):
         with torch.no_grad():
             self.point_mask.copy_(mask)
             self.signature.copy_(sig)
+        self._point_channels = None
 
     def _basis(self) -> nn.Module:
         return self.surface.basis if hasattr(self.surface, "basis") else self.surface.mix.basis
 
+    def _channels(self) -> list[int]:
+        """The point channels (read from the buffer once, after construction or loading)."""
+        if getattr(self, "_point_channels", None) is None:
+            self._point_channels = [int(i) for i in torch.nonzero(self.point_mask.detach().cpu() > 0).flatten()]
+        return self._point_channels
+
+    def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:  # type: ignore[override]
+        self._point_channels = None
+        super()._load_from_state_dict(*args, **kwargs)  # type: ignore[arg-type]
+
     def listed_mass(self, x: Tensor) -> Tensor:
         """Listed point mass per child cell ``[B, 1, T, H, W]`` (see :func:`listed_mass`)."""
-        return listed_mass(self._basis(), x, self.point_mask)
+        return listed_mass(self._basis(), x, self.point_mask, self._channels())
 
     def spread(self, x: Tensor, block: int) -> Tensor:
         """Listed mass shared equally among each point's site cells ``[B, 1, T, H, W]`` (a site
-        stays inside its point's ``block x block`` block)."""
+        stays inside its point's ``block x block`` block).
+
+        Only the cells that hold listed mass are looked at (a gather), except while a CUDA graph
+        is captured, where the same rule runs densely (no host synchronisation)."""
         mass = self.listed_mass(x)
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        return self._spread_dense(x, mass, block) if capturing else self._spread_sparse(x, mass, block)
+
+    def _offsets(self) -> list[tuple[int, int]]:
+        r = self.window // 2
+        return [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
+
+    def _spread_sparse(self, x: Tensor, mass: Tensor, block: int) -> Tensor:
+        m = mass[:, 0]  # [B, T, H, W]
+        pts = torch.nonzero(m > 0)  # [K, 4]: b, t, y, x
+        out = torch.zeros_like(m)
+        if pts.shape[0] == 0:
+            return out[:, None]
+        h, w = x.shape[-2:]
+        bi, ti, yi, xi = pts.unbind(1)
+        sig = self.signature.to(x.device)
+        zp = x[bi, :, ti, yi, xi].float() * sig  # [K, C]
+        sims, cells = [], []
+        for dy, dx in self._offsets():
+            yy, xx = yi + dy, xi + dx
+            ok = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w) & (yy // block == yi // block) & (xx // block == xi // block)
+            yc, xc = yy.clamp(0, h - 1), xx.clamp(0, w - 1)
+            zo = x[bi, :, ti, yc, xc].float() * sig
+            sims.append(ok & ((zo - zp).abs().sum(dim=1) <= self.delta))
+            cells.append((yc, xc))
+        sim = torch.stack(sims, dim=1)  # [K, window**2]
+        share = m[bi, ti, yi, xi] / sim.sum(dim=1).clamp(min=1)
+        for k, (yc, xc) in enumerate(cells):
+            out.index_put_((bi, ti, yc, xc), share * sim[:, k], accumulate=True)
+        return out[:, None]
+
+    def _spread_dense(self, x: Tensor, mass: Tensor, block: int) -> Tensor:
         z = x.float() * self.signature.view(1, -1, 1, 1, 1)  # signature-weighted: distance = L1
         r = self.window // 2
         h, w = x.shape[-2:]
@@ -125,7 +179,7 @@ class PointSites(nn.Module):
         cols = torch.arange(w, device=x.device) // block
         rows_p = torch.nn.functional.pad(rows[None, None], (r, r), value=-1)[0, 0]
         cols_p = torch.nn.functional.pad(cols[None, None], (r, r), value=-1)[0, 0]
-        offsets = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
+        offsets = self._offsets()
         sims = []
         for dy, dx in offsets:  # sim[o](p): is p + o part of p's site
             zo = zp[..., r + dy : r + dy + h, r + dx : r + dx + w]
@@ -150,12 +204,18 @@ class PointSites(nn.Module):
 
         Returns:
             ``log`` of weights summing to about ``T`` per block ``[B, 1, T, H, W]`` (float32);
-            the remainder's shares (and their gradient) come from ``log_w``.
+            the remainder's shares (and their gradient) come from ``log_w``. ``log_w`` itself
+            (same shares) when no cell holds listed mass (checked unless a CUDA graph is captured).
         """
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
         with torch.autocast(device_type=x.device.type, enabled=False):
+            with torch.no_grad():
+                mass = self.listed_mass(x)
+                if not capturing and not bool((mass > 0).any()):
+                    return log_w
+                sites = (self._spread_dense if capturing else self._spread_sparse)(x, mass, block).double()
             totals = torch.expm1(main[..., ::block, ::block].double()).clamp(min=0) * float(block * block)
             with torch.no_grad():
-                sites = self.spread(x, block).double()
                 surface = block_sum(torch.exp(self.surface(x).double()), block)
                 site_sum = block_sum(sites, block)
                 surplus = torch.where(site_sum > 0, (totals - surface).clamp(min=0), torch.zeros_like(totals))

@@ -136,7 +136,7 @@ def fit_prior_on_cache(cache: Any, main: Any, train_mask: np.ndarray, normalizer
                 grid[:, r0:r1] = block_sum(phi.double(), factor)[0, :, 0].numpy()  # [K, r1 - r0, W]
                 if pts:
                     xc = x[..., cut, :]
-                    pm = listed_mass(prior.basis, xc, point_mask)[0, 0, 0]  # [rows, W * f] listed t CO2 / yr
+                    pm = listed_mass(prior.basis, xc, point_mask, pts)[0, 0, 0]  # [rows, W * f] listed t CO2 / yr
                     pgrid[r0:r1] = block_sum(pm.double(), factor).numpy()
                     zc = xc[0, :, 0].double()
                     z_sum += zc.sum(dim=(1, 2)).numpy()

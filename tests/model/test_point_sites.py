@@ -119,3 +119,19 @@ def test_configs_without_the_field_have_no_sites() -> None:
     assert DSTCarbonFormer(cfg).sites is None
     with pytest.raises(ValueError, match="site_window"):
         ModelConfig(aux_channels=C, site_window=2)
+
+
+def test_sparse_and_dense_spread_agree() -> None:
+    """The gather path (training, CPU, eager CUDA) and the dense path (CUDA graph capture) are
+    the same rule: random points, several blocks, batches and years, points on block edges."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn((2, C, 2, 30, 40), generator=gen)
+    x[:, 0] = 0.0
+    pts = torch.rand((2, 2, 30, 40), generator=gen) < 0.03
+    x[:, 0] = torch.where(pts, torch.rand((2, 2, 30, 40), generator=gen) * 100 + 1, torch.zeros(()))
+    sites = PointSites(C, _surface(), window=3, delta=1.5)
+    sites.set_sites([0], [0.0, 0.7, 0.3])
+    m = sites.listed_mass(x)
+    sparse, dense = sites._spread_sparse(x, m, F), sites._spread_dense(x, m, F)
+    torch.testing.assert_close(sparse, dense, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(sparse.sum(), m.sum(), rtol=1e-6, atol=1e-3)
