@@ -18,12 +18,22 @@ Backends: gloo for CPU tensors and objects, plus NCCL for CUDA tensors when CUDA
 (``"cpu:gloo,cuda:nccl"``). Before the process group starts, ``NCCL_NVLS_ENABLE=0`` and
 ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1`` are set (unless already set): NVLink multicast must
 stay off on the GPU machines this project runs on (they require it).
+
+Every collective goes through :meth:`DistContext.all_reduce_sum` (objects are pickled into
+byte tensors), which on the CPU returns only once gloo's worker thread has let go of the
+tensor (:func:`_wait_released`). Otherwise the worker may drop the last reference to a tensor
+that Python already dropped; freeing its Python object then needs the GIL, and if the process
+is exiting at that moment, Python ends the thread inside a C++ destructor: ``terminate called
+without an active exception`` (SIGABRT) after a run that had finished.
 """
 
 from __future__ import annotations
 
 import atexit
+import logging
 import os
+import pickle
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
@@ -42,8 +52,13 @@ __all__ = [
 
 T = TypeVar("T")
 
+log = logging.getLogger("carbonsr.distributed")
+
 #: Environment set before ``init_process_group`` (NVLink multicast off; required by the GPU machines).
 NCCL_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+#: Longest wait (s) for gloo's worker thread to drop a finished collective's tensor (it takes
+#: microseconds; the bound only keeps a broken backend from hanging the run).
+RELEASE_TIMEOUT_S = 30.0
 
 
 class DistributedAbort(CarbonSRError):
@@ -117,11 +132,19 @@ class DistContext:
             dist.barrier()
 
     def all_reduce_sum(self, tensor: Any) -> Any:
-        """Sum a tensor over ranks in place and return it (no-op in one process)."""
+        """Sum a tensor over ranks in place and return it (no-op in one process).
+
+        A CPU tensor (gloo) is returned only once the backend holds no reference to it any
+        more (see the module docstring); CUDA tensors (NCCL) return at once, as before: NCCL's
+        watchdog thread, which holds them, is joined by :meth:`cleanup`.
+        """
         if self.active:
             import torch.distributed as dist
 
+            refs = _use_count(tensor)
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            if tensor.device.type == "cpu":
+                _wait_released(tensor, refs)
         return tensor
 
     def sum_floats(self, values: list[float]) -> list[float]:
@@ -165,21 +188,29 @@ class DistContext:
         """Rank 0's ``obj`` on every rank (picklable objects)."""
         if not self.active:
             return obj
-        import torch.distributed as dist
-
-        box = [obj if self.is_main else None]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]  # type: ignore[return-value]
+        data = pickle.dumps(obj) if self.is_main else b""
+        got = self._gather_bytes(data)[0]
+        return obj if self.is_main else pickle.loads(got)
 
     def all_gather(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, in rank order."""
         if not self.active:
             return [obj]
-        import torch.distributed as dist
+        return [pickle.loads(b) for b in self._gather_bytes(pickle.dumps(obj))]
 
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
+    def _gather_bytes(self, data: bytes) -> list[bytes]:
+        """Every rank's ``data``, in rank order: two sums of byte tensors in which each rank
+        fills its own row (so that every collective goes through :meth:`all_reduce_sum`)."""
+        import torch
+
+        sizes = torch.zeros(self.world_size, dtype=torch.int64)
+        sizes[self.rank] = len(data)
+        lengths = [int(n) for n in self.all_reduce_sum(sizes)]
+        rows = torch.zeros((self.world_size, max(lengths)), dtype=torch.uint8)
+        if data:
+            rows[self.rank, : len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        table = self.all_reduce_sum(rows).numpy()
+        return [table[k, :n].tobytes() for k, n in enumerate(lengths)]
 
     def from_main(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on rank 0 only and hand its result to every rank.
@@ -267,6 +298,33 @@ class DistContext:
             self.active = False
         if _CONTEXT is self:
             _CONTEXT = None
+
+
+def _use_count(tensor: Any) -> int:
+    """References to ``tensor``'s C++ object (0 where torch does not tell)."""
+    count = getattr(tensor, "_use_count", None)
+    return int(count()) if count is not None else 0
+
+
+def _wait_released(tensor: Any, refs: int) -> None:
+    """Wait until ``tensor`` has no more than ``refs`` references: gloo's worker thread has
+    dropped the finished collective that held it.
+
+    ``dist.all_reduce`` returns when the work is done, but the worker thread drops its copy
+    of the work a moment later. A tensor whose Python object dies first keeps that object
+    alive from C++, and the worker then frees it, which takes the GIL; at interpreter exit
+    that is fatal (the thread is ended inside a ``noexcept`` destructor: SIGABRT).
+    """
+    if refs <= 0:
+        return
+    deadline = time.monotonic() + RELEASE_TIMEOUT_S
+    pause = 1e-5
+    while _use_count(tensor) > refs:
+        if time.monotonic() > deadline:
+            log.warning("the process group still holds a tensor %.0f s after its collective ended", RELEASE_TIMEOUT_S)
+            return
+        time.sleep(pause)  # a sleep, not a spin: the worker may need this core
+        pause = min(2 * pause, 1e-3)
 
 
 def _ddp_class() -> type:

@@ -3,6 +3,7 @@
 Usage:
     python -m torch.distributed.run --nproc-per-node 2 ... _runner.py train SPEC.json
     python -m torch.distributed.run --nproc-per-node 2 ... _runner.py downscale SPEC.json
+    python -m torch.distributed.run --nproc-per-node 2 ... _runner.py collectives SPEC.json
 
 ``SPEC.json`` holds the arguments; rank 0 writes ``SPEC.json.result.json``.
 """
@@ -30,6 +31,8 @@ def main() -> None:
         cfg = small_config(Path(spec["sample"]), Path(spec["runs"]), **spec["changes"])
         res = train(cfg)
         result = {"history": res.history, "run_dir": str(res.run_dir), "global_step": res.global_step}
+    elif kind == "collectives":
+        result = _collectives(spec["rounds"])
     else:
         from carbonsr_cli.downscale import downscale
 
@@ -41,6 +44,23 @@ def main() -> None:
     if ctx.is_main:
         Path(str(spec_path) + ".result.json").write_text(json.dumps(result, default=str))
     ctx.cleanup()
+
+
+def _collectives(rounds: int) -> dict:
+    """The context's collectives on every rank: the references left to a summed CPU tensor when
+    the sum returns (1: only the caller's), and what broadcast and all_gather delivered."""
+    import torch
+
+    from carbonsr_cli import distributed
+
+    ctx = distributed.context(use_cuda=False)
+    counts = set()
+    for k in range(rounds):
+        t = torch.full((3,), float(k), dtype=torch.float64)
+        ctx.all_reduce_sum(t)
+        counts.add(t._use_count())
+    got = ctx.broadcast({"from": ctx.rank, "values": [1.5, None, "x" * 300]})
+    return {"use_counts": sorted(counts), "received": ctx.all_gather(got), "gathered": ctx.all_gather(("rank", ctx.rank))}
 
 
 if __name__ == "__main__":

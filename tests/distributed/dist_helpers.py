@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
-import warnings
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,26 +28,13 @@ def torchrun_env() -> dict[str, str]:
     return env
 
 
-def torchrun(args: list[str], nproc: int = 2, timeout: float = 120, before_retry: Any = None) -> subprocess.CompletedProcess:
-    """``python -m torch.distributed.run --nproc-per-node N`` on 127.0.0.1 with ``args``
-    (``before_retry()``: undo the first attempt's outputs before the one retry, see below)."""
-    def launch() -> subprocess.CompletedProcess:
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1",
-            "--master-addr=127.0.0.1", f"--master-port={free_port()}", *args,
-        ]
-        return subprocess.run(cmd, env=torchrun_env(), capture_output=True, text=True, timeout=timeout)
-
-    proc = launch()
-    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
-        # Known defect, not understood yet (session 5): about 1 run in 10 of the gloo training
-        # test, a rank aborts in C++ right after the first backward pass ("terminate called
-        # without an active exception", SIGABRT). Not seen at b32510f in 6 runs. One retry, with a
-        # warning, so that the crash stays visible; any other failure, or a second crash, fails.
-        warnings.warn(f"torchrun rank aborted (terminate called); retrying once:\n{proc.stderr[-2000:]}", stacklevel=2)
-        if before_retry is not None:
-            before_retry()
-        proc = launch()
+def torchrun(args: list[str], nproc: int = 2, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --nproc-per-node N`` on 127.0.0.1 with ``args``."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1",
+        "--master-addr=127.0.0.1", f"--master-port={free_port()}", *args,
+    ]
+    proc = subprocess.run(cmd, env=torchrun_env(), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
@@ -58,10 +43,5 @@ def torchrun(args: list[str], nproc: int = 2, timeout: float = 120, before_retry
 def run_spec(kind: str, spec: dict[str, Any], path: Path, nproc: int = 2) -> dict[str, Any]:
     """Run the test runner on ``spec`` (written to ``path``); return rank 0's result."""
     path.write_text(json.dumps(spec))
-
-    def clean() -> None:  # the aborted attempt's run directory (training refuses to reuse it)
-        if "runs" in spec:
-            shutil.rmtree(spec["runs"], ignore_errors=True)
-
-    torchrun([str(RUNNER), kind, str(path)], nproc=nproc, before_retry=clean)
+    torchrun([str(RUNNER), kind, str(path)], nproc=nproc)
     return json.loads(Path(str(path) + ".result.json").read_text())
