@@ -30,6 +30,7 @@ block is ever split):
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -510,3 +511,20 @@ class BlendStream:
         window = Window(0, self.done, self.layout.child_width, ready - self.done)
         self.done = ready
         return [(window, band)]
+
+
+#: Rows of GDAL's warped-VRT blocks: a warped aux pixel depends on the block it falls in, so
+#: torchrun parts start on multiples of it (``carbonsr_cli.downscale.distributed``).
+VRT_BLOCK_ROWS = 128
+
+
+def align_rows(layout: Any) -> int:
+    """Alignment of torchrun part grids (and of baseline bands) in parent rows: a multiple of the tile stride whose child rows
+    are a multiple of :data:`VRT_BLOCK_ROWS` (64 at factor 10). ``CARBONSR_DIST_ALIGN_VRT=0``:
+    the tile stride only (less duplicated work; warped aux may then differ from one process
+    in the last bits)."""
+    f = layout.factor
+    if os.environ.get("CARBONSR_DIST_ALIGN_VRT", "1").strip() == "0":  # less work, not bitwise
+        return layout.stride_parent
+    unit = VRT_BLOCK_ROWS // math.gcd(VRT_BLOCK_ROWS, f)
+    return layout.stride_parent * unit // math.gcd(layout.stride_parent, unit)

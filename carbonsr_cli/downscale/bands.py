@@ -104,9 +104,15 @@ def baseline_fill(data: BandData, plan: Plan) -> np.ndarray:
 def baseline_bands(plan: Plan) -> list[tuple[int, int]]:
     """Child-row bands ``(r0, r1)`` of a baseline run, top to bottom: whole parent rows, at most
     :data:`BASELINE_BAND_ROWS` tall and :data:`BAND_BYTES` of arrays while being filled."""
+    from carbonsr_cli.tiling import TileLayout, align_rows
+
     f, h = plan.factor, plan.child.height
     per_parent_row = _CELL_BYTES * max(1, len(plan.out_bands)) * plan.child.width * f
-    rows = max(1, min(BASELINE_BAND_ROWS // f, BAND_BYTES // per_parent_row)) * f
+    limit = max(1, min(BASELINE_BAND_ROWS // f, BAND_BYTES // per_parent_row))
+    # a band height that divides the torchrun part alignment, so that every part reads the same
+    # windows as one process (a warped aux read depends on its window: up to 719 t apart)
+    unit = align_rows(TileLayout(plan.grid.height, plan.grid.width, f, plan.tile_child, plan.overlap_parent))
+    rows = max(d for d in range(1, min(limit, unit) + 1) if unit % d == 0) * f
     return [(r0, min(r0 + rows, h)) for r0 in range(0, h, rows)]
 
 

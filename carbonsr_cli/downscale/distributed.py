@@ -43,7 +43,7 @@ import numpy as np
 
 from carbonsr_cli import distributed
 from carbonsr_cli.downscale.engine import run_pipeline
-from carbonsr_cli.tiling import TileLayout
+from carbonsr_cli.tiling import VRT_BLOCK_ROWS, TileLayout, align_rows  # noqa: F401 - re-exported
 from carbonsr_cli.writer import RasterWriter
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -59,7 +59,6 @@ _ASSEMBLE_ROWS = 512
 #: result of a pixel depends (in the last bits) on its block, so part grids start on block
 #: borders of the full grid's VRTs: the aux inputs of a part are then bitwise those of one
 #: process.
-VRT_BLOCK_ROWS = 128
 
 
 def context_rows(layout: Any) -> int:
@@ -79,18 +78,6 @@ def part_extent(layout: Any, a: int, b: int) -> tuple[int, int]:
     s0 = max(0, (a - c) // u * u)
     s1 = min(h, -(-(b + c) // u) * u)
     return s0, s1
-
-
-def align_rows(layout: Any) -> int:
-    """Alignment of part grids in parent rows: a multiple of the tile stride whose child rows
-    are a multiple of :data:`VRT_BLOCK_ROWS` (64 at factor 10). ``CARBONSR_DIST_ALIGN_VRT=0``:
-    the tile stride only (less duplicated work; warped aux may then differ from one process
-    in the last bits)."""
-    f = layout.factor
-    if os.environ.get("CARBONSR_DIST_ALIGN_VRT", "1").strip() == "0":  # less work, not bitwise
-        return layout.stride_parent
-    unit = VRT_BLOCK_ROWS // math.gcd(VRT_BLOCK_ROWS, f)
-    return layout.stride_parent * unit // math.gcd(layout.stride_parent, unit)
 
 
 def row_parts(layout: Any, world: int) -> list[tuple[int, int]]:

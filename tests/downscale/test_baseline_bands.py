@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from carbonsr_cli.tiling import TileLayout, align_rows
 import rasterio
 
 from carbonsr_cli.downscale import bands, downscale
@@ -25,6 +27,8 @@ class _Plan:
         self.factor = factor
         self.out_bands = list(range(1, years + 1))
         self.child = type("Child", (), {"height": height, "width": width})()
+        self.grid = type("Grid", (), {"height": max(1, height // factor), "width": max(1, width // factor)})()
+        self.tile_child, self.overlap_parent = 120, 2
 
 
 @pytest.mark.parametrize(("height", "width", "years"), [(200, 220, 2), (10_000, 10_000, 1), (4_000, 60_000, 20), (10, 10, 1)])
@@ -36,6 +40,8 @@ def test_bands_cover_the_rows_in_whole_parent_rows(height: int, width: int, year
     assert all(r0 % 10 == 0 and r1 > r0 and r1 - r0 <= bands.BASELINE_BAND_ROWS for r0, r1 in got)
     tall = max(r1 - r0 for r0, r1 in got)
     assert tall == 10 or tall * width * years * 24 <= bands.BAND_BYTES  # one parent row at least
+    unit = align_rows(TileLayout(plan.grid.height, plan.grid.width, 10, 120, 2))  # torchrun parts start on multiples of it
+    assert unit % (got[0][1] // 10) == 0 or len(got) == 1
 
 
 def _run(main: Path, aux: list[str], out: Path, method: str) -> np.ndarray:
