@@ -136,11 +136,10 @@ class PointSites(nn.Module):
         """Listed mass shared equally among each point's site cells ``[B, 1, T, H, W]`` (a site
         stays inside its point's ``block x block`` block).
 
-        Only the cells that hold listed mass are looked at (a gather), except while a CUDA graph
-        is captured, where the same rule runs densely (no host synchronisation)."""
+        On the CPU only the cells that hold listed mass are looked at (a gather); on a GPU the
+        same rule runs densely, without a host synchronisation (CUDA graphs, no stall per step)."""
         mass = self.listed_mass(x)
-        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-        return self._spread_dense(x, mass, block) if capturing else self._spread_sparse(x, mass, block)
+        return self._spread_dense(x, mass, block) if x.is_cuda else self._spread_sparse(x, mass, block)
 
     def _offsets(self) -> list[tuple[int, int]]:
         r = self.window // 2
@@ -205,15 +204,15 @@ class PointSites(nn.Module):
         Returns:
             ``log`` of weights summing to about ``T`` per block ``[B, 1, T, H, W]`` (float32);
             the remainder's shares (and their gradient) come from ``log_w``. ``log_w`` itself
-            (same shares) when no cell holds listed mass (checked unless a CUDA graph is captured).
+            (same shares) when no cell holds listed mass (checked on the CPU only: on a GPU the
+            check would stall every step).
         """
-        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
         with torch.autocast(device_type=x.device.type, enabled=False):
             with torch.no_grad():
                 mass = self.listed_mass(x)
-                if not capturing and not bool((mass > 0).any()):
+                if not x.is_cuda and not bool((mass > 0).any()):
                     return log_w
-                sites = (self._spread_dense if capturing else self._spread_sparse)(x, mass, block).double()
+                sites = (self._spread_dense if x.is_cuda else self._spread_sparse)(x, mass, block).double()
             totals = torch.expm1(main[..., ::block, ::block].double()).clamp(min=0) * float(block * block)
             with torch.no_grad():
                 surface = block_sum(torch.exp(self.surface(x).double()), block)

@@ -122,7 +122,7 @@ def test_configs_without_the_field_have_no_sites() -> None:
 
 
 def test_sparse_and_dense_spread_agree() -> None:
-    """The gather path (training, CPU, eager CUDA) and the dense path (CUDA graph capture) are
+    """The gather path (CPU) and the dense path (GPU, CUDA graphs) are
     the same rule: random points, several blocks, batches and years, points on block edges."""
     gen = torch.Generator().manual_seed(3)
     x = torch.randn((2, C, 2, 30, 40), generator=gen)
@@ -135,3 +135,17 @@ def test_sparse_and_dense_spread_agree() -> None:
     sparse, dense = sites._spread_sparse(x, m, F), sites._spread_dense(x, m, F)
     torch.testing.assert_close(sparse, dense, rtol=1e-6, atol=1e-4)
     torch.testing.assert_close(sparse.sum(), m.sum(), rtol=1e-6, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sites_on_the_gpu_match_the_cpu() -> None:
+    """On a GPU the dense path runs (no host synchronisation); same weights as the CPU."""
+    sites = _sites()
+    x = _layers()
+    totals = torch.tensor([[1100.0, 100.0], [250.0, 80.0]], dtype=torch.float64)[None, None, None]
+    main = torch.log1p(totals / (F * F)).repeat_interleave(F, -2).repeat_interleave(F, -1).float()
+    log_w = torch.zeros((1, 1, 1, 20, 20))
+    cpu = softmax_children(sites(log_w, x, main, F), totals, F)
+    gpu = softmax_children(sites.cuda()(log_w.cuda(), x.cuda(), main.cuda(), F), totals.cuda(), F).cpu()
+    torch.testing.assert_close(gpu, cpu, rtol=1e-5, atol=1e-4)
