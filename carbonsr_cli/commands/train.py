@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -59,6 +61,7 @@ def train_cmd(
     device: Device = "auto",
     precision: Annotated[str, typer.Option("--precision", help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the split, the patches and the weights.")] = 0,
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="Train N runs, seeds SEED .. SEED+N-1 (each its own split and run directory NAME-seedK), and report the spread of their held-out validation scores.")] = 1,
     autosave_every: Annotated[Optional[int], typer.Option("--autosave-every", min=1, help="Steps between autosaves.", show_default="200")] = None,
     keep_autosaves: Annotated[int, typer.Option("--keep-autosaves", min=1, help="Rotating autosave_step_<n>.pth files kept.")] = 3,
     patience: Annotated[Optional[int], typer.Option("--patience", min=0, help="Stop after this many epochs without validation improvement (0: never).", show_default="10")] = None,
@@ -77,6 +80,8 @@ def train_cmd(
 
     if not aux and not resume:
         raise UsageError("give the aux layers with --aux (files, directories or quoted globs)")
+    if seeds > 1 and resume:
+        raise UsageError("--seeds starts new runs; resume each run on its own (carbonsr resume RUN_DIR)")
     fields: dict[str, Any] = {}
     if preset in TRAIN_PRESETS:
         fields.update(TRAIN_PRESETS[preset])
@@ -110,7 +115,17 @@ def train_cmd(
         progress=not quiet,
         **fields,
     )
-    _report(train(cfg), cfg)
+    if seeds == 1:
+        _report(train(cfg), cfg)
+        return
+    base = name or datetime.now().strftime("run_%Y%m%d_%H%M%S")
+    runs = []
+    for k in range(seeds):
+        cfg_k = dataclasses.replace(cfg, seed=seed + k, name=f"{base}-seed{seed + k}")
+        result = train(cfg_k)
+        _report(result, cfg_k)
+        runs.append((seed + k, result))
+    _report_seeds(runs)
 
 
 def resume_cmd(
@@ -214,3 +229,19 @@ def _report(result: Any, cfg: Any) -> None:
                       "`carbonsr downscale --method auto --model ...` will use the baseline instead.")
     if result.best_path is not None:
         out.print(f"Model: {result.best_path}  (use: carbonsr downscale MAIN.tif --aux ... --model {result.best_path} -o out.tif)")
+
+
+def _report_seeds(runs: list[tuple[int, Any]]) -> None:
+    """One line per seed and the spread of the held-out validation scores (a 1 km proxy)."""
+    from carbonsr_cli.console import out
+
+    scores = []
+    out.print("Seeds (each its own split; score = model Nonzero-MAE / best baseline's on held-out blocks, 1 km):")
+    for seed, result in runs:
+        score = result.best_score
+        scores.append(score)
+        out.print(f"  seed {seed}: best validation score {'-' if score is None else f'{score:.3f}'}  ({result.run_dir})")
+    got = [float(v) for v in scores if v is not None]
+    if len(got) >= 2:
+        mean = sum(got) / len(got)
+        out.print(f"Spread over {len(got)} seeds: {min(got):.3f} .. {max(got):.3f}, (max - min) / mean = {(max(got) - min(got)) / mean:.1%}.")

@@ -24,3 +24,23 @@ def test_max_time_stop_is_explained(sample_dir: Path, tmp_path: Path) -> None:
     assert 3 < steps < 3000
     assert f"after {steps} of 3000 steps; the learning-rate schedule was not finished; " \
            f"continue with `carbonsr resume {first.run_dir}` or give more time." in text
+
+
+def test_seeds_train_one_run_per_seed_and_report_the_spread(sample_dir: Path, tmp_path: Path) -> None:
+    proc = run_cli("train", sample_dir / "emissions_1km.tif", "--aux", sample_dir / "aux", "--preset", "prior",
+                   "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2", "--seed", "4", "--seeds", "2",
+                   "--name", "multi", "--runs-dir", tmp_path / "runs", "--device", "cpu", "-q", cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert (tmp_path / "runs" / "multi-seed4" / "best_model.pth").exists()
+    assert (tmp_path / "runs" / "multi-seed5" / "best_model.pth").exists()
+    lines = [ln for ln in text.split("seed ")[1:] if ln.startswith(("4:", "5:"))]
+    assert len(lines) == 2 and all("best validation score" in ln for ln in lines), text
+    assert "Spread over 2 seeds: " in text and "(max - min) / mean = " in text
+
+
+def test_seeds_refuse_resume(sample_dir: Path, tmp_path: Path) -> None:
+    proc = run_cli("train", sample_dir / "emissions_1km.tif", "--aux", sample_dir / "aux", "--seeds", "2",
+                   "--resume", "latest", "--device", "cpu", cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert "--seeds starts new runs" in proc.stderr + proc.stdout
