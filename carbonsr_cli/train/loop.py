@@ -343,7 +343,7 @@ def train(config: TrainConfig) -> RunResult:
     if model.prior is not None:  # start at the fitted baseline (resume: overwritten by the checkpoint)
         model.prior.load_state_dict(build_network_prior(prior_fit, norm, mcfg.prior_kind).state_dict())
         if model.sites is not None:
-            model.sites.load_state_dict(build_point_sites(prior_fit, norm, mcfg.prior_kind, mcfg.site_window, mcfg.site_delta).state_dict())
+            model.sites.load_state_dict(build_point_sites(prior_fit, norm, mcfg.site_window, mcfg.site_delta).state_dict())
     model = model.to(device)
     total_steps = cfg.epochs * cfg.steps_per_epoch
     decay, no_decay = [], []
@@ -492,9 +492,6 @@ def train(config: TrainConfig) -> RunResult:
             # 0.83-0.91) and costs 10-30 % on smooth urban regions, where the initial score was
             # 0.95-2.4: a 1 km proxy, so the margin is wide.
             model.prior.reset_correction()
-            sites = getattr(model, "sites", None)
-            if sites is not None and getattr(sites.surface, "reset_correction", None) is not None:
-                sites.surface.reset_correction()  # the surplus is measured against the same surface
             model_s0 = dist_ctx.broadcast(_model_scores(model, items, cfg.val_scales, main, cache, cfg, t, device, autocast))
             log.info("the mass prior's correction did not beat the best baseline on validation (%.4f); "
                      "the network starts at the fitted mix: val score %.4f", initial_score, _val_score(model_s0, baselines, cfg.val_scales))
