@@ -34,10 +34,11 @@ class PriorFit:
         mass: The fitted mass prior (:func:`fit_mass_on_cache`) when the network uses one, else None
             (fitted on the surface mix when ``sites`` is set).
         sites: The point-site prior's fit (:func:`models.point_sites`), else None:
-            ``{"point_channels", "signature", "coef", "floor", "abs_coef", "abs_floor", "cells", "point_cells"}``; ``coef``
-            and ``floor`` are the surface mix (point layers off), fitted on the training parent
-            cells without a listed point by the log-domain loss only (absolute t CO2: the
-            surplus over it goes to the sites).
+            ``{"point_channels", "signature", "coef", "floor", "abs_coef", "abs_floor", "cells",
+            "point_cells"}``: the surface mix (point layers off) fitted on the training parent
+            cells without a listed point, ``abs_*`` by the log-domain loss alone (absolute
+            t CO2: the surplus over it goes to the sites), ``coef``/``floor`` the average of
+            that fit and the share-refined one (the network's initial prior; :func:`_fit_surface`).
     """
 
     exponents: tuple[float, ...]
