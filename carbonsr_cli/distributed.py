@@ -271,9 +271,7 @@ class DistContext:
         """``DistributedDataParallel`` around ``model`` (the model itself in one process).
 
         The wrapper forwards unknown attributes (``config``, ``aux_loss``) to the model, so
-        the training step can use it in place of the model. The model's buffers (normaliser
-        constants, basis masks, site signature) never change in training: they are broadcast
-        once when the wrapper is built, not before every forward pass (``broadcast_buffers``).
+        the training step can use it in place of the model.
         """
         if not self.active:
             return model
@@ -281,7 +279,6 @@ class DistContext:
             model,
             device_ids=[self.local_rank] if next(model.parameters()).is_cuda else None,
             find_unused_parameters=find_unused_parameters,
-            broadcast_buffers=False,
         )
 
     def shard_loss(self, loss_fn: Any) -> Any:
