@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from models.physics import block_sum, from_blocks, to_blocks
+from models.physics import block_broadcast, block_sum, from_blocks, to_blocks
 
 __all__ = ["PointSites", "listed_mass", "site_signature"]
 
@@ -82,8 +82,8 @@ class PointSites(nn.Module):
 
     Args:
         channels: Aux channels ``C``.
-        surface: The fitted surface prior (aux -> log of absolute weights, t CO2 / child cell /
-            yr); a frozen copy, used only for the surplus ``P``.
+        surface: The fitted surface mix, a ``DasymetricPrior`` (aux -> log of absolute weights,
+            t CO2 / child cell / yr); a frozen copy, used only for the surplus ``P``.
         window: Site neighbourhood edge (odd, child cells).
         delta: Largest signature-weighted distance of a site cell from the point's cell.
     """
@@ -115,9 +115,6 @@ class PointSites(nn.Module):
             self.signature.copy_(sig)
         self._point_channels = None
 
-    def _basis(self) -> nn.Module:
-        return self.surface.basis if hasattr(self.surface, "basis") else self.surface.mix.basis
-
     def _channels(self) -> list[int]:
         """The point channels (read from the buffer once, after construction or loading)."""
         if getattr(self, "_point_channels", None) is None:
@@ -130,7 +127,7 @@ class PointSites(nn.Module):
 
     def listed_mass(self, x: Tensor) -> Tensor:
         """Listed point mass per child cell ``[B, 1, T, H, W]`` (see :func:`listed_mass`)."""
-        return listed_mass(self._basis(), x, self.point_mask, self._channels())
+        return listed_mass(self.surface.basis, x, self.point_mask, self._channels())
 
     def spread(self, x: Tensor, block: int) -> Tensor:
         """Listed mass shared equally among each point's site cells ``[B, 1, T, H, W]`` (a site
@@ -138,7 +135,9 @@ class PointSites(nn.Module):
 
         On the CPU only the cells that hold listed mass are looked at (a gather); on a GPU the
         same rule runs densely, without a host synchronisation (CUDA graphs, no stall per step)."""
-        mass = self.listed_mass(x)
+        return self._spread(x, self.listed_mass(x), block)
+
+    def _spread(self, x: Tensor, mass: Tensor, block: int) -> Tensor:
         return self._spread_dense(x, mass, block) if x.is_cuda else self._spread_sparse(x, mass, block)
 
     def _offsets(self) -> list[tuple[int, int]]:
@@ -212,21 +211,15 @@ class PointSites(nn.Module):
                 mass = self.listed_mass(x)
                 if not x.is_cuda and not bool((mass > 0).any()):
                     return log_w
-                sites = (self._spread_dense if x.is_cuda else self._spread_sparse)(x, mass, block).double()
+                sites = self._spread(x, mass, block).double()
             totals = torch.expm1(main[..., ::block, ::block].double()).clamp(min=0) * float(block * block)
             with torch.no_grad():
                 surface = block_sum(torch.exp(self.surface(x).double()), block)
                 site_sum = block_sum(sites, block)
-                surplus = torch.where(site_sum > 0, (totals - surface).clamp(min=0), torch.zeros_like(totals))
-                surplus = torch.minimum(surplus, totals)
-            up = _repeat(surplus / site_sum.clamp(min=1e-300), block)
+                surplus = torch.where(site_sum > 0, (totals - surface).clamp(min=0), torch.zeros_like(totals))  # <= totals
+            up = block_broadcast(surplus / site_sum.clamp(min=1e-300), block)
             lw = log_w.double()
             shares = torch.softmax(to_blocks(lw, block), dim=-1)
             rest = from_blocks(shares * (totals - surplus).reshape(-1, 1), lw.shape, block)
             weights = rest + sites * up
             return torch.log(weights.clamp(min=1e-300)).float()
-
-
-def _repeat(v: Tensor, block: int) -> Tensor:
-    """Broadcast ``[..., h, w]`` over each block's children ``[..., h * block, w * block]``."""
-    return v.repeat_interleave(block, dim=-2).repeat_interleave(block, dim=-1)
