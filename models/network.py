@@ -124,7 +124,8 @@ class DSTCarbonFormer(nn.Module):
         self.dasymetric = config.allocation == "dasymetric"
         self.prior: nn.Module | None = None
         if self.dasymetric and config.use_prior:
-            self.prior = self._new_prior(config)
+            self.prior = (MassPrior(config.aux_channels, config.mass_hidden, config.prior_smooth, config.prior_exponents, config.prior_smooth) if config.prior_kind == "mass"
+                          else DasymetricPrior(config.aux_channels, config.prior_exponents, config.prior_smooth))
         self.sites: PointSites | None = None
         if self.prior is not None and config.point_sites:
             surface = DasymetricPrior(config.aux_channels, config.prior_exponents, config.prior_smooth)  # the log-loss surface mix
@@ -174,13 +175,6 @@ class DSTCarbonFormer(nn.Module):
             self.head: nn.Module = nn.Sequential(group_norm(w[0]), Pointwise(w[0], config.context_channels), nn.GELU())
         else:
             self.head = OutputHead(w[0], config.dropout)
-
-    @staticmethod
-    def _new_prior(config: ModelConfig) -> nn.Module:
-        """An unfitted prior of ``config.prior_kind``."""
-        if config.prior_kind == "mass":
-            return MassPrior(config.aux_channels, config.mass_hidden, config.prior_smooth, config.prior_exponents, config.prior_smooth)
-        return DasymetricPrior(config.aux_channels, config.prior_exponents, config.prior_smooth)
 
     def _check_inputs(self, aux: Tensor, main: Tensor) -> None:
         cfg = self.config

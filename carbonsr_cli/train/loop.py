@@ -299,8 +299,6 @@ def train(config: TrainConfig) -> RunResult:
         overrides.setdefault("max_years", max(t, 1))
         overrides.setdefault("context_pool", cfg.factor)
         point_channels = listed_point_channels(stack.names, getattr(stack, "point_names", ()))
-        if not point_channels:
-            overrides["point_sites"] = False  # nothing listed: no sites, whatever the preset says
         mcfg = model_preset(cfg.preset, aux_channels=cache.channels, **overrides)
         sites_on = mcfg.allocation == "dasymetric" and mcfg.use_prior and mcfg.point_sites
         prior_fit = fit_prior_on_cache(cache, main, ~split.forbidden_mask(), norm, cfg.factor,
@@ -308,7 +306,7 @@ def train(config: TrainConfig) -> RunResult:
                                        smooth=tuple(cfg.model_overrides.get("prior_smooth", DEFAULT_SMOOTH)),
                                        mass=mcfg.use_prior and mcfg.prior_kind == "mass", mass_hidden=mcfg.mass_hidden, seed=cfg.seed,
                                        point_channels=tuple(point_channels) if sites_on else ())
-        if sites_on and prior_fit.sites is None:  # listed layers, but no listed point in the region
+        if mcfg.point_sites and prior_fit.sites is None:  # no listed layer, or no listed point in the region
             mcfg = model_preset(cfg.preset, aux_channels=cache.channels, **{**overrides, "point_sites": False})
         if prior_fit.sites is not None:
             sig = sorted(zip(stack.names, prior_fit.sites["signature"]), key=lambda kv: -kv[1])
