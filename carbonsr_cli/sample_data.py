@@ -190,6 +190,7 @@ def generate_sample_data(
     years: Sequence[int] = (2019, 2020, 2021),
     overwrite: bool = False,
     kind: str = "mixed",
+    noise_free: bool = False,
 ) -> SampleData:
     """Write a deterministic synthetic region (see the module docstring) to ``out_dir``.
 
@@ -205,6 +206,10 @@ def generate_sample_data(
         overwrite: Replace an existing non-empty ``out_dir``.
         kind: Region kind, a key of :data:`KINDS`: ``"mixed"``, ``"points"``, ``"traffic"``
             or ``"urban"`` (see the module docstring).
+        noise_free: Leave out the per-cell lognormal noise of the 100 m field (sigma 0.15), every
+            other draw unchanged: the truth is then the field's expected value and the 1 km totals
+            its sums. For benchmarks: the noise-free twin of a region, allocated to the noisy
+            region's 1 km totals, is the best placement any method could reach (the floor).
 
     Returns:
         The paths of every file written (inside ``out_dir``).
@@ -232,7 +237,7 @@ def generate_sample_data(
         try:
             with rasterio.Env(GDAL_CACHEMAX=128):  # MB; bounded write cache for large regions
                 layout = _layout(tmp, years=years_t, seed=seed, size_km=size_km, kind=kind)
-                _generate(layout, seed=seed, size_km=size_km, years=years_t, kind=kind)
+                _generate(layout, seed=seed, size_km=size_km, years=years_t, kind=kind, noise_free=noise_free)
         except OSError as exc:  # disk full, quota, the directory removed under us, ...
             raise OutputError(f"cannot write the sample data ({exc})", dest) from None
         _move_into_place(tmp, dest, overwrite)
@@ -356,7 +361,7 @@ def _move_into_place(tmp: Path, dest: Path, overwrite: bool) -> None:
 # ----------------------------------------------------------------------------- generation
 
 
-def _generate(paths: SampleData, *, seed: int, size_km: int, years: tuple[int, ...], kind: str = "mixed") -> None:
+def _generate(paths: SampleData, *, seed: int, size_km: int, years: tuple[int, ...], kind: str = "mixed", noise_free: bool = False) -> None:
     import rasterio
     from rasterio.windows import Window
 
@@ -422,7 +427,7 @@ def _generate(paths: SampleData, *, seed: int, size_km: int, years: tuple[int, .
         "transform": child_transform,
         "nodata": NODATA,
     }
-    sigma = 0.15
+    sigma = 0.0 if noise_free else 0.15  # the noise is drawn either way: other draws stay the same
     first_totals: list[float] = []  # each plant's first-year emission (t CO2 / yr), for the catalogue
     with rasterio.open(paths.truth, "w", **truth_profile) as dst:
         for b, year in enumerate(years):

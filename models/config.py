@@ -75,6 +75,9 @@ class ModelConfig:
             point layer with an emission attribute (``plants.gpkg:co2_t_yr``).
         site_window: Site neighbourhood edge (odd, child cells).
         site_delta: Largest signature-weighted distance of a site cell from its point's cell.
+        site_point_weight: Weight of the point's own cell in its site against 1 for each other
+            site cell (the catalogue coordinate usually marks the largest unit); 1 = equal shares
+            (checkpoints written before this field existed).
         use_pointwise: (dasymetric) a local head: an MLP of the aux values in a 3x3 neighbourhood
             (POMELO-style occupancy correction), zero at initialisation.
         use_context: (dasymetric) the U-Net path (SFT, MoE, attention, temporal scan) gives the
@@ -121,6 +124,7 @@ class ModelConfig:
     point_sites: bool = False
     site_window: int = 3
     site_delta: float = 1.0
+    site_point_weight: float = 1.0
     pointwise_hidden: int = 32
     context_channels: int = 8
     context_pool: int = 10
@@ -187,6 +191,8 @@ class ModelConfig:
             raise bad("site_window", "must be odd and >= 1")
         if not self.site_delta >= 0:
             raise bad("site_delta", "must be >= 0")
+        if not self.site_point_weight >= 1:
+            raise bad("site_point_weight", "must be >= 1")
         if self.pointwise_hidden < 1:
             raise bad("pointwise_hidden", "must be >= 1")
         if self.context_channels < 1 or self.context_pool < 1:
@@ -232,10 +238,17 @@ class ModelConfig:
         return ModelConfig.from_dict({**self.to_dict(), **changes})
 
 
+#: Presets' weight of a listed point's own cell in its site (``site_point_weight``). With a
+#: plant's footprint of 1-4 cells and the listed coordinate on its largest, 2 puts the expected
+#: L1 error of the shares inside a site about 40 % below equal shares (0.19 vs 0.32 of the
+#: plant's mass, simulated with Dirichlet(2) shares) and far below "all on the point" (0.67).
+SITE_POINT_WEIGHT = 2.0
+
 #: The ``prior`` preset: the dasymetric prior alone (no local head, no U-Net).
 _PRIOR_ONLY: dict[str, Any] = dict(
     allocation="dasymetric",
     point_sites=True,
+    site_point_weight=SITE_POINT_WEIGHT,
     use_pointwise=False,
     use_context=False,
     base_width=8,
@@ -259,6 +272,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         allocation="dasymetric",
         point_sites=True,
+        site_point_weight=SITE_POINT_WEIGHT,
         base_width=8,
         widths=(8, 16, 24, 32),
         depths=(1, 1, 1, 1),
@@ -272,6 +286,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "base": dict(
         allocation="dasymetric",
         point_sites=True,
+        site_point_weight=SITE_POINT_WEIGHT,
         base_width=16,
         widths=(16, 32, 64, 128),
         depths=(1, 1, 2, 2),
@@ -285,6 +300,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "large": dict(
         allocation="dasymetric",
         point_sites=True,
+        site_point_weight=SITE_POINT_WEIGHT,
         base_width=24,
         widths=(24, 48, 96, 192),
         depths=(1, 2, 3, 4),

@@ -129,7 +129,7 @@ class DSTCarbonFormer(nn.Module):
         self.sites: PointSites | None = None
         if self.prior is not None and config.point_sites:
             surface = DasymetricPrior(config.aux_channels, config.prior_exponents, config.prior_smooth)  # the log-loss surface mix
-            self.sites = PointSites(config.aux_channels, surface, config.site_window, config.site_delta)
+            self.sites = PointSites(config.aux_channels, surface, config.site_window, config.site_delta, config.site_point_weight)
         ctx_ch = config.context_channels if config.use_context else 0
         self.pointwise = LocalHead(config.aux_channels, ctx_ch, config.pointwise_hidden) if self.dasymetric and config.use_pointwise else None
         self.aux_loss: Tensor = torch.zeros(())

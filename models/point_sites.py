@@ -15,7 +15,9 @@ A point's *site* is the cells of its ``window x window`` neighbourhood that look
 point's own cell: ``sum_k s_k |z_k(y) - z_k(p)| <= delta`` over the normalised aux channels
 ``z`` (point layers excluded), with ``s`` the *site signature*: how far the listed points'
 cells stand out from the average cell in each channel (normalised to sum 1; e.g. built-up land
-cover, no residents). The listed mass of a point is shared equally among its site's cells.
+cover, no residents). The listed mass of a point is shared among its site's cells, the point's
+own cell with weight ``point_weight`` (>= 1; the catalogue coordinate usually marks the largest
+unit), each other site cell with weight 1.
 Placement inside a 1 km cell cannot be learned from 1 km totals, so this rule is a stated
 assumption, not a fit (measured against the generator's truth in benchmarks/README.md).
 
@@ -86,14 +88,18 @@ class PointSites(nn.Module):
             t CO2 / child cell / yr); a frozen copy, used only for the surplus ``P``.
         window: Site neighbourhood edge (odd, child cells).
         delta: Largest signature-weighted distance of a site cell from the point's cell.
+        point_weight: Weight of the point's own cell in its site (each other site cell: 1).
     """
 
-    def __init__(self, channels: int, surface: nn.Module, window: int = 3, delta: float = 1.0) -> None:
+    def __init__(self, channels: int, surface: nn.Module, window: int = 3, delta: float = 1.0, point_weight: float = 1.0) -> None:
         super().__init__()
         if window < 1 or window % 2 == 0:
             raise ValueError(f"window must be odd and >= 1, got {window}")
         if not delta >= 0:
             raise ValueError(f"delta must be >= 0, got {delta}")
+        if not point_weight >= 1:
+            raise ValueError(f"point_weight must be >= 1, got {point_weight}")
+        self.point_weight = float(point_weight)
         self.channels = int(channels)
         self.window = int(window)
         self.delta = float(delta)
@@ -130,8 +136,8 @@ class PointSites(nn.Module):
         return listed_mass(self.surface.basis, x, self.point_mask, self._channels())
 
     def spread(self, x: Tensor, block: int) -> Tensor:
-        """Listed mass shared equally among each point's site cells ``[B, 1, T, H, W]`` (a site
-        stays inside its point's ``block x block`` block).
+        """Listed mass shared among each point's site cells ``[B, 1, T, H, W]``, the point's own
+        cell weighing ``point_weight`` (a site stays inside its point's ``block x block`` block).
 
         On the CPU only the cells that hold listed mass are looked at (a gather); on a GPU the
         same rule runs densely, without a host synchronisation (CUDA graphs, no stall per step)."""
@@ -162,10 +168,13 @@ class PointSites(nn.Module):
             zo = x[bi, :, ti, yc, xc].float() * sig
             sims.append(ok & ((zo - zp).abs().sum(dim=1) <= self.delta))
             cells.append((yc, xc))
-        sim = torch.stack(sims, dim=1)  # [K, window**2]
-        share = m[bi, ti, yi, xi] / sim.sum(dim=1).clamp(min=1)
+        sim = torch.stack(sims, dim=1)  # [K, window**2]; the point's own cell is always in
+        extra = self.point_weight - 1.0
+        share = m[bi, ti, yi, xi] / (sim.sum(dim=1) + extra)
         for k, (yc, xc) in enumerate(cells):
             out.index_put_((bi, ti, yc, xc), share * sim[:, k], accumulate=True)
+        if extra:
+            out.index_put_((bi, ti, yi, xi), share * extra, accumulate=True)
         return out[:, None]
 
     def _spread_dense(self, x: Tensor, mass: Tensor, block: int) -> Tensor:
@@ -183,9 +192,10 @@ class PointSites(nn.Module):
             zo = zp[..., r + dy : r + dy + h, r + dx : r + dx + w]
             same = (rows_p[r + dy : r + dy + h] == rows)[:, None] & (cols_p[r + dx : r + dx + w] == cols)[None, :]
             sims.append(((zo - z).abs().sum(dim=1, keepdim=True) <= self.delta) & same)
-        n = torch.stack(sims).sum(dim=0).clamp(min=1)
+        extra = self.point_weight - 1.0
+        n = torch.stack(sims).sum(dim=0) + extra  # >= 1: the offset (0, 0) is always in
         share = mass / n
-        out = torch.zeros_like(mass)
+        out = share * extra
         for (dy, dx), sim in zip(offsets, sims, strict=True):  # move each point's share to p + o
             part = torch.nn.functional.pad(share * sim, (r, r, r, r))
             out = out + part[..., r - dy : r - dy + h, r - dx : r - dx + w]

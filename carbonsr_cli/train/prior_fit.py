@@ -298,7 +298,7 @@ def fit_mass_on_cache(cache: Any, main: Any, train_mask: np.ndarray, mix: Any, f
     return {"hidden": int(hidden), "smooth": [int(k) for k in smooth], "blocks": int(len(tt)), "loss": float(loss), "state": state}
 
 
-def build_point_sites(fit: PriorFit, normalizer: Any, window: int = 3, delta: float = 1.0) -> Any:
+def build_point_sites(fit: PriorFit, normalizer: Any, window: int = 3, delta: float = 1.0, point_weight: float = 1.0) -> Any:
     """The :class:`models.point_sites.PointSites` of a fit (its frozen surface = the log-loss
     surface mix, whatever the network's prior kind), or None when the fit has no sites."""
     from models.point_sites import PointSites
@@ -309,7 +309,7 @@ def build_point_sites(fit: PriorFit, normalizer: Any, window: int = 3, delta: fl
     # kind: the mass prior starts from the averaged mix, which inherits the share fit's errors
     # (points seeds 1-2 with the mass preset: 1.63 and 1.93 x the best baseline when it was used)
     surface = _surface_mix(fit, normalizer, fit.sites["abs_coef"], fit.sites["abs_floor"])
-    sites = PointSites(len(normalizer.names), surface, window, delta)
+    sites = PointSites(len(normalizer.names), surface, window, delta, point_weight)
     sites.set_sites(fit.sites["point_channels"], fit.sites["signature"])
     return sites.eval()
 

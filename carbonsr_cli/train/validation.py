@@ -7,6 +7,8 @@ are parent-level metrics (linear domain) on the fixed validation windows of the 
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -231,6 +233,7 @@ def evaluate_against_truth(
     *,
     device: str = "cpu",
     batch_size: int = 8,
+    expected_path: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Score a checkpoint at child resolution on its run's validation windows, with a fine truth.
 
@@ -246,9 +249,13 @@ def evaluate_against_truth(
         truth_path: Child-resolution truth raster (same child grid, one band per year).
         device: Torch device for the model.
         batch_size: Windows per forward pass.
+        expected_path: The truth's expected field without its per-cell noise (a generator's
+            noise-free twin, same grid), or None. Shared onto each parent cell in proportion, it
+            is scored as ``"floor"``: the best placement a method could reach (kept out of the
+            baselines).
 
     Returns:
-        ``{"model": metrics, "cells": n}`` plus the keys of :func:`_summarise_baselines`
+        ``{"model": metrics, "cells": n}`` (and ``"floor"`` with ``expected_path``) plus the keys of :func:`_summarise_baselines`
         (``uniform``, ``dasymetric``, ``dasy_layer``, ``all_dasymetric``, ``points``,
         ``points_layer``, ``fitted``, ``best``, ``best_label``, ``all``), metrics as in
         :func:`_scores` (t CO2 / child cell / yr).
@@ -275,9 +282,13 @@ def evaluate_against_truth(
     items = [(r, c, y0) for (r, c) in split.val_windows for y0 in range(len(main.years) - t + 1)]
     preds: dict[str, list[np.ndarray]] = {}
     truths: list[np.ndarray] = []
-    with AuxStack(discover_aux(cfg.aux, kinds=categorical_kinds(cfg.categorical)), child, main.years, fill_missing=cfg.fill_missing) as stack, open_raster(truth_path) as tds:
+    with (AuxStack(discover_aux(cfg.aux, kinds=categorical_kinds(cfg.categorical)), child, main.years, fill_missing=cfg.fill_missing) as stack,
+          open_raster(truth_path) as tds, contextlib.ExitStack() as extra):
         if (tds.height, tds.width) != child.shape:
             raise UsageError(f"truth grid {tds.height}x{tds.width} does not match the child grid {child.shape}", truth_path)
+        eds = extra.enter_context(open_raster(expected_path)) if expected_path is not None else None
+        if eds is not None and (eds.height, eds.width) != child.shape:
+            raise UsageError(f"grid {eds.height}x{eds.width} does not match the child grid {child.shape}", expected_path)
         norm = AuxNormalizer.from_stats(ck["stats"], stack.names)
         names = list(stack.names)
         fitted = build_fitted_prior(PriorFit.from_dict(ck["prior_fit"]), norm) if ck.get("prior_fit") else None
@@ -307,6 +318,10 @@ def evaluate_against_truth(
                 if fitted is not None:
                     preds.setdefault("fitted", []).append(softmax_children(fitted(xn), tt, f).numpy()[mask])
             preds.setdefault("model", []).append(model_children[mask])
+            if eds is not None:
+                expected = np.stack([read_window(eds, Window(cc * f, rr * f, pc, pc), list(range(yy + 1, yy + t + 1)), out_dtype="float32")
+                                     for rr, cc, yy in chunk])[:, None]
+                preds.setdefault("floor", []).append(_share_in_proportion(expected, totals, f)[mask])
             layers_all = torch.from_numpy(raw).double().movedim(1, 0)[:, :, None]  # [C, B, 1, T, P, P]
             for v in variants:
                 idx = layer_idx[v.label]
@@ -315,4 +330,21 @@ def evaluate_against_truth(
             truths.append(truth[mask])
     y = np.concatenate(truths)
     every = {k: _scores(np.concatenate(v), y) for k, v in preds.items()}
-    return {"model": every.pop("model"), **_summarise_baselines(every), "cells": int(y.size)}
+    floor = {"floor": every.pop("floor")} if "floor" in every else {}
+    return {"model": every.pop("model"), **floor, **_summarise_baselines(every), "cells": int(y.size)}
+
+
+def _share_in_proportion(weights: np.ndarray, totals: np.ndarray, f: int) -> np.ndarray:
+    """Children ``[..., h*f, w*f]`` (float64): each parent total of ``totals [..., h, w]`` shared
+    in proportion to ``weights`` (negative, NaN and nodata read as 0; uniform where they sum to 0)."""
+    w = np.where(np.isfinite(weights) & (weights > 0), weights, 0.0).astype(np.float64)
+    *lead, hh, ww = w.shape
+    sums = w.reshape(*lead, hh // f, f, ww // f, f).sum(axis=(-3, -1))
+    scale = np.where(sums > 0, totals / np.where(sums > 0, sums, 1.0), 0.0)
+    flat = np.where(sums > 0, 0.0, totals / float(f * f))
+    return w * _repeat_blocks(scale, f) + _repeat_blocks(flat, f)
+
+
+def _repeat_blocks(a: np.ndarray, f: int) -> np.ndarray:
+    """Each value of ``a [..., h, w]`` repeated over its ``f x f`` block: ``[..., h*f, w*f]``."""
+    return np.repeat(np.repeat(a, f, axis=-2), f, axis=-1)

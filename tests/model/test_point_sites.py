@@ -25,8 +25,8 @@ def _surface(floor: float = 1.0) -> DasymetricPrior:
     return prior
 
 
-def _sites(delta: float = 0.5) -> PointSites:
-    sites = PointSites(C, _surface(), window=3, delta=delta)
+def _sites(delta: float = 0.5, point_weight: float = 1.0) -> PointSites:
+    sites = PointSites(C, _surface(), window=3, delta=delta, point_weight=point_weight)
     sites.set_sites([0], [0.0, 1.0, 0.0])
     return sites
 
@@ -51,6 +51,17 @@ def test_spread_shares_each_point_among_similar_cells_of_its_block() -> None:
     assert spread[4, 9].item() == 0.0
     assert spread.sum().item() == pytest.approx(140.0)
     assert int((spread > 0).sum()) == 4
+
+
+def test_the_point_cell_weighs_point_weight_against_one_for_each_other_site_cell() -> None:
+    spread = _sites(point_weight=2.0).spread(_layers(), F)[0, 0, 0]
+    assert spread[3, 4].item() == pytest.approx(45.0)  # 90 t over weights 2 + 1 + 1
+    assert spread[3, 5].item() == pytest.approx(22.5)
+    assert spread[4, 4].item() == pytest.approx(22.5)
+    assert spread[4, 10].item() == pytest.approx(50.0)  # a site of one cell keeps all its mass
+    assert spread.sum().item() == pytest.approx(140.0)
+    with pytest.raises(ValueError, match="point_weight"):
+        PointSites(C, _surface(), point_weight=0.5)
 
 
 def test_surplus_over_the_surface_goes_to_the_sites_and_blocks_conserve() -> None:
@@ -129,19 +140,20 @@ def test_sparse_and_dense_spread_agree() -> None:
     x[:, 0] = 0.0
     pts = torch.rand((2, 2, 30, 40), generator=gen) < 0.03
     x[:, 0] = torch.where(pts, torch.rand((2, 2, 30, 40), generator=gen) * 100 + 1, torch.zeros(()))
-    sites = PointSites(C, _surface(), window=3, delta=1.5)
-    sites.set_sites([0], [0.0, 0.7, 0.3])
-    m = sites.listed_mass(x)
-    sparse, dense = sites._spread_sparse(x, m, F), sites._spread_dense(x, m, F)
-    torch.testing.assert_close(sparse, dense, rtol=1e-6, atol=1e-4)
-    torch.testing.assert_close(sparse.sum(), m.sum(), rtol=1e-6, atol=1e-3)
+    for weight in (1.0, 2.5):
+        sites = PointSites(C, _surface(), window=3, delta=1.5, point_weight=weight)
+        sites.set_sites([0], [0.0, 0.7, 0.3])
+        m = sites.listed_mass(x)
+        sparse, dense = sites._spread_sparse(x, m, F), sites._spread_dense(x, m, F)
+        torch.testing.assert_close(sparse, dense, rtol=1e-6, atol=1e-4)
+        torch.testing.assert_close(sparse.sum(), m.sum(), rtol=1e-6, atol=1e-3)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_sites_on_the_gpu_match_the_cpu() -> None:
     """On a GPU the dense path runs (no host synchronisation); same weights as the CPU."""
-    sites = _sites()
+    sites = _sites(point_weight=2.0)
     x = _layers()
     totals = torch.tensor([[1100.0, 100.0], [250.0, 80.0]], dtype=torch.float64)[None, None, None]
     main = torch.log1p(totals / (F * F)).repeat_interleave(F, -2).repeat_interleave(F, -1).float()

@@ -196,6 +196,24 @@ def test_same_seed_identical_different_seed_differs(tmp_path: Path) -> None:
     assert a.files == [a.root / f.relative_to(a.root) for f in a.files] and all(f.exists() for f in a.files)
 
 
+def test_noise_free_twin_differs_only_by_the_per_cell_noise(tmp_path: Path) -> None:
+    """The twin (benchmarks' floor) has the same aux, zeros and nodata; its cells differ from the
+    noisy truth by the lognormal factor alone (sigma 0.15: within exp(+-6 sigma))."""
+    a = sd.generate_sample_data(tmp_path / "a", seed=3, size_km=24, years=(2019, 2020))
+    b = sd.generate_sample_data(tmp_path / "b", seed=3, size_km=24, years=(2019, 2020), noise_free=True)
+    ra, rb = _read_all(a.root), _read_all(b.root)
+    for k in ra:
+        if k not in ("truth_100m.tif", "emissions_1km.tif"):
+            np.testing.assert_array_equal(ra[k], rb[k], err_msg=k)
+    noisy, clean = ra["truth_100m.tif"].astype(np.float64), rb["truth_100m.tif"].astype(np.float64)
+    np.testing.assert_array_equal(noisy > 0, clean > 0)
+    np.testing.assert_array_equal(noisy == NODATA, clean == NODATA)
+    pos = clean > 0
+    ratio = noisy[pos] / clean[pos]
+    assert ratio.min() > np.exp(-6 * 0.15) and ratio.max() < np.exp(6 * 0.15)
+    assert 0.1 < np.std(np.log(ratio)) < 0.16  # plants' cells (no per-cell noise) pull it below 0.15
+
+
 # ----------------------------------------------------------------------------- safety and CLI
 
 
