@@ -5,8 +5,8 @@ For each generated kind (point-source dominated, street/traffic dominated, smoot
 and the model, the fitted layer mix and the best single-layer dasymetric are scored on the
 run's validation windows (never trained on) at 100 m (``evaluate_against_truth``).
 
-Asserted (measured at the commit that added point sites, seed 1: model / best baseline =
-points 0.980, traffic 0.881, urban 1.002; see benchmarks/README.md for the 3-seed table of
+Asserted (measured after the point-cell weight of the sites, seed 1: model / best baseline =
+points 0.786, traffic 0.867, urban 1.002; see benchmarks/README.md for the 3-seed table of
 ``benchmarks/accuracy.py``), with a little room for thread-order rounding:
 - the model is at most ``MODEL_VS_BEST[kind]`` x the best built-in baseline. The model is no
   longer the fitted mix itself (its surface is fitted on cells without a listed point and the
@@ -26,8 +26,8 @@ from carbonsr_cli.sample_data import generate_sample_data
 from carbonsr_cli.train.config import TRAIN_PRESETS, TrainConfig
 from carbonsr_cli.train.loop import evaluate_against_truth, train
 
-#: Upper bounds of (model / best baseline) per kind at 36 km, seed 1 (measured 0.980, 0.881, 1.002).
-MODEL_VS_BEST = {"points": 1.0, "traffic": 0.9, "urban": 1.02}
+#: Upper bounds of (model / best baseline) per kind at 36 km, seed 1 (measured 0.786, 0.867, 1.002).
+MODEL_VS_BEST = {"points": 0.85, "traffic": 0.9, "urban": 1.02}
 #: Upper bounds of (fitted / best single layer) per kind, a little above the measured values.
 FITTED_VS_LAYER = {"points": 1.0, "traffic": 0.7, "urban": 1.0}
 #: Upper bound of (mass preset / best baseline) on the traffic kind, 48 km, seed 2 (measured 0.537;
@@ -52,6 +52,7 @@ def test_model_against_the_best_baseline_at_100m(kind: str, tmp_path: Path) -> N
     best = min(baselines.values())
     assert r["cells"] > 10_000
     assert r["floor"]["nonzero_mae"] < 1e-6 * best  # the truth shared onto its own totals is itself
+    print(f"{kind} 36 km seed 1: model {model:.4g}, best baseline {best:.4g}, ratio {model / best:.3f}")
     assert model <= MODEL_VS_BEST[kind] * best, (kind, model, baselines)
     assert baselines["fitted"] < baselines["uniform"], (kind, baselines)
     assert baselines["fitted"] <= FITTED_VS_LAYER[kind] * baselines["dasymetric"], (kind, baselines)
@@ -80,7 +81,8 @@ def test_point_sites_win_on_a_point_dominated_region(tmp_path: Path) -> None:
     """Listed plants take their cells' surplus on their sites: on the points kind (48 km, seed 1,
     a listed plant with three 100 m cells in the held-out area) the model beats "points first"
     (which places the listed figure on the one cell of the point) and the fitted mix (which
-    spreads a plant's mass over every layer present). Measured 0.673 (the mix alone: 2.55)."""
+    spreads a plant's mass over every layer present). Measured 0.336 with the point's own cell
+    weighing 2 in its site (equal shares: 0.673; the mix alone: 2.55)."""
     sample = generate_sample_data(tmp_path / "data", seed=1, size_km=48, kind="points")
     cfg = dict(TRAIN_PRESETS["demo"])
     cfg.update(
@@ -93,4 +95,4 @@ def test_point_sites_win_on_a_point_dominated_region(tmp_path: Path) -> None:
     model = r["model"]["nonzero_mae"]
     best = min(r[k]["nonzero_mae"] for k in ("fitted", "points", "dasymetric", "uniform") if k in r)
     print(f"point sites, points 48 km seed 1: model {model:.4g}, best baseline {best:.4g}, ratio {model / best:.3f}")
-    assert model <= 0.75 * best, (model, {k: r[k]["nonzero_mae"] for k in ("fitted", "points", "dasymetric")})
+    assert model <= 0.45 * best, (model, {k: r[k]["nonzero_mae"] for k in ("fitted", "points", "dasymetric")})
