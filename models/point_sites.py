@@ -13,9 +13,9 @@ instead splits each block total ``T`` (t CO2 / block / yr) into:
 
 A point's *site* is the cells of its ``window x window`` neighbourhood that look like the
 point's own cell: ``sum_k s_k |z_k(y) - z_k(p)| <= delta`` over the normalised aux channels
-``z`` (point layers excluded), with ``s`` the *site signature*: how far the listed points'
-cells stand out from the average cell in each channel (normalised to sum 1; e.g. built-up land
-cover, no residents). The listed mass of a point is shared among its site's cells, the point's
+``z`` (point layers excluded), with ``s`` the *site signature*: how much more the listed points'
+cells stand out from their neighbours than an average cell does, per channel (normalised to sum
+1; e.g. no residents, a built-up fraction unlike the street around; :func:`site_signature`). The listed mass of a point is shared among its site's cells, the point's
 own cell with weight ``point_weight`` (>= 1; the catalogue coordinate usually marks the largest
 unit), each other site cell with weight 1.
 Placement inside a 1 km cell cannot be learned from 1 km totals, so this rule is a stated
@@ -64,17 +64,31 @@ def listed_mass(basis: nn.Module, x: Tensor, point_mask: Tensor, channels: Seque
     return torch.where(empty, torch.zeros_like(raw), raw).sum(dim=1, keepdim=True)
 
 
-def site_signature(z_points: np.ndarray, z_all: np.ndarray, point_channels: Sequence[int]) -> np.ndarray:
-    """Channel weights ``[C]`` (sum 1, 0 on point channels): ``|mean z at points - mean z|``.
+def site_signature(contrast_points: np.ndarray, contrast_all: np.ndarray, point_channels: Sequence[int]) -> np.ndarray:
+    """Channel weights ``[C]`` (sum 1, 0 on point channels): how much more a listed point's cell
+    stands out from its 3 x 3 neighbourhood than an average cell does, per channel.
+
+    ``s_k = c_k(points) / max(c_k(all), m / 10)`` with ``c_k`` the mean of ``|z_k - mean_3x3 z_k|``
+    (normalised aux) and ``m`` the mean of ``c(all)`` over channels (so that a channel that is
+    almost constant everywhere cannot take every weight). A layer that is also high around the
+    plant (land cover of a city, blurred lights) or that varies from cell to cell everywhere (a
+    road network) gets little weight; one that marks the plant's own cells (no residents, a
+    built-up fraction unlike the street around it) gets most. Measured on the generated points
+    regions: the contrast with the region's average (the first signature) gave road length 31 %
+    of the weight where listed plants lay in a street grid, and a site that took two houses and
+    missed a plant cell (points, seed 4).
 
     Args:
-        z_points: Mean normalised value per channel over the listed points' cells ``[C]``.
-        z_all: Mean normalised value per channel over all cells ``[C]``.
+        contrast_points: ``c`` per channel over the listed points' cells ``[C]``.
+        contrast_all: ``c`` per channel over all cells ``[C]``.
         point_channels: Indices of the point layers (weight 0).
     """
-    s = np.abs(np.asarray(z_points, np.float64) - np.asarray(z_all, np.float64))
-    s[list(point_channels)] = 0.0
-    s = np.nan_to_num(s, nan=0.0, posinf=0.0, neginf=0.0)
+    cp = np.nan_to_num(np.asarray(contrast_points, np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    ca = np.nan_to_num(np.asarray(contrast_all, np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    others = np.ones(ca.size, dtype=bool)
+    others[list(point_channels)] = False
+    m = float(ca[others].mean()) if others.any() else 0.0
+    s = np.where(others, cp / np.maximum(ca, max(m / 10.0, 1e-12)), 0.0)
     total = float(s.sum())
     return s / total if total > 0 else s
 

@@ -104,7 +104,7 @@ def fit_prior_on_cache(cache: Any, main: Any, train_mask: np.ndarray, normalizer
     """
     import torch
 
-    from models.dasymetric import fit_prior, share_blocks_of, share_loss
+    from models.dasymetric import fit_prior, neighbourhood_mean, share_blocks_of, share_loss
     from models.physics import block_sum
     from models.point_sites import listed_mass, site_signature
 
@@ -139,10 +139,10 @@ def fit_prior_on_cache(cache: Any, main: Any, train_mask: np.ndarray, normalizer
                     xc = x[..., cut, :]
                     pm = listed_mass(prior.basis, xc, point_mask, pts)[0, 0, 0]  # [rows, W * f] listed t CO2 / yr
                     pgrid[r0:r1] = block_sum(pm.double(), factor).numpy()
-                    zc = xc[0, :, 0].double()
-                    z_sum += zc.sum(dim=(1, 2)).numpy()
-                    n_cells += zc.shape[1] * zc.shape[2]
-                    z_pts += zc[:, pm > 0].sum(dim=1).numpy()
+                    dev = (x - neighbourhood_mean(x.float(), 3))[0, :, 0][:, cut].abs().double()  # [C, rows, W * f]
+                    z_sum += dev.sum(dim=(1, 2)).numpy()
+                    n_cells += dev.shape[1] * dev.shape[2]
+                    z_pts += dev[:, pm > 0].sum(dim=1).numpy()
                     n_pts += int((pm > 0).sum())
             keep = train_mask & np.isfinite(main.values[y])
             sums.append(grid.transpose(1, 2, 0)[keep])

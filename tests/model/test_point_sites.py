@@ -95,11 +95,16 @@ def test_listed_mass_reads_a_float16_zero_as_zero() -> None:
     assert mass[2].item() == pytest.approx(1234.5, rel=2e-3)
 
 
-def test_site_signature_weights_what_sets_the_points_apart() -> None:
-    sig = site_signature(np.array([5.0, 2.0, 0.1, -1.0]), np.array([0.0, 0.0, 0.0, 0.0]), [0])
+def test_site_signature_weights_local_contrast_against_its_usual_level() -> None:
+    """Channel 1 stands out at the points (contrast 2 where cells usually differ by 0.5 from their
+    neighbours), channel 2 is just as different at the points as anywhere (a street grid), channel
+    3 is nearly constant everywhere: its denominator is floored at a tenth of the mean level."""
+    sig = site_signature(np.array([9.0, 2.0, 1.0, 0.1]), np.array([3.0, 0.5, 1.0, 1e-9]), [0])
     assert sig[0] == 0.0
     assert sig.sum() == pytest.approx(1.0)
     assert sig[1] > sig[3] > sig[2]
+    assert sig[3] / sig[1] == pytest.approx((0.1 / (1.5 / 3 / 10)) / (2.0 / 0.5))
+    assert not site_signature(np.zeros(3), np.zeros(3), [0]).any()
 
 
 def test_network_with_sites_conserves_and_trains_only_the_rest() -> None:
