@@ -78,6 +78,8 @@ class ModelConfig:
         site_point_weight: Weight of the point's own cell in its site against 1 for each other
             site cell (the catalogue coordinate usually marks the largest unit); 1 = equal shares
             (checkpoints written before this field existed).
+        site_unlisted: Blocks far above the surface without a listed point give their excess to
+            the cells that look like a listed point's cell (:meth:`PointSites.set_unlisted`).
         use_pointwise: (dasymetric) a local head: an MLP of the aux values in a 3x3 neighbourhood
             (POMELO-style occupancy correction), zero at initialisation.
         use_context: (dasymetric) the U-Net path (SFT, MoE, attention, temporal scan) gives the
@@ -125,6 +127,7 @@ class ModelConfig:
     site_window: int = 3
     site_delta: float = 1.0
     site_point_weight: float = 1.0
+    site_unlisted: bool = False
     pointwise_hidden: int = 32
     context_channels: int = 8
     context_pool: int = 10
@@ -249,6 +252,7 @@ _PRIOR_ONLY: dict[str, Any] = dict(
     allocation="dasymetric",
     point_sites=True,
     site_point_weight=SITE_POINT_WEIGHT,
+    site_unlisted=True,
     use_pointwise=False,
     use_context=False,
     base_width=8,
@@ -273,6 +277,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         allocation="dasymetric",
         point_sites=True,
         site_point_weight=SITE_POINT_WEIGHT,
+        site_unlisted=True,
         base_width=8,
         widths=(8, 16, 24, 32),
         depths=(1, 1, 1, 1),
@@ -287,6 +292,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         allocation="dasymetric",
         point_sites=True,
         site_point_weight=SITE_POINT_WEIGHT,
+        site_unlisted=True,
         base_width=16,
         widths=(16, 32, 64, 128),
         depths=(1, 1, 2, 2),
@@ -301,6 +307,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         allocation="dasymetric",
         point_sites=True,
         site_point_weight=SITE_POINT_WEIGHT,
+        site_unlisted=True,
         base_width=24,
         widths=(24, 48, 96, 192),
         depths=(1, 2, 3, 4),

@@ -9,6 +9,14 @@ instead splits each block total ``T`` (t CO2 / block / yr) into:
 - the surplus ``P = clip(T - S, 0, T)`` over the fitted surface's block sum ``S`` (absolute
   t CO2: the surface prior is fitted to the totals of blocks without listed points), in blocks
   that hold a listed point, placed on the sites in proportion to the listed mass;
+- with unlisted sources on (:meth:`PointSites.set_unlisted`): in a block without a listed point
+  whose total is far above the surface (``T > ratio * S``, ``ratio`` from the spread of the
+  training blocks, :func:`carbonsr_cli.train.prior_fit.unlisted_ratio`), the excess ``T - S``,
+  placed evenly on the block's cells that look like a listed point's cell (a catalogue never
+  lists every plant); nothing moves where no cell does, nor where more cells than a site holds
+  (``window**2``) do unless the total is above ``UNLISTED_CERTAIN * ratio * S`` (a built-up
+  district under a busy road is 10-30 x its surface on the generated street regions, a plant
+  100 x and more);
 - the remainder ``T - P``, shared as the network's log-weights say (surface prior + heads).
 
 A point's *site* is the cells of its ``window x window`` neighbourhood that look like the
@@ -34,7 +42,11 @@ from torch import Tensor, nn
 
 from models.physics import block_broadcast, block_sum, from_blocks, to_blocks
 
-__all__ = ["PointSites", "listed_mass", "site_signature"]
+__all__ = ["PointSites", "UNLISTED_CERTAIN", "listed_mass", "site_signature"]
+
+#: A block this many times above the unlisted threshold holds a point source however many of its
+#: cells look like one (see the module docstring).
+UNLISTED_CERTAIN = 10.0
 
 
 def listed_mass(basis: nn.Module, x: Tensor, point_mask: Tensor, channels: Sequence[int] | None = None) -> Tensor:
@@ -122,6 +134,8 @@ class PointSites(nn.Module):
             p.requires_grad_(False)
         self.register_buffer("point_mask", torch.zeros(self.channels))
         self.register_buffer("signature", torch.zeros(self.channels))
+        self.register_buffer("profile", torch.zeros(self.channels))
+        self.register_buffer("unlisted_ratio", torch.zeros(()))
 
     def set_sites(self, point_channels: Sequence[int], signature: Sequence[float]) -> None:
         """Store which channels are point layers (listed mass, raw units) and the signature."""
@@ -135,15 +149,39 @@ class PointSites(nn.Module):
             self.signature.copy_(sig)
         self._point_channels = None
 
+    def set_unlisted(self, profile: Sequence[float], ratio: float) -> None:
+        """Turn on unlisted sources: a block without a listed point whose total is above ``ratio``
+        times the surface's block sum gives the excess to its cells that look like a listed point's
+        cell (signature-weighted L1 distance <= ``delta`` from ``profile``, the mean normalised aux
+        of the listed points' cells ``[C]``), when there are at most ``window**2`` such cells or
+        the total is above ``UNLISTED_CERTAIN * ratio`` times the surface. ``ratio`` 0 turns it off."""
+        prof = torch.as_tensor(np.asarray(profile, np.float64), dtype=torch.float32)
+        if prof.shape != (self.channels,):
+            raise ValueError(f"expected {self.channels} profile values, got {tuple(prof.shape)}")
+        if not ratio >= 0:
+            raise ValueError(f"ratio must be >= 0, got {ratio}")
+        with torch.no_grad():
+            self.profile.copy_(prof)
+            self.unlisted_ratio.fill_(float(ratio))
+        self._unlisted_on = None
+
+    def _unlisted(self) -> bool:
+        """Whether unlisted sources are placed (read from the buffer once)."""
+        if getattr(self, "_unlisted_on", None) is None:
+            self._unlisted_on = bool(float(self.unlisted_ratio.detach().cpu()) > 0)
+        return self._unlisted_on
+
     def _channels(self) -> list[int]:
         """The point channels (read from the buffer once, after construction or loading)."""
         if getattr(self, "_point_channels", None) is None:
             self._point_channels = [int(i) for i in torch.nonzero(self.point_mask.detach().cpu() > 0).flatten()]
         return self._point_channels
 
-    def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:  # type: ignore[override]
-        self._point_channels = None
-        super()._load_from_state_dict(*args, **kwargs)  # type: ignore[arg-type]
+    def _load_from_state_dict(self, state_dict: dict[str, Tensor], prefix: str, *args: object, **kwargs: object) -> None:  # type: ignore[override]
+        self._point_channels = self._unlisted_on = None
+        for name in ("profile", "unlisted_ratio"):  # checkpoints written before unlisted sources: off
+            state_dict.setdefault(prefix + name, torch.zeros_like(getattr(self, name)))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
 
     def listed_mass(self, x: Tensor) -> Tensor:
         """Listed point mass per child cell ``[B, 1, T, H, W]`` (see :func:`listed_mass`)."""
@@ -230,20 +268,38 @@ class PointSites(nn.Module):
             (same shares) when no cell holds listed mass (checked on the CPU only: on a GPU the
             check would stall every step).
         """
+        unlisted = self._unlisted()
         with torch.autocast(device_type=x.device.type, enabled=False):
             with torch.no_grad():
                 mass = self.listed_mass(x)
-                if not x.is_cuda and not bool((mass > 0).any()):
+                if not x.is_cuda and not unlisted and not bool((mass > 0).any()):
                     return log_w
                 sites = self._spread(x, mass, block).double()
             totals = torch.expm1(main[..., ::block, ::block].double()).clamp(min=0) * float(block * block)
             with torch.no_grad():
                 surface = block_sum(torch.exp(self.surface(x).double()), block)
                 site_sum = block_sum(sites, block)
-                surplus = torch.where(site_sum > 0, (totals - surface).clamp(min=0), torch.zeros_like(totals))  # <= totals
-            up = block_broadcast(surplus / site_sum.clamp(min=1e-300), block)
+                excess = (totals - surface).clamp(min=0)  # <= totals
+                surplus = torch.where(site_sum > 0, excess, torch.zeros_like(totals))
+                if unlisted:  # blocks far above the surface without a listed point
+                    like = self.like_a_point(x).double()
+                    like_sum = block_sum(like, block)
+                    ratio = self.unlisted_ratio.double()
+                    compact = (like_sum > 0) & (like_sum <= self.window * self.window)  # no larger than a site
+                    far = (site_sum == 0) & (((totals > ratio * surface) & compact)
+                                             | ((totals > UNLISTED_CERTAIN * ratio * surface) & (like_sum > 0)))
+                    sites = sites + like * block_broadcast(torch.where(far, excess / like_sum.clamp(min=1e-300), torch.zeros_like(totals)), block)
+                    surplus = torch.where(far, excess, surplus)
+                    site_sum = torch.where(far, excess, site_sum)  # the unlisted cells already carry their mass
+            up = block_broadcast(torch.where(site_sum > 0, surplus / site_sum.clamp(min=1e-300), torch.zeros_like(totals)), block)
             lw = log_w.double()
             shares = torch.softmax(to_blocks(lw, block), dim=-1)
             rest = from_blocks(shares * (totals - surplus).reshape(-1, 1), lw.shape, block)
             weights = rest + sites * up
             return torch.log(weights.clamp(min=1e-300)).float()
+
+    def like_a_point(self, x: Tensor) -> Tensor:
+        """1 where a cell looks like a listed point's cell (signature-weighted L1 distance of its
+        normalised aux from ``profile`` <= ``delta``), else 0 ``[B, 1, T, H, W]`` (float32)."""
+        d = ((x.float() - self.profile.view(1, -1, 1, 1, 1)).abs() * self.signature.view(1, -1, 1, 1, 1)).sum(dim=1, keepdim=True)
+        return (d <= self.delta).float()

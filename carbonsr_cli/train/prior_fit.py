@@ -124,7 +124,7 @@ def fit_prior_on_cache(cache: Any, main: Any, train_mask: np.ndarray, normalizer
     sums, totals, counts, groups, listed, surface_groups = [], [], [], [], [], []
     k = prior.basis.size
     pts = list(point_channels)
-    z_sum, z_pts, n_cells, n_pts = np.zeros(c), np.zeros(c), 0, 0
+    z_sum, z_pts, prof_pts, n_cells, n_pts = np.zeros(c), np.zeros(c), np.zeros(c), 0, 0
     point_mask = torch.zeros(c)
     point_mask[pts] = 1.0
     listed_any = np.zeros((h, w), dtype=bool)  # parent cells with a listed point in any year
@@ -143,6 +143,7 @@ def fit_prior_on_cache(cache: Any, main: Any, train_mask: np.ndarray, normalizer
                     z_sum += dev.sum(dim=(1, 2)).numpy()
                     n_cells += dev.shape[1] * dev.shape[2]
                     z_pts += dev[:, pm > 0].sum(dim=1).numpy()
+                    prof_pts += xc[0, :, 0][:, pm > 0].double().sum(dim=1).numpy()
                     n_pts += int((pm > 0).sum())
             keep = train_mask & np.isfinite(main.values[y])
             sums.append(grid.transpose(1, 2, 0)[keep])
@@ -161,6 +162,7 @@ def fit_prior_on_cache(cache: Any, main: Any, train_mask: np.ndarray, normalizer
     if pts and n_pts:
         sites = _fit_surface(phi_all, n_all, t_all, np.concatenate(listed), pts, prior.basis, surface_groups)
         sites["signature"] = site_signature(z_pts / n_pts, z_sum / max(n_cells, 1), pts).tolist()
+        sites["profile"] = (prof_pts / n_pts).tolist()
         sites["point_cells"] = int(n_pts)
     # Every basis function is offered (pixel and 3x3, three powers). Choosing a smaller basis by the
     # held-out share loss of groups of parent cells was tried (nested bases: pixel p=1; + powers;
@@ -229,7 +231,36 @@ def _fit_surface(phi: np.ndarray, n: np.ndarray, t: np.ndarray, listed: np.ndarr
     full[active] = 0.5 * (coef_abs + k * coef_sh)
     absolute[active] = coef_abs
     return {"point_channels": [int(ch) for ch in point_channels], "coef": full.tolist(), "floor": 0.5 * (floor_abs + k * floor_sh),
-            "abs_coef": absolute.tolist(), "abs_floor": float(floor_abs), "cells": int(rows.sum())}
+            "abs_coef": absolute.tolist(), "abs_floor": float(floor_abs), "cells": int(rows.sum()),
+            "unlisted_ratio": unlisted_ratio(t_r, s_abs)}
+
+
+#: Smallest ratio of a block's total to the surface's block sum that is read as an unlisted point
+#: source (when the robust spread of the training blocks allows less).
+MIN_UNLISTED_RATIO = 10.0
+
+
+def unlisted_ratio(totals: np.ndarray, surface: np.ndarray, spread: float = 5.0) -> float:
+    """Ratio ``T / S`` above which a block without a listed point holds an unlisted source.
+
+    The log-ratio of the training blocks' totals to the surface's block sums is centred near 0
+    with a spread set by the surface's errors; an unlisted plant (hundreds of times a usual cell)
+    is far outside it. The threshold is ``exp(median + spread * 1.4826 * MAD)`` of those
+    log-ratios (``MAD``: median absolute deviation; 1.4826 MAD estimates a normal sigma, robust
+    to the plants themselves), and at least :data:`MIN_UNLISTED_RATIO`.
+
+    Args:
+        totals: Training blocks' totals ``[N]`` (t CO2 / block / yr), blocks without a listed point.
+        surface: The surface's block sums on the same blocks ``[N]`` (same units).
+        spread: Robust standard deviations above the median.
+    """
+    ok = (np.asarray(totals) > 0) & (np.asarray(surface) > 0)
+    if ok.sum() < 20:
+        return 0.0  # too few blocks to tell an outlier: off
+    r = np.log(np.asarray(totals, np.float64)[ok] / np.asarray(surface, np.float64)[ok])
+    med = float(np.median(r))
+    mad = float(np.median(np.abs(r - med)))
+    return float(max(np.exp(med + spread * 1.4826 * mad), MIN_UNLISTED_RATIO))
 
 
 def _row_chunks(arr: Any, year: int, factor: int, margin: int, rows_per_chunk: int,
@@ -298,7 +329,8 @@ def fit_mass_on_cache(cache: Any, main: Any, train_mask: np.ndarray, mix: Any, f
     return {"hidden": int(hidden), "smooth": [int(k) for k in smooth], "blocks": int(len(tt)), "loss": float(loss), "state": state}
 
 
-def build_point_sites(fit: PriorFit, normalizer: Any, window: int = 3, delta: float = 1.0, point_weight: float = 1.0) -> Any:
+def build_point_sites(fit: PriorFit, normalizer: Any, window: int = 3, delta: float = 1.0, point_weight: float = 1.0,
+                      unlisted: bool = False) -> Any:
     """The :class:`models.point_sites.PointSites` of a fit (its frozen surface = the log-loss
     surface mix, whatever the network's prior kind), or None when the fit has no sites."""
     from models.point_sites import PointSites
@@ -311,6 +343,8 @@ def build_point_sites(fit: PriorFit, normalizer: Any, window: int = 3, delta: fl
     surface = _surface_mix(fit, normalizer, fit.sites["abs_coef"], fit.sites["abs_floor"])
     sites = PointSites(len(normalizer.names), surface, window, delta, point_weight)
     sites.set_sites(fit.sites["point_channels"], fit.sites["signature"])
+    if unlisted and fit.sites.get("profile") is not None:
+        sites.set_unlisted(fit.sites["profile"], float(fit.sites.get("unlisted_ratio", 0.0)))
     return sites.eval()
 
 

@@ -84,6 +84,47 @@ def test_surplus_over_the_surface_goes_to_the_sites_and_blocks_conserve() -> Non
     assert torch.allclose(children[10:, :10], torch.full((10, 10), 2.5, dtype=torch.float64))
 
 
+def test_unlisted_sources_take_the_excess_of_blocks_far_above_the_surface() -> None:
+    """Block (1, 0): no listed point, 250 t against a 100 t surface (> 2 x): the 150 t excess goes
+    to its two cells that look like a listed point's cell. Block (1, 1): 80 t, below 2 x the
+    surface: the network's shares, though it holds such a cell. Listed blocks as without it."""
+    sites = _sites()
+    sites.set_unlisted([0.0, 1.0, 0.0], ratio=2.0)
+    x = _layers()
+    x[0, 1, 0, 12, 3] = x[0, 1, 0, 15, 6] = x[0, 1, 0, 14, 14] = 1.0
+    totals = torch.tensor([[1100.0, 100.0], [250.0, 80.0]], dtype=torch.float64)[None, None, None]
+    main = torch.log1p(totals / (F * F)).repeat_interleave(F, -2).repeat_interleave(F, -1).float()
+    log_w = torch.zeros((1, 1, 1, 20, 20))
+    children = softmax_children(sites(log_w, x, main, F), totals, F)[0, 0, 0]
+    torch.testing.assert_close(children.reshape(2, F, 2, F).sum(dim=(1, 3)), totals[0, 0, 0], rtol=1e-12, atol=0.0)
+    assert children[12, 3].item() == pytest.approx(76.0, rel=1e-5)
+    assert children[15, 6].item() == pytest.approx(76.0, rel=1e-5)
+    assert children[11, 1].item() == pytest.approx(1.0, rel=1e-5)
+    assert torch.allclose(children[10:, 10:], torch.full((10, 10), 0.8, dtype=torch.float64))
+    assert children[3, 4].item() == pytest.approx(1000.0 / 3 + 1.0, rel=1e-5)
+    # ratio 0 turns it off; a state dict from before the feature loads with it off
+    state = {k: v for k, v in sites.state_dict().items() if k not in ("profile", "unlisted_ratio")}
+    fresh = _sites()
+    fresh.set_unlisted([0.0, 1.0, 0.0], ratio=3.0)
+    fresh.load_state_dict(state)
+    assert float(fresh.unlisted_ratio) == 0.0
+    plain = softmax_children(fresh(log_w, x, main, F), totals, F)[0, 0, 0]
+    assert plain[12, 3].item() == pytest.approx(2.5, rel=1e-5)
+
+
+def test_unlisted_ratio_sits_far_outside_the_blocks_spread() -> None:
+    from carbonsr_cli.train.prior_fit import MIN_UNLISTED_RATIO, unlisted_ratio
+
+    rng = np.random.default_rng(0)
+    surface = rng.uniform(50, 500, 2000)
+    totals = surface * np.exp(rng.normal(0.0, 0.5, 2000))
+    totals[:3] *= 1000.0  # three unlisted plants do not move the threshold
+    r = unlisted_ratio(totals, surface)
+    assert np.exp(5 * 0.5 * 0.9) < r < np.exp(5 * 0.5 * 1.1)
+    assert unlisted_ratio(surface * 1.01, surface) == MIN_UNLISTED_RATIO
+    assert unlisted_ratio(totals[:10], surface[:10]) == 0.0  # too few blocks: off
+
+
 def test_listed_mass_reads_a_float16_zero_as_zero() -> None:
     basis = DasymetricPrior(2, exponents=(1.0,), smooth=(1,)).basis
     basis.set_normalisation([True, False], [3.0, 0.5], [2.0, 1.0], [0.0, 0.0])
@@ -159,7 +200,9 @@ def test_sparse_and_dense_spread_agree() -> None:
 def test_sites_on_the_gpu_match_the_cpu() -> None:
     """On a GPU the dense path runs (no host synchronisation); same weights as the CPU."""
     sites = _sites(point_weight=2.0)
+    sites.set_unlisted([0.0, 1.0, 0.0], ratio=2.0)
     x = _layers()
+    x[0, 1, 0, 12, 3] = x[0, 1, 0, 15, 6] = 1.0  # an unlisted source's cells in block (1, 0)
     totals = torch.tensor([[1100.0, 100.0], [250.0, 80.0]], dtype=torch.float64)[None, None, None]
     main = torch.log1p(totals / (F * F)).repeat_interleave(F, -2).repeat_interleave(F, -1).float()
     log_w = torch.zeros((1, 1, 1, 20, 20))
