@@ -18,7 +18,8 @@ trained on) at child resolution against the hidden truth:
 It prints one row per kind and seed with Nonzero-MAE, the ratio model / best baseline
 (the smallest of fitted, points and dasymetric), the same ratio for the last trained state
 (``latest.pth``: what training reached before the selection kept or replaced it), the Top-1%
-ratio, the floor's ratio to the best baseline and the share of the baseline's excess error
+ratio, the same ratio for what ``downscale --method auto`` would use (the model, or the
+baseline that validated best at 1 km when the model did not), the floor's ratio to the best baseline and the share of the baseline's excess error
 over the floor that the model removes (``gap closed``: 1 = the floor, 0 = the baseline). Run: ``python benchmarks/accuracy.py [--kinds points,traffic,urban] [--seeds 1,2,3]``.
 """
 
@@ -35,6 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from carbonsr_cli.checkpoints import load_checkpoint  # noqa: E402
 from carbonsr_cli.errors import UsageError  # noqa: E402
 from carbonsr_cli.sample_data import generate_sample_data  # noqa: E402
 from carbonsr_cli.train.config import TRAIN_PRESETS, TrainConfig  # noqa: E402
@@ -62,6 +64,8 @@ def run_one(kind: str, seed: int, root: Path, *, size_km: int, overrides: dict[s
     expected = generate_sample_data(root / f"{kind}-{seed}-noise-free", seed=seed, size_km=size_km, kind=kind, overwrite=True, noise_free=True)
     ckpt = run.best_path or run.last_checkpoint
     scores = evaluate_against_truth(ckpt, sample.truth, device=device, expected_path=expected.truth)
+    chosen = str((load_checkpoint(ckpt).get("selection") or {}).get("method", "model"))
+    scores["auto"] = {"method": chosen, **(scores["model"] if chosen == "model" else scores["all"].get(chosen, {"nonzero_mae": float("nan")}))}
     scores["train_s"] = t1 - t0
     last = run.run_dir / "latest.pth"
     if last.exists():  # the trained state before selection (best_model.pth may be the prior)
@@ -81,6 +85,7 @@ def summarise(kind: str, seed: int, r: dict[str, Any]) -> dict[str, Any]:
         "best_baseline": best, "ratio": m["nonzero_mae"] / b["nonzero_mae"],
         "last_ratio": r["model_last"]["nonzero_mae"] / b["nonzero_mae"] if "model_last" in r else float("nan"),
         "top1_ratio": m["top1_nonzero_mae"] / b["top1_nonzero_mae"],
+        "auto": r["auto"]["method"], "auto_ratio": r["auto"]["nonzero_mae"] / b["nonzero_mae"],
         "floor": floor, "floor_ratio": floor / b["nonzero_mae"],
         "gap_closed": (b["nonzero_mae"] - m["nonzero_mae"]) / (b["nonzero_mae"] - floor) if b["nonzero_mae"] > 1.01 * floor else float("nan"),
         "train_s": r["train_s"],
@@ -110,11 +115,11 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
     print()
     print(f"{'kind':8s} {'seed':>4s} {'model':>9s} {'fitted':>9s} {'points':>9s} {'dasy':>9s} {'uniform':>9s} {'floor':>9s} "
-          f"{'ratio':>6s} {'last':>6s} {'top1':>6s} {'floor/b':>7s} {'gap':>6s} {'train s':>7s}")
+          f"{'ratio':>6s} {'last':>6s} {'top1':>6s} {'auto':>6s} {'floor/b':>7s} {'gap':>6s} {'train s':>7s}")
     for r in rows:
         print(f"{r['kind']:8s} {r['seed']:4d} {r['model']:9.4g} {r.get('fitted', float('nan')):9.4g} {r.get('points', float('nan')):9.4g} "
               f"{r['dasymetric']:9.4g} {r['uniform']:9.4g} {r['floor']:9.4g} {r['ratio']:6.3f} {r['last_ratio']:6.3f} {r['top1_ratio']:6.3f} "
-              f"{r['floor_ratio']:7.3f} {r['gap_closed']:6.2f} {r['train_s']:7.1f}")
+              f"{r['auto_ratio']:6.3f} {r['floor_ratio']:7.3f} {r['gap_closed']:6.2f} {r['train_s']:7.1f}")
     for kind in args.kinds.split(","):
         ratios = [r["ratio"] for r in rows if r["kind"] == kind]
         if not ratios:

@@ -310,8 +310,10 @@ def train(config: TrainConfig) -> RunResult:
             mcfg = model_preset(cfg.preset, aux_channels=cache.channels, **{**overrides, "point_sites": False})
         if prior_fit.sites is not None:
             sig = sorted(zip(stack.names, prior_fit.sites["signature"]), key=lambda kv: -kv[1])
-            log.info("point sites: %d listed point cells; surface fitted on %d parent cells without one; site signature: %s",
-                     prior_fit.sites["point_cells"], prior_fit.sites["cells"], ", ".join(f"{n} {v:.0%}" for n, v in sig[:4] if v > 0))
+            log.info("point sites: %d listed point cells; surface fitted on %d parent cells without one (%d left out as unlisted "
+                     "sources: above %.3g x the surface); site signature: %s",
+                     prior_fit.sites["point_cells"], prior_fit.sites["cells"], prior_fit.sites.get("outliers", 0),
+                     prior_fit.sites.get("unlisted_ratio", 0.0), ", ".join(f"{n} {v:.0%}" for n, v in sig[:4] if v > 0))
         if prior_fit.mass is not None:
             log.info("fitted mass prior on %d training parent cells (log-abs error of block sums %.4f)", prior_fit.mass["blocks"], prior_fit.mass["loss"])
         log.info("fitted layer mix on %d training parent cells (basis %s; share loss %.4f): %s",

@@ -5,8 +5,8 @@ For each generated kind (point-source dominated, street/traffic dominated, smoot
 and the model, the fitted layer mix and the best single-layer dasymetric are scored on the
 run's validation windows (never trained on) at 100 m (``evaluate_against_truth``).
 
-Asserted (measured after the point-cell weight and the local-contrast signature of the sites, seed 1: model / best baseline =
-points 0.692, traffic 0.867, urban 1.002; see benchmarks/README.md for the 3-seed table of
+Asserted (measured with the session-7 point sites - point-cell weight, local-contrast signature,
+unlisted sources - seed 1: model / best baseline = points 0.686, traffic 0.867, urban 0.931; see benchmarks/README.md for the 3-seed table of
 ``benchmarks/accuracy.py``), with a little room for thread-order rounding:
 - the model is at most ``MODEL_VS_BEST[kind]`` x the best built-in baseline. The model is no
   longer the fitted mix itself (its surface is fitted on cells without a listed point and the
@@ -26,8 +26,8 @@ from carbonsr_cli.sample_data import generate_sample_data
 from carbonsr_cli.train.config import TRAIN_PRESETS, TrainConfig
 from carbonsr_cli.train.loop import evaluate_against_truth, train
 
-#: Upper bounds of (model / best baseline) per kind at 36 km, seed 1 (measured 0.692, 0.867, 1.002).
-MODEL_VS_BEST = {"points": 0.8, "traffic": 0.9, "urban": 1.02}
+#: Upper bounds of (model / best baseline) per kind at 36 km, seed 1 (measured 0.686, 0.867, 0.931).
+MODEL_VS_BEST = {"points": 0.8, "traffic": 0.9, "urban": 1.0}
 #: Upper bounds of (fitted / best single layer) per kind, a little above the measured values.
 FITTED_VS_LAYER = {"points": 1.0, "traffic": 0.7, "urban": 1.0}
 #: Upper bound of (mass preset / best baseline) on the traffic kind, 48 km, seed 2 (measured 0.537;
@@ -81,8 +81,8 @@ def test_point_sites_win_on_a_point_dominated_region(tmp_path: Path) -> None:
     """Listed plants take their cells' surplus on their sites: on the points kind (48 km, seed 1,
     a listed plant with three 100 m cells in the held-out area) the model beats "points first"
     (which places the listed figure on the one cell of the point) and the fitted mix (which
-    spreads a plant's mass over every layer present). Measured 0.336 with the point's own cell
-    weighing 2 in its site (equal shares: 0.673; the mix alone: 2.55)."""
+    spreads a plant's mass over every layer present). Measured 0.299 (the point's own cell weighing
+    2 in its site, unlisted sources; equal shares: 0.673; the mix alone: 2.55)."""
     sample = generate_sample_data(tmp_path / "data", seed=1, size_km=48, kind="points")
     cfg = dict(TRAIN_PRESETS["demo"])
     cfg.update(
@@ -95,4 +95,24 @@ def test_point_sites_win_on_a_point_dominated_region(tmp_path: Path) -> None:
     model = r["model"]["nonzero_mae"]
     best = min(r[k]["nonzero_mae"] for k in ("fitted", "points", "dasymetric", "uniform") if k in r)
     print(f"point sites, points 48 km seed 1: model {model:.4g}, best baseline {best:.4g}, ratio {model / best:.3f}")
-    assert model <= 0.45 * best, (model, {k: r[k]["nonzero_mae"] for k in ("fitted", "points", "dasymetric")})
+    assert model <= 0.4 * best, (model, {k: r[k]["nonzero_mae"] for k in ("fitted", "points", "dasymetric")})
+
+
+def test_unlisted_sources_do_not_teach_a_sparse_layer_their_mass(tmp_path: Path) -> None:
+    """Urban, 48 km, seed 8: two training cells far above the surface (an unlisted plant) made a
+    motorway column take 88 % of the city blocks it crosses in the held-out area (model 7.02,
+    3.1 x the best single layer). The surface is now fitted again without such cells: 1.98
+    (0.877 x)."""
+    sample = generate_sample_data(tmp_path / "data", seed=8, size_km=48, kind="urban")
+    cfg = dict(TRAIN_PRESETS["demo"])
+    cfg.update(
+        main=[str(sample.emissions)], aux=[str(p) for p in sample.aux_paths] + [f"{sample.plants}:co2_t_yr"],
+        runs_dir=str(tmp_path / "runs"), name="outliers", seed=8, device="cpu", epochs=1, steps_per_epoch=10, threads=2,
+    )
+    run = train(TrainConfig(**cfg))
+    assert run.best_path is not None
+    r = evaluate_against_truth(run.best_path, sample.truth)
+    model = r["model"]["nonzero_mae"]
+    best = min(r[k]["nonzero_mae"] for k in ("fitted", "points", "dasymetric", "uniform") if k in r)
+    print(f"outlier cells left out, urban 48 km seed 8: model {model:.4g}, best baseline {best:.4g}, ratio {model / best:.3f}")
+    assert model <= 0.95 * best, (model, {k: r[k]["nonzero_mae"] for k in ("fitted", "points", "dasymetric")})

@@ -112,6 +112,25 @@ def test_unlisted_sources_take_the_excess_of_blocks_far_above_the_surface() -> N
     assert plain[12, 3].item() == pytest.approx(2.5, rel=1e-5)
 
 
+def test_unlisted_excess_needs_a_compact_site_unless_the_block_is_far_above_the_threshold() -> None:
+    """Twelve look-alike cells (more than a 3 x 3 site) in a block: 5 x the surface (above the
+    threshold 2) moves nothing; 25 x (above UNLISTED_CERTAIN * 2 = 20) moves the excess there."""
+    from models.point_sites import UNLISTED_CERTAIN
+
+    assert UNLISTED_CERTAIN == 10.0
+    sites = _sites()
+    sites.set_unlisted([0.0, 1.0, 0.0], ratio=2.0)
+    x = _layers()
+    x[0, 1, 0, 10:13, 0:4] = 1.0  # 12 cells of block (1, 0)
+    log_w = torch.zeros((1, 1, 1, 20, 20))
+    for total, expect in [(500.0, 5.0), (2500.0, 1.0 + 2400.0 / 12)]:
+        totals = torch.tensor([[1100.0, 100.0], [total, 80.0]], dtype=torch.float64)[None, None, None]
+        main = torch.log1p(totals / (F * F)).repeat_interleave(F, -2).repeat_interleave(F, -1).float()
+        children = softmax_children(sites(log_w, x, main, F), totals, F)[0, 0, 0]
+        assert children[11, 2].item() == pytest.approx(expect, rel=1e-5), total
+        assert children[10:, :10].sum().item() == pytest.approx(total, rel=1e-12)
+
+
 def test_unlisted_ratio_sits_far_outside_the_blocks_spread() -> None:
     from carbonsr_cli.train.prior_fit import MIN_UNLISTED_RATIO, unlisted_ratio
 
