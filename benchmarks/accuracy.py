@@ -18,7 +18,8 @@ trained on) at child resolution against the hidden truth:
 It prints one row per kind and seed with Nonzero-MAE, the ratio model / best baseline
 (the smallest of fitted, points and dasymetric), the same ratio for the last trained state
 (``latest.pth``: what training reached before the selection kept or replaced it), the Top-1%
-ratio, the same ratio for what ``downscale --method auto`` would use (the model, or the
+ratio (with ``--train-seeds K``: each region trained K times on the same split, and the spread
+of the model's score), the same ratio for what ``downscale --method auto`` would use (the model, or the
 baseline that validated best at 1 km when the model did not), the floor's ratio to the best baseline and the share of the baseline's excess error
 over the floor that the model removes (``gap closed``: 1 = the floor, 0 = the baseline). Run: ``python benchmarks/accuracy.py [--kinds points,traffic,urban] [--seeds 1,2,3]``.
 """
@@ -45,8 +46,11 @@ from carbonsr_cli.train.loop import evaluate_against_truth, train  # noqa: E402
 BASELINES = ("fitted", "points", "dasymetric")
 
 
-def run_one(kind: str, seed: int, root: Path, *, size_km: int, overrides: dict[str, Any], device: str) -> dict[str, Any]:
-    """Generate, train and score one region; returns the scores and timings."""
+def run_one(kind: str, seed: int, root: Path, *, size_km: int, overrides: dict[str, Any], device: str,
+            train_seeds: int = 1) -> dict[str, Any]:
+    """Generate, train and score one region; returns the scores and timings. With ``train_seeds``
+    > 1, further runs train with other weight seeds on the same split (``split_seed``) and their
+    model scores go to ``"repeats"`` (the spread of training alone)."""
     t0 = time.perf_counter()
     sample = generate_sample_data(root / f"{kind}-{seed}", seed=seed, size_km=size_km, kind=kind, overwrite=True)
     cfg = dict(TRAIN_PRESETS["demo"])
@@ -56,17 +60,23 @@ def run_one(kind: str, seed: int, root: Path, *, size_km: int, overrides: dict[s
         runs_dir=str(root / "runs"),
         name=f"{kind}-{seed}",
         seed=seed,
+        split_seed=seed,
         device=device,
     )
     cfg.update(overrides)
     run = train(TrainConfig(**cfg))
     t1 = time.perf_counter()
+    repeats = []
+    for k in range(1, train_seeds):
+        again = train(TrainConfig(**{**cfg, "seed": seed + 1000 * k, "name": f"{kind}-{seed}-w{k}"}))
+        repeats.append(evaluate_against_truth(again.best_path or again.last_checkpoint, sample.truth, device=device)["model"])
     expected = generate_sample_data(root / f"{kind}-{seed}-noise-free", seed=seed, size_km=size_km, kind=kind, overwrite=True, noise_free=True)
     ckpt = run.best_path or run.last_checkpoint
     scores = evaluate_against_truth(ckpt, sample.truth, device=device, expected_path=expected.truth)
     chosen = str((load_checkpoint(ckpt).get("selection") or {}).get("method", "model"))
     scores["auto"] = {"method": chosen, **(scores["model"] if chosen == "model" else scores["all"].get(chosen, {"nonzero_mae": float("nan")}))}
     scores["train_s"] = t1 - t0
+    scores["repeats"] = repeats
     last = run.run_dir / "latest.pth"
     if last.exists():  # the trained state before selection (best_model.pth may be the prior)
         scores["model_last"] = evaluate_against_truth(last, sample.truth, device=device)["model"]
@@ -89,7 +99,13 @@ def summarise(kind: str, seed: int, r: dict[str, Any]) -> dict[str, Any]:
         "floor": floor, "floor_ratio": floor / b["nonzero_mae"],
         "gap_closed": (b["nonzero_mae"] - m["nonzero_mae"]) / (b["nonzero_mae"] - floor) if b["nonzero_mae"] > 1.01 * floor else float("nan"),
         "train_s": r["train_s"],
+        "train_spread": _spread([m["nonzero_mae"], *(x["nonzero_mae"] for x in r.get("repeats", []))]),
     }
+
+
+def _spread(values: list[float]) -> float:
+    """``(max - min) / mean`` of the model's scores over training seeds (NaN for one run)."""
+    return (max(values) - min(values)) / statistics.mean(values) if len(values) > 1 else float("nan")
 
 
 def main() -> None:
@@ -100,6 +116,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--set", action="append", default=[], help="TrainConfig override KEY=JSON (repeatable)")
     ap.add_argument("--json", help="write the rows to this file")
+    ap.add_argument("--train-seeds", type=int, default=1,
+                    help="train each region this many times (weight seeds SEED + 1000 k, same split) and print the spread")
     args = ap.parse_args()
     overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
     rows = []
@@ -107,7 +125,8 @@ def main() -> None:
         for kind in args.kinds.split(","):
             for seed in (int(s) for s in args.seeds.split(",")):
                 try:
-                    r = run_one(kind, seed, Path(tmp), size_km=args.size_km, overrides=overrides, device=args.device)
+                    r = run_one(kind, seed, Path(tmp), size_km=args.size_km, overrides=overrides, device=args.device,
+                                train_seeds=args.train_seeds)
                 except UsageError as exc:  # e.g. a split that leaves no training patch on a small region
                     print(f"{kind} seed {seed}: skipped ({exc})", flush=True)
                     continue
@@ -126,6 +145,9 @@ def main() -> None:
             continue
         print(f"{kind}: ratio model / best baseline mean {statistics.mean(ratios):.3f} (max {max(ratios):.3f}); "
               f"floor / best baseline mean {statistics.mean(r['floor_ratio'] for r in rows if r['kind'] == kind):.3f}")
+    if args.train_seeds > 1:
+        print(f"spread of the model's 100 m Nonzero-MAE over {args.train_seeds} training seeds on the same split, (max - min) / mean: "
+              + ", ".join(f"{r['kind']} {r['seed']} {r['train_spread']:.1%}" for r in rows))
     if rows:
         print(f"all: geometric mean of the ratios {statistics.geometric_mean(r['ratio'] for r in rows):.3f}")
     if args.json:

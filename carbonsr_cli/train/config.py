@@ -63,6 +63,8 @@ class TrainConfig:
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``bf16`` or ``fp32``.
         seed: Seed of the split, the sampler, and the weights.
+        split_seed: Seed of the validation split alone (None: ``seed``); with several runs of
+            different ``seed`` it keeps the held-out blocks the same, so their scores compare.
         autosave_every: Steps between autosaves.
         keep_autosaves: Rotating ``autosave_step_<n>.pth`` files kept.
         snapshot_every: Epochs between permanent ``epoch_<nnn>.pth`` snapshots.
@@ -115,6 +117,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     seed: int = 0
+    split_seed: int | None = None
     autosave_every: int = 200
     keep_autosaves: int = 3
     snapshot_every: int = 10

@@ -282,7 +282,7 @@ def train(config: TrainConfig) -> RunResult:
             else:
                 split = make_block_split(
                     grid.height, grid.width, patch=cfg.patch, block_patches=cfg.block_patches,
-                    val_fraction=cfg.val_fraction, seed=cfg.seed, valid=valid, max_nodata=cfg.max_nodata,
+                    val_fraction=cfg.val_fraction, seed=cfg.seed if cfg.split_seed is None else cfg.split_seed, valid=valid, max_nodata=cfg.max_nodata,
                 )
             if dist_ctx.is_main:
                 save_stats(stats, run_dir / "stats.json")

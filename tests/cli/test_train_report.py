@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import sys
 from pathlib import Path
 
@@ -29,11 +31,15 @@ def test_max_time_stop_is_explained(sample_dir: Path, tmp_path: Path) -> None:
 def test_seeds_train_one_run_per_seed_and_report_the_spread(sample_dir: Path, tmp_path: Path) -> None:
     proc = run_cli("train", sample_dir / "emissions_1km.tif", "--aux", sample_dir / "aux", "--preset", "prior",
                    "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2", "--seed", "4", "--seeds", "2",
-                   "--name", "multi", "--runs-dir", tmp_path / "runs", "--device", "cpu", "-q", cwd=tmp_path, timeout=600)
+                   "--split-seed", "7", "--name", "multi", "--runs-dir", tmp_path / "runs", "--device", "cpu", "-q",
+                   cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr
     text = " ".join(proc.stdout.split())
     assert (tmp_path / "runs" / "multi-seed4" / "best_model.pth").exists()
     assert (tmp_path / "runs" / "multi-seed5" / "best_model.pth").exists()
+    splits = [json.loads((tmp_path / "runs" / f"multi-seed{k}" / "split.json").read_text()) for k in (4, 5)]
+    assert splits[0]["seed"] == splits[1]["seed"] == 7  # --split-seed: both runs hold out the same blocks
+    assert splits[0]["val_windows"] == splits[1]["val_windows"]
     lines = [ln for ln in text.split("seed ")[1:] if ln.startswith(("4:", "5:"))]
     assert len(lines) == 2 and all("best validation score" in ln for ln in lines), text
     assert "Spread over 2 seeds: " in text and "(max - min) / mean = " in text
