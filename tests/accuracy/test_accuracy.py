@@ -35,21 +35,30 @@ FITTED_VS_LAYER = {"points": 1.0, "traffic": 0.7, "urban": 1.0}
 MASS_VS_BEST = 0.6
 
 
-@pytest.mark.parametrize("kind", ["points", "traffic", "urban"])
-def test_model_against_the_best_baseline_at_100m(kind: str, tmp_path: Path) -> None:
-    sample = generate_sample_data(tmp_path / "data", seed=1, size_km=36, kind=kind)
+def _train_and_score(tmp_path: Path, kind: str, seed: int, size_km: int, **overrides: object) -> tuple[dict, float, float]:
+    """Generate a region, train on the CPU (the demo preset with ``overrides``) and score the best
+    checkpoint on the run's held-out windows at 100 m (the truth doubles as the floor's field).
+
+    Returns:
+        ``(scores, model Nonzero-MAE, best built-in baseline's Nonzero-MAE)``.
+    """
+    sample = generate_sample_data(tmp_path / "data", seed=seed, size_km=size_km, kind=kind)
     cfg = dict(TRAIN_PRESETS["demo"])
     cfg.update(
         main=[str(sample.emissions)], aux=[str(p) for p in sample.aux_paths] + [f"{sample.plants}:co2_t_yr"],
-        runs_dir=str(tmp_path / "runs"), name=kind, seed=1, device="cpu", epochs=3, steps_per_epoch=30,
-        threads=2,
+        runs_dir=str(tmp_path / "runs"), name=kind, seed=seed, device="cpu", threads=2, **overrides,
     )
     run = train(TrainConfig(**cfg))
     assert run.best_path is not None
     r = evaluate_against_truth(run.best_path, sample.truth, expected_path=sample.truth)
-    model = r["model"]["nonzero_mae"]
+    best = min(r[k]["nonzero_mae"] for k in ("fitted", "points", "dasymetric", "uniform") if k in r)
+    return r, r["model"]["nonzero_mae"], best
+
+
+@pytest.mark.parametrize("kind", ["points", "traffic", "urban"])
+def test_model_against_the_best_baseline_at_100m(kind: str, tmp_path: Path) -> None:
+    r, model, best = _train_and_score(tmp_path, kind, 1, 36, epochs=3, steps_per_epoch=30)
     baselines = {k: r[k]["nonzero_mae"] for k in ("fitted", "points", "dasymetric", "uniform") if k in r}
-    best = min(baselines.values())
     assert r["cells"] > 10_000
     assert r["floor"]["nonzero_mae"] < 1e-6 * best  # the truth shared onto its own totals is itself
     print(f"{kind} 36 km seed 1: model {model:.4g}, best baseline {best:.4g}, ratio {model / best:.3f}")
@@ -61,18 +70,8 @@ def test_model_against_the_best_baseline_at_100m(kind: str, tmp_path: Path) -> N
 def test_mass_preset_beats_the_fitted_mix_on_a_street_dominated_region(tmp_path: Path) -> None:
     """``--preset mass``: the per-pixel correction learns the products of layers that traffic
     emissions follow (road class x urban intensity, nothing over forest), at 100 m on held-out cells."""
-    sample = generate_sample_data(tmp_path / "data", seed=2, size_km=48, kind="traffic")
-    cfg = dict(TRAIN_PRESETS["demo"])
-    cfg.update(
-        main=[str(sample.emissions)], aux=[str(p) for p in sample.aux_paths] + [f"{sample.plants}:co2_t_yr"],
-        runs_dir=str(tmp_path / "runs"), name="mass", seed=2, device="cpu", epochs=1, steps_per_epoch=10,
-        threads=2, preset="mass",
-    )
-    run = train(TrainConfig(**cfg))
-    assert run.best_path is not None
-    r = evaluate_against_truth(run.best_path, sample.truth)
-    model, fitted = r["model"]["nonzero_mae"], r["fitted"]["nonzero_mae"]
-    best = min(r[k]["nonzero_mae"] for k in ("fitted", "points", "dasymetric", "uniform") if k in r)
+    r, model, best = _train_and_score(tmp_path, "traffic", 2, 48, epochs=1, steps_per_epoch=10, preset="mass")
+    fitted = r["fitted"]["nonzero_mae"]
     print(f"mass preset, traffic 48 km seed 2: model {model:.4g}, fitted {fitted:.4g}, ratio {model / best:.3f}")
     assert model <= MASS_VS_BEST * best, (model, fitted, best)
 
@@ -83,17 +82,7 @@ def test_point_sites_win_on_a_point_dominated_region(tmp_path: Path) -> None:
     (which places the listed figure on the one cell of the point) and the fitted mix (which
     spreads a plant's mass over every layer present). Measured 0.299 (the point's own cell weighing
     2 in its site, unlisted sources; equal shares: 0.673; the mix alone: 2.55)."""
-    sample = generate_sample_data(tmp_path / "data", seed=1, size_km=48, kind="points")
-    cfg = dict(TRAIN_PRESETS["demo"])
-    cfg.update(
-        main=[str(sample.emissions)], aux=[str(p) for p in sample.aux_paths] + [f"{sample.plants}:co2_t_yr"],
-        runs_dir=str(tmp_path / "runs"), name="sites", seed=1, device="cpu", epochs=1, steps_per_epoch=10, threads=2,
-    )
-    run = train(TrainConfig(**cfg))
-    assert run.best_path is not None
-    r = evaluate_against_truth(run.best_path, sample.truth)
-    model = r["model"]["nonzero_mae"]
-    best = min(r[k]["nonzero_mae"] for k in ("fitted", "points", "dasymetric", "uniform") if k in r)
+    r, model, best = _train_and_score(tmp_path, "points", 1, 48, epochs=1, steps_per_epoch=10)
     print(f"point sites, points 48 km seed 1: model {model:.4g}, best baseline {best:.4g}, ratio {model / best:.3f}")
     assert model <= 0.4 * best, (model, {k: r[k]["nonzero_mae"] for k in ("fitted", "points", "dasymetric")})
 
@@ -103,16 +92,6 @@ def test_unlisted_sources_do_not_teach_a_sparse_layer_their_mass(tmp_path: Path)
     motorway column take 88 % of the city blocks it crosses in the held-out area (model 7.02,
     3.1 x the best single layer). The surface is now fitted again without such cells: 1.98
     (0.877 x)."""
-    sample = generate_sample_data(tmp_path / "data", seed=8, size_km=48, kind="urban")
-    cfg = dict(TRAIN_PRESETS["demo"])
-    cfg.update(
-        main=[str(sample.emissions)], aux=[str(p) for p in sample.aux_paths] + [f"{sample.plants}:co2_t_yr"],
-        runs_dir=str(tmp_path / "runs"), name="outliers", seed=8, device="cpu", epochs=1, steps_per_epoch=10, threads=2,
-    )
-    run = train(TrainConfig(**cfg))
-    assert run.best_path is not None
-    r = evaluate_against_truth(run.best_path, sample.truth)
-    model = r["model"]["nonzero_mae"]
-    best = min(r[k]["nonzero_mae"] for k in ("fitted", "points", "dasymetric", "uniform") if k in r)
+    r, model, best = _train_and_score(tmp_path, "urban", 8, 48, epochs=1, steps_per_epoch=10)
     print(f"outlier cells left out, urban 48 km seed 8: model {model:.4g}, best baseline {best:.4g}, ratio {model / best:.3f}")
     assert model <= 0.95 * best, (model, {k: r[k]["nonzero_mae"] for k in ("fitted", "points", "dasymetric")})
