@@ -269,6 +269,7 @@ def evaluate_against_truth(
     from carbonsr_cli.checkpoints import load_checkpoint, load_model_for_inference
     from carbonsr_cli.train.dataset import degrade
     from models.dasymetric import softmax_children
+    from models.host_baselines import dasymetric_children
 
     ck = load_checkpoint(checkpoint)
     cfg = TrainConfig.from_dict(ck["train_config"])
@@ -321,7 +322,7 @@ def evaluate_against_truth(
             if eds is not None:
                 expected = np.stack([read_window(eds, Window(cc * f, rr * f, pc, pc), list(range(yy + 1, yy + t + 1)), out_dtype="float32")
                                      for rr, cc, yy in chunk])[:, None]
-                preds.setdefault("floor", []).append(_share_in_proportion(expected, totals, f)[mask])
+                preds.setdefault("floor", []).append(dasymetric_children(totals, expected, f)[mask])
             layers_all = torch.from_numpy(raw).double().movedim(1, 0)[:, :, None]  # [C, B, 1, T, P, P]
             for v in variants:
                 idx = layer_idx[v.label]
@@ -332,19 +333,3 @@ def evaluate_against_truth(
     every = {k: _scores(np.concatenate(v), y) for k, v in preds.items()}
     floor = {"floor": every.pop("floor")} if "floor" in every else {}
     return {"model": every.pop("model"), **floor, **_summarise_baselines(every), "cells": int(y.size)}
-
-
-def _share_in_proportion(weights: np.ndarray, totals: np.ndarray, f: int) -> np.ndarray:
-    """Children ``[..., h*f, w*f]`` (float64): each parent total of ``totals [..., h, w]`` shared
-    in proportion to ``weights`` (negative, NaN and nodata read as 0; uniform where they sum to 0)."""
-    w = np.where(np.isfinite(weights) & (weights > 0), weights, 0.0).astype(np.float64)
-    *lead, hh, ww = w.shape
-    sums = w.reshape(*lead, hh // f, f, ww // f, f).sum(axis=(-3, -1))
-    scale = np.where(sums > 0, totals / np.where(sums > 0, sums, 1.0), 0.0)
-    flat = np.where(sums > 0, 0.0, totals / float(f * f))
-    return w * _repeat_blocks(scale, f) + _repeat_blocks(flat, f)
-
-
-def _repeat_blocks(a: np.ndarray, f: int) -> np.ndarray:
-    """Each value of ``a [..., h, w]`` repeated over its ``f x f`` block: ``[..., h*f, w*f]``."""
-    return np.repeat(np.repeat(a, f, axis=-2), f, axis=-1)
