@@ -343,8 +343,8 @@ def train(config: TrainConfig) -> RunResult:
     if model.prior is not None:  # start at the fitted baseline (resume: overwritten by the checkpoint)
         model.prior.load_state_dict(build_network_prior(prior_fit, norm, mcfg.prior_kind).state_dict())
         if model.sites is not None:
-            model.sites.load_state_dict(build_point_sites(prior_fit, norm, mcfg.site_window, mcfg.site_delta, mcfg.site_point_weight,
-                                                                    mcfg.site_unlisted).state_dict())
+            sites = build_point_sites(prior_fit, norm, mcfg.site_window, mcfg.site_delta, mcfg.site_point_weight, mcfg.site_unlisted)
+            model.sites.load_state_dict(sites.state_dict())
     model = model.to(device)
     total_steps = cfg.epochs * cfg.steps_per_epoch
     decay, no_decay = [], []

@@ -127,7 +127,7 @@ def fit_prior_on_cache(cache: Any, main: Any, train_mask: np.ndarray, normalizer
     sums, totals, counts, groups, listed, surface_groups = [], [], [], [], [], []
     k = prior.basis.size
     pts = list(point_channels)
-    z_sum, z_pts, prof_pts, n_cells, n_pts = np.zeros(c), np.zeros(c), np.zeros(c), 0, 0
+    contrast_all, contrast_pts, prof_pts, n_cells, n_pts = np.zeros(c), np.zeros(c), np.zeros(c), 0, 0  # for the site signature
     point_mask = torch.zeros(c)
     point_mask[pts] = 1.0
     listed_any = np.zeros((h, w), dtype=bool)  # parent cells with a listed point in any year
@@ -143,9 +143,9 @@ def fit_prior_on_cache(cache: Any, main: Any, train_mask: np.ndarray, normalizer
                     pm = listed_mass(prior.basis, xc, point_mask, pts)[0, 0, 0]  # [rows, W * f] listed t CO2 / yr
                     pgrid[r0:r1] = block_sum(pm.double(), factor).numpy()
                     dev = (x - neighbourhood_mean(x.float(), 3))[0, :, 0][:, cut].abs().double()  # [C, rows, W * f]
-                    z_sum += dev.sum(dim=(1, 2)).numpy()
+                    contrast_all += dev.sum(dim=(1, 2)).numpy()
                     n_cells += dev.shape[1] * dev.shape[2]
-                    z_pts += dev[:, pm > 0].sum(dim=1).numpy()
+                    contrast_pts += dev[:, pm > 0].sum(dim=1).numpy()
                     prof_pts += xc[0, :, 0][:, pm > 0].double().sum(dim=1).numpy()
                     n_pts += int((pm > 0).sum())
             keep = train_mask & np.isfinite(main.values[y])
@@ -164,7 +164,7 @@ def fit_prior_on_cache(cache: Any, main: Any, train_mask: np.ndarray, normalizer
     sites = None
     if pts and n_pts:
         sites = _fit_surface(phi_all, n_all, t_all, np.concatenate(listed), pts, prior.basis, surface_groups)
-        sites["signature"] = site_signature(z_pts / n_pts, z_sum / max(n_cells, 1), pts).tolist()
+        sites["signature"] = site_signature(contrast_pts / n_pts, contrast_all / max(n_cells, 1), pts).tolist()
         sites["profile"] = (prof_pts / n_pts).tolist()
         sites["point_cells"] = int(n_pts)
     # Every basis function is offered (pixel and 3x3, three powers). Choosing a smaller basis by the
@@ -233,8 +233,9 @@ def _fit_surface(phi: np.ndarray, n: np.ndarray, t: np.ndarray, listed: np.ndarr
     sub = [(g[:, :, np.r_[active, True]], tot) for g, tot in groups]
     # Unlisted sources are outliers of the surface: fit again without the cells far above the first
     # fit (and the share groups that hold one), so that no sparse layer is given their mass.
-    ratio = unlisted_ratio(t_r, a @ coef_abs + floor_abs * n_r)
-    outlier = t_r > ratio * (a @ coef_abs + floor_abs * n_r) if ratio > 0 else np.zeros(t_r.shape, dtype=bool)
+    s_first = a @ coef_abs + floor_abs * n_r
+    ratio = unlisted_ratio(t_r, s_first)
+    outlier = t_r > ratio * s_first if ratio > 0 else np.zeros(t_r.shape, dtype=bool)
     if outlier.any() and int((~outlier & (t_r > 0)).sum()) >= 20:
         x_abs = np.r_[coef_abs, floor_abs]
         sub = [(g[ok], tot[ok]) for g, tot in sub for ok in [(tot <= ratio * (g @ x_abs)).all(axis=1)] if ok.any()]

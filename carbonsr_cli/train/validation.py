@@ -8,7 +8,6 @@ are parent-level metrics (linear domain) on the fixed validation windows of the 
 from __future__ import annotations
 
 import contextlib
-
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
