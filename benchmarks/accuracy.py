@@ -80,6 +80,12 @@ def run_one(kind: str, seed: int, root: Path, *, size_km: int, overrides: dict[s
     last = run.run_dir / "latest.pth"
     if last.exists():  # the trained state before selection (best_model.pth may be the prior)
         scores["model_last"] = evaluate_against_truth(last, sample.truth, device=device)["model"]
+    prior = run.run_dir / "prior_model.pth"
+    if prior.exists():  # the untrained network (the fitted prior and the point sites)
+        scores["model_prior"] = evaluate_against_truth(prior, sample.truth, device=device)["model"]
+    sel = load_checkpoint(ckpt).get("selection") or {}
+    scores["val_score"] = float(sel.get("score", float("nan")))
+    scores["initial_val_score"] = run.initial_score if run.initial_score is not None else float("nan")
     return scores
 
 
@@ -94,6 +100,8 @@ def summarise(kind: str, seed: int, r: dict[str, Any]) -> dict[str, Any]:
         "model": m["nonzero_mae"], **{k: r[k]["nonzero_mae"] for k in (*base, "uniform")},
         "best_baseline": best, "ratio": m["nonzero_mae"] / b["nonzero_mae"],
         "last_ratio": r["model_last"]["nonzero_mae"] / b["nonzero_mae"] if "model_last" in r else float("nan"),
+        "prior_ratio": r["model_prior"]["nonzero_mae"] / b["nonzero_mae"] if "model_prior" in r else float("nan"),
+        "val_score": r["val_score"], "initial_val_score": r["initial_val_score"],
         "top1_ratio": m["top1_nonzero_mae"] / b["top1_nonzero_mae"],
         "auto": r["auto"]["method"], "auto_ratio": r["auto"]["nonzero_mae"] / b["nonzero_mae"],
         "floor": floor, "floor_ratio": floor / b["nonzero_mae"],
@@ -134,11 +142,11 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
     print()
     print(f"{'kind':8s} {'seed':>4s} {'model':>9s} {'fitted':>9s} {'points':>9s} {'dasy':>9s} {'uniform':>9s} {'floor':>9s} "
-          f"{'ratio':>6s} {'last':>6s} {'top1':>6s} {'auto':>6s} {'floor/b':>7s} {'gap':>6s} {'train s':>7s}")
+          f"{'ratio':>6s} {'prior':>6s} {'last':>6s} {'top1':>6s} {'auto':>6s} {'val 1km':>7s} {'floor/b':>7s} {'gap':>6s} {'train s':>7s}")
     for r in rows:
         print(f"{r['kind']:8s} {r['seed']:4d} {r['model']:9.4g} {r.get('fitted', float('nan')):9.4g} {r.get('points', float('nan')):9.4g} "
-              f"{r['dasymetric']:9.4g} {r['uniform']:9.4g} {r['floor']:9.4g} {r['ratio']:6.3f} {r['last_ratio']:6.3f} {r['top1_ratio']:6.3f} "
-              f"{r['auto_ratio']:6.3f} {r['floor_ratio']:7.3f} {r['gap_closed']:6.2f} {r['train_s']:7.1f}")
+              f"{r['dasymetric']:9.4g} {r['uniform']:9.4g} {r['floor']:9.4g} {r['ratio']:6.3f} {r['prior_ratio']:6.3f} {r['last_ratio']:6.3f} {r['top1_ratio']:6.3f} "
+              f"{r['auto_ratio']:6.3f} {r['val_score']:7.3f} {r['floor_ratio']:7.3f} {r['gap_closed']:6.2f} {r['train_s']:7.1f}")
     for kind in args.kinds.split(","):
         ratios = [r["ratio"] for r in rows if r["kind"] == kind]
         if not ratios:

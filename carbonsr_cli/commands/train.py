@@ -200,6 +200,18 @@ def _best_is_initial(path: Any) -> bool:
         return False
 
 
+def _selection(path: Any) -> dict[str, Any]:
+    """The checkpoint's ``selection`` record (what ``--method auto`` uses), or {}."""
+    if path is None:
+        return {}
+    from carbonsr_cli.checkpoints import load_checkpoint
+
+    try:
+        return dict(load_checkpoint(path).get("selection") or {})
+    except Exception:  # noqa: BLE001 - a report line must not fail the command
+        return {}
+
+
 def _report(result: Any, cfg: Any) -> None:
     from carbonsr_cli.console import out
 
@@ -227,8 +239,11 @@ def _report(result: Any, cfg: Any) -> None:
         if best["val_score"] < 0.99:
             out.print("The model beat every baseline on the held-out validation blocks (a proxy at 1 km, not a 100 m score).")
         else:
-            out.print("The model did NOT beat the best baseline on the held-out validation blocks; "
-                      "`carbonsr downscale --method auto --model ...` will use the baseline instead.")
+            out.print(f"The model did NOT beat the best baseline on the held-out validation blocks at 1 km "
+                      f"(score {best['val_score']:.3f}).")
+        chosen = _selection(result.best_path)
+        if chosen:
+            out.print(f"`carbonsr downscale --method auto` will use {chosen['method']}: {chosen.get('reason', '')}.")
     if result.best_path is not None:
         out.print(f"Model: {result.best_path}  (use: carbonsr downscale MAIN.tif --aux ... --model {result.best_path} -o out.tif)")
 

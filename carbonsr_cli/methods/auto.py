@@ -1,4 +1,5 @@
-"""``auto``: whichever method validated best in the checkpoint's run (recorded at training)."""
+"""``auto``: the model, unless it validated far worse than the best baseline in its run (recorded at training;
+:func:`carbonsr_cli.train.validation.selection`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ class Auto(Method):
     """Resolved before running: :func:`choose` reads the run's ``selection`` record."""
 
     name = "auto"
-    summary = "whichever of model / fitted / points / dasymetric / uniform validated best (--model CKPT)"
+    summary = "the model, unless its run validated it > 2 x worse than the best baseline at 1 km (--model CKPT)"
     needs_checkpoint = True
     needs_aux = True
 

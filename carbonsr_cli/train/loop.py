@@ -9,7 +9,9 @@ checkpoints (see :mod:`.checkpoints`):
   ``max_steps`` and at ``max_time_s``);
 - ``latest.pth`` at the end of every epoch (after validation);
 - ``epoch_<nnn>.pth`` every ``snapshot_every`` epochs (permanent);
-- ``best_model.pth`` whenever the validation score improves.
+- ``best_model.pth`` whenever the validation score improves (first the untrained network);
+- ``prior_model.pth``: the untrained network (a network with a fitted prior starts at it), kept
+  so that what training changed can be scored against it.
 
 Objective (per step): the model sees a degraded patch (:mod:`.dataset`), predicts log1p
 child totals; ``water_fill`` projects ``expm1(raw)`` onto the coarse block totals
@@ -499,6 +501,7 @@ def train(config: TrainConfig) -> RunResult:
             initial_score = _val_score(model_s0, baselines, cfg.val_scales)
         if dist_ctx.is_main:
             ckpt_mod.save_checkpoint(run_dir / "best_model.pth", payload(0, 0))
+            link_or_save(run_dir / "best_model.pth", run_dir / "prior_model.pth")
         dist_ctx.barrier()
     if initial_score is not None and (best_score is None or initial_score < best_score):
         best_score = float(initial_score)

@@ -149,22 +149,45 @@ def _val_score(model_s: dict[int, dict[str, float]], base: dict[int, dict[str, A
     return float((w * r).sum() / w.sum())
 
 
+#: ``--method auto`` keeps the model unless its held-out 1 km score is above this many times the
+#: best baseline's. A 1 km score cannot see placement inside a 1 km cell, and on the generated
+#: regions it pointed the wrong way (benchmarks/README.md, session 8): at 1 km the model scored
+#: 0.94-1.17 x the fitted mix on every street region while at 100 m it was 0.55-0.96 x; on urban
+#: seed 9 the 1 km score was 1.51 x the road-length layer, which at 100 m was 9.8 x worse than
+#: the model. The one real failure seen (a motorway given a plant's mass, since fixed) scored 8.7 x.
+AUTO_FALLBACK_ABOVE = 2.0
+
+
 def selection(history: list[dict[str, Any]], base: dict[int, dict[str, Any]], scales: Sequence[int],
               initial_score: float | None = None) -> dict[str, Any]:
-    """What ``downscale --method auto`` uses: the model if its best validation score is below 1
-    (it beats the best baseline on held-out blocks), else the baseline that validated best at the
-    smallest scale; with the reason in words."""
+    """What ``downscale --method auto`` uses, with the reason in words.
+
+    The model, unless its best validation score (held-out Nonzero-MAE / the best baseline's,
+    parent level) is above :data:`AUTO_FALLBACK_ABOVE`: then the baseline that validated best at
+    the smallest scale. Between 0.99 and that limit the model is kept and the reason says that it
+    did not beat the baseline at 1 km.
+
+    Returns:
+        ``{"method", "reason", "score", "baseline"}``: ``method`` is ``model`` or a baseline label
+        (``fitted``, ``dasymetric:LAYER``, ...); ``baseline`` the best baseline at the smallest scale.
+    """
     s0 = min(scales)
     best_base = base[s0]["best_label"]
     scores = [float(h["val_score"]) for h in history] + ([float(initial_score)] if initial_score is not None else [])
     if not scores:
-        return {"method": best_base, "reason": "no epoch finished; the best baseline on validation is used"}
+        return {"method": best_base, "baseline": best_base, "reason": "no epoch finished; the best baseline on validation is used"}
     score = min(scores)
+    rec = {"score": score, "baseline": best_base}
     if score < 0.99:  # 1 % better than the best baseline (the untrained network is the fitted mix)
-        return {"method": "model", "score": score,
-                "reason": f"the model's held-out Nonzero-MAE is {score:.3f} x the best baseline's (validation, parent level)"}
-    return {"method": best_base, "score": score,
-            "reason": f"the model did not beat the best baseline on held-out validation (ratio {score:.3f}); "
+        return {"method": "model", **rec,
+                "reason": f"the model's held-out Nonzero-MAE is {score:.3f} x the best baseline's ({best_base}; validation at 1 km)"}
+    if score <= AUTO_FALLBACK_ABOVE:
+        return {"method": "model", **rec,
+                "reason": f"the model did not beat the best baseline at 1 km ({score:.3f} x {best_base} on held-out blocks), "
+                          f"but a 1 km score cannot see placement inside a 1 km cell and misled on the generated regions; "
+                          f"the model is replaced only above {AUTO_FALLBACK_ABOVE:g} x"}
+    return {"method": best_base, **rec,
+            "reason": f"the model's held-out 1 km Nonzero-MAE is {score:.3f} x the best baseline's (above {AUTO_FALLBACK_ABOVE:g} x); "
                       f"{best_base} validated best at s={s0}"}
 
 
