@@ -96,7 +96,7 @@ def register(app: typer.Typer) -> None:
             Optional[Path], typer.Option("--model", "-m", help="carbonsr checkpoint (best_model.pth).")
         ] = None,
         method: Annotated[
-            Optional[str], typer.Option("--method", help="model | fitted | auto (these three need --model) | points[:LAYER] | dasymetric[:LAYER] | uniform (default: model with --model). auto = the model unless the run validated it > 2 x worse than the best baseline; see README 'Methods and accuracy'.")
+            Optional[str], typer.Option("--method", help="model | fitted | auto (these three need --model) | points[:LAYER] | dasymetric[:LAYER] | uniform (default: model with --model). auto = the model unless the run validated it worse than uniform; see README 'Methods and accuracy'.")
         ] = None,
         year: Annotated[Optional[list[str]], typer.Option("--year", help="Output year (band name); repeatable. Default: all.")] = None,
         band: Annotated[Optional[list[int]], typer.Option("--band", help="Output band (1-based) instead of --year; repeatable.")] = None,

@@ -14,7 +14,7 @@ class Auto(Method):
     """Resolved before running: :func:`choose` reads the run's ``selection`` record."""
 
     name = "auto"
-    summary = "the model, unless its run validated it > 2 x worse than the best baseline at 1 km (--model CKPT)"
+    summary = "the model, unless its run validated it worse than uniform at 1 km (--model CKPT)"
     needs_checkpoint = True
     needs_aux = True
 

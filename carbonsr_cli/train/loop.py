@@ -410,8 +410,9 @@ def train(config: TrainConfig) -> RunResult:
             "sampler_state": sampler.state(ep, st),
             "split": split.to_dict(),
             "prior_fit": prior_fit.to_dict(),
-            "selection": selection(history, baselines, cfg.val_scales, initial_score),
+            "selection": selection(history, baselines, cfg.val_scales, initial_score, initial_vs_uniform),
             "initial_val_score": initial_score,
+            "initial_vs_uniform": initial_vs_uniform,
             "metric_history": history,
             "years": list(main.years),
         }
@@ -483,9 +484,11 @@ def train(config: TrainConfig) -> RunResult:
     # The network starts at its fitted prior: score that state and keep it as best_model.pth, so
     # that training can only replace it with a state that validates better.
     initial_score = ck.get("initial_val_score") if ck is not None else None
+    initial_vs_uniform = ck.get("initial_vs_uniform") if ck is not None else None
     if ck is None and model.prior is not None:
         model_s0 = dist_ctx.broadcast(_model_scores(model, items, cfg.val_scales, main, cache, cfg, t, device, autocast))
         initial_score = _val_score(model_s0, baselines, cfg.val_scales)
+        initial_vs_uniform = _val_score(model_s0, baselines, cfg.val_scales, against="uniform")
         log.info("initial state (the fitted prior): val score %.4f", initial_score)
         if getattr(model.prior, "reset_correction", None) is not None and initial_score >= MASS_KEEP_BELOW:
             # The per-pixel correction of the mix did not validate 5 % better than the best
@@ -499,6 +502,7 @@ def train(config: TrainConfig) -> RunResult:
             log.info("the mass prior's correction did not beat the best baseline on validation (%.4f); "
                      "the network starts at the fitted mix: val score %.4f", initial_score, _val_score(model_s0, baselines, cfg.val_scales))
             initial_score = _val_score(model_s0, baselines, cfg.val_scales)
+            initial_vs_uniform = _val_score(model_s0, baselines, cfg.val_scales, against="uniform")
         if dist_ctx.is_main:
             ckpt_mod.save_checkpoint(run_dir / "best_model.pth", payload(0, 0))
             link_or_save(run_dir / "best_model.pth", run_dir / "prior_model.pth")
