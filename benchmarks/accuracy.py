@@ -83,7 +83,9 @@ def run_one(kind: str, seed: int, root: Path, *, size_km: int, overrides: dict[s
     prior = run.run_dir / "prior_model.pth"
     if prior.exists():  # the untrained network (the fitted prior and the point sites)
         scores["model_prior"] = evaluate_against_truth(prior, sample.truth, device=device)["model"]
-    sel = load_checkpoint(ckpt).get("selection") or {}
+    ck = load_checkpoint(ckpt)
+    sel = ck.get("selection") or {}
+    scores["mass_gate"] = ck.get("mass_gate") or {}
     scores["val_score"] = float(sel.get("score", float("nan")))
     scores["initial_val_score"] = run.initial_score if run.initial_score is not None else float("nan")
     return scores
@@ -101,7 +103,7 @@ def summarise(kind: str, seed: int, r: dict[str, Any]) -> dict[str, Any]:
         "best_baseline": best, "ratio": m["nonzero_mae"] / b["nonzero_mae"],
         "last_ratio": r["model_last"]["nonzero_mae"] / b["nonzero_mae"] if "model_last" in r else float("nan"),
         "prior_ratio": r["model_prior"]["nonzero_mae"] / b["nonzero_mae"] if "model_prior" in r else float("nan"),
-        "val_score": r["val_score"], "initial_val_score": r["initial_val_score"],
+        "val_score": r["val_score"], "initial_val_score": r["initial_val_score"], "mass_gate": r.get("mass_gate", {}),
         "top1_ratio": m["top1_nonzero_mae"] / b["top1_nonzero_mae"],
         "auto": r["auto"]["method"], "auto_ratio": r["auto"]["nonzero_mae"] / b["nonzero_mae"],
         "floor": floor, "floor_ratio": floor / b["nonzero_mae"],
