@@ -9,7 +9,7 @@ Presets (``preset(name, aux_channels)``):
 - ``prior``: the fitted layer mix alone (trainable coefficients; no local head, no U-Net); the
   default of ``carbonsr train``.
 - ``mass``: the fitted mix times a per-pixel correction fitted to the parent totals
-  (:mod:`models.mass_prior`; dropped when it does not validate 5 % better); opt-in.
+  (:mod:`models.mass_prior`; dropped when it does not validate 15 % better than the mix alone); opt-in.
 - ``tiny``: about 82 k parameters (widths 8-32); unit tests and the CPU demo.
 - ``base``: about 1.16 M parameters (widths 16-128); the default for real data (GPU, bf16).
 - ``large``: about 3.9 M parameters (widths 24-192, 8 experts); large regions on a GPU.
@@ -269,7 +269,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # generated regions; see benchmarks/README.md, "Accuracy").
     "prior": _PRIOR_ONLY,
     # The fitted mix times a per-pixel correction fitted to the parent totals (models.mass_prior),
-    # kept only when it validates 5 % better than the best baseline. Opt-in: at 100 m it beat the
+    # kept only when it validates 15 % better than the mix alone (train.loop.MASS_KEEP_RATIO). Opt-in: at 100 m it beat the
     # mix on street-dominated regions (0.36-0.87 x) but lost on a smooth urban one and on the demo
     # (1.04-1.08 x) where the 1 km validation still preferred it (benchmarks/README.md, session 5).
     "mass": dict(_PRIOR_ONLY, prior_kind="mass"),

@@ -78,9 +78,9 @@ from carbonsr_cli.devices import resolve_device  # re-exported for callers of tr
 __all__ = ["RunResult", "train", "training_step", "resolve_device", "evaluate_split", "evaluate_against_truth"]
 
 log = logging.getLogger("carbonsr.train")
-#: The mass prior's per-pixel correction is kept only below this initial validation score
-#: (model / best baseline on the held-out windows, 1 km).
-MASS_KEEP_BELOW = 0.95
+#: The mass prior's per-pixel correction is kept only when the initial state with it validates
+#: below this fraction of the fitted mix alone (both scored on the held-out windows, 1 km).
+MASS_KEEP_RATIO = 0.85
 
 
 @dataclass
@@ -497,23 +497,25 @@ def train(config: TrainConfig) -> RunResult:
         log.info("initial state (the fitted prior): val score %.4f", initial_score)
         if getattr(model.prior, "reset_correction", None) is not None:
             # The mass prior: score the fitted mix without its per-pixel correction too (recorded
-            # as mass_gate), and keep the correction only below MASS_KEEP_BELOW. Measured on the
-            # generated regions (48 km, benchmarks/README.md): the correction helps where roads
-            # and land cover multiply (traffic: 0.49-0.86 x the mix at 100 m, initial scores
-            # 0.83-0.91) and costs 10-30 % on smooth urban regions, where the initial score was
-            # 0.95-2.4: a 1 km proxy, so the margin is wide.
+            # as mass_gate) and keep the correction only when it validates MASS_KEEP_RATIO x the mix
+            # or better. Comparing the two states of one network, not the state with the fitted
+            # baseline (which a 1 km score favours): on the generated regions (48 km, seeds 1-12,
+            # benchmarks/README.md, session 8) the correction was kept on 6 of 12 street regions
+            # at 0.56-0.83 x the mix (100 m: 0.66-1.03 x the model without it) and on every
+            # urban region it cost 1-6 % at 100 m, where it validated 0.91-1.01 x the mix; the
+            # earlier rule (below 0.95 x the best baseline) kept it on five of those.
             with_correction = (initial_score, initial_vs_uniform)
             kept_state = copy.deepcopy(model.prior.state_dict())
             model.prior.reset_correction()
             model_s0 = dist_ctx.broadcast(_model_scores(model, items, cfg.val_scales, main, cache, cfg, t, device, autocast))
             mix_only = (_val_score(model_s0, baselines, cfg.val_scales), _val_score(model_s0, baselines, cfg.val_scales, against="uniform"))
-            keep = with_correction[0] < MASS_KEEP_BELOW
+            keep = with_correction[0] < MASS_KEEP_RATIO * mix_only[0]
             mass_gate.update(with_correction=with_correction[0], mix=mix_only[0], kept=keep)
             if keep:
                 model.prior.load_state_dict(kept_state)
             else:
-                log.info("the mass prior's correction did not beat the best baseline on validation (%.4f); "
-                         "the network starts at the fitted mix: val score %.4f", with_correction[0], mix_only[0])
+                log.info("the mass prior's correction did not validate %.0f %% better than the fitted mix (%.4f vs %.4f); "
+                         "the network starts at the fitted mix", 100 * (1 - MASS_KEEP_RATIO), with_correction[0], mix_only[0])
                 initial_score, initial_vs_uniform = mix_only
         if dist_ctx.is_main:
             ckpt_mod.save_checkpoint(run_dir / "best_model.pth", payload(0, 0))
