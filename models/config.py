@@ -6,10 +6,10 @@ different model version fails loudly instead of silently building another networ
 
 Presets (``preset(name, aux_channels)``):
 
-- ``prior``: the fitted layer mix alone (trainable coefficients; no local head, no U-Net); the
-  default of ``carbonsr train``.
+- ``prior``: the fitted layer mix alone (trainable coefficients; no local head, no U-Net).
 - ``mass``: the fitted mix times a per-pixel correction fitted to the parent totals
-  (:mod:`models.mass_prior`; dropped when it does not validate 15 % better than the mix alone); opt-in.
+  (:mod:`models.mass_prior`; dropped when it does not validate 15 % better than the mix alone);
+  the default of ``carbonsr train`` since session 8.
 - ``tiny``: about 82 k parameters (widths 8-32); unit tests and the CPU demo.
 - ``base``: about 1.16 M parameters (widths 16-128); the default for real data (GPU, bf16).
 - ``large``: about 3.9 M parameters (widths 24-192, 8 experts); large regions on a GPU.
@@ -264,14 +264,15 @@ _PRIOR_ONLY: dict[str, Any] = dict(
 
 #: Preset name -> field overrides (``aux_channels`` is always given by the caller).
 PRESETS: dict[str, dict[str, Any]] = {
-    # The fitted layer mix with trainable coefficients, no local head, no U-Net: the default of
-    # `carbonsr train` (measured: the learned head and context lowered 100 m accuracy on the
-    # generated regions; see benchmarks/README.md, "Accuracy").
+    # The fitted layer mix with trainable coefficients, no local head, no U-Net (measured: the
+    # learned head and context lowered 100 m accuracy on the generated regions; see
+    # benchmarks/README.md, "Accuracy").
     "prior": _PRIOR_ONLY,
     # The fitted mix times a per-pixel correction fitted to the parent totals (models.mass_prior),
-    # kept only when it validates 15 % better than the mix alone (train.loop.MASS_KEEP_RATIO). Opt-in: at 100 m it beat the
-    # mix on street-dominated regions (0.36-0.87 x) but lost on a smooth urban one and on the demo
-    # (1.04-1.08 x) where the 1 km validation still preferred it (benchmarks/README.md, session 5).
+    # kept only when it validates 15 % better than the mix alone (train.validation.MASS_KEEP_RATIO).
+    # The default of `carbonsr train` since session 8: over 54 generated regions (48 km, seeds
+    # 1-18) 0.685 x the best baseline at 100 m (geometric mean) against 0.732 for `prior`; street
+    # regions 0.600 against 0.740; three regions 3-7 % worse (benchmarks/README.md, session 8).
     "mass": dict(_PRIOR_ONLY, prior_kind="mass"),
     "tiny": dict(
         allocation="dasymetric",

@@ -88,7 +88,7 @@ class TrainConfig:
 
     main: list[str]
     aux: list[str]
-    preset: str = "prior"
+    preset: str = "mass"
     model_overrides: dict[str, Any] = field(default_factory=dict)
     epochs: int = 20
     steps_per_epoch: int = 100
@@ -197,10 +197,11 @@ TINY_CPU_MODEL: dict[str, Any] = dict(
 
 #: Named training set-ups: field overrides for :class:`TrainConfig`. ``demo`` is what
 #: ``carbonsr demo`` trains on the default sample data (CPU, 240 steps of 4 patches, the
-#: ``prior`` model: the fitted layer mix with trainable coefficients).
+#: ``mass`` model: the fitted layer mix with trainable coefficients and, where it validates
+#: 15 % better than the mix alone, a per-pixel correction).
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "demo": dict(
-        preset="prior",
+        preset="mass",
         epochs=6,
         steps_per_epoch=40,
         batch_size=4,

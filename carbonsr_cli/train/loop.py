@@ -33,7 +33,6 @@ CPU run ends with bitwise the same weights as an uninterrupted one (tested).
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
@@ -69,6 +68,7 @@ from carbonsr_cli.train.validation import (  # noqa: F401 - re-exported for call
     _val_score,
     evaluate_against_truth,
     evaluate_split,
+    score_initial_state,
     selection,
 )
 from models.dasymetric import DEFAULT_EXPONENTS, DEFAULT_SMOOTH
@@ -78,11 +78,6 @@ from carbonsr_cli.devices import resolve_device  # re-exported for callers of tr
 __all__ = ["RunResult", "train", "training_step", "resolve_device", "evaluate_split", "evaluate_against_truth"]
 
 log = logging.getLogger("carbonsr.train")
-#: The mass prior's per-pixel correction is kept only when the initial state with it validates
-#: below this fraction of the fitted mix alone (both scored on the held-out windows, 1 km).
-MASS_KEEP_RATIO = 0.85
-
-
 @dataclass
 class RunResult:
     """What a training run produced.
@@ -491,32 +486,10 @@ def train(config: TrainConfig) -> RunResult:
     initial_vs_uniform = ck.get("initial_vs_uniform") if ck is not None else None
     mass_gate.update((ck or {}).get("mass_gate") or {})
     if ck is None and model.prior is not None:
-        model_s0 = dist_ctx.broadcast(_model_scores(model, items, cfg.val_scales, main, cache, cfg, t, device, autocast))
-        initial_score = _val_score(model_s0, baselines, cfg.val_scales)
-        initial_vs_uniform = _val_score(model_s0, baselines, cfg.val_scales, against="uniform")
-        log.info("initial state (the fitted prior): val score %.4f", initial_score)
-        if getattr(model.prior, "reset_correction", None) is not None:
-            # The mass prior: score the fitted mix without its per-pixel correction too (recorded
-            # as mass_gate) and keep the correction only when it validates MASS_KEEP_RATIO x the mix
-            # or better. Comparing the two states of one network, not the state with the fitted
-            # baseline (which a 1 km score favours): on the generated regions (48 km, seeds 1-12,
-            # benchmarks/README.md, session 8) the correction was kept on 6 of 12 street regions
-            # at 0.56-0.83 x the mix (100 m: 0.66-1.03 x the model without it) and on every
-            # urban region it cost 1-6 % at 100 m, where it validated 0.91-1.01 x the mix; the
-            # earlier rule (below 0.95 x the best baseline) kept it on five of those.
-            with_correction = (initial_score, initial_vs_uniform)
-            kept_state = copy.deepcopy(model.prior.state_dict())
-            model.prior.reset_correction()
-            model_s0 = dist_ctx.broadcast(_model_scores(model, items, cfg.val_scales, main, cache, cfg, t, device, autocast))
-            mix_only = (_val_score(model_s0, baselines, cfg.val_scales), _val_score(model_s0, baselines, cfg.val_scales, against="uniform"))
-            keep = with_correction[0] < MASS_KEEP_RATIO * mix_only[0]
-            mass_gate.update(with_correction=with_correction[0], mix=mix_only[0], kept=keep)
-            if keep:
-                model.prior.load_state_dict(kept_state)
-            else:
-                log.info("the mass prior's correction did not validate %.0f %% better than the fitted mix (%.4f vs %.4f); "
-                         "the network starts at the fitted mix", 100 * (1 - MASS_KEEP_RATIO), with_correction[0], mix_only[0])
-                initial_score, initial_vs_uniform = mix_only
+        initial_score, initial_vs_uniform, gate = score_initial_state(
+            model, lambda: dist_ctx.broadcast(_model_scores(model, items, cfg.val_scales, main, cache, cfg, t, device, autocast)),
+            baselines, cfg.val_scales)
+        mass_gate.update(gate)
         if dist_ctx.is_main:
             ckpt_mod.save_checkpoint(run_dir / "best_model.pth", payload(0, 0))
             link_or_save(run_dir / "best_model.pth", run_dir / "prior_model.pth")
