@@ -1,7 +1,8 @@
 """Accuracy cannot drift silently: 100 m scores against the generator's truth on held-out cells.
 
 For each generated kind (point-source dominated, street/traffic dominated, smooth urban), a
-36 x 36 km region is generated, the tiny model is trained briefly on the CPU (deterministic),
+36 x 36 km region is generated, the default model (``demo`` schedule: ``--preset mass``; its
+per-pixel correction is dropped on all three 36 km regions) is trained briefly on the CPU (deterministic),
 and the model, the fitted layer mix and the best single-layer dasymetric are scored on the
 run's validation windows (never trained on) at 100 m (``evaluate_against_truth``).
 
