@@ -241,9 +241,9 @@ def _report(result: Any, cfg: Any) -> None:
         else:
             out.print(f"The model did NOT beat the best baseline on the held-out validation blocks at 1 km "
                       f"(score {best['val_score']:.3f}).")
-        chosen = _selection(result.best_path)
-        if chosen:
-            out.print(f"`carbonsr downscale --method auto` will use {chosen['method']}: {chosen.get('reason', '')}.")
+    chosen = _selection(result.best_path)
+    if chosen:
+        out.print(f"`carbonsr downscale --method auto` will use {chosen['method']}: {chosen.get('reason', '')}.")
     if result.best_path is not None:
         out.print(f"Model: {result.best_path}  (use: carbonsr downscale MAIN.tif --aux ... --model {result.best_path} -o out.tif)")
 

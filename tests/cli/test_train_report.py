@@ -9,6 +9,8 @@ from pathlib import Path
 
 from cli_run import run_cli
 
+from carbonsr_cli.checkpoints import load_checkpoint
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 from helpers import small_config  # noqa: E402
 
@@ -40,6 +42,8 @@ def test_seeds_train_one_run_per_seed_and_report_the_spread(sample_dir: Path, tm
     splits = [json.loads((tmp_path / "runs" / f"multi-seed{k}" / "split.json").read_text()) for k in (4, 5)]
     assert splits[0]["seed"] == splits[1]["seed"] == 7  # --split-seed: both runs hold out the same blocks
     assert splits[0]["val_windows"] == splits[1]["val_windows"]
+    chosen = load_checkpoint(tmp_path / "runs" / "multi-seed5" / "best_model.pth")["selection"]
+    assert f"`carbonsr downscale --method auto` will use {chosen['method']}: " in text  # what auto uses, and why
     lines = [ln for ln in text.split("seed ")[1:] if ln.startswith(("4:", "5:"))]
     assert len(lines) == 2 and all("best validation score" in ln for ln in lines), text
     assert "Spread over 2 seeds: " in text and "(max - min) / mean = " in text
