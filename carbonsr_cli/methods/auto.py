@@ -1,4 +1,4 @@
-"""``auto``: the model, unless it validated far worse than the best baseline in its run (recorded at training;
+"""``auto``: the model, unless its run validated it worse than uniform (recorded at training;
 :func:`carbonsr_cli.train.validation.selection`)."""
 
 from __future__ import annotations

@@ -78,6 +78,8 @@ from carbonsr_cli.devices import resolve_device  # re-exported for callers of tr
 __all__ = ["RunResult", "train", "training_step", "resolve_device", "evaluate_split", "evaluate_against_truth"]
 
 log = logging.getLogger("carbonsr.train")
+
+
 @dataclass
 class RunResult:
     """What a training run produced.
