@@ -190,24 +190,14 @@ def _planned_steps(result: Any, cfg: Any) -> int:
     return int(train_cfg["epochs"]) * int(train_cfg["steps_per_epoch"])
 
 
-def _best_is_initial(path: Any) -> bool:
-    """Whether ``best_model.pth`` is the untrained state (global step 0)."""
-    from carbonsr_cli.checkpoints import load_checkpoint
-
-    try:
-        return int(load_checkpoint(path).get("global_step", -1)) == 0
-    except Exception:  # noqa: BLE001 - a report line must not fail the command
-        return False
-
-
-def _selection(path: Any) -> dict[str, Any]:
-    """The checkpoint's ``selection`` record (what ``--method auto`` uses), or {}."""
+def _best_checkpoint(path: Any) -> dict[str, Any]:
+    """``best_model.pth`` as a dict (for the report: its global step and ``selection`` record), or {}."""
     if path is None:
         return {}
     from carbonsr_cli.checkpoints import load_checkpoint
 
     try:
-        return dict(load_checkpoint(path).get("selection") or {})
+        return dict(load_checkpoint(path))
     except Exception:  # noqa: BLE001 - a report line must not fail the command
         return {}
 
@@ -221,6 +211,7 @@ def _report(result: Any, cfg: Any) -> None:
         more = "give more time" if result.stopped == "max_time" else "give more steps"
         out.print(f"Stopped by {option} after {result.global_step} of {_planned_steps(result, cfg)} steps; the "
                   f"learning-rate schedule was not finished; continue with `carbonsr resume {result.run_dir}` or {more}.")
+    best_ck = _best_checkpoint(result.best_path)
     if result.history:
         last = result.history[-1]
         best = min(result.history, key=lambda h: h["val_score"])
@@ -232,7 +223,7 @@ def _report(result: Any, cfg: Any) -> None:
                   f"best baseline's on held-out blocks, parent level: {ratios}); last epoch {last['epoch']}.")
         init = getattr(result, "initial_score", None)
         if init is not None:
-            kept = init <= best["val_score"] or (result.best_path is not None and _best_is_initial(result.best_path))
+            kept = init <= best["val_score"] or int(best_ck.get("global_step", -1)) == 0  # best_model.pth is the untrained state
             out.print(f"The initial state (the fitted prior) scored {init:.3f}; best_model.pth holds "
                       + ("that initial state (training did not improve on it clearly)." if kept else f"epoch {best['epoch']}."))
             best = dict(best, val_score=min(best["val_score"], init))
@@ -241,7 +232,7 @@ def _report(result: Any, cfg: Any) -> None:
         else:
             out.print(f"The model did NOT beat the best baseline on the held-out validation blocks at 1 km "
                       f"(score {best['val_score']:.3f}).")
-    chosen = _selection(result.best_path)
+    chosen = dict(best_ck.get("selection") or {})
     if chosen:
         out.print(f"`carbonsr downscale --method auto` will use {chosen['method']}: {chosen.get('reason', '')}.")
     if result.best_path is not None:
