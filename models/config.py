@@ -8,7 +8,8 @@ Presets (``preset(name, aux_channels)``):
 
 - ``prior``: the fitted layer mix alone (trainable coefficients; no local head, no U-Net).
 - ``mass``: the fitted mix times a per-pixel correction fitted to the parent totals
-  (:mod:`models.mass_prior`; dropped when it does not validate 15 % better than the mix alone);
+  (:mod:`models.mass_prior`; scaled down, or dropped, when it does not validate 20 % better than
+  the mix alone: ``carbonsr_cli.train.validation.mass_strength``);
   the default of ``carbonsr train`` since session 8.
 - ``tiny``: about 82 k parameters (widths 8-32); unit tests and the CPU demo.
 - ``base``: about 1.16 M parameters (widths 16-128); the default for real data (GPU, bf16).
@@ -69,7 +70,13 @@ class ModelConfig:
         prior_kind: ``mix``: the additive layer mix of :class:`models.dasymetric.DasymetricPrior`;
             ``mass``: the per-pixel emission mass network of :class:`models.mass_prior.MassPrior`
             (a disaggregation regression; products of layers, point catalogues placed linearly).
-        mass_hidden: Hidden width of the mass prior's MLP.
+        mass_hidden: Hidden width of one member MLP of the mass prior.
+        mass_members: Member MLPs the mass prior's correction averages (fitted independently,
+            :func:`models.mass_prior.fit_mass_prior`). 1 in every preset: 4 members took 4 x the
+            fit's time and, over 3 weight seeds on the 48 km regions of seeds 1-3 (session 9),
+            cut the spread of one street region (traffic 2: 11.0 -> 2.2 %) but not another
+            (traffic 3: 17.5 -> 16.2 %), with no gain in accuracy (traffic 1-3: 0.721 / 0.476 /
+            0.470 x the best baseline with 1 member, 0.677 / 0.519 / 0.486 with 4).
         point_sites: (dasymetric, with a prior) listed point sources take the surplus of their
             block over the fitted surface, on their sites (:mod:`models.point_sites`); needs a
             point layer with an emission attribute (``plants.gpkg:co2_t_yr``).
@@ -123,6 +130,7 @@ class ModelConfig:
     prior_smooth: tuple[int, ...] = (1, 3)
     prior_kind: str = "mix"
     mass_hidden: int = 16
+    mass_members: int = 1
     point_sites: bool = False
     site_window: int = 3
     site_delta: float = 1.0
@@ -190,6 +198,8 @@ class ModelConfig:
             raise bad("prior_kind", "must be 'mix' or 'mass'")
         if self.mass_hidden < 1:
             raise bad("mass_hidden", "must be >= 1")
+        if self.mass_members < 1:
+            raise bad("mass_members", "must be >= 1")
         if self.site_window < 1 or self.site_window % 2 == 0:
             raise bad("site_window", "must be odd and >= 1")
         if not self.site_delta >= 0:
@@ -269,7 +279,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # benchmarks/README.md, "Accuracy").
     "prior": _PRIOR_ONLY,
     # The fitted mix times a per-pixel correction fitted to the parent totals (models.mass_prior),
-    # kept only when it validates 15 % better than the mix alone (train.validation.MASS_KEEP_RATIO).
+    # kept in full when it validates 20 % better than the mix alone and scaled down to nothing at
+    # 10 % (train.validation.mass_strength; a hard 15 % threshold until session 9).
     # The default of `carbonsr train` since session 8: over 54 generated regions (48 km, seeds
     # 1-18) 0.685 x the best baseline at 100 m (geometric mean) against 0.732 for `prior`; street
     # regions 0.600 against 0.740; three regions 3-7 % worse (benchmarks/README.md, session 8).

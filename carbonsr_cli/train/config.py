@@ -197,8 +197,8 @@ TINY_CPU_MODEL: dict[str, Any] = dict(
 
 #: Named training set-ups: field overrides for :class:`TrainConfig`. ``demo`` is what
 #: ``carbonsr demo`` trains on the default sample data (CPU, 240 steps of 4 patches, the
-#: ``mass`` model: the fitted layer mix with trainable coefficients and, where it validates
-#: 15 % better than the mix alone, a per-pixel correction).
+#: ``mass`` model: the fitted layer mix with trainable coefficients and, as far as it validates
+#: better than the mix alone, a per-pixel correction; see ``validation.mass_strength``).
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "demo": dict(
         preset="mass",

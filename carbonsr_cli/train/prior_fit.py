@@ -83,7 +83,7 @@ def prior_module(normalizer: Any, exponents: tuple[float, ...], smooth: tuple[in
 
 def fit_prior_on_cache(cache: Any, main: Any, train_mask: np.ndarray, normalizer: Any, factor: int, *,
                        exponents: tuple[float, ...], smooth: tuple[int, ...], rows_per_chunk: int = 16,
-                       mass: bool = False, mass_hidden: int = 16, seed: int = 0,
+                       mass: bool = False, mass_hidden: int = 16, mass_members: int = 1, seed: int = 0,
                        point_channels: tuple[int, ...] = ()) -> PriorFit:
     """Fit the layer mix on the training parent cells of every year.
 
@@ -97,7 +97,8 @@ def fit_prior_on_cache(cache: Any, main: Any, train_mask: np.ndarray, normalizer
         exponents: Powers of the basis.
         smooth: Neighbourhood sizes of the basis.
         mass: Also fit the mass prior (:func:`fit_mass_on_cache`; ``PriorFit.mass``).
-        mass_hidden: Hidden width of the mass prior.
+        mass_hidden: Hidden width of one member MLP of the mass prior.
+        mass_members: Member MLPs of the mass prior.
         seed: Seed of the mass prior's fit.
         point_channels: Aux channels holding listed point mass (raw t CO2 / yr); when given, the
             point-site prior is fitted too (``PriorFit.sites``).
@@ -188,7 +189,7 @@ def fit_prior_on_cache(cache: Any, main: Any, train_mask: np.ndarray, normalizer
             prior.set_active(surface_active(prior.basis, pts))
         else:
             prior.set_coefficients(coef, floor)
-        mass_fit = fit_mass_on_cache(cache, main, train_mask & ~listed_any if sites is not None else train_mask, prior, factor, hidden=mass_hidden, smooth=smooth, seed=seed,
+        mass_fit = fit_mass_on_cache(cache, main, train_mask & ~listed_any if sites is not None else train_mask, prior, factor, hidden=mass_hidden, members=mass_members, smooth=smooth, seed=seed,
                                      rows_per_chunk=rows_per_chunk)
     return PriorFit(tuple(float(p) for p in exponents), tuple(int(k) for k in smooth), tuple(float(v) for v in coef), float(floor), ref,
                     int(t_all.size), terms, basis, share_loss(groups, coef, floor) if groups else float("nan"), mass_fit, sites)
@@ -301,14 +302,14 @@ def _row_chunks(arr: Any, year: int, factor: int, margin: int, rows_per_chunk: i
 
 
 def fit_mass_on_cache(cache: Any, main: Any, train_mask: np.ndarray, mix: Any, factor: int, *, hidden: int = 16,
-                      smooth: tuple[int, ...] = (1, 3), seed: int = 0, max_blocks: int = 4000, steps: int = 300,
+                      members: int = 1, smooth: tuple[int, ...] = (1, 3), seed: int = 0, max_blocks: int = 4000, steps: int = 300,
                       rows_per_chunk: int = 16) -> dict[str, Any]:
     """Fit the per-pixel correction of the fitted mix ``mix`` (:class:`models.mass_prior.MassPrior`)
     on (at most ``max_blocks``, drawn with ``seed``) training parent cells with a total > 0, all
     years; see :func:`models.mass_prior.fit_mass_prior`.
 
     Returns:
-        ``{"hidden", "smooth", "blocks", "loss", "state"}`` (``state`` = the module's state dict
+        ``{"hidden", "members", "smooth", "blocks", "loss", "state"}`` (``state`` = the module's state dict
         as nested lists, mix included), for :func:`build_network_prior`.
     """
     import torch
@@ -317,7 +318,7 @@ def fit_mass_on_cache(cache: Any, main: Any, train_mask: np.ndarray, mix: Any, f
 
     arr = cache.array
     c, n_years = arr.shape[:2]
-    prior = MassPrior(c, hidden, smooth, mix.basis.exponents, mix.basis.smooth)
+    prior = MassPrior(c, hidden, smooth, mix.basis.exponents, mix.basis.smooth, members)
     prior.mix.load_state_dict(mix.state_dict())
     values = np.asarray(main.values, dtype=np.float64)
     chosen = [np.argwhere(train_mask & np.isfinite(values[y]) & (np.nan_to_num(values[y]) > 0)) for y in range(n_years)]
@@ -344,7 +345,7 @@ def fit_mass_on_cache(cache: Any, main: Any, train_mask: np.ndarray, mix: Any, f
     tt = torch.from_numpy(np.concatenate(tots)) if tots else torch.zeros(0, dtype=torch.float64)
     loss = fit_mass_prior(prior, ft, mt, tt, steps=steps, seed=seed)
     state = {k: v.detach().cpu().tolist() for k, v in prior.state_dict().items()}
-    return {"hidden": int(hidden), "smooth": [int(k) for k in smooth], "blocks": int(len(tt)), "loss": float(loss), "state": state}
+    return {"hidden": int(hidden), "members": int(members), "smooth": [int(k) for k in smooth], "blocks": int(len(tt)), "loss": float(loss), "state": state}
 
 
 def build_point_sites(fit: PriorFit, normalizer: Any, window: int = 3, delta: float = 1.0, point_weight: float = 1.0,
@@ -380,7 +381,7 @@ def build_network_prior(fit: PriorFit, normalizer: Any, kind: str = "mix") -> An
     from models.mass_prior import MassPrior
 
     m = fit.mass
-    prior = MassPrior(len(normalizer.names), int(m["hidden"]), tuple(m["smooth"]), fit.exponents, fit.smooth)
+    prior = MassPrior(len(normalizer.names), int(m["hidden"]), tuple(m["smooth"]), fit.exponents, fit.smooth, int(m.get("members", 1)))
     ref_state = prior.state_dict()
     prior.load_state_dict({k: torch.as_tensor(v, dtype=ref_state[k].dtype).reshape(ref_state[k].shape) for k, v in m["state"].items()})
     return prior.eval()

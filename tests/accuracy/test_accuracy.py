@@ -33,9 +33,14 @@ from carbonsr_cli.train.loop import evaluate_against_truth, train
 MODEL_VS_BEST = {"points": 0.8, "traffic": 0.9, "urban": 1.0}
 #: Upper bounds of (fitted / best single layer) per kind, a little above the measured values.
 FITTED_VS_LAYER = {"points": 1.0, "traffic": 0.7, "urban": 1.0}
-#: Upper bound of (mass preset / best baseline) on the traffic kind, 48 km, seed 2 (measured 0.438;
-#: the correction validated 0.81 x the mix alone and was kept).
+#: Upper bound of (mass preset / best baseline) on the traffic kind, 48 km, seed 2 (measured 0.445;
+#: the correction validated 0.805 x the mix alone and was kept at 0.95 of its strength; 0.438
+#: kept in full under session 8's threshold).
 MASS_VS_BEST = 0.6
+#: Upper bound of (mass preset / best baseline) on traffic, 48 km, seed 3, where the gate keeps a
+#: part of the correction (measured 0.445 in this test, 0.470 after 6 epochs; 0.585 when the
+#: correction is dropped).
+MASS_PARTIAL_VS_BEST = 0.52
 
 
 def _train_and_score(tmp_path: Path, kind: str, seed: int, size_km: int, **overrides: object) -> tuple[dict, float, float]:
@@ -90,11 +95,23 @@ def test_mass_preset_beats_the_fitted_mix_on_a_street_dominated_region(tmp_path:
 def test_mass_preset_drops_a_correction_that_is_barely_better_than_the_mix(tmp_path: Path) -> None:
     """Urban, 48 km, seed 2: the correction validated 0.97 x the mix at 1 km and cost 6 % at 100 m
     when kept (0.723 x the best baseline, the rule before session 8: below 0.95 x the best
-    baseline). Kept only at 0.85 x the mix or better, it is dropped: 0.681."""
+    baseline). Kept in part only below 0.90 x the mix, it is dropped: 0.681."""
     r, model, best = _train_and_score(tmp_path, "urban", 2, 48, epochs=1, steps_per_epoch=10, preset="mass")
     print(f"mass preset, urban 48 km seed 2: gate {r['mass_gate']}, ratio {model / best:.3f}")
     assert not r["mass_gate"]["kept"], r["mass_gate"]
     assert model <= 0.70 * best, (model, best)
+
+
+def test_mass_preset_scales_a_correction_between_the_gate_thresholds(tmp_path: Path) -> None:
+    """Traffic, 48 km, seed 3: the correction validated 0.864 x the mix at 1 km, between the
+    gate's 0.80 (kept in full) and 0.90 (dropped). The hard 0.85 threshold of session 8 dropped it
+    (0.585 x the best baseline; kept in full with other weight seeds: about 0.32); kept at 0.36 of
+    its strength the model measured 0.445 here and 0.470 after 6 epochs (session 9)."""
+    r, model, best = _train_and_score(tmp_path, "traffic", 3, 48, epochs=1, steps_per_epoch=10, preset="mass")
+    gate = r["mass_gate"]
+    print(f"mass preset, traffic 48 km seed 3: gate {gate}, ratio {model / best:.3f}")
+    assert 0.0 < gate["strength"] < 1.0, gate
+    assert model <= MASS_PARTIAL_VS_BEST * best, (model, best)
 
 
 def test_point_sites_win_on_a_point_dominated_region(tmp_path: Path) -> None:

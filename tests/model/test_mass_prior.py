@@ -120,3 +120,31 @@ def test_config_rejects_an_unknown_prior_kind() -> None:
 def test_fit_rejects_mismatched_shapes() -> None:
     with pytest.raises(ValueError, match="bad shapes"):
         fit_mass_prior(_prior(), torch.zeros(4, 100, 3), torch.zeros(4, 99), torch.ones(4))
+
+
+def test_members_are_fitted_apart_and_averaged() -> None:
+    """``members=3``: the stored MLP (block-diagonal middle layer) gives the mean of the three
+    members' corrections, each fitted on its own; member 0 is the single fit of the same seed."""
+    layers, truth = _region(1)
+    x = torch.from_numpy(layers)[None, :, None]
+    single, three = _prior(), MassPrior(3, hidden=16, smooth=(1,), exponents=(1.0,), mix_smooth=(1,), members=3)
+    three.mix.load_state_dict(single.mix.state_dict())
+    _fit(single, layers, truth, steps=60)
+    _fit(three, layers, truth, steps=60)
+    assert three.mlp[0].out_features == 48
+    off = three.mlp[2].weight.detach().clone()
+    for k in range(3):
+        off[16 * k : 16 * (k + 1), 16 * k : 16 * (k + 1)] = 0
+    assert torch.count_nonzero(off) == 0  # members do not see each other's hidden units
+    with torch.no_grad():  # each member from the stored MLP: its rows, its block, its last weights
+        feats = three.raw_features(x).movedim(1, -1)
+        h1 = torch.nn.functional.gelu(three.mlp[0]((feats - three.feat_mean) / three.feat_std))
+        h2 = torch.nn.functional.gelu(three.mlp[2](h1))
+        w = three.mlp[-1].weight[0] * 3  # the stored last layer holds the members' mean
+        parts = [h2[..., 16 * k : 16 * (k + 1)] @ w[16 * k : 16 * (k + 1)] for k in range(3)]
+        assert torch.allclose(three.correction(feats), (sum(parts) / 3 + three.mlp[-1].bias).clamp(-30, 30), atol=1e-5)
+        # member 0 starts from the single fit's weights and sees the same data: the same field up
+        # to its own bias (the stored bias is the members' mean)
+        one = single.correction(feats).flatten()
+        assert torch.corrcoef(torch.stack([one, parts[0].flatten()]))[0, 1] > 0.99
+        assert torch.corrcoef(torch.stack([parts[0].flatten(), parts[1].flatten()]))[0, 1] < 0.99  # other weights, another member
