@@ -24,7 +24,7 @@ baseline that validated best at 1 km when the model did not), the floor's ratio 
 over the floor that the model removes (``gap closed``: 1 = the floor, 0 = the baseline). Also: ``prior``, the
 ratio of the untrained network (``prior_model.pth``: what training started from); ``val 1km``,
 the run's held-out 1 km validation score that ``auto`` judged; and in the JSON the mass preset's
-``mass_gate`` (both initial scores, whether the correction was kept). Run: ``python benchmarks/accuracy.py [--kinds points,traffic,urban] [--seeds 1,2,3]``.
+``mass_gate`` (both initial scores, the strength kept: 0 dropped, 1 in full). Run: ``python benchmarks/accuracy.py [--kinds points,traffic,urban] [--seeds 1,2,3]``.
 """
 
 from __future__ import annotations
