@@ -232,6 +232,11 @@ def _report(result: Any, cfg: Any) -> None:
         else:
             out.print(f"The model did NOT beat the best baseline on the held-out validation blocks at 1 km "
                       f"(score {best['val_score']:.3f}).")
+    from carbonsr_cli.train.validation import describe_mass_gate
+
+    gate_line = describe_mass_gate(dict(best_ck.get("mass_gate") or {}))
+    if gate_line:
+        out.print(gate_line)
     chosen = dict(best_ck.get("selection") or {})
     if chosen:
         out.print(f"`carbonsr downscale --method auto` will use {chosen['method']}: {chosen.get('reason', '')}.")

@@ -25,7 +25,7 @@ from carbonsr_cli.train.prior_fit import PriorFit, build_fitted_prior
 from carbonsr_cli.train.split import Split
 from carbonsr_cli.train.step import _children, autocast_factory
 
-__all__ = ["METRIC_KEYS", "MASS_GATE_RAMP", "mass_strength", "score_initial_state", "selection", "evaluate_split", "evaluate_against_truth"]
+__all__ = ["METRIC_KEYS", "MASS_GATE_RAMP", "describe_mass_gate", "mass_strength", "score_initial_state", "selection", "evaluate_split", "evaluate_against_truth"]
 
 log = logging.getLogger("carbonsr.train")
 
@@ -227,6 +227,24 @@ def mass_strength(ratio: float, ramp: tuple[float, float] = MASS_GATE_RAMP) -> f
     if not math.isfinite(ratio):
         return 0.0
     return float(min(1.0, max(0.0, (hi - ratio) / (hi - lo))))
+
+
+def describe_mass_gate(gate: dict[str, Any]) -> str | None:
+    """One plain sentence on what the gate did with the mass prior's correction (None without one).
+
+    ``gate``: a checkpoint's ``mass_gate`` (:func:`score_initial_state`; records written before
+    the ramp have ``kept`` and no ``strength``).
+    """
+    if not gate or "with_correction" not in gate or "mix" not in gate:
+        return None
+    mix = float(gate["mix"])
+    ratio = float(gate["with_correction"]) / mix if mix > 0 else float("nan")
+    strength = float(gate.get("strength", 1.0 if gate.get("kept") else 0.0))
+    lo, hi = MASS_GATE_RAMP
+    what = ("kept in full" if strength >= 1.0 else "dropped (the model is the fitted mix)" if strength <= 0.0
+            else f"kept at {strength:.0%} of its strength")
+    return (f"Per-pixel correction of the layer mix: {what}; with it the model validated {ratio:.3f} x the mix "
+            f"alone at 1 km (kept in full below {lo:.2f}, dropped above {hi:.2f}).")
 
 
 def score_initial_state(model: Any, score: Callable[[], dict[int, dict[str, float]]], base: dict[int, dict[str, Any]],

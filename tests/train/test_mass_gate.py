@@ -78,3 +78,21 @@ def test_a_prior_without_a_correction_is_scored_once() -> None:
 
     assert score_initial_state(Plain(), score, BASE, SCALES) == (pytest.approx(0.8), pytest.approx(0.16), {})
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("gate", "phrase"),
+    [
+        ({"with_correction": 0.70, "mix": 1.0, "strength": 1.0, "kept": True}, "kept in full; with it the model validated 0.700 x"),
+        ({"with_correction": 0.864, "mix": 1.0, "strength": 0.36, "kept": True}, "kept at 36% of its strength; with it the model validated 0.864 x"),
+        ({"with_correction": 0.95, "mix": 1.0, "strength": 0.0, "kept": False}, "dropped (the model is the fitted mix); with it the model validated 0.950 x"),
+        ({"with_correction": 0.8, "mix": 1.0, "kept": True}, "kept in full"),  # a record from before the ramp
+    ],
+)
+def test_the_train_report_says_what_the_gate_did(gate: dict, phrase: str) -> None:
+    from carbonsr_cli.train.validation import describe_mass_gate
+
+    text = describe_mass_gate(gate)
+    assert text is not None and phrase in text, text
+    assert "(kept in full below 0.80, dropped above 0.90)" in text
+    assert describe_mass_gate({}) is None
