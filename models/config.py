@@ -72,11 +72,11 @@ class ModelConfig:
             (a disaggregation regression; products of layers, point catalogues placed linearly).
         mass_hidden: Hidden width of one member MLP of the mass prior.
         mass_members: Member MLPs the mass prior's correction averages (fitted independently,
-            :func:`models.mass_prior.fit_mass_prior`). 1 in every preset: 4 members took 4 x the
-            fit's time and, over 3 weight seeds on the 48 km regions of seeds 1-3 (session 9),
-            cut the spread of one street region (traffic 2: 11.0 -> 2.2 %) but not another
-            (traffic 3: 17.5 -> 16.2 %), with no gain in accuracy (traffic 1-3: 0.721 / 0.476 /
-            0.470 x the best baseline with 1 member, 0.677 / 0.519 / 0.486 with 4).
+            :func:`models.mass_prior.fit_mass_prior`). 1 in every preset. 4 members (session 9,
+            benchmarks/README.md): over 54 generated regions 0.680 x the best baseline against
+            0.684 (Top-1% 0.712 against 0.730), no failed fit where one member's validated 1.32 x
+            the mix (traffic 16), but 4 x the fit's time: the README demo test took 246 s and the
+            test suite 686 s on 2 cores, over the 10-minute budget.
         point_sites: (dasymetric, with a prior) listed point sources take the surplus of their
             block over the fitted surface, on their sites (:mod:`models.point_sites`); needs a
             point layer with an emission attribute (``plants.gpkg:co2_t_yr``).

@@ -28,8 +28,8 @@ Why an ensemble: one MLP's fit depends on its initial weights. On a street regio
 48 km, seed 3) three weight seeds gave corrections that validated 0.838 / 0.850 / 0.866 x the
 mix at 1 km and 100 m errors 2.60 / 2.75 (kept) and 4.86 (dropped by the gate of
 :mod:`carbonsr_cli.train.validation`). The mean of several fits should vary less from seed to
-seed; measured in session 9 it did on one street region and not on another, at 4 x the fit's
-time, so every preset uses one member (``ModelConfig.mass_members``).
+seed; measured in session 9 (4 members) it helped a little on average and removed one failed
+fit, at 4 x the fit's time, so every preset still uses one member (``ModelConfig.mass_members``).
 """
 
 from __future__ import annotations
