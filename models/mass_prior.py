@@ -89,15 +89,12 @@ class MassPrior(nn.Module):
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
         self.log_scale = nn.Parameter(torch.zeros(()))
-        # The correction is fitted to the parent totals (fit_mass_prior) and then frozen: trained
-        # further by the network's patch loss it got worse on validation every time (traffic
-        # region, 48 km: val score 0.91 at the start, 2.4-2.7 after 1-6 epochs).
-        self.set_correction_trainable(False)
-
-    def set_correction_trainable(self, flag: bool) -> None:
-        """Let gradients reach ``h`` and the scale (only :func:`fit_mass_prior` turns this on)."""
+        # The correction is fitted to the parent totals (fit_mass_prior, on its own copies of the
+        # weights) and frozen here: trained further by the network's patch loss it got worse on
+        # validation every time (traffic region, 48 km: val score 0.91 at the start, 2.4-2.7
+        # after 1-6 epochs).
         for p in [*self.mlp.parameters(), self.log_scale]:
-            p.requires_grad_(flag)
+            p.requires_grad_(False)
 
     @property
     def features_size(self) -> int:
