@@ -12,8 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from carbonsr_cli.train.validation import gate_strength  # noqa: E402
 
 
 def load_rows(paths: list[str]) -> dict[tuple[str, int], dict[str, Any]]:
@@ -37,7 +42,7 @@ def table(rows: dict[tuple[str, int], dict[str, Any]]) -> list[str]:
            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (kind, seed), r in sorted(rows.items()):
         gate = r.get("mass_gate") or {}
-        strength = gate.get("strength", 1.0 if gate.get("kept") else 0.0) if gate else float("nan")
+        strength = gate_strength(gate) if gate else float("nan")
         out.append(f"| {kind} | {seed} | {_g(r['model'])} | {_g(r['fitted'])} | {_g(r['points'])} | {_g(r['dasymetric'])} | "
                    f"{_g(r['uniform'])} | {_g(r['floor'])} | {r['ratio']:.3f} ({r['best_baseline']}) | {r['top1_ratio']:.3f} | {strength:.2f} |")
     return out

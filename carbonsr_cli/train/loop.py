@@ -389,7 +389,7 @@ def train(config: TrainConfig) -> RunResult:
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model %s: %d parameters on %s", cfg.preset, n_params, device)
 
-    mass_gate: dict[str, Any] = {}  # the mass prior's correction: both initial scores and whether it was kept
+    mass_gate: dict[str, Any] = {}  # the mass prior's correction: both initial scores and the strength kept
 
     def payload(ep: int, st: int) -> dict[str, Any]:
         return {

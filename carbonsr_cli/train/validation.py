@@ -25,7 +25,7 @@ from carbonsr_cli.train.prior_fit import PriorFit, build_fitted_prior
 from carbonsr_cli.train.split import Split
 from carbonsr_cli.train.step import _children, autocast_factory
 
-__all__ = ["METRIC_KEYS", "MASS_GATE_RAMP", "describe_mass_gate", "mass_strength", "score_initial_state", "selection", "evaluate_split", "evaluate_against_truth"]
+__all__ = ["METRIC_KEYS", "MASS_GATE_RAMP", "describe_mass_gate", "gate_strength", "mass_strength", "score_initial_state", "selection", "evaluate_split", "evaluate_against_truth"]
 
 log = logging.getLogger("carbonsr.train")
 
@@ -229,6 +229,12 @@ def mass_strength(ratio: float, ramp: tuple[float, float] = MASS_GATE_RAMP) -> f
     return float(min(1.0, max(0.0, (hi - ratio) / (hi - lo))))
 
 
+def gate_strength(gate: dict[str, Any]) -> float:
+    """The correction's strength in a ``mass_gate`` record (records from before the ramp have
+    only ``kept``: 1 or 0)."""
+    return float(gate.get("strength", 1.0 if gate.get("kept") else 0.0))
+
+
 def describe_mass_gate(gate: dict[str, Any]) -> str | None:
     """One plain sentence on what the gate did with the mass prior's correction (None without one).
 
@@ -239,7 +245,7 @@ def describe_mass_gate(gate: dict[str, Any]) -> str | None:
         return None
     mix = float(gate["mix"])
     ratio = float(gate["with_correction"]) / mix if mix > 0 else float("nan")
-    strength = float(gate.get("strength", 1.0 if gate.get("kept") else 0.0))
+    strength = gate_strength(gate)
     lo, hi = MASS_GATE_RAMP
     what = ("kept in full" if strength >= 1.0 else "dropped (the model is the fitted mix)" if strength <= 0.0
             else f"kept at {strength:.0%} of its strength")
