@@ -19,7 +19,8 @@ It prints one row per kind and seed with Nonzero-MAE, the ratio model / best bas
 (the smallest of fitted, points and dasymetric), the same ratio for the last trained state
 (``latest.pth``: what training reached before the selection kept or replaced it), the Top-1%
 ratio (with ``--train-seeds K``: each region trained K times on the same split, and the spread
-of the model's score), the same ratio for what ``downscale --method auto`` would use (the model, or the
+of the model's score), the R2 of the model and of the best baseline (``R2``, ``R2 b``: over
+every held-out child cell, zeros included), the same ratio for what ``downscale --method auto`` would use (the model, or the
 baseline that validated best at 1 km when the model did not), the floor's ratio to the best baseline and the share of the baseline's excess error
 over the floor that the model removes (``gap closed``: 1 = the floor, 0 = the baseline). Also: ``prior``, the
 ratio of the untrained network (``prior_model.pth``: what training started from); ``val 1km``,
@@ -108,6 +109,7 @@ def summarise(kind: str, seed: int, r: dict[str, Any]) -> dict[str, Any]:
         "prior_ratio": r["model_prior"]["nonzero_mae"] / b["nonzero_mae"] if "model_prior" in r else float("nan"),
         "val_score": r["val_score"], "initial_val_score": r["initial_val_score"], "mass_gate": r.get("mass_gate", {}),
         "top1_ratio": m["top1_nonzero_mae"] / b["top1_nonzero_mae"],
+        "r2": m.get("r2", float("nan")), "r2_baseline": b.get("r2", float("nan")),
         "auto": r["auto"]["method"], "auto_ratio": r["auto"]["nonzero_mae"] / b["nonzero_mae"],
         "floor": floor, "floor_ratio": floor / b["nonzero_mae"],
         "gap_closed": (b["nonzero_mae"] - m["nonzero_mae"]) / (b["nonzero_mae"] - floor) if b["nonzero_mae"] > 1.01 * floor else float("nan"),
@@ -147,10 +149,10 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
     print()
     print(f"{'kind':8s} {'seed':>4s} {'model':>9s} {'fitted':>9s} {'points':>9s} {'dasy':>9s} {'uniform':>9s} {'floor':>9s} "
-          f"{'ratio':>6s} {'prior':>6s} {'last':>6s} {'top1':>6s} {'auto':>6s} {'val 1km':>7s} {'floor/b':>7s} {'gap':>6s} {'train s':>7s}")
+          f"{'ratio':>6s} {'prior':>6s} {'last':>6s} {'top1':>6s} {'R2':>6s} {'R2 b':>6s} {'auto':>6s} {'val 1km':>7s} {'floor/b':>7s} {'gap':>6s} {'train s':>7s}")
     for r in rows:
         print(f"{r['kind']:8s} {r['seed']:4d} {r['model']:9.4g} {r.get('fitted', float('nan')):9.4g} {r.get('points', float('nan')):9.4g} "
-              f"{r['dasymetric']:9.4g} {r['uniform']:9.4g} {r['floor']:9.4g} {r['ratio']:6.3f} {r['prior_ratio']:6.3f} {r['last_ratio']:6.3f} {r['top1_ratio']:6.3f} "
+              f"{r['dasymetric']:9.4g} {r['uniform']:9.4g} {r['floor']:9.4g} {r['ratio']:6.3f} {r['prior_ratio']:6.3f} {r['last_ratio']:6.3f} {r['top1_ratio']:6.3f} {r['r2']:6.3f} {r['r2_baseline']:6.3f} "
               f"{r['auto_ratio']:6.3f} {r['val_score']:7.3f} {r['floor_ratio']:7.3f} {r['gap_closed']:6.2f} {r['train_s']:7.1f}")
     for kind in args.kinds.split(","):
         ratios = [r["ratio"] for r in rows if r["kind"] == kind]

@@ -37,14 +37,19 @@ def _g(x: float) -> str:
 
 
 def table(rows: dict[tuple[str, int], dict[str, Any]]) -> list[str]:
-    """Markdown lines: one row per region; the mass correction's strength (0 = dropped, 1 = kept in full)."""
-    out = ["| kind | seed | model | fitted | points first | best one layer | uniform | floor | model / best baseline | Top-1% ratio | correction strength |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    """Markdown lines: one row per region; the mass correction's strength (0 = dropped, 1 = kept in
+    full); the R2 of the model and of the best baseline when the rows have it (accuracy.py rows
+    since session 10)."""
+    with_r2 = any("r2" in r for r in rows.values())
+    out = ["| kind | seed | model | fitted | points first | best one layer | uniform | floor | model / best baseline | Top-1% ratio | "
+           + ("R2 model / baseline | " if with_r2 else "") + "correction strength |",
+           "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if with_r2 else "")]
     for (kind, seed), r in sorted(rows.items()):
         gate = r.get("mass_gate") or {}
         strength = gate_strength(gate) if gate else float("nan")
+        r2 = f"{r.get('r2', float('nan')):.3f} / {r.get('r2_baseline', float('nan')):.3f} | " if with_r2 else ""
         out.append(f"| {kind} | {seed} | {_g(r['model'])} | {_g(r['fitted'])} | {_g(r['points'])} | {_g(r['dasymetric'])} | "
-                   f"{_g(r['uniform'])} | {_g(r['floor'])} | {r['ratio']:.3f} ({r['best_baseline']}) | {r['top1_ratio']:.3f} | {strength:.2f} |")
+                   f"{_g(r['uniform'])} | {_g(r['floor'])} | {r['ratio']:.3f} ({r['best_baseline']}) | {r['top1_ratio']:.3f} | {r2}{strength:.2f} |")
     return out
 
 
@@ -53,8 +58,10 @@ def summary(rows: dict[tuple[str, int], dict[str, Any]]) -> list[str]:
     lines = []
     for kind in sorted({k for k, _ in rows}) + [None]:
         ratios = [r["ratio"] for (k, _), r in rows.items() if kind is None or k == kind]
+        worse_r2 = [r["r2"] < r["r2_baseline"] for (k, _), r in rows.items() if (kind is None or k == kind) and "r2" in r]
         lines.append(f"{kind or 'all'}: {len(ratios)} regions, geometric mean {statistics.geometric_mean(ratios):.3f}, "
-                     f"max {max(ratios):.3f}, above 1.0: {sum(x > 1.0 for x in ratios)}")
+                     f"max {max(ratios):.3f}, above 1.0: {sum(x > 1.0 for x in ratios)}"
+                     + (f", R2 below the best baseline's: {sum(worse_r2)} of {len(worse_r2)}" if worse_r2 else ""))
     return lines
 
 

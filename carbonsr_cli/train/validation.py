@@ -50,6 +50,14 @@ def _scores(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
     }
 
 
+def _truth_scores(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
+    """Child-level metrics against a fine truth: those of :func:`_scores` and ``r2`` (coefficient
+    of determination over every valid child cell, zeros included)."""
+    from models import metrics as M
+
+    return {**_scores(pred, true), "r2": float(M.r2(pred, true))}
+
+
 def _val_batches(items: Sequence[tuple[int, int, int]], scale: int, main: MainData, cache: AuxCache, cfg: TrainConfig, t: int) -> Iterator[tuple[list[tuple[int, int, int]], Batch]]:
     bs = max(1, cfg.val_batch_size)
     for k in range(0, len(items), bs):
@@ -394,7 +402,7 @@ def evaluate_against_truth(
         ``{"model": metrics, "cells": n}`` (and ``"floor"`` with ``expected_path``) plus the keys of :func:`_summarise_baselines`
         (``uniform``, ``dasymetric``, ``dasy_layer``, ``all_dasymetric``, ``points``,
         ``points_layer``, ``fitted``, ``best``, ``best_label``, ``all``), metrics as in
-        :func:`_scores` (t CO2 / child cell / yr).
+        :func:`_truth_scores` (t CO2 / child cell / yr; ``r2`` unitless).
     """
     import torch
     from rasterio.windows import Window
@@ -466,6 +474,6 @@ def evaluate_against_truth(
                 preds.setdefault(v.label, []).append(kids.numpy()[mask])
             truths.append(truth[mask])
     y = np.concatenate(truths)
-    every = {k: _scores(np.concatenate(v), y) for k, v in preds.items()}
+    every = {k: _truth_scores(np.concatenate(v), y) for k, v in preds.items()}
     floor = {"floor": every.pop("floor")} if "floor" in every else {}
     return {"model": every.pop("model"), **floor, **_summarise_baselines(every), "cells": int(y.size)}
