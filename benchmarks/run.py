@@ -12,8 +12,14 @@ Generates its own synthetic input (``carbonsr sample-data``), then measures:
 * **training**: ``base``, T = 3, batch 32 (CUDA) in bf16 and fp32: patches/s with batches
   prepared by worker threads as in ``carbonsr train``, and the share of wall time the loop
   waits for data (plus the synchronous preparation / step ratio).
+* **commands** (issue 20): ``carbonsr downscale`` as a user runs it (a child process timed from
+  outside) with ``uniform``, ``dasymetric`` and the model (``base`` on CUDA, ``tiny`` on the
+  CPU) on the same region, split into stages (import, planning, coverage, stats, loop, check,
+  print, exit; see ``command_stages.py``), after one warm-up run of each (``--command-repeat``
+  runs each, median; 0 leaves them out).
 
-Prints one table (figure, value, reference, ratio, target) and the stage breakdown.
+Prints one table (figure, value, reference, ratio, target), the stage breakdown and the
+command stage table.
 
 Usage::
 
@@ -30,6 +36,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -404,6 +411,8 @@ def main() -> None:
                     help="extra downscale runs: base-eager (no CUDA graph), base-nomodel (the model path with the "
                          "network replaced by its input: the floor of reading, warping, blending, water-filling and "
                          "writing), base-8threads, base-8procs, base-1reader-b32")
+    ap.add_argument("--command-repeat", type=int, default=1,
+                    help="runs of each downscale command for the command stage table (median; 0: no table)")
     ap.add_argument("--workdir", type=Path, default=None, help="where data and outputs go (default: a temp dir)")
     ap.add_argument("--json", type=Path, default=None, help="also write every figure as JSON")
     ap.add_argument("--worker", nargs=2, default=None, help=argparse.SUPPRESS)
@@ -474,6 +483,11 @@ def main() -> None:
              f"conserved {r['conservation_ok']}, stages {json.dumps({k: round(v, 2) for k, v in r['stages'].items()})}")
         Path(spec["out"]).unlink(missing_ok=True)
 
+    if methods and args.command_repeat > 0:
+        assert sd is not None
+        res["commands"] = command_stage_runs(sd.emissions.parent, work, aux_names, "base" if gpu else "tiny", device,
+                                             args.command_repeat)
+
     td = None
     if not args.skip_train or args.gpus > 1:
         tsize = args.train_size_km or (48 if (args.quick or not gpu) else 200)
@@ -510,8 +524,34 @@ def main() -> None:
     table = _table(res, gpu)
     print(f"carbonsr benchmark  {res['date']}  device: {res['device']}  commit: {res['commit']}")
     print(table)
+    if res.get("commands"):
+        from command_stages import table as stage_table
+
+        print()
+        print(f"carbonsr downscale commands, {size} km, seconds (median of {args.command_repeat}; timed from outside, "
+              f"after a warm-up run; model preset {res['commands']['preset']}):")
+        print(stage_table({"this": res["commands"]["runs"]}, ["this"]))
     if args.json:
         args.json.write_text(json.dumps(res, indent=2, default=str))
+
+
+def command_stage_runs(data: Path, work: Path, aux_names: list[str], preset: str, device: str,
+                       repeat: int) -> dict[str, Any]:
+    """Each ``carbonsr downscale`` command of ``command_stages.commands`` (uniform, dasymetric, the
+    model with a random ``preset`` checkpoint) run once to warm up, then ``repeat`` times; their
+    stage seconds (``{"preset", "runs": {method: [stages, ...]}}``)."""
+    from bench_downscale import _make_checkpoint
+    from command_stages import commands, run_once
+
+    ckpt = _make_checkpoint(work / f"{preset}.pth", preset, aux_names, 1)
+    runs: dict[str, list[dict[str, float]]] = {}
+    env = {"CARBONSR_CACHE_DIR": str(work / "cache")}  # the cache of per-input work, as a repeated command finds it
+    for m, cmd in commands(data, work, ckpt, ["uniform", "dasymetric", "model"], device).items():
+        run_once(ROOT, cmd, sys.executable, env)
+        runs[m] = [run_once(ROOT, cmd, sys.executable, env) for _ in range(repeat)]
+        _log(f"command {m}: wall {statistics.median(r['wall'] for r in runs[m]):.2f} s")
+        (work / f"out_{m}.tif").unlink(missing_ok=True)
+    return {"preset": preset, "runs": runs}
 
 
 def _train_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
