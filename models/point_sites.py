@@ -16,7 +16,12 @@ instead splits each block total ``T`` (t CO2 / block / yr) into:
   lists every plant); nothing moves where no cell does, nor where more cells than a site holds
   (``window**2``) do unless the total is above ``UNLISTED_CERTAIN * ratio * S`` (a built-up
   district under a busy road is 10-30 x its surface on the generated street regions, a plant
-  100 x and more);
+  100 x and more), nor where the block is not a lone spike: its ``T / S`` must be at least
+  ``UNLISTED_ISOLATION`` times the second largest ``T / S`` of its 8 neighbour blocks. A point
+  source raises one block (two when a neighbour holds another); a line source the surface
+  misses (a motorway) enters and leaves the block, so at least two neighbours are raised too
+  (measured, benchmarks/README.md session 11: unlisted plants 34-11,000 x their second
+  neighbour, a motorway block 2.9-3.0 x);
 - the remainder ``T - P``, shared as the network's log-weights say (surface prior + heads).
 
 A point's *site* is the cells of its ``window x window`` neighbourhood that look like the
@@ -42,11 +47,24 @@ from torch import Tensor, nn
 
 from models.physics import block_broadcast, block_sum, from_blocks, to_blocks
 
-__all__ = ["PointSites", "UNLISTED_CERTAIN", "listed_mass", "site_signature"]
+__all__ = ["PointSites", "UNLISTED_CERTAIN", "UNLISTED_ISOLATION", "listed_mass", "second_neighbour", "site_signature"]
 
 #: A block this many times above the unlisted threshold holds a point source however many of its
 #: cells look like one (see the module docstring).
 UNLISTED_CERTAIN = 10.0
+#: An unlisted source's block has ``T / S`` at least this many times the second largest of its 8
+#: neighbours' (a lone spike, not a line the surface misses; see the module docstring).
+UNLISTED_ISOLATION = 8.0
+
+
+def second_neighbour(q: Tensor) -> Tensor:
+    """Second largest value among the 8 neighbours of every cell ``[..., h, w]`` (missing
+    neighbours beyond the edge count as 0)."""
+    h, w = q.shape[-2:]
+    lead = q.shape[:-2]
+    padded = torch.nn.functional.pad(q.reshape(-1, 1, h, w), (1, 1, 1, 1))
+    shifts = [padded[:, 0, 1 + dr : 1 + dr + h, 1 + dc : 1 + dc + w] for dr in (-1, 0, 1) for dc in (-1, 0, 1) if dr or dc]
+    return torch.stack(shifts).topk(2, dim=0).values[1].reshape(*lead, h, w)
 
 
 def listed_mass(basis: nn.Module, x: Tensor, point_mask: Tensor, channels: Sequence[int] | None = None) -> Tensor:
@@ -286,8 +304,10 @@ class PointSites(nn.Module):
                     like_sum = block_sum(like, block)
                     ratio = self.unlisted_ratio.double()
                     compact = (like_sum > 0) & (like_sum <= self.window * self.window)  # no larger than a site
-                    far = (site_sum == 0) & (((totals > ratio * surface) & compact)
-                                             | ((totals > UNLISTED_CERTAIN * ratio * surface) & (like_sum > 0)))
+                    q = totals / surface.clamp(min=1e-300)
+                    alone = q >= UNLISTED_ISOLATION * second_neighbour(q)  # a spike, not a line through the block
+                    far = (site_sum == 0) & alone & (((totals > ratio * surface) & compact)
+                                                     | ((totals > UNLISTED_CERTAIN * ratio * surface) & (like_sum > 0)))
                     sites = sites + like * block_broadcast(torch.where(far, excess / like_sum.clamp(min=1e-300), torch.zeros_like(totals)), block)
                     surplus = torch.where(far, excess, surplus)
                     site_sum = torch.where(far, excess, site_sum)  # the unlisted cells already carry their mass

@@ -85,20 +85,21 @@ def test_surplus_over_the_surface_goes_to_the_sites_and_blocks_conserve() -> Non
 
 
 def test_unlisted_sources_take_the_excess_of_blocks_far_above_the_surface() -> None:
-    """Block (1, 0): no listed point, 250 t against a 100 t surface (> 2 x): the 150 t excess goes
-    to its two cells that look like a listed point's cell. Block (1, 1): 80 t, below 2 x the
-    surface: the network's shares, though it holds such a cell. Listed blocks as without it."""
+    """Block (1, 0): no listed point, 1000 t against a 100 t surface (> 2 x, and 10 x its second
+    most raised neighbour: a lone spike): the 900 t excess goes to its two cells that look like a
+    listed point's cell. Block (1, 1): 80 t, below 2 x the surface: the network's shares, though
+    it holds such a cell. Listed blocks as without it."""
     sites = _sites()
     sites.set_unlisted([0.0, 1.0, 0.0], ratio=2.0)
     x = _layers()
     x[0, 1, 0, 12, 3] = x[0, 1, 0, 15, 6] = x[0, 1, 0, 14, 14] = 1.0
-    totals = torch.tensor([[1100.0, 100.0], [250.0, 80.0]], dtype=torch.float64)[None, None, None]
+    totals = torch.tensor([[1100.0, 100.0], [1000.0, 80.0]], dtype=torch.float64)[None, None, None]
     main = torch.log1p(totals / (F * F)).repeat_interleave(F, -2).repeat_interleave(F, -1).float()
     log_w = torch.zeros((1, 1, 1, 20, 20))
     children = softmax_children(sites(log_w, x, main, F), totals, F)[0, 0, 0]
     torch.testing.assert_close(children.reshape(2, F, 2, F).sum(dim=(1, 3)), totals[0, 0, 0], rtol=1e-12, atol=0.0)
-    assert children[12, 3].item() == pytest.approx(76.0, rel=1e-5)
-    assert children[15, 6].item() == pytest.approx(76.0, rel=1e-5)
+    assert children[12, 3].item() == pytest.approx(451.0, rel=1e-5)
+    assert children[15, 6].item() == pytest.approx(451.0, rel=1e-5)
     assert children[11, 1].item() == pytest.approx(1.0, rel=1e-5)
     assert torch.allclose(children[10:, 10:], torch.full((10, 10), 0.8, dtype=torch.float64))
     assert children[3, 4].item() == pytest.approx(1000.0 / 3 + 1.0, rel=1e-5)
@@ -109,7 +110,7 @@ def test_unlisted_sources_take_the_excess_of_blocks_far_above_the_surface() -> N
     fresh.load_state_dict(state)
     assert float(fresh.unlisted_ratio) == 0.0
     plain = softmax_children(fresh(log_w, x, main, F), totals, F)[0, 0, 0]
-    assert plain[12, 3].item() == pytest.approx(2.5, rel=1e-5)
+    assert plain[12, 3].item() == pytest.approx(10.0, rel=1e-5)
 
 
 def test_unlisted_excess_needs_a_compact_site_unless_the_block_is_far_above_the_threshold() -> None:
@@ -129,6 +130,36 @@ def test_unlisted_excess_needs_a_compact_site_unless_the_block_is_far_above_the_
         children = softmax_children(sites(log_w, x, main, F), totals, F)[0, 0, 0]
         assert children[11, 2].item() == pytest.approx(expect, rel=1e-5), total
         assert children[10:, :10].sum().item() == pytest.approx(total, rel=1e-12)
+
+
+def test_unlisted_excess_needs_a_lone_spike_not_a_line_of_raised_blocks() -> None:
+    """3 x 3 blocks, the centre 1200 t against a 100 t surface with two look-alike cells. With its
+    neighbours at the surface (100 t) it is a lone spike and its excess goes to those cells; with
+    two neighbours at 400 t (a line the surface misses: 12 / 4 < UNLISTED_ISOLATION) nothing moves;
+    one raised neighbour (two plants side by side) does not stop it."""
+    from models.point_sites import UNLISTED_ISOLATION, second_neighbour
+
+    assert UNLISTED_ISOLATION == 8.0
+    sites = _sites()
+    sites.set_unlisted([0.0, 1.0, 0.0], ratio=2.0)
+    x = torch.zeros((1, C, 1, 30, 30))
+    x[0, 1, 0, 13, 13] = x[0, 1, 0, 16, 16] = 1.0  # two look-alike cells in the centre block
+    log_w = torch.zeros((1, 1, 1, 30, 30))
+    cases = [({}, 1.0 + 1100.0 / 2), ({(0, 0): 400.0, (2, 2): 400.0}, 12.0), ({(0, 0): 400.0}, 1.0 + 1100.0 / 2)]
+    for raised, expect in cases:
+        totals = torch.full((3, 3), 100.0, dtype=torch.float64)
+        totals[1, 1] = 1200.0
+        for (r, c), v in raised.items():
+            totals[r, c] = v
+        totals = totals[None, None, None]
+        main = torch.log1p(totals / (F * F)).repeat_interleave(F, -2).repeat_interleave(F, -1).float()
+        children = softmax_children(sites(log_w, x, main, F), totals, F)[0, 0, 0]
+        assert children[13, 13].item() == pytest.approx(expect, rel=1e-5), raised
+        assert children[10:20, 10:20].sum().item() == pytest.approx(1200.0, rel=1e-12)
+        assert bool((children >= 0).all())
+    q = torch.tensor([[0.0, 1.0, 0.0], [5.0, 9.0, 2.0], [0.0, 3.0, 0.0]])
+    assert second_neighbour(q)[1, 1].item() == 3.0  # the centre's neighbours: 5, 3, 2, 1, 0, ...
+    assert second_neighbour(q)[0, 0].item() == 5.0  # beyond the edge counts as 0
 
 
 def test_unlisted_ratio_sits_far_outside_the_blocks_spread() -> None:
