@@ -85,8 +85,9 @@ class ModelConfig:
         site_point_weight: Weight of the point's own cell in its site against 1 for each other
             site cell (the catalogue coordinate usually marks the largest unit); 1 = equal shares
             (checkpoints written before this field existed).
-        site_unlisted: Blocks far above the surface without a listed point give their excess to
-            the cells that look like a listed point's cell (:meth:`PointSites.set_unlisted`).
+        site_unlisted: Blocks far above the surface without a listed point, and far above their
+            neighbours (a lone spike, not a line), give their excess to the cells that look like
+            a listed point's cell (:meth:`PointSites.set_unlisted`).
         use_pointwise: (dasymetric) a local head: an MLP of the aux values in a 3x3 neighbourhood
             (POMELO-style occupancy correction), zero at initialisation.
         use_context: (dasymetric) the U-Net path (SFT, MoE, attention, temporal scan) gives the
