@@ -302,7 +302,7 @@ def _row_chunks(arr: Any, year: int, factor: int, margin: int, rows_per_chunk: i
 
 
 def fit_mass_on_cache(cache: Any, main: Any, train_mask: np.ndarray, mix: Any, factor: int, *, hidden: int = 16,
-                      members: int = 1, smooth: tuple[int, ...] = (1, 3), seed: int = 0, max_blocks: int = 4000, steps: int = 300,
+                      members: int = 1, smooth: tuple[int, ...] = (1, 3), seed: int = 0, max_blocks: int = 4000, steps: int | None = None,
                       rows_per_chunk: int = 16) -> dict[str, Any]:
     """Fit the per-pixel correction of the fitted mix ``mix`` (:class:`models.mass_prior.MassPrior`)
     on (at most ``max_blocks``, drawn with ``seed``) training parent cells with a total > 0, all
@@ -314,7 +314,7 @@ def fit_mass_on_cache(cache: Any, main: Any, train_mask: np.ndarray, mix: Any, f
     """
     import torch
 
-    from models.mass_prior import MassPrior, block_samples, fit_mass_prior
+    from models.mass_prior import MASS_FIT_STEPS, MassPrior, block_samples, fit_mass_prior
 
     arr = cache.array
     c, n_years = arr.shape[:2]
@@ -343,7 +343,7 @@ def fit_mass_on_cache(cache: Any, main: Any, train_mask: np.ndarray, mix: Any, f
     ft = torch.from_numpy(np.concatenate(feats)) if feats else torch.zeros((0, p2, prior.features_size))
     mt = torch.from_numpy(np.concatenate(mixes)) if mixes else torch.zeros((0, p2), dtype=torch.float64)
     tt = torch.from_numpy(np.concatenate(tots)) if tots else torch.zeros(0, dtype=torch.float64)
-    loss = fit_mass_prior(prior, ft, mt, tt, steps=steps, seed=seed)
+    loss = fit_mass_prior(prior, ft, mt, tt, steps=MASS_FIT_STEPS if steps is None else steps, seed=seed)
     state = {k: v.detach().cpu().tolist() for k, v in prior.state_dict().items()}
     return {"hidden": int(hidden), "members": int(members), "smooth": [int(k) for k in smooth], "blocks": int(len(tt)), "loss": float(loss), "state": state}
 
