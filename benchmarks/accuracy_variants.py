@@ -31,6 +31,7 @@ import concurrent.futures as cf
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -98,10 +99,6 @@ def load(paths: list[Path], tag_with_folder: bool = False) -> list[dict[str, Any
     return list(rows.values())
 
 
-def _gmean(xs: list[float]) -> float:
-    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
-
-
 def compare(rows: list[dict[str, Any]], order: list[str] | None = None, moved: float = 0.05) -> list[str]:
     """The comparison table (lines) on the regions every variant finished without an error."""
     good = [r for r in rows if "error" not in r]
@@ -120,14 +117,14 @@ def compare(rows: list[dict[str, Any]], order: list[str] | None = None, moved: f
     out.append(head)
     for n in names:
         rs = [by[k][n] for k in common]
-        per_kind = [_gmean([by[k][n]["ratio"] for k in common if k[0] == kind]) for kind in kinds]
+        per_kind = [statistics.geometric_mean([by[k][n]["ratio"] for k in common if k[0] == kind]) for kind in kinds]
         ratios = [r["ratio"] for r in rs]
         spreads = [r["train_spread"] for r in rs if isinstance(r.get("train_spread"), float) and not math.isnan(r["train_spread"])]
         r2_below = sum(r.get("r2", 0.0) < r.get("r2_baseline", 0.0) for r in rs)
         spread = f"{100 * sum(spreads) / len(spreads):6.1f}%" if spreads else f"{'-':>7s}"
         out.append(f"{n:16s} " + " ".join(f"{v:9.4f}" for v in per_kind)
-                   + f" {_gmean(ratios):7.4f} {sum(x > 1.0 for x in ratios):5d} {sum(x <= 0.8 for x in ratios):5d}"
-                   f" {_gmean([r['top1_ratio'] for r in rs]):6.3f} {r2_below:5d} {spread} {sum(r['train_s'] for r in rs) / len(rs):8.1f}")
+                   + f" {statistics.geometric_mean(ratios):7.4f} {sum(x > 1.0 for x in ratios):5d} {sum(x <= 0.8 for x in ratios):5d}"
+                   f" {statistics.geometric_mean([r['top1_ratio'] for r in rs]):6.3f} {r2_below:5d} {spread} {sum(r['train_s'] for r in rs) / len(rs):8.1f}")
     base = names[0]
     for n in names[1:]:
         changes = [(k, by[k][base]["ratio"], by[k][n]["ratio"]) for k in common]
