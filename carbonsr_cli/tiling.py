@@ -327,10 +327,15 @@ class Blender:
             ``[channels, th, tw]``.
         row_off: Child row of the band's first row.
         col_off: Child col of the band's first col.
+        device: None: numpy buffers; a torch device: tensor buffers there.
+        weights_cache: Tile weights already on ``device`` (shared by the blenders of one
+            :class:`BlendStream`: uploading them again for every band would wait for the GPU's
+            queued work, a pageable copy, once per tile row).
     """
 
     def __init__(
-        self, height: int, width: int, channels: int = 1, *, row_off: int = 0, col_off: int = 0, device: Any = None
+        self, height: int, width: int, channels: int = 1, *, row_off: int = 0, col_off: int = 0, device: Any = None,
+        weights_cache: dict[tuple[Any, ...], Any] | None = None,
     ) -> None:
         self.height, self.width, self.channels = int(height), int(width), int(channels)
         self.row_off, self.col_off = int(row_off), int(col_off)
@@ -343,7 +348,7 @@ class Blender:
 
             self.acc = torch.zeros((self.channels, self.height, self.width), dtype=torch.float32, device=device)
             self.wsum = torch.zeros((self.height, self.width), dtype=torch.float32, device=device)
-            self._w_cache: dict[tuple[int, ...], Any] = {}
+            self._w_cache: dict[tuple[Any, ...], Any] = {} if weights_cache is None else weights_cache
 
     def add(self, pred: np.ndarray, tile: Tile | Window, weights: np.ndarray | None = None) -> None:
         """Add a tile prediction.
@@ -470,6 +475,7 @@ class BlendStream:
         self.device = device  # None: numpy bands; a torch device: tensor bands there
         self.done = 0  # child rows already handed back
         self._blender: Blender | None = None
+        self._weights: dict[tuple[Any, ...], Any] = {}  # tile weights on the device, for every band
 
     def _ensure(self, start: int, stop: int) -> Blender:
         """Blender covering child rows ``self.done .. stop`` (carrying what is unfinished)."""
@@ -477,7 +483,8 @@ class BlendStream:
         old = self._blender
         if old is not None and old.row_off == self.done and old.row_off + old.height >= stop:
             return old
-        new = Blender(stop - self.done, w, self.channels, row_off=self.done, device=self.device)
+        new = Blender(stop - self.done, w, self.channels, row_off=self.done, device=self.device,
+                      weights_cache=self._weights)
         if old is not None:
             lo = max(self.done, old.row_off)
             hi = min(old.row_off + old.height, stop)

@@ -190,3 +190,29 @@ def test_device_blend_stream_matches_numpy(ph: int, pw: int, overlap: int) -> No
             assert np.allclose(bh, bd, rtol=1e-5, atol=1e-6, equal_nan=True)
             rows_out += int(wh.height)
     assert rows_out == lay.child_height
+
+
+def test_device_blend_stream_uploads_tile_weights_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device stream keeps its tile weights for every band: an upload per tile row (a
+    pageable copy) would wait for the GPU's queued work once per row."""
+    import torch
+
+    from carbonsr_cli import tiling
+
+    calls = []
+    weights = tiling.Tile.weights
+
+    def counted(self: tiling.Tile) -> np.ndarray:
+        calls.append(1)
+        return weights(self)
+
+    monkeypatch.setattr(tiling.Tile, "weights", counted)
+    lay = TileLayout(40, 30, 2, 24, 2)
+    stream = BlendStream(lay, channels=1, device=torch.device("cpu"))
+    rows = 0
+    for i, row in enumerate(lay.rows()):
+        assert len(row) >= 2
+        rows += 1
+        stream.push(i, row, [torch.zeros((1, *t.shape)) for t in row])
+    assert rows >= 3 and stream.done == lay.child_height
+    assert len(calls) == 1
