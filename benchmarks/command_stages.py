@@ -10,6 +10,8 @@ exited), into stages:
     torch     the first ``import torch`` on the main thread (as far as it blocks it)
     coverage  the aux stack and its coverage check (_checked_stack)
     stats     the scan of the main raster (_scan_main) and the checkpoint's aux statistics
+    model     the wait for the model loading in the background while planning ran
+              (``PlannedRun.wait_for_model``; trees before session 12 load it inside planning)
     loop      run_pipeline(): the row loop (read, fill/predict, write)
     check     the conservation re-read of the written file
     print     the summary table
@@ -41,7 +43,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-STAGES = ("import", "planning", "torch", "coverage", "stats", "loop", "check", "print", "exit")
+STAGES = ("import", "planning", "torch", "coverage", "stats", "model", "loop", "check", "print", "exit")
 
 # Child-side code: patch the stage functions at their call sites, then run the CLI.
 CHILD = r"""
@@ -81,6 +83,7 @@ def _cmd_started():
     _wrap(p, "_scan_main", "stats")
     _wrap(p, "_normalizer", "stats")
     _wrap(a, "build_plan", "planning_all")
+    _wrap(getattr(p, "PlannedRun", None), "wait_for_model", "model")
     _wrap(a, "run_pipeline", "loop")
     _wrap(a, "check_written_conservation", "check")
 import carbonsr_cli.commands.downscale as cd
@@ -134,13 +137,14 @@ def run_once(tree: Path, args: list[str], python: str, extra_env: dict[str, str]
     log.unlink()
     s, m = rec["seconds"], rec["marks"]
     out = {"wall": t1 - t0, "import": m["command"] - t0, "exit": t1 - m["returned"]}
-    for k in ("torch", "coverage", "stats", "loop", "check", "print"):
+    for k in ("torch", "coverage", "stats", "model", "loop", "check", "print"):
         out[k] = s.get(k, 0.0)
     # planning: build_plan less what is reported separately inside it (torch: only the part on
     # the main thread inside build_plan is subtracted; an import in the loop counts there)
     inside = out["coverage"] + out["stats"]
     out["planning"] = max(0.0, s.get("planning_all", 0.0) - inside)
-    out["command_other"] = (m["returned"] - m["command"]) - s.get("planning_all", 0.0) - out["loop"] - out["check"] - out["print"]
+    out["command_other"] = ((m["returned"] - m["command"]) - s.get("planning_all", 0.0) - out["model"] - out["loop"]
+                            - out["check"] - out["print"])
     return out
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import hashlib
+import io
 import os
 import pickle
 import random
@@ -176,7 +177,7 @@ def save_checkpoint(path: str | os.PathLike[str], payload: dict) -> None:
     _fsync_dir(directory)
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> dict:
+def load_checkpoint(path: str | os.PathLike[str], data: bytes | None = None) -> dict:
     """Load a carbonsr checkpoint safely (``weights_only=True``, on the CPU).
 
     Never unpickles code: a file holding pickled objects other than tensors and
@@ -184,6 +185,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict:
 
     Args:
         path: A ``.pth`` file written by :func:`save_checkpoint`.
+        data: The file's bytes when the caller has read them already
+            (:func:`carbonsr_cli.checkpoint_peek.peek_checkpoint`); ``path`` then only names it.
 
     Returns:
         The checkpoint dict.
@@ -196,14 +199,14 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict:
     import torch
 
     p = Path(path)
-    if not p.exists():
+    if data is None and not p.exists():
         raise CheckpointError("checkpoint not found", p)
-    if p.is_dir():
+    if data is None and p.is_dir():
         raise CheckpointError("is a directory, not a checkpoint file (for a run directory use `carbonsr resume`)", p)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": we refuse such files anyway
-            obj = torch.load(p, weights_only=True, map_location="cpu")
+            obj = torch.load(p if data is None else io.BytesIO(data), weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(

@@ -41,6 +41,7 @@ import rasterio
 from carbonsr_cli import inventory
 from carbonsr_cli.atomic import check_output_path, make_temp_path, remove_quietly
 from carbonsr_cli.checkpoints import prefetch_sha256
+from carbonsr_cli.downscale.aux_prep import AuxPreparation
 from carbonsr_cli.downscale.check import check_written_conservation
 from carbonsr_cli.downscale.distributed import run_distributed
 from carbonsr_cli.downscale.engine import run_pipeline
@@ -197,16 +198,26 @@ def downscale(
 
 def _downscale(src: MainSource, aux_paths: Sequence[str | os.PathLike[str]] | None, dst_path: Path,
                opts: DownscaleOptions) -> DownscaleSummary:
-    """:func:`downscale` on a resolved main raster: plan -> engine (or distributed) -> check."""
+    """:func:`downscale` on a resolved main raster: plan -> engine (or distributed) -> check.
+
+    While the model loads in the background (``PlannedRun.model_job``), the aux stack is
+    prepared (pre-warps included) in another thread.
+    """
     run = build_plan(src, aux_paths, dst_path, opts)
+    prep = None
     try:
-        return _run(run, dst_path, opts)
+        if run.model_job is not None and run.plan.aux_stack is not None:
+            prep = AuxPreparation(run.plan, dst_path.parent)
+        run.wait_for_model()
+        return _run(run, dst_path, opts, prep)
     finally:
+        if prep is not None:
+            prep.discard()
         if run.plan.aux_stack is not None:
             run.plan.aux_stack.close()
 
 
-def _run(run: PlannedRun, dst_path: Path, opts: DownscaleOptions) -> DownscaleSummary:
+def _run(run: PlannedRun, dst_path: Path, opts: DownscaleOptions, prep: AuxPreparation | None = None) -> DownscaleSummary:
     """Engine (or distributed) -> check of the written file, for a planned run."""
     plan, summary = run.plan, run.summary
     t0 = time.perf_counter()
@@ -218,9 +229,9 @@ def _run(run: PlannedRun, dst_path: Path, opts: DownscaleOptions) -> DownscaleSu
             overwrite=opts.overwrite, compress=opts.compress, uncertainty=run.uncertainty,
             progress=opts.progress, normalizer=run.normalizer,
         )
-        ctx = run_distributed(plan, dst_path, summary, **engine_kw)
+        ctx = run_distributed(plan, dst_path, summary, **engine_kw)  # (no prep: never under torchrun)
         if ctx is None:
-            run_pipeline(plan, dst_path, summary, **engine_kw)
+            run_pipeline(plan, dst_path, summary, prep=prep, **engine_kw)
         summary.seconds = time.perf_counter() - t0
         summary.km2_per_s = summary.area_km2 * len(plan.out_names) / max(summary.seconds, 1e-9)
         if opts.check:

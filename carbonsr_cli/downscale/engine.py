@@ -51,6 +51,7 @@ from carbonsr_cli.tiling import BlendStream, TileLayout, pad_reflect
 from carbonsr_cli.writer import RasterWriter
 
 if TYPE_CHECKING:  # pragma: no cover
+    from carbonsr_cli.downscale.aux_prep import AuxPreparation
     from carbonsr_cli.downscale.plan import Plan
     from carbonsr_cli.downscale.summary import DownscaleSummary
 
@@ -154,6 +155,7 @@ def run_pipeline(
     uncertainty: Path | None,
     progress: bool,
     normalizer: Any = None,
+    prep: AuxPreparation | None = None,
 ) -> None:
     """Run the row-band pipeline and write ``dst`` (and ``uncertainty``) atomically.
 
@@ -171,6 +173,7 @@ def run_pipeline(
         uncertainty: Optional per-pixel std output.
         progress: Show a progress bar.
         normalizer: ``AuxNormalizer`` of the model's aux channels (model only).
+        prep: The aux stack prepared in the background (model only; see :func:`_open_strip_feed`).
     """
     f = plan.factor
     is_model = plan.method.method.runs_model
@@ -276,7 +279,7 @@ def run_pipeline(
             )
             warm.start()
         try:
-            feed, aux_order = _open_strip_feed(plan, layout, chunks, device, Path(dst).parent)
+            feed, aux_order = _open_strip_feed(plan, layout, chunks, device, Path(dst).parent, prep)
         finally:
             if warm is not None:
                 warm.join()
@@ -362,31 +365,44 @@ def run_pipeline(
 
 
 def _open_strip_feed(
-    plan: Plan, layout: Any, chunks: list[tuple[int, int]], device: Any, work_dir: Path
+    plan: Plan, layout: Any, chunks: list[tuple[int, int]], device: Any, work_dir: Path,
+    prep: AuxPreparation | None = None,
 ) -> tuple[Any, list[int] | None]:
     """The model path's aux strip reader (threads or processes) and the stack->model channel order.
 
     With reader processes, layers that need a warp are first warped once onto the child grid
     (GDAL, all cores) into a hidden folder in ``work_dir`` (the output's folder), removed at
-    the end.
+    the end. ``prep``: that work (and the stack's preparation) done in a background thread
+    while the model loaded (:mod:`carbonsr_cli.downscale.aux_prep`); else done here.
     """
 
-    aux = plan_stack(plan)
+    pool = None
+    if prep is None:
+        aux, folder = plan_stack(plan), None
+        aux.prepare()
+    else:  # the folder and the processes are this function's (then the reader's) to remove
+        aux, folder, pool = prep.result()
     names = list(aux.names)
     order: list[int] | None = [names.index(n) for n in plan.aux_names]
     if order == list(range(len(names))):
         order = None
-    aux.prepare()
     geom = strips.StripGeometry(layout, tuple(chunks), plan.factor)
     n_readers, use_procs = readers.reader_config(plan.child.width * plan.child.height)
+    if prep is not None:
+        use_procs = pool is not None  # as decided when the preparation started
     ahead = n_readers + 2
     reader: Any
     if use_procs:
         span = max(len(geom.strips_of_row(i)) for i in range(layout.n_rows))
         capacity = (span + 1) * len(chunks) + ahead
-        reader = readers.ProcessStripReader(aux, geom, n_readers, capacity)  # workers start importing now
+        try:  # the workers start importing now (or did, in the background preparation)
+            reader = readers.ProcessStripReader(aux, geom, n_readers, capacity, cleanup_dir=folder, pool=pool)
+        except BaseException:
+            readers.remove_dir(folder)
+            raise
         try:
-            reader.cleanup_dir = readers.materialize_warps(aux, work_dir)
+            if prep is None:
+                reader.cleanup_dir = readers.materialize_warps(aux, work_dir)
             reader.set_stack(aux)
         except BaseException:
             reader.close()

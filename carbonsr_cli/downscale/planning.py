@@ -18,11 +18,20 @@ import numpy as np
 from carbonsr_cli import aoi as aoi_mod, distributed, units
 from carbonsr_cli.atomic import check_not_an_input, check_output_path
 from carbonsr_cli.aux import AuxStack, categorical_kinds, discover_aux, expand_aux_paths
-from carbonsr_cli.checkpoints import check_compatible, load_checkpoint, load_model_for_inference
+from carbonsr_cli.checkpoint_peek import CheckpointPeek, peek_checkpoint
+from carbonsr_cli.checkpoints import (
+    FORMAT,
+    FORMAT_VERSION,
+    REQUIRED_KEYS,
+    check_compatible,
+    load_checkpoint,
+    load_model_for_inference,
+)
 from carbonsr_cli import cpus  # cpus.available_cpus looked up at call time (tests patch it)
 from carbonsr_cli.devices import resolve_device
 from carbonsr_cli.downscale.options import DownscaleOptions, MainSource
 from carbonsr_cli.downscale.plan import DEFAULT_NODATA, Plan, TOTALS_UNIT, year_window
+from carbonsr_cli.downscale.model_job import ModelInfo, ModelJob, start_model_job
 from carbonsr_cli.downscale.readers import remove_killed_leftovers
 from carbonsr_cli.downscale.summary import DownscaleSummary
 from carbonsr_cli.errors import (
@@ -247,6 +256,24 @@ def _checked_stack(sources: Sequence[Any], child: ChildGrid, years: Sequence[str
 
 
 
+def _peek(spec: Any, checkpoint: Any) -> tuple[CheckpointPeek, ModelInfo] | None:
+    """The checkpoint's plain data and model info, read without torch, when the model may load
+    in the background (``--method model``, one process); None: load it on this thread (which
+    also reports any problem with the file)."""
+    if spec.kind != "model" or checkpoint is None or distributed.in_torchrun():
+        return None
+    from models.config import ModelConfig
+
+    peek = peek_checkpoint(checkpoint, FORMAT, REQUIRED_KEYS)
+    if peek is None or not isinstance(peek.meta.get("format_version"), int) or peek.meta["format_version"] > FORMAT_VERSION:
+        return None
+    try:
+        return peek, ModelInfo.of(ModelConfig.from_dict(peek.meta["model_config"]), peek.meta, Path(checkpoint))
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return None
+
+
+
 def _size_torch_threads() -> int:
     """Torch intra-op threads for a CPU model run: the CPUs this process may use (affinity,
     cgroup quota, ``OMP_NUM_THREADS``), less one for the reader and writer threads from 3 CPUs
@@ -308,9 +335,25 @@ class PlannedRun:
     summary: DownscaleSummary
     loaded: Any
     device: Any
-    batch_size: int
+    batch_size: int | None
     normalizer: Any
     uncertainty: Path | None
+    model_job: ModelJob | None = None
+
+    def wait_for_model(self) -> None:
+        """Join the model loading in the background (if any): set ``loaded``, ``device``, the
+        batch size and the summary's device fields. Raises what the load raised."""
+        if self.model_job is not None:
+            dev, self.loaded = self.model_job.result()
+            self.model_job = None
+            if dev.type == "cpu":
+                _size_torch_threads()  # on the thread that runs the model
+            self.device = dev
+            self.summary.device = str(dev)
+            self.summary.model_sha256 = self.loaded.sha256
+        if self.batch_size is None:
+            self.batch_size = 128 if self.device.type == "cuda" else 8
+        self.summary.batch_size = int(self.batch_size)
 
 
 
@@ -347,9 +390,11 @@ def build_plan(src: MainSource, aux_paths: Sequence[str | os.PathLike[str]] | No
         _grid_warnings(full, source_name)  # type: ignore[arg-type]
 
     loaded = None
+    info: ModelInfo | None = None  # what planning needs of the model
+    job: ModelJob | None = None  # the model, loading in a background thread meanwhile
     normalizer = None
     notes = list(src.notes)
-    ckpt: dict | None = None  # the checkpoint, read once per run
+    ckpt: dict | None = None  # the checkpoint, read once per run (peeked at: its plain data)
 
     def checkpoint_dict() -> dict:
         nonlocal ckpt
@@ -363,19 +408,26 @@ def build_plan(src: MainSource, aux_paths: Sequence[str | os.PathLike[str]] | No
         if opts.uncertainty is not None and spec.kind != "model":
             raise UsageError(f"--uncertainty needs the model, but --method auto chose {spec.label}")
     factor = opts.factor
+    dev: Any = None
     if spec.method.runs_model:
-        dev = resolve_device(opts.device)
-        dev = distributed.context(use_cuda=dev.type == "cuda").device(dev)  # torchrun: cuda:<local rank>
-        if dev.type == "cpu":
-            _size_torch_threads()
-        loaded = load_model_for_inference(checkpoint, dev, checkpoint=checkpoint_dict())  # type: ignore[arg-type]
-        if factor is not None and int(factor) != loaded.factor:
-            raise UsageError(f"--factor {factor} differs from the model's factor {loaded.factor}; omit --factor")
-        f = loaded.factor
-        if int(loaded.years_window) > int(loaded.config.max_years):
+        peeked = _peek(spec, checkpoint)
+        if peeked is not None:  # the model loads meanwhile; PlannedRun.wait_for_model joins it
+            peek, info = peeked
+            ckpt = peek.meta
+            job = start_model_job(Path(checkpoint), peek, opts.device)  # type: ignore[arg-type]
+        else:
+            dev = resolve_device(opts.device)
+            dev = distributed.context(use_cuda=dev.type == "cuda").device(dev)  # torchrun: cuda:<local rank>
+            if dev.type == "cpu":
+                _size_torch_threads()
+            loaded = load_model_for_inference(checkpoint, dev, checkpoint=checkpoint_dict())  # type: ignore[arg-type]
+            info = ModelInfo.from_loaded(loaded)
+        if factor is not None and int(factor) != info.factor:
+            raise UsageError(f"--factor {factor} differs from the model's factor {info.factor}; omit --factor")
+        f = info.factor
+        if info.years_window > info.max_years:
             raise CheckpointError(
-                f"years_window {loaded.years_window} exceeds the model's max_years {loaded.config.max_years}",
-                loaded.path,
+                f"years_window {info.years_window} exceeds the model's max_years {info.max_years}", info.path
             )
     else:
         dev = None  # baselines run on the host (--device unused); set once the inputs are checked
@@ -383,8 +435,8 @@ def build_plan(src: MainSource, aux_paths: Sequence[str | os.PathLike[str]] | No
 
     out_bands = _select_bands(full, opts.years, opts.bands)
     n = full.count
-    if loaded is not None:
-        t = max(1, int(loaded.years_window))
+    if info is not None:
+        t = max(1, info.years_window)
         wins_abs = [year_window(b - 1, n, t) for b in out_bands]
         in_bands = sorted({i + 1 for idx, _ in wins_abs for i in idx})
         windows = [([in_bands.index(i + 1) for i in idx], pos) for idx, pos in wins_abs]
@@ -412,7 +464,7 @@ def build_plan(src: MainSource, aux_paths: Sequence[str | os.PathLike[str]] | No
     aux_names: list[str] = []
     aux_kinds: dict[str, str] | None = None
     stack: Any = None
-    aux_years = [full.band_names[b - 1] for b in (in_bands if loaded is not None else out_bands)]
+    aux_years = [full.band_names[b - 1] for b in (in_bands if info is not None else out_bands)]
     categorical = opts.categorical
     if spec.method.needs_aux:
         if not aux_list:
@@ -421,17 +473,17 @@ def build_plan(src: MainSource, aux_paths: Sequence[str | os.PathLike[str]] | No
             categorical = checkpoint_categorical(checkpoint_dict())
         aux_kinds = categorical_kinds(categorical)
         sources = discover_aux(aux_list, kinds=aux_kinds)
-        if loaded is not None:  # the model reads every layer: vectors kept unread by discovery
+        if info is not None:  # the model reads every layer: vectors kept unread by discovery
             for s in sources:  # (aux/cache.py) are read meanwhile, while coverage is checked
                 s.prefetch_frame()
         stack = _checked_stack(sources, child, aux_years, fill_missing=opts.fill_missing)
         given = list(stack.names)
         points = list(stack.point_names)
-        if loaded is not None:
-            _resolve_aux_order(given, loaded.aux_names, loaded.path)
-            aux_names = list(loaded.aux_names)
-            normalizer = _normalizer(loaded)
-            if spec.kind == "fitted":
+        if info is not None:
+            _resolve_aux_order(given, info.aux_names, info.path)
+            aux_names = list(info.aux_names)
+            normalizer = _normalizer(info)
+            if spec.kind == "fitted":  # never peeked at (_peek): loaded on this thread
                 loaded.model = prior_only_model(checkpoint_dict(), normalizer).to(dev)
         else:
             spec = spec.method.resolve(spec, given, points)
@@ -455,7 +507,7 @@ def build_plan(src: MainSource, aux_paths: Sequence[str | os.PathLike[str]] | No
         aux_names=aux_names,
         aux_years=aux_years,
         nodata_out=_output_nodata(full.nodata),
-        tile_child=_tile_size(f, loaded.config.downsample_factor if loaded is not None else 1),
+        tile_child=_tile_size(f, info.downsample_factor if info is not None else 1),
         fill_missing=opts.fill_missing,
         aux_kinds=aux_kinds,
         aux_stack=stack,
@@ -467,10 +519,10 @@ def build_plan(src: MainSource, aux_paths: Sequence[str | os.PathLike[str]] | No
     with open_raster(main) as ds:
         valid = _scan_main(ds, plan)
 
-    if dev is None:
+    if dev is None and job is None:
         dev = _host_device(spec)
     batch_size = opts.batch_size
-    if batch_size is None:
+    if batch_size is None and dev is not None:
         batch_size = 128 if dev.type == "cuda" else 8
     summary = DownscaleSummary(
         output=str(dst_path),
@@ -480,9 +532,9 @@ def build_plan(src: MainSource, aux_paths: Sequence[str | os.PathLike[str]] | No
         units=units_label,
         dtype=opts.dtype,
         nodata=plan.nodata_out,
-        device=str(dev),
-        precision="fp32" if loaded is not None else "float64",
-        batch_size=int(batch_size),
+        device=str(dev),  # with a model job: set by PlannedRun.wait_for_model, as the two below
+        precision="fp32" if info is not None else "float64",
+        batch_size=int(batch_size or 0),
         parent_shape=(grid.height, grid.width),
         child_shape=(child.height, child.width),
         parent_cells_valid=valid,
@@ -498,7 +550,7 @@ def build_plan(src: MainSource, aux_paths: Sequence[str | os.PathLike[str]] | No
     )
     if full.nodata is not None and not same_nodata:
         summary.notes.append(f"parent nodata {full.nodata:g} could be a valid child value; output nodata is {plan.nodata_out:g}")
-    return PlannedRun(plan, summary, loaded, dev, int(batch_size), normalizer, unc_path)
+    return PlannedRun(plan, summary, loaded, dev, batch_size, normalizer, unc_path, job)
 
 
 

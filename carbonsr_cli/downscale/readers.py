@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from carbonsr_cli.downscale.strips import StripGeometry
 
 __all__ = ["ProcessStripReader", "StripFeed", "ThreadStripReader", "materialize_warps", "reader_config",
-           "remove_killed_leftovers"]
+           "remove_killed_leftovers", "start_reader_pool"]
 
 
 #: Child cells of a raster from which :func:`reader_config` switches to reader processes.
@@ -113,11 +113,11 @@ class ThreadStripReader:
 
 
 
-def _worker_init(slot_names: list[str], cache_mb: int) -> None:
-    """Initializer of a reader process: attach the shared-memory slots (the stack comes later)."""
+def _worker_init(cache_mb: int) -> None:
+    """Initializer of a reader process (the slots are attached on first use, the stack comes later)."""
     os.environ.setdefault("GDAL_CACHEMAX", str(cache_mb))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    _WORKER["slots"] = [_attach(name) for name in slot_names]
+    _WORKER["slots"] = {}
     import atexit
 
     atexit.register(_worker_exit)
@@ -153,7 +153,7 @@ def _worker_exit() -> None:
     if stack is not None:
         with contextlib.suppress(Exception):
             stack.close()
-    for shm in _WORKER.pop("slots", []):
+    for shm in _WORKER.pop("slots", {}).values():
         with contextlib.suppress(Exception):
             shm.close()
 
@@ -179,10 +179,12 @@ def _attach(name: str) -> Any:
 
 
 
-def _worker_read(stack_path: str, window: Any, slot: int) -> tuple[int, ...]:
-    """Read one strip into shared-memory ``slot``; returns its shape."""
+def _worker_read(stack_path: str, window: Any, slot: str) -> tuple[int, ...]:
+    """Read one strip into the shared-memory block named ``slot``; returns its shape."""
     stack = _worker_stack(stack_path)
-    shm = _WORKER["slots"][slot]
+    shm = _WORKER["slots"].get(slot)
+    if shm is None:
+        shm = _WORKER["slots"][slot] = _attach(slot)
     shape = (stack.channels, len(stack.years), int(window.height), int(window.width))
     out = np.ndarray(shape, dtype=np.float32, buffer=shm.buf)
     stack.read(window, out=out)
@@ -250,6 +252,19 @@ def remove_dir(folder: Path | None) -> None:
 
 
 
+def start_reader_pool(n_procs: int) -> cf.ProcessPoolExecutor:
+    """Spawn ``n_procs`` reader processes now (they import what reading needs meanwhile) for a
+    :class:`ProcessStripReader`; the geometry of the strips need not be known yet."""
+    import multiprocessing as mp
+
+    pool = cf.ProcessPoolExecutor(max_workers=max(1, n_procs), mp_context=mp.get_context("spawn"),
+                                  initializer=_worker_init, initargs=(WORKER_GDAL_CACHE_MB,))
+    for _ in range(max(1, n_procs)):
+        pool.submit(_worker_warm)  # spawns the workers now
+    return pool
+
+
+
 class ProcessStripReader:
     """Reads strips in spawned worker processes into shared-memory slots.
 
@@ -257,14 +272,16 @@ class ProcessStripReader:
     not exceed it. Results are numpy views onto the slots, valid until :meth:`release`.
     """
 
-    def __init__(self, stack: Any, geom: StripGeometry, n_procs: int, capacity: int, cleanup_dir: Path | None = None) -> None:
+    def __init__(self, stack: Any, geom: StripGeometry, n_procs: int, capacity: int, cleanup_dir: Path | None = None,
+                 pool: cf.ProcessPoolExecutor | None = None) -> None:
         """Create the slots and start the workers; reading waits for :meth:`set_stack`.
 
         ``stack`` gives the strip shape (channels, years) only; the stack the workers read is
         the one passed to :meth:`set_stack` (e.g. after :func:`materialize_warps` changed it),
         so that spawning and importing in the workers overlaps the caller's preparation.
+        ``pool``: workers started earlier by :func:`start_reader_pool` (owned by this reader
+        from now on), else ``n_procs`` are started here.
         """
-        import multiprocessing as mp
         from multiprocessing import shared_memory
 
         self.geom = geom
@@ -288,13 +305,11 @@ class ProcessStripReader:
                                                              size=self.slot_bytes))
             self.free = list(range(self.capacity))
             self.held: dict[tuple[int, int], int] = {}
-            self.ex = cf.ProcessPoolExecutor(
-                max_workers=max(1, n_procs), mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                initargs=([s.name for s in self.slots], WORKER_GDAL_CACHE_MB),
-            )
-            self.warm = [self.ex.submit(_worker_warm) for _ in range(max(1, n_procs))]  # spawns the workers now
+            self.ex = pool if pool is not None else start_reader_pool(n_procs)
         except BaseException:
             self._unlink()
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
             raise
 
     def set_stack(self, stack: Any) -> None:
@@ -319,7 +334,7 @@ class ProcessStripReader:
         self.held[(k, j)] = slot
         if not self.stack_path:
             raise RuntimeError("ProcessStripReader.set_stack() was not called")
-        inner = self.ex.submit(_worker_read, self.stack_path, self.geom.child_window(k, j), slot)
+        inner = self.ex.submit(_worker_read, self.stack_path, self.geom.child_window(k, j), self.slots[slot].name)
         outer: cf.Future = cf.Future()
 
         def done(fut: cf.Future) -> None:

@@ -1,0 +1,81 @@
+"""The aux stack of a model run prepared in a background thread while the model loads.
+
+What the strip readers need before the first tile (vector indexes, source alignments, and with
+reader processes the pre-warp of layers in another CRS onto the child grid: ~2-3 s at 1,000 km,
+and the reader processes themselves: ~1-1.5 s of imports) depends on the plan only, not on the
+model; :class:`AuxPreparation` starts it while
+:class:`~carbonsr_cli.downscale.model_job.ModelJob` imports torch and loads the model.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from carbonsr_cli.downscale import readers
+from carbonsr_cli.downscale.plan import plan_stack
+
+if TYPE_CHECKING:  # pragma: no cover
+    from carbonsr_cli.downscale.plan import Plan
+
+__all__ = ["AuxPreparation", "prepare_aux"]
+
+
+def prepare_aux(plan: Plan, work_dir: Path) -> tuple[Any, Path | None]:
+    """The plan's aux stack, prepared, and the folder of its pre-warped layers (or None).
+
+    Layers are pre-warped (into a hidden folder of ``work_dir``, see
+    :func:`~carbonsr_cli.downscale.readers.materialize_warps`) only when the run reads its strips
+    in processes (:func:`~carbonsr_cli.downscale.readers.reader_config`).
+    """
+    aux = plan_stack(plan)
+    aux.prepare()
+    _, use_procs = readers.reader_config(plan.child.width * plan.child.height)
+    return aux, (readers.materialize_warps(aux, work_dir) if use_procs else None)
+
+
+class AuxPreparation:
+    """:func:`prepare_aux` in a background thread, and the reader processes (when the run reads
+    in processes) spawned at once; :meth:`result` hands them over."""
+
+    def __init__(self, plan: Plan, work_dir: Path) -> None:
+        self._future: cf.Future = cf.Future()
+        self._taken = False
+        n_procs, use_procs = readers.reader_config(plan.child.width * plan.child.height)
+        self._pool: cf.ProcessPoolExecutor | None = readers.start_reader_pool(n_procs) if use_procs else None
+        self._thread = threading.Thread(target=self._run, args=(plan, work_dir), name="carbonsr-prepare-aux",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, plan: Plan, work_dir: Path) -> None:
+        try:
+            self._future.set_result(prepare_aux(plan, work_dir))
+        except BaseException as exc:  # noqa: BLE001 - raised again by result(), on the caller's thread
+            self._future.set_exception(exc)
+
+    def result(self) -> tuple[Any, Path | None, cf.ProcessPoolExecutor | None]:
+        """The prepared stack, the pre-warp folder and the reader processes (None: read in
+        threads); the caller removes the folder and shuts the processes down from now on."""
+        self._taken = True
+        try:
+            aux, folder = self._future.result()
+        except BaseException:
+            self._shut_pool()
+            raise
+        return aux, folder, self._pool
+
+    def discard(self) -> None:
+        """Wait for the thread; remove its pre-warp folder and stop the reader processes unless
+        :meth:`result` handed them over."""
+        self._thread.join()
+        if not self._taken:
+            self._shut_pool()
+            if self._future.exception() is None:
+                readers.remove_dir(self._future.result()[1])
+
+    def _shut_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None

@@ -1,0 +1,120 @@
+"""The model of a run loads in a background thread while the inputs are planned: its plain data
+is read without torch first (``checkpoint_peek``), and any problem with the file is reported
+as before, with nothing written."""
+
+from __future__ import annotations
+
+import pickle
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from carbonsr_cli import checkpoints
+from carbonsr_cli.checkpoint_peek import TorchPlaceholder, peek_checkpoint
+from carbonsr_cli.downscale import downscale
+from carbonsr_cli.errors import CheckpointError
+
+
+def _peek(path: Path):  # noqa: ANN202
+    return peek_checkpoint(path, checkpoints.FORMAT, checkpoints.REQUIRED_KEYS)
+
+
+def test_peek_reads_the_plain_data_of_a_checkpoint(small_ckpt: Path) -> None:
+    peek = _peek(small_ckpt)
+    assert peek is not None and peek.data == small_ckpt.read_bytes()
+    full = checkpoints.load_checkpoint(small_ckpt)
+    for key in ("format", "format_version", "model_config", "aux_names", "stats", "factor", "years_window"):
+        assert peek.meta[key] == full[key], key
+    assert set(peek.meta["model_state"]) == set(full["model_state"])
+    assert all(isinstance(v, TorchPlaceholder) for v in peek.meta["model_state"].values())
+
+
+def test_peek_refuses_code_and_other_files_without_running_anything(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):  # noqa: D105
+            return (Path.touch, (marker,))
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"format": checkpoints.FORMAT, "x": Evil()}, evil)
+    plain = tmp_path / "plain.pkl"
+    plain.write_bytes(pickle.dumps({"format": checkpoints.FORMAT}))
+    text = tmp_path / "text.pth"
+    text.write_text("not a checkpoint\n")
+    state = tmp_path / "state.pth"
+    torch.save({"w": torch.zeros(2)}, state)
+    for f in (evil, plain, text, state, tmp_path / "missing.pth"):
+        assert _peek(f) is None, f.name
+    assert not marker.exists(), "peeking executed pickled code"
+
+
+def test_the_model_loads_while_the_inputs_are_planned(small_region: dict, small_ckpt: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model's load waits here until planning has checked the aux coverage: a load on the
+    planning thread (the order before) would wait for itself and time out."""
+    from carbonsr_cli.downscale import planning
+
+    checked = threading.Event()
+    real_stack, real_load = planning._checked_stack, checkpoints.load_model_for_inference
+
+    def stack(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        out = real_stack(*a, **k)
+        checked.set()
+        return out
+
+    def load(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        assert checked.wait(20), "the model was loaded before the inputs were planned"
+        return real_load(*a, **k)
+
+    monkeypatch.setattr(planning, "_checked_stack", stack)
+    monkeypatch.setattr(checkpoints, "load_model_for_inference", load)
+    monkeypatch.setattr(planning, "load_model_for_inference", load)  # (the name planning imported)
+    s = downscale(small_region["main"], [small_region["aux"]], tmp_path / "m.tif", checkpoint=small_ckpt,
+                  device="cpu", progress=False)
+    assert s.conservation.ok and s.device == "cpu" and s.batch_size == 8
+    assert s.model_sha256 == checkpoints._hash_file(small_ckpt)
+
+
+@pytest.mark.parametrize("readers", ["threads", "processes"])
+def test_a_load_error_in_the_background_is_reported_with_nothing_left(small_region: dict, small_ckpt: Path,
+                                                                       tmp_path: Path, readers: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plain data that reads fine, weights that do not fit the model: the load fails after the
+    inputs were planned and while the aux layers are prepared (with reader processes: the
+    processes started and the layers pre-warped into a folder next to the output); the error
+    names the file, no output, folder or process is left."""
+    import multiprocessing
+
+    monkeypatch.delenv("CARBONSR_READ_THREADS", raising=False)
+    monkeypatch.setenv("CARBONSR_READ_PROCS" if readers == "processes" else "CARBONSR_READ_THREADS", "2")
+    from carbonsr_cli.downscale import readers as readers_mod
+
+    folders = []
+    real_warps = readers_mod.materialize_warps
+
+    def warps(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        folders.append(real_warps(*a, **k))
+        return folders[-1]
+
+    monkeypatch.setattr(readers_mod, "materialize_warps", warps)
+    ckpt = checkpoints.load_checkpoint(small_ckpt)
+    name = next(k for k, v in ckpt["model_state"].items() if v.ndim >= 2)
+    ckpt["model_state"][name] = torch.zeros(3, 3)
+    bad = tmp_path / "bad.pth"
+    checkpoints.save_checkpoint(bad, ckpt)
+    assert _peek(bad) is not None
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with pytest.raises(CheckpointError, match="weights do not match") as info:
+        downscale(small_region["main"], [small_region["aux"]], out_dir / "m.tif", checkpoint=bad, device="cpu",
+                  progress=False)
+    assert Path(info.value.path).name == "bad.pth"
+    assert list(out_dir.iterdir()) == []
+    assert multiprocessing.active_children() == []
+    if readers == "processes":  # the pre-warp folder existed, next to the output, and is gone
+        assert len(folders) == 1 and folders[0] is not None and folders[0].parent == out_dir
+    else:
+        assert folders == []
