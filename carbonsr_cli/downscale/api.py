@@ -41,7 +41,7 @@ import rasterio
 from carbonsr_cli import inventory
 from carbonsr_cli.atomic import check_output_path, make_temp_path, remove_quietly
 from carbonsr_cli.checkpoints import prefetch_sha256
-from carbonsr_cli.downscale.aux_prep import AuxPreparation
+from carbonsr_cli.downscale.aux_prep import AuxPreparation, prepare_early
 from carbonsr_cli.downscale.check import check_written_conservation
 from carbonsr_cli.downscale.distributed import run_distributed
 from carbonsr_cli.downscale.engine import run_pipeline
@@ -200,13 +200,14 @@ def _downscale(src: MainSource, aux_paths: Sequence[str | os.PathLike[str]] | No
                opts: DownscaleOptions) -> DownscaleSummary:
     """:func:`downscale` on a resolved main raster: plan -> engine (or distributed) -> check.
 
-    While the model loads in the background (``PlannedRun.model_job``), the aux stack is
-    prepared (pre-warps included) in another thread.
+    While the model loads in the background (``PlannedRun.model_job``), a run that reads in
+    processes prepares its aux stack (pre-warps included) in another thread and spawns its
+    reader processes.
     """
     run = build_plan(src, aux_paths, dst_path, opts)
     prep = None
     try:
-        if run.model_job is not None and run.plan.aux_stack is not None:
+        if run.model_job is not None and run.plan.aux_stack is not None and prepare_early(run.plan):
             prep = AuxPreparation(run.plan, dst_path.parent)
         run.wait_for_model()
         return _run(run, dst_path, opts, prep)

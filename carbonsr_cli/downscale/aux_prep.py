@@ -20,7 +20,15 @@ from carbonsr_cli.downscale.plan import plan_stack
 if TYPE_CHECKING:  # pragma: no cover
     from carbonsr_cli.downscale.plan import Plan
 
-__all__ = ["AuxPreparation", "prepare_aux"]
+__all__ = ["AuxPreparation", "prepare_aux", "prepare_early"]
+
+
+def prepare_early(plan: Plan) -> bool:
+    """Whether a model run should prepare its aux stack in the background: when it reads in
+    processes (large rasters on machines with 6 or more cores, see
+    :func:`~carbonsr_cli.downscale.readers.reader_config`). With fewer cores the preparation's
+    Python work would slow the model's load (one interpreter lock) more than it hides."""
+    return readers.reader_config(plan.child.width * plan.child.height)[1]
 
 
 def prepare_aux(plan: Plan, work_dir: Path) -> tuple[Any, Path | None]:

@@ -31,7 +31,7 @@ from carbonsr_cli import cpus  # cpus.available_cpus looked up at call time (tes
 from carbonsr_cli.devices import resolve_device
 from carbonsr_cli.downscale.options import DownscaleOptions, MainSource
 from carbonsr_cli.downscale.plan import DEFAULT_NODATA, Plan, TOTALS_UNIT, year_window
-from carbonsr_cli.downscale.model_job import ModelInfo, ModelJob, start_model_job
+from carbonsr_cli.downscale.model_job import ModelInfo, ModelJob, load_in_background, start_model_job
 from carbonsr_cli.downscale.readers import remove_killed_leftovers
 from carbonsr_cli.downscale.summary import DownscaleSummary
 from carbonsr_cli.errors import (
@@ -258,9 +258,9 @@ def _checked_stack(sources: Sequence[Any], child: ChildGrid, years: Sequence[str
 
 def _peek(spec: Any, checkpoint: Any) -> tuple[CheckpointPeek, ModelInfo] | None:
     """The checkpoint's plain data and model info, read without torch, when the model may load
-    in the background (``--method model``, one process); None: load it on this thread (which
-    also reports any problem with the file)."""
-    if spec.kind != "model" or checkpoint is None or distributed.in_torchrun():
+    in the background (``--method model``, one process, enough CPUs); None: load it on this
+    thread (which also reports any problem with the file)."""
+    if spec.kind != "model" or checkpoint is None or distributed.in_torchrun() or not load_in_background():
         return None
     from models.config import ModelConfig
 

@@ -17,6 +17,14 @@ from carbonsr_cli.downscale import downscale
 from carbonsr_cli.errors import CheckpointError
 
 
+@pytest.fixture(autouse=True)
+def _background(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The background load on any machine (it is on from BACKGROUND_MIN_CPUS cores)."""
+    from carbonsr_cli.downscale import model_job
+
+    monkeypatch.setattr(model_job, "BACKGROUND_MIN_CPUS", 1)
+
+
 def _peek(path: Path):  # noqa: ANN202
     return peek_checkpoint(path, checkpoints.FORMAT, checkpoints.REQUIRED_KEYS)
 
@@ -51,11 +59,24 @@ def test_peek_refuses_code_and_other_files_without_running_anything(tmp_path: Pa
     assert not marker.exists(), "peeking executed pickled code"
 
 
+@pytest.mark.parametrize("readers", ["threads", "processes"])
 def test_the_model_loads_while_the_inputs_are_planned(small_region: dict, small_ckpt: Path, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+                                                      readers: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The model's load waits here until planning has checked the aux coverage: a load on the
-    planning thread (the order before) would wait for itself and time out."""
-    from carbonsr_cli.downscale import planning
+    planning thread (the order before) would wait for itself and time out. With reader
+    processes the aux layers are prepared and pre-warped meanwhile. The file is the one of a
+    run that loads the model first (fewer CPUs than BACKGROUND_MIN_CPUS)."""
+    import numpy as np
+    import rasterio
+
+    from carbonsr_cli.downscale import model_job, planning
+
+    monkeypatch.delenv("CARBONSR_READ_THREADS", raising=False)
+    monkeypatch.setenv("CARBONSR_READ_PROCS" if readers == "processes" else "CARBONSR_READ_THREADS", "2")
+    ref = tmp_path / "ref.tif"
+    with monkeypatch.context() as m:
+        m.setattr(model_job, "BACKGROUND_MIN_CPUS", 10**6)
+        downscale(small_region["main"], [small_region["aux"]], ref, checkpoint=small_ckpt, device="cpu", progress=False)
 
     checked = threading.Event()
     real_stack, real_load = planning._checked_stack, checkpoints.load_model_for_inference
@@ -76,6 +97,9 @@ def test_the_model_loads_while_the_inputs_are_planned(small_region: dict, small_
                   device="cpu", progress=False)
     assert s.conservation.ok and s.device == "cpu" and s.batch_size == 8
     assert s.model_sha256 == checkpoints._hash_file(small_ckpt)
+    with rasterio.open(ref) as a, rasterio.open(tmp_path / "m.tif") as b:
+        ta, tb = ({k: v for k, v in d.tags().items() if k != "TIFFTAG_DATETIME"} for d in (a, b))
+        assert np.array_equal(a.read(), b.read()) and ta == tb
 
 
 @pytest.mark.parametrize("readers", ["threads", "processes"])
