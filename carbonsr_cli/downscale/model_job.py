@@ -1,7 +1,7 @@
 """The model of a downscaling run, loaded in a background thread while the run is planned.
 
 ``import torch`` (1.5-5 s), the device's start-up and the checkpoint's model take seconds
-that need none of the inputs. :func:`start_model_job` starts them in a thread as soon as the
+that need none of the inputs. :class:`ModelJob` starts them in a thread as soon as the
 checkpoint's plain data has been read without torch
 (:func:`carbonsr_cli.checkpoint_peek.peek_checkpoint`), so that planning (the main raster, aux
 discovery, coverage checks) and the aux layers' preparation run meanwhile;
@@ -19,7 +19,7 @@ from typing import Any
 
 from carbonsr_cli.checkpoint_peek import CheckpointPeek
 
-__all__ = ["BACKGROUND_MIN_CPUS", "ModelInfo", "ModelJob", "load_in_background", "start_model_job"]
+__all__ = ["BACKGROUND_MIN_CPUS", "ModelInfo", "ModelJob", "load_in_background"]
 
 
 #: CPUs from which the model loads in the background. On fewer, the planning thread and the
@@ -72,7 +72,8 @@ class ModelInfo:
 
 
 class ModelJob:
-    """A model being loaded in a background thread; :meth:`result` gives ``(device, LoadedModel)``."""
+    """The checkpoint's model loading onto ``device`` (``auto``, ``cpu``, ``cuda[:N]``) in a
+    background thread, from the bytes ``peek`` read; :meth:`result` gives ``(device, LoadedModel)``."""
 
     def __init__(self, checkpoint: Path, peek: CheckpointPeek, device: str) -> None:
         self._future: cf.Future = cf.Future()
@@ -95,7 +96,3 @@ class ModelJob:
         """``(torch.device, LoadedModel)``, once loaded; raises what the load raised."""
         return self._future.result()
 
-
-def start_model_job(checkpoint: Path, peek: CheckpointPeek, device: str) -> ModelJob:
-    """Start loading the checkpoint's model onto ``device`` (``auto``, ``cpu``, ``cuda[:N]``)."""
-    return ModelJob(checkpoint, peek, device)

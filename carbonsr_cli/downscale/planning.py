@@ -31,7 +31,7 @@ from carbonsr_cli import cpus  # cpus.available_cpus looked up at call time (tes
 from carbonsr_cli.devices import resolve_device
 from carbonsr_cli.downscale.options import DownscaleOptions, MainSource
 from carbonsr_cli.downscale.plan import DEFAULT_NODATA, Plan, TOTALS_UNIT, year_window
-from carbonsr_cli.downscale.model_job import ModelInfo, ModelJob, load_in_background, start_model_job
+from carbonsr_cli.downscale.model_job import ModelInfo, ModelJob, load_in_background
 from carbonsr_cli.downscale.readers import remove_killed_leftovers
 from carbonsr_cli.downscale.summary import DownscaleSummary
 from carbonsr_cli.errors import (
@@ -414,7 +414,7 @@ def build_plan(src: MainSource, aux_paths: Sequence[str | os.PathLike[str]] | No
         if peeked is not None:  # the model loads meanwhile; PlannedRun.wait_for_model joins it
             peek, info = peeked
             ckpt = peek.meta
-            job = start_model_job(Path(checkpoint), peek, opts.device)  # type: ignore[arg-type]
+            job = ModelJob(Path(checkpoint), peek, opts.device)  # type: ignore[arg-type]
         else:
             dev = resolve_device(opts.device)
             dev = distributed.context(use_cuda=dev.type == "cuda").device(dev)  # torchrun: cuda:<local rank>
