@@ -27,7 +27,9 @@ With ``--old`` the trees run alternately (old, new, new-cold, old, ...) on the s
 the table gives the median of each; ``old/this`` is the old wall time over this one (> 1:
 faster than before). ``new`` runs with the cache of per-input work (``carbonsr_cli/aux/cache.py``)
 filled by a warm-up run, as a repeated command finds it; ``new-cold`` with the cache off, as a
-first run on new inputs.
+first run on new inputs. Every command may keep compiled bytecode (a folder in the temp
+directory, filled by the warm-up runs), as installed packages have it, even where
+``PYTHONDONTWRITEBYTECODE`` is set (the GPU machines); ``--no-bytecode-cache`` honours it.
 """
 
 from __future__ import annotations
@@ -121,12 +123,28 @@ main()
 """
 
 
-def run_once(tree: Path, args: list[str], python: str, extra_env: dict[str, str] | None = None) -> dict[str, float]:
-    """Run one command of ``tree``; its stage seconds (and ``wall``)."""
+#: Where the commands' bytecode goes (``PYTHONPYCACHEPREFIX``) when the packages' own
+#: ``__pycache__`` folders cannot be used (see :func:`run_once`).
+PYCACHE = Path(tempfile.gettempdir()) / "carbonsr-bench-pycache"
+
+
+def run_once(tree: Path, args: list[str], python: str, extra_env: dict[str, str] | None = None,
+             bytecode: bool = True) -> dict[str, float]:
+    """Run one command of ``tree``; its stage seconds (and ``wall``).
+
+    ``bytecode``: the command may write and read compiled bytecode (``PYTHONDONTWRITEBYTECODE``
+    removed, ``PYTHONPYCACHEPREFIX`` set to :data:`PYCACHE` unless set), as a user's installed
+    packages have it. The GPU machines set ``PYTHONDONTWRITEBYTECODE=1``: every command there
+    compiled torch's Python from source (about half of ``import torch``'s samples in a py-spy
+    profile, session 12); figures before session 12 include that cost.
+    """
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         log = Path(fh.name)
     path = os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH", "")) if p)  # tree first
     env = dict(os.environ, PYTHONPATH=path, **(extra_env or {}))  # CUDA_VISIBLE_DEVICES passed on as set (unset: all GPUs)
+    if bytecode:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env.setdefault("PYTHONPYCACHEPREFIX", str(PYCACHE))
     t0 = time.time()
     done = subprocess.run([python, "-c", CHILD, str(log), "downscale", *args], env=env, cwd=str(tree),
                           capture_output=True, text=True)
@@ -207,6 +225,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--no-cold", action="store_true", help="skip the runs with the cache off")
     ap.add_argument("--table", type=Path, default=None, help="print the table of an earlier --json and exit")
+    ap.add_argument("--no-bytecode-cache", action="store_true",
+                    help="run the commands as the environment says (PYTHONDONTWRITEBYTECODE honoured)")
     args = ap.parse_args()
     if args.table is not None:
         res = json.loads(args.table.read_text())
@@ -240,11 +260,14 @@ def main() -> None:
         trees.append(("new-cold", new, {"CARBONSR_CACHE": "0"}))
     cmds = commands(data, work, ckpt, args.methods, args.device)
     results: dict[str, dict[str, list[dict[str, float]]]] = {t: {m: [] for m in cmds} for t, _, _ in trees}
+    bytecode = not args.no_bytecode_cache
     for m, cmd in cmds.items():
-        run_once(new, cmd, python, cache)  # warm the page cache and the cache of per-input work
+        run_once(new, cmd, python, cache, bytecode)  # warm the page cache, the bytecode and the per-input cache
+        if args.old and bytecode:
+            run_once(args.old.resolve(), cmd, python, {}, bytecode)  # the old tree's bytecode
         for i in range(args.repeat):
             for label, tree, env in trees:
-                r = run_once(tree, cmd, python, env)
+                r = run_once(tree, cmd, python, env, bytecode)
                 results[label][m].append(r)
                 print(f"# {m} {label} run {i + 1}: wall {r['wall']:.2f} s  "
                       + json.dumps({k: round(v, 2) for k, v in r.items() if k != "wall"}), file=sys.stderr, flush=True)
