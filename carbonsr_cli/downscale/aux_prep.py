@@ -31,35 +31,33 @@ def prepare_early(plan: Plan) -> bool:
     return readers.reader_config(plan.child.width * plan.child.height)[1]
 
 
-def prepare_aux(plan: Plan, work_dir: Path) -> tuple[Any, Path | None]:
-    """The plan's aux stack, prepared, and the folder of its pre-warped layers (or None).
-
-    Layers are pre-warped (into a hidden folder of ``work_dir``, see
-    :func:`~carbonsr_cli.downscale.readers.materialize_warps`) only when the run reads its strips
-    in processes (:func:`~carbonsr_cli.downscale.readers.reader_config`).
+def prepare_aux(plan: Plan, work_dir: Path, warp: bool) -> tuple[Any, Path | None]:
+    """The plan's aux stack, prepared, and with ``warp`` the folder of its pre-warped layers
+    (a hidden folder of ``work_dir``, see :func:`~carbonsr_cli.downscale.readers.materialize_warps`;
+    None when nothing needed a warp): reader processes read those instead of warping per strip.
     """
     aux = plan_stack(plan)
     aux.prepare()
-    _, use_procs = readers.reader_config(plan.child.width * plan.child.height)
-    return aux, (readers.materialize_warps(aux, work_dir) if use_procs else None)
+    return aux, (readers.materialize_warps(aux, work_dir) if warp else None)
 
 
 class AuxPreparation:
     """:func:`prepare_aux` in a background thread, and the reader processes (when the run reads
-    in processes) spawned at once; :meth:`result` hands them over."""
+    in processes, :func:`~carbonsr_cli.downscale.readers.reader_config`) spawned at once;
+    :meth:`result` hands them over."""
 
     def __init__(self, plan: Plan, work_dir: Path) -> None:
         self._future: cf.Future = cf.Future()
         self._taken = False
         n_procs, use_procs = readers.reader_config(plan.child.width * plan.child.height)
         self._pool: cf.ProcessPoolExecutor | None = readers.start_reader_pool(n_procs) if use_procs else None
-        self._thread = threading.Thread(target=self._run, args=(plan, work_dir), name="carbonsr-prepare-aux",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(plan, work_dir, use_procs),
+                                        name="carbonsr-prepare-aux", daemon=True)
         self._thread.start()
 
-    def _run(self, plan: Plan, work_dir: Path) -> None:
+    def _run(self, plan: Plan, work_dir: Path, warp: bool) -> None:
         try:
-            self._future.set_result(prepare_aux(plan, work_dir))
+            self._future.set_result(prepare_aux(plan, work_dir, warp))
         except BaseException as exc:  # noqa: BLE001 - raised again by result(), on the caller's thread
             self._future.set_exception(exc)
 

@@ -42,8 +42,9 @@ import numpy as np
 from carbonsr_cli.console import plural
 from carbonsr_cli.devices import to_device
 from carbonsr_cli.downscale import readers, strips
+from carbonsr_cli.downscale.aux_prep import AuxPreparation
 from carbonsr_cli.downscale.bands import MAX_PENDING_WRITES, finish_band, row_window, run_baseline_bands, write_band
-from carbonsr_cli.downscale.plan import plan_stack, read_totals
+from carbonsr_cli.downscale.plan import read_totals
 from carbonsr_cli.downscale.predict import BandData, _Predictor, _predict_row, _water_fill, unique_windows
 from carbonsr_cli.downscale.progress import _progress
 from carbonsr_cli.rasters import open_raster
@@ -51,7 +52,6 @@ from carbonsr_cli.tiling import BlendStream, TileLayout, pad_reflect
 from carbonsr_cli.writer import RasterWriter
 
 if TYPE_CHECKING:  # pragma: no cover
-    from carbonsr_cli.downscale.aux_prep import AuxPreparation
     from carbonsr_cli.downscale.plan import Plan
     from carbonsr_cli.downscale.summary import DownscaleSummary
 
@@ -370,39 +370,33 @@ def _open_strip_feed(
 ) -> tuple[Any, list[int] | None]:
     """The model path's aux strip reader (threads or processes) and the stack->model channel order.
 
-    With reader processes, layers that need a warp are first warped once onto the child grid
-    (GDAL, all cores) into a hidden folder in ``work_dir`` (the output's folder), removed at
-    the end. ``prep``: that work (and the stack's preparation) done in a background thread
-    while the model loaded (:mod:`carbonsr_cli.downscale.aux_prep`); else done here.
+    The stack is prepared by :class:`~carbonsr_cli.downscale.aux_prep.AuxPreparation`: with
+    reader processes (spawned first, they import meanwhile), layers that need a warp are first
+    warped once onto the child grid (GDAL, all cores) into a hidden folder in ``work_dir`` (the
+    output's folder), removed at the end. ``prep``: that preparation, started while the model
+    loaded; else started here.
     """
 
-    pool = None
     if prep is None:
-        aux, folder = plan_stack(plan), None
-        aux.prepare()
-    else:  # the folder and the processes are this function's (then the reader's) to remove
-        aux, folder, pool = prep.result()
+        prep = AuxPreparation(plan, work_dir)
+    aux, folder, pool = prep.result()  # the folder and the processes are this function's (then the reader's)
     names = list(aux.names)
     order: list[int] | None = [names.index(n) for n in plan.aux_names]
     if order == list(range(len(names))):
         order = None
     geom = strips.StripGeometry(layout, tuple(chunks), plan.factor)
-    n_readers, use_procs = readers.reader_config(plan.child.width * plan.child.height)
-    if prep is not None:
-        use_procs = pool is not None  # as decided when the preparation started
+    n_readers, _ = readers.reader_config(plan.child.width * plan.child.height)
     ahead = n_readers + 2
     reader: Any
-    if use_procs:
+    if pool is not None:
         span = max(len(geom.strips_of_row(i)) for i in range(layout.n_rows))
         capacity = (span + 1) * len(chunks) + ahead
-        try:  # the workers start importing now (or did, in the background preparation)
+        try:
             reader = readers.ProcessStripReader(aux, geom, n_readers, capacity, cleanup_dir=folder, pool=pool)
         except BaseException:
             readers.remove_dir(folder)
             raise
         try:
-            if prep is None:
-                reader.cleanup_dir = readers.materialize_warps(aux, work_dir)
             reader.set_stack(aux)
         except BaseException:
             reader.close()
