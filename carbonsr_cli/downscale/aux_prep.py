@@ -1,10 +1,11 @@
-"""The aux stack of a model run prepared in a background thread while the model loads.
+"""The aux stack of a model run prepared for the strip readers, in a background thread.
 
 What the strip readers need before the first tile (vector indexes, source alignments, and with
 reader processes the pre-warp of layers in another CRS onto the child grid: ~2-3 s at 1,000 km,
 and the reader processes themselves: ~1-1.5 s of imports) depends on the plan only, not on the
-model; :class:`AuxPreparation` starts it while
-:class:`~carbonsr_cli.downscale.model_job.ModelJob` imports torch and loads the model.
+model. ``downscale()`` starts :class:`AuxPreparation` while
+:class:`~carbonsr_cli.downscale.model_job.ModelJob` imports torch and loads the model (from 6
+CPUs, :func:`prepare_early`); otherwise the engine starts it when it opens the strip feed.
 """
 
 from __future__ import annotations
