@@ -4,8 +4,9 @@ What the strip readers need before the first tile (vector indexes, source alignm
 reader processes the pre-warp of layers in another CRS onto the child grid: ~2-3 s at 1,000 km,
 and the reader processes themselves: ~1-1.5 s of imports) depends on the plan only, not on the
 model. ``downscale()`` starts :class:`AuxPreparation` while
-:class:`~carbonsr_cli.downscale.model_job.ModelJob` imports torch and loads the model (from 6
-CPUs, :func:`prepare_early`); otherwise the engine starts it when it opens the strip feed.
+:class:`~carbonsr_cli.downscale.model_job.ModelJob` imports torch and loads the model (runs
+that read in processes, :func:`prepare_early`); otherwise the engine starts it when it opens the
+strip feed.
 """
 
 from __future__ import annotations
