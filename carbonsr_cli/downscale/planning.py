@@ -342,7 +342,8 @@ class PlannedRun:
 
     def wait_for_model(self) -> None:
         """Join the model loading in the background (if any): set ``loaded``, ``device``, the
-        batch size and the summary's device fields. Raises what the load raised."""
+        batch size (default: 128 on CUDA, 8 elsewhere) and the summary's device fields. Every
+        run calls it before the engine. Raises what the load raised."""
         if self.model_job is not None:
             dev, self.loaded = self.model_job.result()
             self.model_job = None
@@ -521,9 +522,7 @@ def build_plan(src: MainSource, aux_paths: Sequence[str | os.PathLike[str]] | No
 
     if dev is None and job is None:
         dev = _host_device(spec)
-    batch_size = opts.batch_size
-    if batch_size is None and dev is not None:
-        batch_size = 128 if dev.type == "cuda" else 8
+    batch_size = opts.batch_size  # None: the device's default, set by PlannedRun.wait_for_model
     summary = DownscaleSummary(
         output=str(dst_path),
         method=spec.label,
@@ -534,7 +533,7 @@ def build_plan(src: MainSource, aux_paths: Sequence[str | os.PathLike[str]] | No
         nodata=plan.nodata_out,
         device=str(dev),  # with a model job: set by PlannedRun.wait_for_model, as the two below
         precision="fp32" if info is not None else "float64",
-        batch_size=int(batch_size or 0),
+        batch_size=int(batch_size or 0),  # set by PlannedRun.wait_for_model
         parent_shape=(grid.height, grid.width),
         child_shape=(child.height, child.width),
         parent_cells_valid=valid,
