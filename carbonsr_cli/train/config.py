@@ -55,6 +55,11 @@ class TrainConfig:
             block split.
         block_patches: Block edge of the block split, in patches.
         max_nodata: Largest nodata share of a training patch or validation window.
+        fit_buffer: Gap in parent cells between the validation region and the parent cells that
+            the per-cell fits (layer mix, mass correction, point sites) use. 0 (default): every
+            parent cell outside the validation region; the fits see aux and parent totals cell by
+            cell, so no validation total reaches them. None: the split's buffer (one patch, as for
+            training patches; the default before session 13).
         factor: Child cells per parent cell along an axis (10: 1 km -> 100 m).
         patch: Patch edge in parent cells (``patch * factor`` child cells; 12 -> 120).
         augment: Random quarter turns and flips of patches.
@@ -109,6 +114,7 @@ class TrainConfig:
     val_region: str | None = None
     block_patches: int = 3
     max_nodata: float = 0.5
+    fit_buffer: int | None = 0
     factor: int = 10
     patch: int = 12
     augment: bool = True

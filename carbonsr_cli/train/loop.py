@@ -301,7 +301,7 @@ def train(config: TrainConfig) -> RunResult:
         point_channels = listed_point_channels(stack.names, getattr(stack, "point_names", ()))
         mcfg = model_preset(cfg.preset, aux_channels=cache.channels, **overrides)
         sites_on = mcfg.allocation == "dasymetric" and mcfg.use_prior and mcfg.point_sites
-        prior_fit = fit_prior_on_cache(cache, main, ~split.forbidden_mask(), norm, cfg.factor,
+        prior_fit = fit_prior_on_cache(cache, main, ~split.forbidden_mask(cfg.fit_buffer), norm, cfg.factor,
                                        exponents=tuple(cfg.model_overrides.get("prior_exponents", DEFAULT_EXPONENTS)),
                                        smooth=tuple(cfg.model_overrides.get("prior_smooth", DEFAULT_SMOOTH)),
                                        mass=mcfg.use_prior and mcfg.prior_kind == "mass", mass_hidden=mcfg.mass_hidden, mass_members=mcfg.mass_members, seed=cfg.seed,

@@ -139,9 +139,10 @@ class Split:
         """Boolean ``[height, width]`` mask of the validation region."""
         return rect_mask(self.val_rects, self.height, self.width)
 
-    def forbidden_mask(self) -> np.ndarray:
-        """Validation region dilated by ``buffer``: no training cell may fall inside it."""
-        return _dilate(self.val_mask(), self.buffer)
+    def forbidden_mask(self, buffer: int | None = None) -> np.ndarray:
+        """Validation region dilated by ``buffer`` parent cells (default: the split's): no training
+        cell may fall inside it."""
+        return _dilate(self.val_mask(), self.buffer if buffer is None else int(buffer))
 
     def train_positions(self, valid: np.ndarray | None = None, *, max_positions: int = 4_000_000) -> np.ndarray:
         """Top-left corners of every allowed training patch.

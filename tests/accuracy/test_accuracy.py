@@ -7,7 +7,8 @@ and the model, the fitted layer mix and the best single-layer dasymetric are sco
 run's validation windows (never trained on) at 100 m (``evaluate_against_truth``).
 
 Asserted (measured with the session-7 point sites - point-cell weight, local-contrast signature,
-unlisted sources - seed 1: model / best baseline = points 0.686, traffic 0.867, urban 0.931; see benchmarks/README.md for the 3-seed table of
+unlisted sources - seed 1: model / best baseline = points 0.686, traffic 0.867, urban 0.931; since session 13, the fits
+using every parent cell outside the validation region: 0.686, 0.705, 0.922; see benchmarks/README.md for the 3-seed table of
 ``benchmarks/accuracy.py``), with a little room for thread-order rounding:
 - the model is at most ``MODEL_VS_BEST[kind]`` x the best built-in baseline. The model is no
   longer the fitted mix itself (its surface is fitted on cells without a listed point and the
@@ -30,18 +31,21 @@ from carbonsr_cli.sample_data import generate_sample_data
 from carbonsr_cli.train.config import TRAIN_PRESETS, TrainConfig
 from carbonsr_cli.train.loop import evaluate_against_truth, train
 
-#: Upper bounds of (model / best baseline) per kind at 36 km, seed 1 (measured 0.686, 0.867, 0.931).
-MODEL_VS_BEST = {"points": 0.8, "traffic": 0.9, "urban": 1.0}
+#: Upper bounds of (model / best baseline) per kind at 36 km, seed 1 (measured 0.686, 0.705, 0.922;
+#: traffic was 0.867 with the fits kept one patch away from the validation region).
+MODEL_VS_BEST = {"points": 0.8, "traffic": 0.78, "urban": 1.0}
 #: Upper bounds of (fitted / best single layer) per kind, a little above the measured values.
 FITTED_VS_LAYER = {"points": 1.0, "traffic": 0.7, "urban": 1.0}
-#: Upper bound of (mass preset / best baseline) on the traffic kind, 48 km, seed 2 (measured 0.441
-#: with the correction fitted in 600 steps, 0.445 with 300 before session 11; kept at about 0.95
-#: of its strength).
+#: Upper bound of (mass preset / best baseline) on the traffic kind, 48 km, seed 2 (measured 0.540
+#: since session 13: model 4.02, fitted mix 7.45 now that it is fitted on the buffer's cells too;
+#: 0.441 before (model 3.84, mix 8.71) with the correction fitted in 600 steps, 0.445 with 300
+#: before session 11; kept in full).
 MASS_VS_BEST = 0.6
 #: Upper bound of (mass preset / best baseline) on traffic, 48 km, seed 3, where the gate keeps a
-#: part of the correction (measured 0.301 with the correction fitted in 600 steps, kept at 0.87 of
-#: its strength; 0.445 with 300 steps, kept at 0.36; 0.585 when the correction is dropped).
-MASS_PARTIAL_VS_BEST = 0.40
+#: part of the correction (measured 0.436 since session 13, kept at 0.29 of its strength; 0.301
+#: before, fitted on fewer cells and kept at 0.87; 0.445 with 300 steps, kept at 0.36; 0.585 when
+#: the correction is dropped).
+MASS_PARTIAL_VS_BEST = 0.48
 
 
 def _train_and_score(tmp_path: Path, kind: str, seed: int, size_km: int, **overrides: object) -> tuple[dict, float, float]:
@@ -78,8 +82,8 @@ def test_model_against_the_best_baseline_at_100m(kind: str, tmp_path: Path) -> N
     print(f"{kind} 36 km seed 1: model {model:.4g}, best baseline {best:.4g} ({best_name}), ratio {model / best:.3f}, "
           f"R2 model {r['model']['r2']:.4f}, baseline {r[best_name]['r2']:.4f}")
     assert model <= MODEL_VS_BEST[kind] * best, (kind, model, baselines)
-    # issue 17: R2 not worse than the best baseline's (measured: points 0.820 vs 0.515, traffic
-    # 0.844 vs -0.159, urban 0.063 vs -0.005; over all child cells, so one plant weighs a lot)
+    # issue 17: R2 not worse than the best baseline's (measured: points 0.820 vs 0.516, traffic
+    # 0.957 vs -0.028, urban 0.063 vs 0.004; over all child cells, so one plant weighs a lot)
     assert r["model"]["r2"] >= r[best_name]["r2"], (kind, r["model"]["r2"], best_name, r[best_name]["r2"])
     # --method auto must not hand a region where the model wins at 100 m back to a baseline (the
     # 1 km validation favours the fitted mix; session 8: every street region went to it).
@@ -110,10 +114,11 @@ def test_mass_preset_drops_a_correction_that_is_barely_better_than_the_mix(tmp_p
 
 def test_mass_preset_scales_a_correction_between_the_gate_thresholds(tmp_path: Path) -> None:
     """Traffic, 48 km, seed 3: the correction validates between the gate's 0.80 (kept in full) and
-    0.90 x the mix at 1 km (dropped): 0.813 x since session 11 (fitted in 600 steps), kept at 0.87
-    of its strength, 0.301 x the best baseline; fitted in 300 steps it validated 0.864 x, was kept
-    at 0.36 and measured 0.445 (0.470 after 6 epochs; dropped, as session 8's hard 0.85 threshold
-    did: 0.585)."""
+    0.90 x the mix at 1 km (dropped): 0.871 x since session 13 (the fits use the split buffer's
+    cells too), kept at 0.29 of its strength, 0.436 x the best baseline; 0.813 x in session 11
+    (fitted in 600 steps on fewer cells), kept at 0.87, 0.301; fitted in 300 steps it validated
+    0.864 x, was kept at 0.36 and measured 0.445 (0.470 after 6 epochs; dropped, as session 8's
+    hard 0.85 threshold did: 0.585)."""
     r, model, best = _train_and_score(tmp_path, "traffic", 3, 48, epochs=1, steps_per_epoch=10, preset="mass")
     gate = r["mass_gate"]
     print(f"mass preset, traffic 48 km seed 3: gate {gate}, ratio {model / best:.3f}")
@@ -136,7 +141,13 @@ def test_unlisted_sources_do_not_teach_a_sparse_layer_their_mass(tmp_path: Path)
     """Urban, 48 km, seed 8: two training cells far above the surface (an unlisted plant) made a
     motorway column take 88 % of the city blocks it crosses in the held-out area (model 7.02,
     3.1 x the best single layer). The surface is now fitted again without such cells: 1.98
-    (0.877 x)."""
+    (0.877 x). Since session 13 the fits also use the cells of the split's buffer, and the
+    fitted mix (4.60 before, on fewer cells) no longer falls into that trap either: model and
+    mix measure 1.775 (0.786 x the best single layer), so the bound is on the single layer and
+    the model must not lose to the mix."""
     r, model, best = _train_and_score(tmp_path, "urban", 8, 48, epochs=1, steps_per_epoch=10)
-    print(f"outlier cells left out, urban 48 km seed 8: model {model:.4g}, best baseline {best:.4g}, ratio {model / best:.3f}")
-    assert model <= 0.95 * best, (model, {k: r[k]["nonzero_mae"] for k in ("fitted", "points", "dasymetric")})
+    layer = min(r[k]["nonzero_mae"] for k in ("points", "dasymetric"))
+    print(f"outlier cells left out, urban 48 km seed 8: model {model:.4g}, best baseline {best:.4g}, best single layer {layer:.4g}, "
+          f"ratio {model / best:.3f}")
+    assert model <= 0.85 * layer, (model, {k: r[k]["nonzero_mae"] for k in ("fitted", "points", "dasymetric")})
+    assert model <= 1.01 * r["fitted"]["nonzero_mae"], (model, r["fitted"]["nonzero_mae"])

@@ -33,7 +33,7 @@ def test_max_time_stop_is_explained(sample_dir: Path, tmp_path: Path) -> None:
 def test_seeds_train_one_run_per_seed_and_report_the_spread(sample_dir: Path, tmp_path: Path) -> None:
     proc = run_cli("train", sample_dir / "emissions_1km.tif", "--aux", sample_dir / "aux", "--preset", "prior",
                    "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2", "--seed", "4", "--seeds", "2",
-                   "--split-seed", "7", "--name", "multi", "--runs-dir", tmp_path / "runs", "--device", "cpu", "-q",
+                   "--split-seed", "7", "--fit-buffer", "2", "--name", "multi", "--runs-dir", tmp_path / "runs", "--device", "cpu", "-q",
                    cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr
     text = " ".join(proc.stdout.split())
@@ -42,6 +42,7 @@ def test_seeds_train_one_run_per_seed_and_report_the_spread(sample_dir: Path, tm
     splits = [json.loads((tmp_path / "runs" / f"multi-seed{k}" / "split.json").read_text()) for k in (4, 5)]
     assert splits[0]["seed"] == splits[1]["seed"] == 7  # --split-seed: both runs hold out the same blocks
     assert splits[0]["val_windows"] == splits[1]["val_windows"]
+    assert json.loads((tmp_path / "runs" / "multi-seed4" / "config.json").read_text())["train_config"]["fit_buffer"] == 2
     chosen = load_checkpoint(tmp_path / "runs" / "multi-seed5" / "best_model.pth")["selection"]
     assert f"`carbonsr downscale --method auto` will use {chosen['method']}: " in text  # what auto uses, and why
     lines = [ln for ln in text.split("seed ")[1:] if ln.startswith(("4:", "5:"))]

@@ -193,3 +193,31 @@ def test_cli_resume_continues_run(finished_run) -> None:
     assert latest["epoch"] == 3 and latest["global_step"] == 9 and len(latest["metric_history"]) == 3
     assert (d / "epoch_003.pth").exists()
     assert "Run directory" in res.output
+
+
+@pytest.mark.parametrize("fit_buffer", [0, None])
+def test_layer_fits_use_cells_up_to_the_validation_region(sample_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          fit_buffer: int | None) -> None:
+    """The per-cell fits (layer mix, correction, sites) never see a validation total; by default
+    they use every other parent cell, the split's buffer included (training patches keep it)."""
+    from carbonsr_cli.train import loop
+    from carbonsr_cli.train.split import Split
+
+    seen: list[np.ndarray] = []
+    real = loop.fit_prior_on_cache
+
+    def recording(cache, main, train_mask, *args, **kwargs):
+        seen.append(np.array(train_mask))
+        return real(cache, main, train_mask, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "fit_prior_on_cache", recording)
+    result = loop.train(small_config(sample_dir, tmp_path, name="fits", epochs=1, steps_per_epoch=1, fit_buffer=fit_buffer))
+    split = Split.from_dict(ck.load_checkpoint(result.run_dir / "latest.pth")["split"])
+    (mask,) = seen
+    val, forbidden = split.val_mask(), split.forbidden_mask()
+    assert not (mask & val).any()
+    assert split.buffer > 0 and (forbidden & ~val).any()
+    if fit_buffer == 0:
+        assert np.array_equal(mask, ~val)
+    else:
+        assert np.array_equal(mask, ~forbidden)
