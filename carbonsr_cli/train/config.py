@@ -46,6 +46,9 @@ class TrainConfig:
         log_loss_weight: Weight of the log-domain ``DualLayerWeightedLoss`` (0: the mass term only).
         select_margin: A trained state replaces the fitted prior as ``best_model.pth`` only when
             its validation score is this fraction below the prior's (noise guard).
+        mass_gate_ramp: ``[lo, hi]``: the mass prior's correction is kept in full when it validates
+            below ``lo`` x the mix alone at 1 km, dropped above ``hi``, scaled in between
+            (``validation.mass_strength``).
         years_window: T, years per patch (None: 1 for ``tiny``, 3 otherwise, capped by the
             number of years).
         scales: Coarse-scale schedule, e.g. ``"12:0.5,4:0.25,2:0.25"`` (divisors of ``patch``).
@@ -110,6 +113,7 @@ class TrainConfig:
     scales: str = "12:0.5,4:0.25,2:0.25"
     val_scales: list[int] = field(default_factory=lambda: [12, 3, 2])
     select_margin: float = 0.03
+    mass_gate_ramp: list[float] = field(default_factory=lambda: [0.80, 0.90])
     val_fraction: float = 0.2
     val_region: str | None = None
     block_patches: int = 3

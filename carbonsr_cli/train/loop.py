@@ -490,7 +490,7 @@ def train(config: TrainConfig) -> RunResult:
     if ck is None and model.prior is not None:
         initial_score, initial_vs_uniform, gate = score_initial_state(
             model, lambda: dist_ctx.broadcast(_model_scores(model, items, cfg.val_scales, main, cache, cfg, t, device, autocast)),
-            baselines, cfg.val_scales)
+            baselines, cfg.val_scales, cfg.mass_gate_ramp)
         mass_gate.update(gate)
         if dist_ctx.is_main:
             ckpt_mod.save_checkpoint(run_dir / "best_model.pth", payload(0, 0))

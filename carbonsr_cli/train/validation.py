@@ -247,14 +247,14 @@ def describe_mass_gate(gate: dict[str, Any]) -> str | None:
     """One plain sentence on what the gate did with the mass prior's correction (None without one).
 
     ``gate``: a checkpoint's ``mass_gate`` (:func:`score_initial_state`; records written before
-    the ramp have ``kept`` and no ``strength``).
+    the ramp have ``kept`` and no ``strength``; records before session 13 no ``ramp``: the default).
     """
     if not gate or "with_correction" not in gate or "mix" not in gate:
         return None
     mix = float(gate["mix"])
     ratio = float(gate["with_correction"]) / mix if mix > 0 else float("nan")
     strength = gate_strength(gate)
-    lo, hi = MASS_GATE_RAMP
+    lo, hi = (float(v) for v in gate.get("ramp", MASS_GATE_RAMP))
     what = ("kept in full" if strength >= 1.0 else "dropped (the model is the fitted mix)" if strength <= 0.0
             else f"kept at {strength:.0%} of its strength")
     return (f"Per-pixel correction of the layer mix: {what}; with it the model validated {ratio:.3f} x the mix "
@@ -262,7 +262,7 @@ def describe_mass_gate(gate: dict[str, Any]) -> str | None:
 
 
 def score_initial_state(model: Any, score: Callable[[], dict[int, dict[str, float]]], base: dict[int, dict[str, Any]],
-                        scales: Sequence[int]) -> tuple[float, float, dict[str, Any]]:
+                        scales: Sequence[int], ramp: Sequence[float] = MASS_GATE_RAMP) -> tuple[float, float, dict[str, Any]]:
     """Score the untrained network (its fitted prior) on the validation windows.
 
     For a mass prior (a prior with ``scale_correction``) the fitted mix alone is scored too, and
@@ -280,6 +280,7 @@ def score_initial_state(model: Any, score: Callable[[], dict[int, dict[str, floa
         score: Scores the model as it is now: ``{scale: metrics}`` (:func:`_model_scores`).
         base: Baseline scores (:func:`_baseline_scores`).
         scales: Validation scales.
+        ramp: ``(lo, hi)`` of :func:`mass_strength`.
 
     Returns:
         ``(val score, val score against uniform, mass_gate)`` of the state the network starts
@@ -295,11 +296,12 @@ def score_initial_state(model: Any, score: Callable[[], dict[int, dict[str, floa
     model.prior.reset_correction()
     s1 = score()
     mix = (_val_score(s1, base, scales), _val_score(s1, base, scales, against="uniform"))
-    strength = mass_strength(first[0] / mix[0] if mix[0] > 0 else float("nan"))
-    gate = {"with_correction": first[0], "mix": mix[0], "strength": strength, "kept": strength > 0}
+    lo, hi = float(ramp[0]), float(ramp[1])
+    strength = mass_strength(first[0] / mix[0] if mix[0] > 0 else float("nan"), (lo, hi))
+    gate = {"with_correction": first[0], "mix": mix[0], "strength": strength, "kept": strength > 0, "ramp": [lo, hi]}
     if strength == 0.0:
         log.info("the mass prior's correction did not validate %.0f %% better than the fitted mix (%.4f vs %.4f); "
-                 "the network starts at the fitted mix", 100 * (1 - MASS_GATE_RAMP[1]), first[0], mix[0])
+                 "the network starts at the fitted mix", 100 * (1 - hi), first[0], mix[0])
         return mix[0], mix[1], gate
     model.prior.load_state_dict(kept_state)
     if strength == 1.0:

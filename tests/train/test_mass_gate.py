@@ -96,3 +96,15 @@ def test_the_train_report_says_what_the_gate_did(gate: dict, phrase: str) -> Non
     assert text is not None and phrase in text, text
     assert "(kept in full below 0.80, dropped above 0.90)" in text
     assert describe_mass_gate({}) is None
+
+
+def test_a_configured_ramp_is_used_and_recorded() -> None:
+    """``TrainConfig.mass_gate_ramp``: 0.85 x the mix keeps half the correction under the default
+    ramp and all of it under (0.9, 1.0); the record keeps the ramp for the train report."""
+    from carbonsr_cli.train.validation import describe_mass_gate
+
+    net = _Net()
+    _, _, gate = score_initial_state(net, _scorer(net, 0.85, 1.0), BASE, SCALES, (0.9, 1.0))
+    assert gate["strength"] == pytest.approx(1.0) and gate["ramp"] == [0.9, 1.0]
+    text = describe_mass_gate(gate)
+    assert text is not None and "(kept in full below 0.90, dropped above 1.00)" in text, text
