@@ -185,6 +185,8 @@ def _merge_resume_config(cfg: TrainConfig, ck: dict, path: Path) -> TrainConfig:
     import dataclasses
 
     saved = TrainConfig.from_dict(ck["train_config"])
+    if "fit_buffer" not in ck["train_config"]:  # written before session 13: its fits kept the split's buffer
+        saved.fit_buffer = None
     defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else None) for f in dataclasses.fields(TrainConfig)}
     changes = {k: getattr(cfg, k) for k in RESUME_MUTABLE if k not in ("main", "aux") and getattr(cfg, k) != defaults.get(k)}
     changes["max_steps"] = cfg.max_steps  # limits of this invocation, never inherited

@@ -118,3 +118,17 @@ def test_sigint_saves_autosave_and_raises_keyboardinterrupt(sample_dir: Path, tm
     assert "KeyboardInterrupt raised" in text and "carbonsr resume" in text
     saved = ck.load_checkpoint(tmp_path / "ctrlc" / "autosave_latest.pth")
     assert saved["global_step"] >= 1 and saved["epoch"] == 0 and saved["step"] == saved["global_step"]
+
+
+def test_a_run_from_before_fit_buffer_resumes_with_its_own_fit_area(tmp_path: Path) -> None:
+    """Checkpoints written before ``fit_buffer`` existed fitted their layer mix outside the split's
+    buffer; a resume refits the mix, so it must keep that area (None), not the new default (0)."""
+    from carbonsr_cli.train.config import TrainConfig
+    from carbonsr_cli.train.loop import _merge_resume_config
+
+    cfg = TrainConfig(main=["m.tif"], aux=["a.tif"])
+    old = {k: v for k, v in cfg.to_dict().items() if k != "fit_buffer"}
+    path = tmp_path / "runs" / "r" / "latest.pth"
+    assert _merge_resume_config(cfg, {"train_config": old}, path).fit_buffer is None
+    assert _merge_resume_config(cfg, {"train_config": {**old, "fit_buffer": 3}}, path).fit_buffer == 3
+    assert _merge_resume_config(cfg, {"train_config": cfg.to_dict()}, path).fit_buffer == 0
