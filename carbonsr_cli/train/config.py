@@ -150,6 +150,7 @@ class TrainConfig:
         self.main = [str(p) for p in ([self.main] if isinstance(self.main, str) else self.main)]
         self.aux = [str(p) for p in ([self.aux] if isinstance(self.aux, str) else self.aux)]
         self.val_scales = [int(s) for s in self.val_scales]
+        self.mass_gate_ramp = [float(v) for v in self.mass_gate_ramp]
         self.model_overrides = dict(self.model_overrides)
 
     def validate(self) -> None:
@@ -171,6 +172,9 @@ class TrainConfig:
             (self.compile in ("auto", "on", "off"), "compile must be auto, on or off"),
             (0.0 <= self.max_nodata < 1.0, "max_nodata must be in [0, 1)"),
             (all(s >= 1 and self.patch % s == 0 for s in self.val_scales), f"val scales must divide the patch ({self.patch})"),
+            (self.fit_buffer is None or self.fit_buffer >= 0, "--fit-buffer must be >= 0"),
+            (len(self.mass_gate_ramp) == 2 and 0.0 < self.mass_gate_ramp[0] < self.mass_gate_ramp[1],
+             "mass_gate_ramp must be [lo, hi] with 0 < lo < hi"),
         ]
         for ok, msg in checks:
             if not ok:

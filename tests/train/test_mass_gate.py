@@ -108,3 +108,15 @@ def test_a_configured_ramp_is_used_and_recorded() -> None:
     assert gate["strength"] == pytest.approx(1.0) and gate["ramp"] == [0.9, 1.0]
     text = describe_mass_gate(gate)
     assert text is not None and "(kept in full below 0.90, dropped above 1.00)" in text, text
+
+
+@pytest.mark.parametrize("ramp", [[0.9, 0.9], [0.9, 0.8], [0.0, 0.5], [0.8]])
+def test_a_ramp_that_cannot_work_is_refused(ramp: list[float]) -> None:
+    from carbonsr_cli.errors import UsageError
+    from carbonsr_cli.train.config import TrainConfig
+
+    with pytest.raises(UsageError, match="mass_gate_ramp"):
+        TrainConfig(main=["m.tif"], aux=["a.tif"], mass_gate_ramp=ramp).validate()
+    TrainConfig(main=["m.tif"], aux=["a.tif"], mass_gate_ramp=[0.85, 0.95]).validate()
+    with pytest.raises(UsageError, match="--fit-buffer"):
+        TrainConfig(main=["m.tif"], aux=["a.tif"], fit_buffer=-1).validate()
