@@ -55,7 +55,7 @@ def train_cmd(
     years_window: Annotated[Optional[int], typer.Option("--years-window", min=1, help="Years per patch T (default 1 for tiny, 3 otherwise).")] = None,
     scales: Annotated[Optional[str], typer.Option("--scales", help="Coarse scales in 1 km cells (divisors of 12) with optional weights: 12,4,2 or 12:0.5,4:0.25,2:0.25.", show_default="12:0.5,4:0.25,2:0.25")] = None,
     val_fraction: Annotated[Optional[float], typer.Option("--val-fraction", help="Share of the region held out for validation (spatial blocks).", show_default="0.2")] = None,
-    fit_buffer: Annotated[Optional[int], typer.Option("--fit-buffer", min=0, help="1 km cells kept between the validation region and the cells the layer fits use (0: every other cell; training patches keep a buffer of one patch).", show_default="0")] = None,
+    fit_buffer: Annotated[Optional[int], typer.Option("--fit-buffer", min=0, help="Parent (1 km) cells kept between the validation region and the cells the layer fits use (0: every other cell; training patches keep a buffer of one patch).", show_default="0")] = None,
     val_region: Annotated[Optional[str], typer.Option("--val-region", help="Validation region instead of random blocks: minx,miny,maxx,maxy in the main raster's CRS, or a polygon file.")] = None,
     runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Directory holding run directories.")] = Path("runs"),
     name: Annotated[Optional[str], typer.Option("--name", help="Run directory name (default run_YYYYmmdd_HHMMSS).")] = None,
