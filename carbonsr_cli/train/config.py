@@ -12,7 +12,13 @@ from typing import Any
 
 from carbonsr_cli.errors import UsageError
 
-__all__ = ["TrainConfig", "RESUME_MUTABLE", "TRAIN_PRESETS", "default_years_window"]
+#: The mass prior's per-pixel correction is kept in full when the initial state with it
+#: validates below the first ratio x the fitted mix alone (both scored on the held-out windows,
+#: 1 km), dropped above the second, and scaled linearly in between (see
+#: ``validation.mass_strength``); the default of ``TrainConfig.mass_gate_ramp``.
+MASS_GATE_RAMP = (0.80, 0.90)
+
+__all__ = ["MASS_GATE_RAMP", "TrainConfig", "RESUME_MUTABLE", "TRAIN_PRESETS", "default_years_window"]
 
 #: Fields a resumed run may change without breaking exact continuation (the rest come from
 #: the checkpoint). ``epochs`` may grow (the cosine schedule keeps its original length).
@@ -113,7 +119,7 @@ class TrainConfig:
     scales: str = "12:0.5,4:0.25,2:0.25"
     val_scales: list[int] = field(default_factory=lambda: [12, 3, 2])
     select_margin: float = 0.03
-    mass_gate_ramp: list[float] = field(default_factory=lambda: [0.80, 0.90])
+    mass_gate_ramp: list[float] = field(default_factory=lambda: list(MASS_GATE_RAMP))
     val_fraction: float = 0.2
     val_region: str | None = None
     block_patches: int = 3

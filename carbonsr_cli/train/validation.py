@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from carbonsr_cli.errors import UsageError
-from carbonsr_cli.train.config import TrainConfig
+from carbonsr_cli.train.config import MASS_GATE_RAMP, TrainConfig
 from carbonsr_cli.train.dataset import AuxCache, Batch, BatchSpec, MainData, build_batch, load_main
 from carbonsr_cli.train.prior_fit import PriorFit, build_fitted_prior
 from carbonsr_cli.train.split import Split
@@ -215,12 +215,6 @@ def selection(history: list[dict[str, Any]], base: dict[int, dict[str, Any]], sc
     return {"method": best_base, **rec,
             "reason": f"the model's held-out 1 km Nonzero-MAE is {vs_uniform:.3f} x uniform's ({score:.3f} x the best baseline's); "
                       f"{best_base} validated best at s={s0}"}
-
-
-#: The mass prior's per-pixel correction is kept in full when the initial state with it
-#: validates below the first ratio x the fitted mix alone (both scored on the held-out windows,
-#: 1 km), dropped above the second, and scaled linearly in between (see :func:`mass_strength`).
-MASS_GATE_RAMP = (0.80, 0.90)
 
 
 def mass_strength(ratio: float, ramp: tuple[float, float] = MASS_GATE_RAMP) -> float:
