@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from carbonsr_cli import __version__
+from carbonsr_cli.background import in_background
 from carbonsr_cli.errors import CheckpointError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -264,19 +265,11 @@ def prefetch_sha256(path: str | os.PathLike[str]) -> None:
         key = _identity(path)
     except OSError:
         return
-    fut: cf.Future = cf.Future()
     with _SHA_LOCK:
         if key[0] in _SHA_STARTED and _SHA_STARTED[key[0]][0] == key:
             return
+        fut, _ = in_background(_hash_file, path, name="carbonsr-sha256")  # an error: file_sha256 hashes again and reports
         _SHA_STARTED[key[0]] = (key, fut)
-
-    def run() -> None:
-        try:
-            fut.set_result(_hash_file(path))
-        except BaseException as exc:  # noqa: BLE001 - file_sha256 hashes again and reports
-            fut.set_exception(exc)
-
-    threading.Thread(target=run, name="carbonsr-sha256", daemon=True).start()
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

@@ -12,10 +12,10 @@ strip feed.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from carbonsr_cli.background import in_background
 from carbonsr_cli.downscale import readers
 from carbonsr_cli.downscale.plan import plan_stack
 
@@ -49,19 +49,10 @@ class AuxPreparation:
     :meth:`result` hands them over."""
 
     def __init__(self, plan: Plan, work_dir: Path) -> None:
-        self._future: cf.Future = cf.Future()
         self._taken = False
         n_procs, use_procs = readers.reader_config(plan.child.width * plan.child.height)
         self._pool: cf.ProcessPoolExecutor | None = readers.start_reader_pool(n_procs) if use_procs else None
-        self._thread = threading.Thread(target=self._run, args=(plan, work_dir, use_procs),
-                                        name="carbonsr-prepare-aux", daemon=True)
-        self._thread.start()
-
-    def _run(self, plan: Plan, work_dir: Path, warp: bool) -> None:
-        try:
-            self._future.set_result(prepare_aux(plan, work_dir, warp))
-        except BaseException as exc:  # noqa: BLE001 - raised again by result(), on the caller's thread
-            self._future.set_exception(exc)
+        self._future, self._thread = in_background(prepare_aux, plan, work_dir, use_procs, name="carbonsr-prepare-aux")
 
     def result(self) -> tuple[Any, Path | None, cf.ProcessPoolExecutor | None]:
         """The prepared stack, the pre-warp folder and the reader processes (None: read in

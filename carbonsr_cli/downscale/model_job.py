@@ -11,12 +11,11 @@ discovery, coverage checks) and the aux layers' preparation run meanwhile;
 
 from __future__ import annotations
 
-import concurrent.futures as cf
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from carbonsr_cli.background import in_background
 from carbonsr_cli.checkpoint_peek import CheckpointPeek
 
 __all__ = ["BACKGROUND_MIN_CPUS", "ModelInfo", "ModelJob", "load_in_background"]
@@ -71,26 +70,22 @@ class ModelInfo:
                    int(config.downsample_factor), list(ckpt["aux_names"]), dict(ckpt["stats"]), path)
 
 
+def _load(checkpoint: Path, peek: CheckpointPeek, device: str) -> tuple[Any, Any]:
+    """``(torch.device, LoadedModel)`` of the checkpoint, from the bytes ``peek`` read."""
+    from carbonsr_cli.checkpoints import load_checkpoint, load_model_for_inference
+    from carbonsr_cli.devices import resolve_device
+
+    dev = resolve_device(device)
+    ckpt = load_checkpoint(checkpoint, data=peek.data)  # the bytes planning read
+    return dev, load_model_for_inference(checkpoint, dev, checkpoint=ckpt)
+
+
 class ModelJob:
     """The checkpoint's model loading onto ``device`` (``auto``, ``cpu``, ``cuda[:N]``) in a
     background thread, from the bytes ``peek`` read; :meth:`result` gives ``(device, LoadedModel)``."""
 
     def __init__(self, checkpoint: Path, peek: CheckpointPeek, device: str) -> None:
-        self._future: cf.Future = cf.Future()
-        self._args = (checkpoint, peek, device)
-        threading.Thread(target=self._load, name="carbonsr-load-model", daemon=True).start()
-
-    def _load(self) -> None:
-        from carbonsr_cli.checkpoints import load_checkpoint, load_model_for_inference
-        from carbonsr_cli.devices import resolve_device
-
-        checkpoint, peek, device = self._args
-        try:
-            dev = resolve_device(device)
-            ckpt = load_checkpoint(checkpoint, data=peek.data)  # the bytes planning read
-            self._future.set_result((dev, load_model_for_inference(checkpoint, dev, checkpoint=ckpt)))
-        except BaseException as exc:  # noqa: BLE001 - raised again by result(), on the caller's thread
-            self._future.set_exception(exc)
+        self._future, _ = in_background(_load, checkpoint, peek, device, name="carbonsr-load-model")
 
     def result(self) -> tuple[Any, Any]:
         """``(torch.device, LoadedModel)``, once loaded; raises what the load raised."""

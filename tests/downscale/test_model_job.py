@@ -142,3 +142,18 @@ def test_a_load_error_in_the_background_is_reported_with_nothing_left(small_regi
         assert len(folders) == 1 and folders[0] is not None and folders[0].parent == out_dir
     else:
         assert folders == []
+
+
+def test_in_background_keeps_the_result_or_the_exception() -> None:
+    from carbonsr_cli.background import in_background
+
+    fut, thread = in_background(lambda a, b: a + b, 2, 3, name="t-ok")
+    assert fut.result(timeout=10) == 5 and thread.daemon and thread.name == "t-ok"
+
+    def fail() -> None:
+        raise ValueError("bad input")
+
+    fut, thread = in_background(fail, name="t-fail")
+    thread.join(10)
+    with pytest.raises(ValueError, match="bad input"):
+        fut.result()
