@@ -35,6 +35,48 @@ def resolve_device(device: str | None) -> Any:
     return dev
 
 
+def split_device_list(device: str | None) -> tuple[str, list[str]]:
+    """``--device`` as ``(primary, extra devices)``, without importing torch.
+
+    One name (``auto``, ``cpu``, ``cuda``, ``cuda:N``) gives no extra devices. Several GPUs in
+    one process are named as a comma-separated list of distinct ``cuda:N`` (``cuda:0,cuda:1``)
+    or as ``cuda:all`` (every visible GPU; resolved by :func:`resolve_extra_devices`): the model
+    then runs on each of them and the first one blends and water-fills.
+
+    Raises:
+        UsageError: a list with something other than distinct ``cuda:N`` names.
+    """
+    name = (device or "auto").strip().lower()
+    if name == "cuda:all":
+        return "cuda:0", ["all"]
+    if "," not in name:
+        return device or "auto", []
+    parts = [p.strip() for p in name.split(",")]
+    bad = [p for p in parts if not (p.startswith("cuda:") and p[5:].isdigit())]
+    if bad:
+        raise UsageError(f"--device {device!r}: a list of devices takes cuda:N names only (not {bad[0]!r}), "
+                         "e.g. cuda:0,cuda:1, or cuda:all")
+    if len(set(parts)) != len(parts):
+        raise UsageError(f"--device {device!r} names a GPU twice")
+    return parts[0], parts[1:]
+
+
+def resolve_extra_devices(extra: list[str], primary: Any) -> list[Any]:
+    """The extra devices of :func:`split_device_list` as ``torch.device`` objects (``["all"]``:
+    every visible GPU other than ``primary``).
+
+    Raises:
+        UsageError: CUDA not available, or no such GPU.
+    """
+    import torch
+
+    if extra == ["all"]:
+        if primary.type != "cuda":
+            raise UsageError("--device cuda:all needs CUDA; use --device cpu")
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count()) if i != primary.index]
+    return [resolve_device(name) for name in extra]
+
+
 def to_device(array: Any, device: Any) -> Any:
     """A numpy array as a tensor on ``device``, without making the host wait for the GPU.
 

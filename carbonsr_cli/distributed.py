@@ -46,6 +46,7 @@ __all__ = [
     "ShardedLoss",
     "context",
     "get_context",
+    "halt_agreement_due",
     "in_torchrun",
     "share_bounds",
 ]
@@ -173,7 +174,8 @@ class DistContext:
         """One stop decision for every rank: ``interrupted`` > ``max_steps`` > ``max_time``.
 
         ``max_time`` and Ctrl-C are seen at different steps on different ranks; this makes
-        all ranks stop together after the same step.
+        all ranks stop together after the same step. Every rank must call it at the same
+        steps (see :func:`halt_agreement_due`).
         """
         if not self.active:
             return halt
@@ -279,6 +281,10 @@ class DistContext:
             model,
             device_ids=[self.local_rank] if next(model.parameters()).is_cuda else None,
             find_unused_parameters=find_unused_parameters,
+            # Gradients are written straight into the all-reduce buckets (no copy per step);
+            # with the convolution weights channels-last on CUDA (``train.step.match_conv_layout``)
+            # their strides match the buckets'.
+            gradient_as_bucket_view=True,
         )
 
     def shard_loss(self, loss_fn: Any) -> Any:
@@ -383,6 +389,21 @@ class ShardedLoss:
             tiny = torch.finfo(dt).tiny
             scale = w_local.clamp(min=tiny) / w_total.clamp(min=tiny) * self.ctx.world_size
         return local * scale.to(local.dtype)
+
+
+#: Under torchrun the ranks agree on a stop (Ctrl-C, ``max_time``) every this many steps, not
+#: after every step: each agreement is a host round trip that makes the faster rank wait for
+#: the slower one's host (the training step is host-bound on an H200, so every step paid for
+#: the other rank's jitter). A stop is at most this many steps late.
+HALT_AGREE_EVERY = 25
+
+
+def halt_agreement_due(global_step: int, halt: str | None) -> bool:
+    """Whether the ranks agree on stopping after ``global_step``: every
+    :data:`HALT_AGREE_EVERY` steps, and at ``max_steps`` (the same step on every rank, since
+    every rank counts the same steps). The other reasons (Ctrl-C, ``max_time``) stay true
+    once seen, so they are agreed on at the next due step."""
+    return global_step % HALT_AGREE_EVERY == 0 or halt == "max_steps"
 
 
 _CONTEXT: DistContext | None = None

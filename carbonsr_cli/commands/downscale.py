@@ -17,10 +17,10 @@ from carbonsr_cli.options import (
     Categorical,
     Cog,
     Compress,
-    Device,
     JsonOut,
     Overwrite,
     Quiet,
+    device_option,
     factor_option,
     fill_missing_option,
     output_option,
@@ -100,7 +100,10 @@ def register(app: typer.Typer) -> None:
         ] = None,
         year: Annotated[Optional[list[str]], typer.Option("--year", help="Output year (band name); repeatable. Default: all.")] = None,
         band: Annotated[Optional[list[int]], typer.Option("--band", help="Output band (1-based) instead of --year; repeatable.")] = None,
-        device: Device = "auto",
+        device: Annotated[str, device_option(
+            "Torch device: auto (CUDA/ROCm if available, else CPU), cpu, cuda, cuda:1; several GPUs in one "
+            "process: cuda:0,cuda:1 or cuda:all (the model runs on each, the first blends and writes)."
+        )] = "auto",
         batch_size: Annotated[
             Optional[int], typer.Option("--batch-size", min=1, help="Tiles per model batch (default 128 on CUDA, 8 on CPU).")
         ] = None,

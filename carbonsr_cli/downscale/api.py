@@ -111,7 +111,8 @@ def downscale(
         method: ``model``, ``uniform`` or ``dasymetric[:LAYER]``; None: ``model`` if a checkpoint
             is given.
         checkpoint: carbonsr checkpoint (``best_model.pth``), loaded with ``weights_only=True``.
-        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; several GPUs in one process:
+            ``cuda:0,cuda:1`` or ``cuda:all`` (copies of the model take turns; the first GPU blends).
         batch_size: Tiles per model batch (None: 128 on CUDA, 8 on CPU).
         dtype: ``float32`` or ``float64`` output.
         cog: Write a Cloud Optimized GeoTIFF.
@@ -232,7 +233,7 @@ def _run(run: PlannedRun, dst_path: Path, opts: DownscaleOptions, prep: AuxPrepa
         )
         ctx = run_distributed(plan, dst_path, summary, **engine_kw)  # (no prep: never under torchrun)
         if ctx is None:
-            run_pipeline(plan, dst_path, summary, prep=prep, **engine_kw)
+            run_pipeline(plan, dst_path, summary, prep=prep, extra_devices=run.extra_devices, **engine_kw)
         summary.seconds = time.perf_counter() - t0
         summary.km2_per_s = summary.area_km2 * len(plan.out_names) / max(summary.seconds, 1e-9)
         if opts.check:

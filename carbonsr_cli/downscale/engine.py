@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+from collections.abc import Sequence
 import contextlib
 import functools
 import os
@@ -156,6 +157,7 @@ def run_pipeline(
     progress: bool,
     normalizer: Any = None,
     prep: AuxPreparation | None = None,
+    extra_devices: Sequence[Any] = (),
 ) -> None:
     """Run the row-band pipeline and write ``dst`` (and ``uncertainty``) atomically.
 
@@ -174,6 +176,8 @@ def run_pipeline(
         progress: Show a progress bar.
         normalizer: ``AuxNormalizer`` of the model's aux channels (model only).
         prep: The aux stack prepared in the background (model only; see :func:`_open_strip_feed`).
+        extra_devices: More GPUs for the model (copies of it, called in turn; ``device``
+            blends and water-fills): see ``_Predictor``.
     """
     f = plan.factor
     is_model = plan.method.method.runs_model
@@ -186,7 +190,8 @@ def run_pipeline(
     n_years = len(plan.out_names)
     predictor = None
     if is_model:
-        predictor = _Predictor(loaded.model, normalizer, device, batch_size, summary, block=plan.factor)
+        predictor = _Predictor(loaded.model, normalizer, device, batch_size, summary, block=plan.factor,
+                               extra_devices=extra_devices)
     n_views = 8 if (is_model and uncertainty is not None) else 1
     tags = {
         "CARBONSR_UNITS": f"{summary.units} (cell = child cell, 1/{f * f} of a parent cell)" if plan.unit is None else summary.units,

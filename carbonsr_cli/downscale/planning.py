@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +28,7 @@ from carbonsr_cli.checkpoints import (
     load_model_for_inference,
 )
 from carbonsr_cli import cpus  # cpus.available_cpus looked up at call time (tests patch it)
-from carbonsr_cli.devices import resolve_device
+from carbonsr_cli.devices import resolve_device, resolve_extra_devices, split_device_list
 from carbonsr_cli.downscale.options import DownscaleOptions, MainSource
 from carbonsr_cli.downscale.plan import DEFAULT_NODATA, Plan, TOTALS_UNIT, year_window
 from carbonsr_cli.downscale.model_job import ModelInfo, ModelJob, load_in_background
@@ -339,6 +339,10 @@ class PlannedRun:
     normalizer: Any
     uncertainty: Path | None
     model_job: ModelJob | None = None
+    #: ``--device`` names after the first (several GPUs in one process), resolved by
+    #: :meth:`wait_for_model` into :attr:`extra_devices`.
+    extra_device_names: list[str] = field(default_factory=list)
+    extra_devices: list[Any] = field(default_factory=list)
 
     def wait_for_model(self) -> None:
         """Join the model loading in the background (if any): set ``loaded``, ``device``, the
@@ -352,6 +356,11 @@ class PlannedRun:
             self.device = dev
             self.summary.device = str(dev)
             self.summary.model_sha256 = self.loaded.sha256
+        if self.extra_device_names and self.loaded is not None:
+            if self.device.type != "cuda":
+                raise UsageError(f"--device: several GPUs need CUDA, but the model runs on {self.device}")
+            self.extra_devices = resolve_extra_devices(self.extra_device_names, self.device)
+            self.summary.device = ",".join(str(d) for d in [self.device, *self.extra_devices])
         if self.batch_size is None:
             self.batch_size = 128 if self.device.type == "cuda" else 8
         self.summary.batch_size = int(self.batch_size)
@@ -410,14 +419,17 @@ def build_plan(src: MainSource, aux_paths: Sequence[str | os.PathLike[str]] | No
             raise UsageError(f"--uncertainty needs the model, but --method auto chose {spec.label}")
     factor = opts.factor
     dev: Any = None
+    primary, extra_names = split_device_list(opts.device)
+    if extra_names and distributed.in_torchrun():
+        raise UsageError(f"--device {opts.device}: several GPUs run in one process; do not start it under torchrun")
     if spec.method.runs_model:
         peeked = _peek(spec, checkpoint)
         if peeked is not None:  # the model loads meanwhile; PlannedRun.wait_for_model joins it
             peek, info = peeked
             ckpt = peek.meta
-            job = ModelJob(Path(checkpoint), peek, opts.device)  # type: ignore[arg-type]
+            job = ModelJob(Path(checkpoint), peek, primary)  # type: ignore[arg-type]
         else:
-            dev = resolve_device(opts.device)
+            dev = resolve_device(primary)
             dev = distributed.context(use_cuda=dev.type == "cuda").device(dev)  # torchrun: cuda:<local rank>
             if dev.type == "cpu":
                 _size_torch_threads()
@@ -549,7 +561,8 @@ def build_plan(src: MainSource, aux_paths: Sequence[str | os.PathLike[str]] | No
     )
     if full.nodata is not None and not same_nodata:
         summary.notes.append(f"parent nodata {full.nodata:g} could be a valid child value; output nodata is {plan.nodata_out:g}")
-    return PlannedRun(plan, summary, loaded, dev, batch_size, normalizer, unc_path, job)
+    return PlannedRun(plan, summary, loaded, dev, batch_size, normalizer, unc_path, job,
+                      extra_device_names=extra_names if spec.method.runs_model else [])
 
 
 

@@ -6,10 +6,12 @@ Used by :mod:`carbonsr_cli.downscale.engine` for methods that run a network; bas
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import os
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -55,10 +57,16 @@ class _Predictor:
     :data:`BF16_TOL` of float32, else float32. Full batches then replay one CUDA graph
     (:class:`models.inference.GraphedForward`; ``CARBONSR_CUDA_GRAPHS=0`` turns that off).
     On CPU the model runs as is (float32, eager).
+
+    With ``extra_devices`` (several GPUs in one process, ``--device cuda:0,cuda:1``) the model
+    is copied to each of them and the calls go round-robin over ``device`` and the extra
+    devices; every result is moved to ``device`` (NVLink or PCIe peer copy), where blending and
+    water-filling stay. The primary's first call decides the precision for all copies, so every
+    device runs the same arithmetic.
     """
 
     def __init__(self, model: Any, normalizer: Any, device: Any, batch_size: int, summary: DownscaleSummary,
-                 block: int = 10) -> None:
+                 block: int = 10, extra_devices: Sequence[Any] = ()) -> None:
         import torch
 
         self.model = model
@@ -77,6 +85,12 @@ class _Predictor:
         self._low: Any = None  # the bf16 copy, once built
         self.graphed: Any = None
         summary.precision = "bf16" if self.low_precision else "fp32"
+        #: One predictor per extra device (a copy of the model there); :attr:`_calls` picks the device.
+        self.replicas = [
+            _Predictor(copy.deepcopy(model).to(d), normalizer, d, batch_size, summary, block) for d in extra_devices
+        ]
+        self._calls = 0
+        self._decided = False  # a replica takes the primary's precision instead of deciding
 
     def __call__(self, aux: np.ndarray, main: np.ndarray, n_views: int = 1) -> np.ndarray:
         """Raw log-domain predictions, optionally for the 8 dihedral views of every sample.
@@ -94,6 +108,17 @@ class _Predictor:
         """
         import torch
 
+        k = self._calls % (1 + len(self.replicas))
+        self._calls += 1
+        if k > 0 and self._run is not None:  # the primary has decided the precision: a copy takes this call
+            rep = self.replicas[k - 1]
+            if rep._run is None:
+                rep.low_precision, rep._decided = self.low_precision, True
+            with _current(rep.device):
+                raw = rep(aux, main, n_views)
+            self._note_graph_error(rep)
+            # On CUDA a peer copy (ordered after the copy's work on both devices); numpy elsewhere.
+            return raw.to(self.device) if self.on_device else raw
         outs = []
         step = max(1, self.batch_size // n_views)
         with torch.inference_mode():
@@ -108,8 +133,7 @@ class _Predictor:
                 if n_views > 1:
                     raw = torch.stack([dihedral_inverse(raw[d], d) for d in range(n_views)])
                 outs.append(raw.float() if self.on_device else raw.float().cpu().numpy())
-        if self.graphed is not None and self.graphed.error and not any("CUDA graph" in n for n in self.summary.notes):
-            self.summary.notes.append(f"CUDA graph capture failed ({self.graphed.error}); ran eagerly")
+        self._note_graph_error(self)
         if self.on_device:
             if not outs:
                 return torch.zeros((n_views, 0, *main.shape[2:]), dtype=torch.float32, device=self.device)
@@ -117,6 +141,10 @@ class _Predictor:
         if not outs:
             return np.zeros((n_views, 0, *main.shape[2:]), np.float32)
         return np.concatenate(outs, axis=1)
+
+    def _note_graph_error(self, pred: _Predictor) -> None:
+        if pred.graphed is not None and pred.graphed.error and not any("CUDA graph" in n for n in self.summary.notes):
+            self.summary.notes.append(f"CUDA graph capture failed ({pred.graphed.error}); ran eagerly")
 
     def warm_up(self, batch: int, channels: int, years: int, tile: int) -> None:
         """Load the CUDA kernels and build the bf16 copy on zeros of the batch shape.
@@ -143,6 +171,9 @@ class _Predictor:
                 torch.cuda.synchronize(self.device)
         except Exception:  # noqa: BLE001 - the real batches report problems
             pass
+        for rep in self.replicas:
+            with _current(rep.device):
+                rep.warm_up(batch, channels, years, tile)
 
     def _forward(self, a: Any, m: Any) -> Any:
         if self._run is None:
@@ -156,7 +187,9 @@ class _Predictor:
 
         model = self.model
         normalize = self.normalizer.apply
-        if self.low_precision:
+        if self.low_precision and self._decided:
+            model = self._low or low_precision_copy(model)
+        elif self.low_precision:
             a = normalize(a_raw)
             ref = model(a, m)[0]
             low = self._low or low_precision_copy(model)
@@ -180,6 +213,16 @@ class _Predictor:
             return self.graphed
         return run
 
+
+
+def _current(device: Any) -> Any:
+    """``device`` as the current CUDA device (CUDA graphs capture on the current device's
+    streams); nothing for other devices."""
+    import contextlib
+
+    import torch
+
+    return torch.cuda.device(device) if getattr(device, "type", "") == "cuda" else contextlib.nullcontext()
 
 
 def unique_windows(windows: list[tuple[list[int], int]]) -> tuple[list[list[int]], list[tuple[int, int]]]:

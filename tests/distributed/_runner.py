@@ -30,7 +30,8 @@ def main() -> None:
 
         cfg = small_config(Path(spec["sample"]), Path(spec["runs"]), **spec["changes"])
         res = train(cfg)
-        result = {"history": res.history, "run_dir": str(res.run_dir), "global_step": res.global_step}
+        result = {"history": res.history, "run_dir": str(res.run_dir), "global_step": res.global_step,
+                  "stopped": res.stopped}
     elif kind == "collectives":
         result = _collectives(spec["rounds"])
     else:
