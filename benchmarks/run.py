@@ -534,7 +534,7 @@ def main() -> None:
         if not args.gpus_skip_downscale:
             assert sd is not None
             ck = _make_checkpoint(work / "base.pth", "base", aux_names, 1)
-            res["gpus"]["downscale"] = gpus_downscale(sd, ck, work, args.gpus)
+            res["gpus"]["downscale"] = gpus_downscale(sd, ck, work, args.gpus, repeat=args.gpus_repeat)
 
     table = _table(res, gpu)
     print(f"carbonsr benchmark  {res['date']}  device: {res['device']}  commit: {res['commit']}")
