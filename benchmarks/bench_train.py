@@ -123,7 +123,7 @@ def measure(
                         torch.cuda.synchronize()
 
                 if compile:
-                    CompiledUNet(model)  # installed on the model: training forwards use it
+                    CompiledUNet(model, device)  # installed on the model: training forwards use it
                 kw = dict(device=device, autocast=autocast, factor=10, moe_weight=0.01, grad_clip=1.0)
                 w0 = time.perf_counter()
                 for s in range(warmup):

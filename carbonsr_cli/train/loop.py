@@ -472,9 +472,10 @@ def train(config: TrainConfig) -> RunResult:
                            years_window=t, **batch_kw)
 
     planned = (cfg.epochs * cfg.steps_per_epoch - global_step) if cfg.max_steps is None else min(cfg.max_steps - global_step, cfg.epochs * cfg.steps_per_epoch - global_step)
-    unet = CompiledUNet(model) if compile_wanted(cfg.compile, device, model, planned) else None
+    unet = CompiledUNet(model, device) if compile_wanted(cfg.compile, device, model, planned) else None
     if unet is not None:
-        log.info("the U-Net is compiled with torch.compile for the training steps (the first steps take longer)")
+        log.info("the U-Net is compiled with torch.compile%s for the training steps (the first steps take longer)",
+                 f" (mode {unet.mode})" if unet.mode else "")
     tracker = LossTracker(dist_ctx, cfg.lr, every=25 if on_cuda else 1)
     meter = Throughput(device, cfg.batch_size)
 

@@ -8,7 +8,8 @@
   (a ``float(loss)`` per step made the host wait for every step to finish before it could
   queue the next one).
 - :class:`CompiledUNet`: ``torch.compile`` of the network's U-Net for the training steps
-  (validation stays eager); :func:`compile_wanted` decides.
+  (validation stays eager; on CUDA replayed from CUDA graphs, :func:`compile_mode`);
+  :func:`compile_wanted` decides.
 - :class:`Throughput`: patches/s after a warm-up and the share of that time spent waiting
   for a batch, logged at the end of a run.
 
@@ -29,7 +30,7 @@ from carbonsr_cli.errors import UsageError
 from carbonsr_cli.train.dataset import Batch
 
 __all__ = [
-    "CompiledUNet", "LossTracker", "Throughput", "autocast_factory", "compile_wanted", "contiguous_state",
+    "CompiledUNet", "LossTracker", "Throughput", "autocast_factory", "compile_mode", "compile_wanted", "contiguous_state",
     "match_conv_layout", "training_step",
 ]
 
@@ -247,6 +248,21 @@ def compile_wanted(setting: str, device: Any, model: Any, planned_steps: int) ->
     return device.type == "cuda" and planned_steps >= COMPILE_MIN_STEPS
 
 
+def compile_mode(device: Any) -> str | None:
+    """``torch.compile``'s mode for the U-Net: ``reduce-overhead`` (CUDA graphs) on CUDA, the
+    default elsewhere; ``CARBONSR_COMPILE_MODE`` overrides (``default`` for the plain mode).
+
+    Measured on an H200 (``base``, T = 3, batch 32, bf16; benchmarks/README.md, issue 21 session
+    14): the default mode left the step host-bound (~55-60 ms of host time for ~30 ms of GPU
+    work: the Inductor wrapper launches each kernel); replaying CUDA graphs took the step to
+    ~32 ms (995 patches/s against 531), and under DDP (one rank) to ~39 ms (814 patches/s).
+    """
+    env = os.environ.get("CARBONSR_COMPILE_MODE", "").strip()
+    if env:
+        return None if env == "default" else env
+    return "reduce-overhead" if getattr(device, "type", None) == "cuda" else None
+
+
 class CompiledUNet:
     """``torch.compile`` of ``model._features`` (the encoder, bottleneck and decoder) for the
     training steps: installed once as an instance attribute that calls the compiled function
@@ -258,12 +274,13 @@ class CompiledUNet:
     If the first compiled step fails (no compiler or Triton), :meth:`failed` turns it off.
     """
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, device: Any = None) -> None:
         import torch
 
         self.model = model
         self.eager = model._features
-        self.fn = torch.compile(self.eager, dynamic=False)
+        self.mode = compile_mode(device)
+        self.fn = torch.compile(self.eager, dynamic=False, mode=self.mode)
         self.proven = False
         self.enabled = True
         model.__dict__["_features"] = self  # instance attribute shadows the method

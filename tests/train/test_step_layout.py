@@ -56,3 +56,15 @@ def test_ranks_agree_on_stopping_every_few_steps_and_at_max_steps() -> None:
     assert due == [HALT_AGREE_EVERY, 2 * HALT_AGREE_EVERY, 3 * HALT_AGREE_EVERY]
     assert not halt_agreement_due(7, "max_time") and not halt_agreement_due(7, "interrupted")
     assert halt_agreement_due(7, "max_steps")  # every rank reaches max_steps at the same step
+
+
+def test_the_unet_replays_cuda_graphs_on_cuda_only(monkeypatch) -> None:  # noqa: ANN001
+    from carbonsr_cli.train.step import compile_mode
+
+    monkeypatch.delenv("CARBONSR_COMPILE_MODE", raising=False)
+    assert compile_mode(torch.device("cuda", 0)) == "reduce-overhead"
+    assert compile_mode(torch.device("cpu")) is None and compile_mode(None) is None
+    monkeypatch.setenv("CARBONSR_COMPILE_MODE", "default")
+    assert compile_mode(torch.device("cuda")) is None
+    monkeypatch.setenv("CARBONSR_COMPILE_MODE", "max-autotune")
+    assert compile_mode(torch.device("cpu")) == "max-autotune"
