@@ -45,55 +45,50 @@ def test_two_gpus_follow_one_gpu(sample_dir: Path, tmp_path: Path) -> None:
         assert hd["train_loss"] == pytest.approx(hs["train_loss"], rel=RTOL)
 
 
-def test_two_gpus_downscale_like_one(tmp_path: Path) -> None:
-    import rasterio
+def _region(tmp_path: Path, rows: int, cols: int, seed: int) -> tuple[Path, Path, Path]:
+    """A projected 1 km main raster, one 100 m aux layer and an untrained tiny checkpoint."""
     from ds_helpers import make_checkpoint, synthetic_totals, write_tif
 
-    from carbonsr_cli.downscale import downscale
-
     origin = (500_000.0, 5_000_000.0)
-    rows, cols = 192, 8
-    main = write_tif(tmp_path / "main.tif", synthetic_totals(rows, cols, 1, seed=4), res=1000.0, origin=origin,
+    main = write_tif(tmp_path / "main.tif", synthetic_totals(rows, cols, 1, seed=seed), res=1000.0, origin=origin,
                      crs="EPSG:32633", descriptions=["2019"])
     aux = tmp_path / "aux"
     aux.mkdir()
     yy, xx = np.mgrid[0 : rows * 10, 0 : cols * 10]
     write_tif(aux / "built.tif", 10 + 5 * np.sin(xx / 9.0) * np.cos(yy / 13.0), res=100.0, origin=origin,
               crs="EPSG:32633", nodata=None)
-    ckpt = make_checkpoint(tmp_path / "tiny.pth", ["built"])
+    return main, aux, make_checkpoint(tmp_path / "tiny.pth", ["built"])
+
+
+def _assert_close(one: Path, two: Path) -> None:
+    import rasterio
+
+    with rasterio.open(one) as a, rasterio.open(two) as b:
+        x, y = a.read(1), b.read(1)
+    np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6 * float(np.nanmax(np.abs(x))))
+
+
+def test_two_gpus_downscale_like_one(tmp_path: Path) -> None:
+    from carbonsr_cli.downscale import downscale
+
+    main, aux, ckpt = _region(tmp_path, 192, 8, seed=4)
     job = dict(main_path=str(main), aux_paths=[str(aux)], device="cuda", checkpoint=str(ckpt), dst=str(tmp_path / "two.tif"))
     res = run_spec("downscale", {"jobs": [job]}, tmp_path / "ds.json")
     assert res["world_size"] == 2 and res[job["dst"]]["ok"]
     one = downscale(progress=False, **dict(job, dst=str(tmp_path / "one.tif")))
     assert one.conservation.ok
-    with rasterio.open(tmp_path / "one.tif") as a, rasterio.open(tmp_path / "two.tif") as b:
-        x, y = a.read(1), b.read(1)
-    np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6 * float(np.nanmax(np.abs(x))))
+    _assert_close(tmp_path / "one.tif", tmp_path / "two.tif")
 
 
 def test_two_gpus_in_one_process_downscale_like_one(tmp_path: Path) -> None:
     """``--device cuda:0,cuda:1``: the model's copy on the second GPU takes every second batch;
     the file equals the one-GPU file within rounding and conserves every block."""
-    import rasterio
-    from ds_helpers import make_checkpoint, synthetic_totals, write_tif
-
     from carbonsr_cli.downscale import downscale
 
-    origin = (500_000.0, 5_000_000.0)
-    rows, cols = 96, 40
-    main = write_tif(tmp_path / "main.tif", synthetic_totals(rows, cols, 1, seed=5), res=1000.0, origin=origin,
-                     crs="EPSG:32633", descriptions=["2019"])
-    aux = tmp_path / "aux"
-    aux.mkdir()
-    yy, xx = np.mgrid[0 : rows * 10, 0 : cols * 10]
-    write_tif(aux / "built.tif", 10 + 5 * np.sin(xx / 9.0) * np.cos(yy / 13.0), res=100.0, origin=origin,
-              crs="EPSG:32633", nodata=None)
-    ckpt = make_checkpoint(tmp_path / "tiny.pth", ["built"])
+    main, aux, ckpt = _region(tmp_path, 96, 40, seed=5)
     kw = dict(main_path=str(main), aux_paths=[str(aux)], checkpoint=str(ckpt), batch_size=16, progress=False)
     one = downscale(dst=str(tmp_path / "one.tif"), device="cuda:0", **kw)
     two = downscale(dst=str(tmp_path / "two.tif"), device="cuda:0,cuda:1", **kw)
     assert one.conservation.ok and two.conservation.ok
     assert two.device == "cuda:0,cuda:1" and two.tiles == one.tiles
-    with rasterio.open(tmp_path / "one.tif") as a, rasterio.open(tmp_path / "two.tif") as b:
-        x, y = a.read(1), b.read(1)
-    np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6 * float(np.nanmax(np.abs(x))))
+    _assert_close(tmp_path / "one.tif", tmp_path / "two.tif")
