@@ -500,7 +500,7 @@ def train(config: TrainConfig) -> RunResult:
     mass_gate.update((ck or {}).get("mass_gate") or {})
     if ck is None and model.prior is not None:
         initial_score, initial_vs_uniform, gate = score_initial_state(
-            model, lambda: dist_ctx.broadcast(_model_scores(model, items, cfg.val_scales, main, cache, cfg, t, device, autocast)),
+            model, lambda: _model_scores(model, items, cfg.val_scales, main, cache, cfg, t, device, autocast, dist_ctx),
             baselines, cfg.val_scales, cfg.mass_gate_ramp)
         mass_gate.update(gate)
         if dist_ctx.is_main:
@@ -566,7 +566,8 @@ def train(config: TrainConfig) -> RunResult:
                 break
 
             # ----------------------------------------------------------- epoch end
-            model_s = dist_ctx.broadcast(_model_scores(model, items, cfg.val_scales, main, cache, cfg, t, device, autocast))
+            # torchrun: each rank scores a share of the windows; every rank gets the same scores
+            model_s = _model_scores(model, items, cfg.val_scales, main, cache, cfg, t, device, autocast, dist_ctx)
             score = _val_score(model_s, baselines, cfg.val_scales)
             # Replacing the fitted prior needs a clear margin: the parent-level score is a noisy
             # proxy of 100 m accuracy (measured: small proxy gains often were 100 m losses).

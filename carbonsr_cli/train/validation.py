@@ -309,12 +309,25 @@ def score_initial_state(model: Any, score: Callable[[], dict[int, dict[str, floa
     return scaled[0], scaled[1], gate
 
 
-def _model_scores(model: Any, items: list[tuple[int, int, int]], scales: Sequence[int], main: MainData, cache: AuxCache, cfg: TrainConfig, t: int, device: Any, autocast: Any) -> dict[int, dict[str, float]]:
+def _model_scores(model: Any, items: list[tuple[int, int, int]], scales: Sequence[int], main: MainData, cache: AuxCache, cfg: TrainConfig, t: int, device: Any, autocast: Any, ctx: Any = None) -> dict[int, dict[str, float]]:
+    """The model's parent-level metrics on the validation items, per scale.
+
+    Under torchrun (``ctx`` an active :class:`~carbonsr_cli.distributed.DistContext`) each rank
+    predicts a contiguous share of the validation batches (the same batches as one process)
+    and the ranks exchange their predictions, so every rank returns the one-process scores and
+    validation takes 1/N of the time; ``model`` must then be the bare model (no DDP hooks).
+    """
     import torch
 
+    from carbonsr_cli.distributed import share_bounds
     from models.physics import block_sum
 
     f = cfg.factor
+    rank, world = (ctx.rank, ctx.world_size) if ctx is not None and ctx.active else (0, 1)
+    bs = max(1, cfg.val_batch_size)
+    n_batches = -(-len(items) // bs)
+    b0, b1 = share_bounds(n_batches, rank, world)
+    mine = items[b0 * bs : b1 * bs]  # whole batches: the same batches as in one process
     was_training = model.training
     model.eval()
     out: dict[int, dict[str, float]] = {}
@@ -322,7 +335,7 @@ def _model_scores(model: Any, items: list[tuple[int, int, int]], scales: Sequenc
         with torch.no_grad():
             for s in scales:
                 preds, truths = [], []
-                for _, b in _val_batches(items, s, main, cache, cfg, t):
+                for _, b in _val_batches(mine, s, main, cache, cfg, t):
                     aux = torch.from_numpy(b.aux).to(device)
                     mi = torch.from_numpy(b.main).to(device)
                     with autocast():
@@ -331,6 +344,10 @@ def _model_scores(model: Any, items: list[tuple[int, int, int]], scales: Sequenc
                     parent = block_sum(children, f).cpu().numpy()
                     preds.append(parent[b.mask])
                     truths.append(b.truth[b.mask])
+                if world > 1:  # every rank's share, in rank order = batch order
+                    shares = ctx.all_gather((preds, truths))
+                    preds = [p for sp, _ in shares for p in sp]
+                    truths = [q for _, sq in shares for q in sq]
                 out[s] = _scores(np.concatenate(preds), np.concatenate(truths))
     finally:
         model.train(was_training)

@@ -24,7 +24,8 @@ RTOL = 1e-5
 #: One epoch of 3 steps, then a second epoch; global batch 4 (2 patches per rank). The MoE
 #: balancing term is computed per rank share (not on the global batch), so it is switched off
 #: here to test exact equivalence; with it the runs differ by that term's gradient.
-CHANGES = dict(batch_size=4, threads=1, moe_weight=0.0, epochs=2, steps_per_epoch=3, autosave_every=3, workers=0)
+CHANGES = dict(batch_size=4, threads=1, moe_weight=0.0, epochs=2, steps_per_epoch=3, autosave_every=3, workers=0,
+               val_batch_size=2)  # several validation batches: the ranks score shares of them
 
 
 def _weights(path: Path) -> dict[str, np.ndarray]:
