@@ -46,7 +46,7 @@ from carbonsr_cli.downscale import readers, strips
 from carbonsr_cli.downscale.aux_prep import AuxPreparation
 from carbonsr_cli.downscale.bands import MAX_PENDING_WRITES, finish_band, row_window, run_baseline_bands, write_band
 from carbonsr_cli.downscale.plan import read_totals
-from carbonsr_cli.downscale.predict import BandData, _Predictor, _predict_row, _water_fill, unique_windows
+from carbonsr_cli.downscale.predict import BandData, _current, _Predictor, _predict_row, _water_fill, unique_windows
 from carbonsr_cli.downscale.progress import _progress
 from carbonsr_cli.rasters import open_raster
 from carbonsr_cli.tiling import BlendStream, TileLayout, pad_reflect
@@ -241,6 +241,12 @@ def run_pipeline(
     n_samples = len(unique_windows(plan.windows)[0]) if is_model else n_years
     prog = _progress(progress, layout.n_tiles * n_samples * n_views, f"downscale {plan.method.label}")
     with contextlib.ExitStack() as stack:
+        if is_model:
+            # This thread queues the GPU work (forward, blending, water-fill, the copies back):
+            # ``device`` must be its current device, as CUDA graphs capture on the current
+            # device's streams and events record there (``--device cuda:1``, or a GPU list that
+            # does not start at cuda:0).
+            stack.enter_context(_current(device))
         writer = stack.enter_context(
             RasterWriter(
                 dst, plan.child, count=n_years, dtype=dtype, nodata=plan.nodata_out, band_descriptions=plan.out_names,

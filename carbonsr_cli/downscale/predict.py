@@ -161,7 +161,7 @@ class _Predictor:
         from models.inference import low_precision_copy
 
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), _current(self.device):  # runs in its own thread
                 a = torch.zeros((batch, channels, years, tile, tile), device=self.device)
                 m = torch.zeros((batch, 1, years, tile, tile), device=self.device)
                 self.model(self.normalizer.apply(a), m)

@@ -96,3 +96,14 @@ def test_a_device_list_needs_cuda(small_region: dict, small_ckpt: Path, tmp_path
     assert not out.exists() and no_temp_files(tmp_path) == []
 
 
+
+
+def test_gpu_work_is_queued_with_its_device_current() -> None:
+    """CUDA graphs capture on the current device's streams and events record there: the engine
+    and every model copy make their GPU the current device (``--device cuda:1`` included)."""
+    from carbonsr_cli.downscale.predict import _current
+
+    ctx = _current(torch.device("cuda", 1))
+    assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1
+    with _current(torch.device("cpu")):  # nothing to switch on the CPU
+        pass
