@@ -244,6 +244,8 @@ def train(config: TrainConfig) -> RunResult:
 
     dist_ctx = distributed.context(use_cuda=device.type == "cuda")  # torchrun: DDP (no-op otherwise)
     device = dist_ctx.device(device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # --device cuda:1: CUDA graphs and events use the current device
     autocast = _autocast_factory(device, cfg.precision)
     scales = parse_scales(cfg.scales, cfg.patch)
 
