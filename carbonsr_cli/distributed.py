@@ -281,9 +281,9 @@ class DistContext:
             model,
             device_ids=[self.local_rank] if next(model.parameters()).is_cuda else None,
             find_unused_parameters=find_unused_parameters,
-            # Gradients are written straight into the all-reduce buckets (no copy per step);
-            # with the convolution weights channels-last on CUDA (``train.step.match_conv_layout``)
-            # their strides match the buckets'.
+            # Gradients are written straight into the all-reduce buckets (no copy per step for
+            # every gradient whose strides match its bucket's: on CUDA the convolution weights
+            # are channels-last for that, ``train.step.match_conv_layout``).
             gradient_as_bucket_view=True,
         )
 
@@ -398,12 +398,13 @@ class ShardedLoss:
 HALT_AGREE_EVERY = 25
 
 
-def halt_agreement_due(global_step: int, halt: str | None) -> bool:
+def halt_agreement_due(global_step: int, halt: str | None, last_of_epoch: bool = False) -> bool:
     """Whether the ranks agree on stopping after ``global_step``: every
-    :data:`HALT_AGREE_EVERY` steps, and at ``max_steps`` (the same step on every rank, since
-    every rank counts the same steps). The other reasons (Ctrl-C, ``max_time``) stay true
-    once seen, so they are agreed on at the next due step."""
-    return global_step % HALT_AGREE_EVERY == 0 or halt == "max_steps"
+    :data:`HALT_AGREE_EVERY` steps, after an epoch's last step (before its validation), and at
+    ``max_steps`` (each the same step on every rank, since every rank counts the same steps).
+    The other reasons (Ctrl-C, ``max_time``) stay true once seen, so they are agreed on at the
+    next due step."""
+    return global_step % HALT_AGREE_EVERY == 0 or last_of_epoch or halt == "max_steps"
 
 
 _CONTEXT: DistContext | None = None

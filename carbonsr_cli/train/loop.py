@@ -547,7 +547,8 @@ def train(config: TrainConfig) -> RunResult:
                     if dist_ctx.active:
                         # Stops are agreed on every few steps (one host round trip each); a
                         # reason seen between them stays true until the next one.
-                        halt = dist_ctx.agree_halt(halt) if halt_agreement_due(global_step, halt) else None
+                        due = halt_agreement_due(global_step, halt, last_of_epoch=step == cfg.steps_per_epoch)
+                        halt = dist_ctx.agree_halt(halt) if due else None
                     if halt:
                         break
                 tracker.flush()

@@ -56,6 +56,7 @@ def test_ranks_agree_on_stopping_every_few_steps_and_at_max_steps() -> None:
     assert due == [HALT_AGREE_EVERY, 2 * HALT_AGREE_EVERY, 3 * HALT_AGREE_EVERY]
     assert not halt_agreement_due(7, "max_time") and not halt_agreement_due(7, "interrupted")
     assert halt_agreement_due(7, "max_steps")  # every rank reaches max_steps at the same step
+    assert halt_agreement_due(7, "max_time", last_of_epoch=True)  # before the epoch's validation
 
 
 def test_the_unet_replays_cuda_graphs_on_cuda_only(monkeypatch) -> None:  # noqa: ANN001
