@@ -72,8 +72,14 @@ def match_conv_layout(model: Any) -> int:
     n = 0
     for p in model.parameters():
         fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(p.ndim)
-        if fmt is not None and not p.is_contiguous(memory_format=fmt):
-            p.data = p.data.contiguous(memory_format=fmt)
+        if fmt is None:
+            continue
+        # The canonical channels-last strides, also where a size-1 dimension makes the layout
+        # ambiguous (a depthwise weight [C, 1, k, k] counts as channels-last either way, but
+        # its gradient comes with the canonical strides and DDP compares strides exactly).
+        want = torch.empty_like(p.data, memory_format=fmt)
+        if want.stride() != p.stride():
+            p.data = want.copy_(p.data)
             n += 1
     return n
 

@@ -69,3 +69,16 @@ def test_the_unet_replays_cuda_graphs_on_cuda_only(monkeypatch) -> None:  # noqa
     assert compile_mode(torch.device("cuda")) is None
     monkeypatch.setenv("CARBONSR_COMPILE_MODE", "max-autotune")
     assert compile_mode(torch.device("cpu")) == "max-autotune"
+
+
+def test_gradients_come_in_the_weights_layout() -> None:
+    """DDP copies every gradient whose strides differ from its weight's (its bucket view's):
+    after the conversion a backward pass gives each gradient exactly its weight's strides
+    (CPU here; before, the depthwise weights [C, 1, k, k] differed in their size-1 dimension)."""
+    model = _model()
+    match_conv_layout(model)
+    aux, main = torch.rand(2, 3, 1, 24, 24), torch.rand(2, 1, 1, 24, 24)
+    raw, _ = model(aux.contiguous(memory_format=torch.channels_last_3d), main)
+    raw.float().sum().backward()
+    bad = [n for n, p in model.named_parameters() if p.grad is not None and p.grad.stride() != p.stride()]
+    assert bad == []
