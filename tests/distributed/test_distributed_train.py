@@ -128,10 +128,12 @@ def test_resume_single_process_run_on_two_ranks(sample_dir: Path, single_run, tm
 
 def test_ranks_stop_together_at_the_next_agreement(sample_dir: Path, tmp_path: Path) -> None:
     """``max_time`` is seen after the first step on both ranks; they stop together at the next
-    agreement (every HALT_AGREE_EVERY steps), not one after the step where each saw it."""
+    agreement (here the epoch's last step, before HALT_AGREE_EVERY), not after the step where
+    each saw it (the old per-step agreement stopped at step 1)."""
     from carbonsr_cli.distributed import HALT_AGREE_EVERY
 
-    changes = dict(CHANGES, name="halt", batch_size=2, epochs=1, steps_per_epoch=HALT_AGREE_EVERY + 5, max_time_s=1e-6)
+    assert HALT_AGREE_EVERY > 6
+    changes = dict(CHANGES, name="halt", batch_size=2, epochs=2, steps_per_epoch=6, max_time_s=1e-6)
     res = run_spec("train", {"sample": str(sample_dir), "runs": str(tmp_path / "runs"), "changes": changes}, tmp_path / "t.json")
     assert res["world_size"] == 2 and res["stopped"] == "max_time"
-    assert res["global_step"] == HALT_AGREE_EVERY
+    assert res["global_step"] == 6
