@@ -50,7 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from carbonsr_cli.downscale.plan import Plan
     from carbonsr_cli.downscale.summary import DownscaleSummary
 
-__all__ = ["align_rows", "context_rows", "part_extent", "row_parts", "part_path", "sub_plan", "run_distributed"]
+__all__ = ["align_rows", "context_rows", "one_machine_hint", "part_extent", "row_parts", "part_path", "sub_plan", "run_distributed"]
 
 #: Child rows copied per read/write during assembly.
 _ASSEMBLE_ROWS = 512
@@ -140,6 +140,9 @@ def run_distributed(plan: Plan, dst_path: Path, summary: DownscaleSummary, **kwa
         summary.tiles = sum(st[0] for st in states)
         summary.precision = states[0][1]
         summary.notes.append(f"distributed over {ctx.world_size} processes (torchrun); tiles include {c} context parent rows per part border")
+        hint = one_machine_hint(ctx.world_size, kwargs.get("device"))
+        if hint:
+            summary.notes.append(hint)
         err2: BaseException | None = None
         if ctx.is_main:
             try:
@@ -162,6 +165,18 @@ def run_distributed(plan: Plan, dst_path: Path, summary: DownscaleSummary, **kwa
             with contextlib.suppress(OSError):
                 mine.unlink(missing_ok=True)
     return ctx
+
+
+def one_machine_hint(world: int, device: Any) -> str | None:
+    """A note for a torchrun run whose GPU ranks all sit on this machine
+    (``LOCAL_WORLD_SIZE == WORLD_SIZE``): one process driving the GPUs does the same work
+    without a second start-up, planning and aux preparation per rank, and the assembly."""
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    if getattr(device, "type", "") != "cuda" or local is None or int(local) != world or world < 2:
+        return None
+    gpus = ",".join(f"cuda:{k}" for k in range(world))
+    return (f"all {world} GPU processes ran on this machine: `--device {gpus}` without torchrun runs the GPUs from one "
+            "process and skips each rank's start-up, planning and the assembly of parts (docs/distributed.md)")
 
 
 def _assemble(plan: Plan, dst: Path, parts: list[tuple[Path, tuple[int, int], int]], kwargs: dict) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "downscale"))
@@ -106,3 +107,13 @@ def test_two_ranks_write_the_single_process_file(tall_region: dict, tmp_path: Pa
         torch.set_num_threads(old)
     leftovers = [p.name for p in tmp_path.iterdir() if ".part" in p.name or p.name.endswith(".tmp")]
     assert not leftovers, leftovers
+
+
+def test_gpu_ranks_on_one_machine_are_pointed_to_the_one_process_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    from carbonsr_cli.downscale.distributed import one_machine_hint
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert "--device cuda:0,cuda:1" in one_machine_hint(2, torch.device("cuda", 0))
+    assert one_machine_hint(2, torch.device("cpu")) is None  # CPU ranks: nothing to say
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # 2 nodes of 1 GPU each
+    assert one_machine_hint(2, torch.device("cuda", 0)) is None
