@@ -14,7 +14,8 @@ steps STEPS+40..STEPS+45::
 BATCH is the global batch. Writes ``OUT_PREFIX.r<rank>.json`` (and ``.prof.txt``,
 ``.trace.json.gz``); prints one ``PROBE {...}`` line per rank. Switches for measurement only
 (environment): ``PROBE_OPTDDP=0`` (Dynamo's DDP optimiser off), ``PROBE_WSUM=local`` (skip the
-loss weight's all-reduce: the loss is then wrong), ``PROBE_DEVICE=cpu``. Tables:
+loss weight's all-reduce: the loss is then wrong), ``PROBE_DEVICE=cpu``, ``PROBE_FORCE_DDP=1`` (under ``torchrun
+--nproc-per-node 1``: DDP with one rank, i.e. DDP's own cost without a second GPU). Tables:
 benchmarks/README.md, "Several GPUs (issue 21), session 14".
 """
 
@@ -49,6 +50,8 @@ def main() -> None:
     from carbonsr_cli.train.config import TrainConfig
     from carbonsr_cli.train.loop import train
 
+    if env("PROBE_FORCE_DDP") == "1":  # the context (and DDP) on with WORLD_SIZE=1
+        distributed.in_torchrun = lambda: "RANK" in os.environ
     rank, world = int(env("RANK", "0")), int(env("WORLD_SIZE", "1"))
     rec: dict[str, Any] = {"name": name, "rank": rank, "world": world, "batch": batch,
                            "env": {k: v for k, v in os.environ.items() if k.startswith("PROBE_")}}
