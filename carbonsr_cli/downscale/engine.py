@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
-from collections.abc import Sequence
 import contextlib
 import functools
 import os
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 

@@ -261,7 +261,7 @@ def compile_mode(device: Any) -> str | None:
     Measured on an H200 (``base``, T = 3, batch 32, bf16; benchmarks/README.md, issue 21 session
     14): the default mode left the step host-bound (~55-60 ms of host time for ~30 ms of GPU
     work: the Inductor wrapper launches each kernel); replaying CUDA graphs took the step to
-    ~32 ms (995 patches/s against 531), and under DDP (one rank) to ~39 ms (814 patches/s).
+    ~32 ms (995 patches/s against 531), and under DDP (one rank) to ~34 ms (943 patches/s).
     """
     env = os.environ.get("CARBONSR_COMPILE_MODE", "").strip()
     if env:
