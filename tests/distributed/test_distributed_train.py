@@ -126,6 +126,7 @@ def test_resume_single_process_run_on_two_ranks(sample_dir: Path, single_run, tm
     np.testing.assert_allclose(out_d, out_s, rtol=RTOL, atol=RTOL * float(np.abs(out_s).max()))
 
 
+@pytest.mark.slow  # about 8 s on 2 cores; the schedule itself is unit-tested (tests/train/test_step_layout.py)
 def test_ranks_stop_together_at_the_next_agreement(sample_dir: Path, tmp_path: Path) -> None:
     """``max_time`` is seen after the first step on both ranks; they stop together at the next
     agreement (here the epoch's last step, before HALT_AGREE_EVERY), not after the step where
