@@ -56,6 +56,7 @@ def train_cmd(
     scales: Annotated[Optional[str], typer.Option("--scales", help="Coarse scales in 1 km cells (divisors of 12) with optional weights: 12,4,2 or 12:0.5,4:0.25,2:0.25.", show_default="12:0.5,4:0.25,2:0.25")] = None,
     val_fraction: Annotated[Optional[float], typer.Option("--val-fraction", help="Share of the region held out for validation (spatial blocks).", show_default="0.2")] = None,
     fit_buffer: Annotated[Optional[int], typer.Option("--fit-buffer", min=0, help="Parent (1 km) cells kept between the validation region and the cells the layer fits use (0: every other cell; training patches keep a buffer of one patch).", show_default="0")] = None,
+    mass_fit_steps: Annotated[Optional[int], typer.Option("--mass-fit-steps", min=0, help="Steps of the per-pixel correction's fit (mass preset; fewer: faster, fitted less closely; 0: the layer mix alone).", show_default="600")] = None,
     val_region: Annotated[Optional[str], typer.Option("--val-region", help="Validation region instead of random blocks: minx,miny,maxx,maxy in the main raster's CRS, or a polygon file.")] = None,
     runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Directory holding run directories.")] = Path("runs"),
     name: Annotated[Optional[str], typer.Option("--name", help="Run directory name (default run_YYYYmmdd_HHMMSS).")] = None,
@@ -94,6 +95,7 @@ def train_cmd(
     given = dict(
         epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, lr=lr, years_window=years_window,
         scales=scales, val_fraction=val_fraction, autosave_every=autosave_every, patience=patience, fit_buffer=fit_buffer,
+        mass_fit_steps=mass_fit_steps,
     )
     fields.update({k: v for k, v in given.items() if v is not None})
     if device != "auto" or "device" not in fields:

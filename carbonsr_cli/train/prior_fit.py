@@ -84,7 +84,7 @@ def prior_module(normalizer: Any, exponents: tuple[float, ...], smooth: tuple[in
 def fit_prior_on_cache(cache: Any, main: Any, train_mask: np.ndarray, normalizer: Any, factor: int, *,
                        exponents: tuple[float, ...], smooth: tuple[int, ...], rows_per_chunk: int = 16,
                        mass: bool = False, mass_hidden: int = 16, mass_members: int = 1, seed: int = 0,
-                       point_channels: tuple[int, ...] = ()) -> PriorFit:
+                       mass_steps: int | None = None, point_channels: tuple[int, ...] = ()) -> PriorFit:
     """Fit the layer mix on the training parent cells of every year.
 
     Args:
@@ -100,6 +100,7 @@ def fit_prior_on_cache(cache: Any, main: Any, train_mask: np.ndarray, normalizer
         mass_hidden: Hidden width of one member MLP of the mass prior.
         mass_members: Member MLPs of the mass prior.
         seed: Seed of the mass prior's fit.
+        mass_steps: Adam steps of the mass prior's fit (None: ``MASS_FIT_STEPS``).
         point_channels: Aux channels holding listed point mass (raw t CO2 / yr); when given, the
             point-site prior is fitted too (``PriorFit.sites``).
 
@@ -190,7 +191,7 @@ def fit_prior_on_cache(cache: Any, main: Any, train_mask: np.ndarray, normalizer
         else:
             prior.set_coefficients(coef, floor)
         mass_fit = fit_mass_on_cache(cache, main, train_mask & ~listed_any if sites is not None else train_mask, prior, factor, hidden=mass_hidden, members=mass_members, smooth=smooth, seed=seed,
-                                     rows_per_chunk=rows_per_chunk)
+                                     steps=mass_steps, rows_per_chunk=rows_per_chunk)
     return PriorFit(tuple(float(p) for p in exponents), tuple(int(k) for k in smooth), tuple(float(v) for v in coef), float(floor), ref,
                     int(t_all.size), terms, basis, share_loss(groups, coef, floor) if groups else float("nan"), mass_fit, sites)
 

@@ -1,11 +1,13 @@
 """The README's "Working with your own rasters" commands, run literally through a shell (issue 18).
 
 The shell expands ``aux/*.tif`` itself, as a user's would. The only additions are options that
-keep training short (appended to ``train`` and ``resume``); everything else is the README's text.
+keep training short (appended to ``train`` and ``resume``: a few steps, and a short fit of the
+mass prior's correction, which takes most of a short CPU run); everything else is the README's text.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -19,7 +21,7 @@ from carbonsr_cli.sample_data import generate_sample_data
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 #: Appended to the README's train/resume lines: a few CPU steps instead of 30 epochs of `base`.
-SHORT = {"train": "--max-steps 2 --steps-per-epoch 2 --batch-size 2 --device cpu -q",
+SHORT = {"train": "--max-steps 2 --steps-per-epoch 2 --batch-size 2 --mass-fit-steps 20 --device cpu -q",
          "resume": "--max-steps 3 --device cpu -q"}
 
 
@@ -59,3 +61,5 @@ def test_readme_own_rasters_commands_run_literally(workdir: Path) -> None:
     for name in ("stats.json", "runs/city/best_model.pth", "emissions_100m.tif", "uniform_100m.tif",
                  "compare.png", "scores.json"):
         assert (workdir / name).exists(), name
+    config = json.loads((workdir / "runs" / "city" / "config.json").read_text())["train_config"]
+    assert config["mass_fit_steps"] == 20  # the option reached the run (and resume kept it)

@@ -221,3 +221,31 @@ def test_layer_fits_use_cells_up_to_the_validation_region(sample_dir: Path, tmp_
         assert np.array_equal(mask, ~val)
     else:
         assert np.array_equal(mask, ~forbidden)
+
+
+def test_mass_fit_steps_reach_the_correction_fit(sample_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``mass_fit_steps`` is the number of Adam steps of the mass prior's fit (None: 600); 0 leaves
+    the correction at 0 (the mix alone)."""
+    import models.mass_prior as mp
+    from carbonsr_cli.train import loop
+
+    steps_seen: list[int] = []
+    real = mp.fit_mass_prior
+
+    def recording(*args, **kwargs):
+        steps_seen.append(kwargs["steps"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mp, "fit_mass_prior", recording)
+    monkeypatch.setattr(mp, "MASS_FIT_STEPS", 3)  # the default, made short for the test
+    for steps in (0, None):
+        run = loop.train(small_config(sample_dir, tmp_path, name=f"mass{steps}", preset="mass", model_overrides={},
+                                      epochs=1, steps_per_epoch=1, mass_fit_steps=steps))
+        state = ck.load_checkpoint(run.run_dir / "latest.pth")["model_state"]
+        last = [v for k, v in state.items() if k.endswith("mlp.4.weight")]
+        assert last, sorted(state)
+        if steps == 0:  # (after a fit the validation gate may still drop the correction)
+            assert all(float(v.abs().max()) == 0.0 for v in last)
+    assert steps_seen == [0, 3]
+    with pytest.raises(UsageError, match="--mass-fit-steps"):
+        small_config(sample_dir, tmp_path, mass_fit_steps=-1).validate()
