@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["in_background"]
+__all__ = ["DeferredCloses", "in_background"]
 
 
 def in_background(fn: Callable[..., Any], *args: Any, name: str) -> tuple[cf.Future, threading.Thread]:
@@ -30,3 +30,41 @@ def in_background(fn: Callable[..., Any], *args: Any, name: str) -> tuple[cf.Fut
     thread = threading.Thread(target=run, name=name, daemon=True)
     thread.start()
     return future, thread
+
+
+
+class DeferredCloses:
+    """Closing work (reader processes shutting down) run in threads while the caller goes on;
+    a ``with`` block waits for all of it at its end and raises the first error, if no other
+    is on its way out.
+
+    The downscale command closes its reader processes (~0.3 s at 1,000 km) while the written
+    file is checked for conservation instead of before.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: list[tuple[cf.Future, threading.Thread]] = []
+
+    def __call__(self, fn: Callable[[], Any]) -> None:
+        """Start ``fn()`` in a thread."""
+        self._jobs.append(in_background(fn, name="carbonsr-close"))
+
+    def join(self) -> None:
+        """Wait for every close; raise the first exception one raised."""
+        jobs, self._jobs = self._jobs, []
+        for _, thread in jobs:
+            thread.join()
+        for future, _ in jobs:
+            future.result()
+
+    def __enter__(self) -> DeferredCloses:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            self.join()
+            return
+        try:
+            self.join()
+        except Exception:  # noqa: BLE001 - the error already on its way out is the one to report
+            pass

@@ -411,11 +411,18 @@ class TemporalSSM(nn.Module):
         """One direction of the scan. u, delta ``[T, P, D]``; B, C ``[T, P, N]`` -> ``[T, P, D]``."""
         a = -torch.exp(self.A_log.float())  # [D, N]
         steps = range(u.shape[0] - 1, -1, -1) if reverse else range(u.shape[0])
-        state = u.new_zeros(u.shape[1], self.inner, self.state_size)  # [P, D, N]
+        # Without autograd the first step skips its decay: the state is 0 and decay * 0 + inflow
+        # == inflow exactly (decay is in [0, 1]). Training keeps it: A_log must get its (zero)
+        # gradient at T = 1 (weight decay, DDP's used-parameter check).
+        first_free = not torch.is_grad_enabled()
+        state = u.new_zeros(()) if first_free else u.new_zeros(u.shape[1], self.inner, self.state_size)  # [P, D, N]
         ys: list[Tensor] = [u[0]] * u.shape[0]
-        for i in steps:
-            decay = torch.exp(delta[i].unsqueeze(-1) * a)  # [P, D, N]
-            state = decay * state + (delta[i] * u[i]).unsqueeze(-1) * bmat[i].unsqueeze(1)
+        for n, i in enumerate(steps):
+            if n == 0 and first_free:
+                state = (delta[i] * u[i]).unsqueeze(-1) * bmat[i].unsqueeze(1)
+            else:
+                decay = torch.exp(delta[i].unsqueeze(-1) * a)  # [P, D, N]
+                state = decay * state + (delta[i] * u[i]).unsqueeze(-1) * bmat[i].unsqueeze(1)
             ys[i] = (state * cmat[i].unsqueeze(1)).sum(-1)
         return torch.stack(ys, dim=0)
 
@@ -436,7 +443,9 @@ class TemporalSSM(nn.Module):
             delta = F.softplus(seq(proj[:, :d]))
             bmat, cmat = seq(proj[:, d : d + n]), seq(proj[:, d + n :])
             y = self._scan(u_seq, delta, bmat, cmat, reverse=False)
-            y = y + self._scan(u_seq, delta, bmat, cmat, reverse=True)
+            # one year, no autograd: the backward scan is the same computation (same values, bit
+            # for bit); with autograd both run, which keeps the gradients' summation order
+            y = y + (y if t == 1 and not torch.is_grad_enabled() else self._scan(u_seq, delta, bmat, cmat, reverse=True))
             y = 0.5 * y + self.D_skip.float() * u_seq
             y = y.reshape(t, b, h, w, d).permute(1, 4, 0, 2, 3)  # [B, D, T, H, W]
         y = y.to(z.dtype) * F.silu(z)

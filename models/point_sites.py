@@ -283,10 +283,13 @@ class PointSites(nn.Module):
         Returns:
             ``log`` of weights summing to about ``T`` per block ``[B, 1, T, H, W]`` (float32);
             the remainder's shares (and their gradient) come from ``log_w``. ``log_w`` itself
-            (same shares) when no cell holds listed mass (checked on the CPU only: on a GPU the
-            check would stall every step).
+            (same shares) when no cell holds listed mass: always when the module has no point
+            channel and places no unlisted source; otherwise checked on the CPU only (on a GPU
+            the check would stall every step).
         """
         unlisted = self._unlisted()
+        if not unlisted and not self._channels():
+            return log_w  # nothing can hold listed mass (known from the buffers: no device sync)
         with torch.autocast(device_type=x.device.type, enabled=False):
             with torch.no_grad():
                 mass = self.listed_mass(x)

@@ -40,6 +40,7 @@ import rasterio
 
 from carbonsr_cli import inventory
 from carbonsr_cli.atomic import check_output_path, make_temp_path, remove_quietly
+from carbonsr_cli.background import DeferredCloses
 from carbonsr_cli.checkpoints import prefetch_sha256
 from carbonsr_cli.downscale.aux_prep import AuxPreparation, prepare_early
 from carbonsr_cli.downscale.check import check_written_conservation
@@ -231,20 +232,23 @@ def _run(run: PlannedRun, dst_path: Path, opts: DownscaleOptions, prep: AuxPrepa
             overwrite=opts.overwrite, compress=opts.compress, uncertainty=run.uncertainty,
             progress=opts.progress, normalizer=run.normalizer,
         )
-        ctx = run_distributed(plan, dst_path, summary, **engine_kw)  # (no prep: never under torchrun)
-        if ctx is None:
-            run_pipeline(plan, dst_path, summary, prep=prep, extra_devices=run.extra_devices, **engine_kw)
-        summary.seconds = time.perf_counter() - t0
-        summary.km2_per_s = summary.area_km2 * len(plan.out_names) / max(summary.seconds, 1e-9)
-        if opts.check:
-            def _check() -> tuple[Any, float]:
-                t1 = time.perf_counter()
-                return check_written_conservation(dst_path, plan), time.perf_counter() - t1
+        # the reader processes shut down while the written file is checked
+        with DeferredCloses() as close_later:
+            ctx = run_distributed(plan, dst_path, summary, **engine_kw)  # (no prep: never under torchrun)
+            if ctx is None:
+                run_pipeline(plan, dst_path, summary, prep=prep, extra_devices=run.extra_devices,
+                             close_later=close_later, **engine_kw)
+            summary.seconds = time.perf_counter() - t0
+            summary.km2_per_s = summary.area_km2 * len(plan.out_names) / max(summary.seconds, 1e-9)
+            if opts.check:
+                def _check() -> tuple[Any, float]:
+                    t1 = time.perf_counter()
+                    return check_written_conservation(dst_path, plan), time.perf_counter() - t1
 
-            # torchrun: rank 0 checks the assembled file and every rank gets its result
-            summary.conservation, summary.check_seconds = _check() if ctx is None else ctx.from_main(_check)
-        else:
-            summary.notes.append("conservation of the written file was not checked (check=False)")
+                # torchrun: rank 0 checks the assembled file and every rank gets its result
+                summary.conservation, summary.check_seconds = _check() if ctx is None else ctx.from_main(_check)
+            else:
+                summary.notes.append("conservation of the written file was not checked (check=False)")
     return summary
 
 

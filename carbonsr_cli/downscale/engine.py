@@ -34,7 +34,7 @@ import functools
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -158,6 +158,7 @@ def run_pipeline(
     normalizer: Any = None,
     prep: AuxPreparation | None = None,
     extra_devices: Sequence[Any] = (),
+    close_later: Callable[[Callable[[], Any]], None] | None = None,
 ) -> None:
     """Run the row-band pipeline and write ``dst`` (and ``uncertainty``) atomically.
 
@@ -178,6 +179,9 @@ def run_pipeline(
         prep: The aux stack prepared in the background (model only; see :func:`_open_strip_feed`).
         extra_devices: More GPUs for the model (copies of it, called in turn; ``device``
             blends and water-fills): see ``_Predictor``.
+        close_later: Takes the strip feed's close (its reader processes' shutdown) to run
+            after this returns, e.g. a :class:`~carbonsr_cli.background.DeferredCloses`
+            (None: closed before this returns).
     """
     f = plan.factor
     is_model = plan.method.method.runs_model
@@ -294,7 +298,10 @@ def run_pipeline(
         finally:
             if warm is not None:
                 warm.join()
-        stack.callback(feed.close)
+        if close_later is None:
+            stack.callback(feed.close)
+        else:
+            stack.callback(close_later, feed.close)
         # One thread prepares the units (model: assembles the aux strips) ahead of the main thread.
         read_ex = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="carbonsr-read")
         submit_read = functools.partial(read_ex.submit, read_unit)

@@ -157,3 +157,61 @@ def test_in_background_keeps_the_result_or_the_exception() -> None:
     thread.join(10)
     with pytest.raises(ValueError, match="bad input"):
         fut.result()
+
+
+def test_deferred_closes_are_waited_for_and_report_their_error() -> None:
+    from carbonsr_cli.background import DeferredCloses
+
+    done = threading.Event()
+    with DeferredCloses() as later:
+        later(lambda: (threading.Event().wait(0.05), done.set()))
+    assert done.is_set()  # the with block waited for it
+
+    def fail() -> None:
+        raise OSError("shutdown failed")
+
+    with pytest.raises(OSError, match="shutdown failed"):
+        with DeferredCloses() as later:
+            later(fail)
+    with pytest.raises(KeyError):  # an error already on its way out is the one reported
+        with DeferredCloses() as later:
+            later(fail)
+            raise KeyError("first")
+
+
+def test_the_prewarp_runs_beside_the_vector_indexes_and_a_failure_leaves_no_folder(
+        small_region: dict, small_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With reader processes, the layers in another CRS are warped in a thread of their own
+    while the stack builds its vector indexes (GDAL's work beside Python's). If the indexes fail,
+    the pre-warp folder is removed and the error reaches the caller."""
+    from carbonsr_cli.aux.stack import AuxStack
+    from carbonsr_cli.downscale import readers as readers_mod
+
+    monkeypatch.delenv("CARBONSR_READ_THREADS", raising=False)
+    monkeypatch.setenv("CARBONSR_READ_PROCS", "2")
+    warping = threading.Event()
+    overlapped: list[bool] = []
+    folders: list[Path | None] = []
+    real_warps, real_prepare = readers_mod.materialize_warps, AuxStack.prepare
+
+    def warps(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        warping.set()
+        folders.append(real_warps(*a, **k))
+        return folders[-1]
+
+    def prepare(self: AuxStack) -> None:
+        if not overlapped:  # the first call: prepare_aux's, in its background thread
+            overlapped.append(warping.wait(20))
+            raise RuntimeError("index failed")
+        real_prepare(self)
+
+    monkeypatch.setattr(readers_mod, "materialize_warps", warps)
+    monkeypatch.setattr(AuxStack, "prepare", prepare)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with pytest.raises(RuntimeError, match="index failed"):
+        downscale(small_region["main"], [small_region["aux"]], out_dir / "m.tif", checkpoint=small_ckpt,
+                  device="cpu", progress=False)
+    assert overlapped == [True]  # the warp had started while the indexes were being built
+    assert len(folders) == 1 and folders[0] is not None and not folders[0].exists()
+    assert list(out_dir.iterdir()) == []

@@ -179,6 +179,23 @@ def test_temporal_t1_well_defined_and_near_identity() -> None:
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
+@pytest.mark.parametrize("years", [1, 3])
+def test_temporal_scan_without_autograd_gives_the_training_values(years: int) -> None:
+    """Inference skips the first step's decay (the state is 0) and, for one year, the second
+    scan (the same computation): the values must stay those of the training forward, bit for bit."""
+    torch.manual_seed(0)
+    ssm = TemporalSSM(C, state_size=4)
+    with torch.no_grad():
+        ssm.out_proj.weight.normal_()
+    x = torch.randn(2, C, years, 5, 5)
+    y_train = ssm(x.requires_grad_())
+    y_train.sum().backward()
+    assert ssm.A_log.grad is not None  # training still uses A_log at T = 1 (weight decay, DDP)
+    with torch.inference_mode():
+        y_infer = ssm(x.detach())
+    assert torch.equal(y_train.detach(), y_infer)
+
+
 def test_down_up_and_head_shapes() -> None:
     torch.manual_seed(0)
     x = torch.randn(2, C, 1, 8, 12)

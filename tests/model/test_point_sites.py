@@ -259,3 +259,14 @@ def test_sites_on_the_gpu_match_the_cpu() -> None:
     cpu = softmax_children(sites(log_w, x, main, F), totals, F)
     gpu = softmax_children(sites.cuda()(log_w.cuda(), x.cuda(), main.cuda(), F), totals.cuda(), F).cpu()
     torch.testing.assert_close(gpu, cpu, rtol=1e-5, atol=1e-4)
+
+
+def test_sites_without_point_channels_pass_the_log_weights_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No point channel and no unlisted sources: nothing can hold listed mass, so the module
+    returns the network's log-weights as they are, without evaluating anything (also on a GPU,
+    where the per-batch check of the listed mass is not made)."""
+    sites = PointSites(C, _surface(), window=3, delta=0.5, point_weight=1.0)
+    monkeypatch.setattr(sites, "listed_mass", lambda x: (_ for _ in ()).throw(AssertionError("evaluated")))
+    log_w = torch.randn(1, 1, 1, 20, 20)
+    main = torch.log1p(torch.full((1, 1, 1, 20, 20), 3.0))
+    assert sites(log_w, _layers(), main, F) is log_w
