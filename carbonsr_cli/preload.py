@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 import threading
 
-__all__ = ["allow_fast_exit", "fast_exit_allowed", "preload_torch", "wait_for_preload"]
+__all__ = ["allow_fast_exit", "fast_exit_allowed", "preload_torch"]
 
 _started: threading.Thread | None = None
 _fast_exit = False
@@ -46,12 +46,3 @@ def preload_torch() -> None:
         return
     _started = threading.Thread(target=_import_torch, name="carbonsr-import-torch", daemon=True)
     _started.start()
-
-
-def wait_for_preload(timeout: float | None = None) -> None:
-    """Wait until the background import of :func:`preload_torch` is over (at once when none runs).
-
-    For work that holds the interpreter lock (building the vector indexes) and can wait: run
-    beside the import, it slows the import down by as much as it takes."""
-    if _started is not None:
-        _started.join(timeout)

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 from carbonsr_cli.background import in_background
 from carbonsr_cli.downscale import readers
 from carbonsr_cli.downscale.plan import plan_stack
-from carbonsr_cli.preload import wait_for_preload
 
 if TYPE_CHECKING:  # pragma: no cover
     from carbonsr_cli.downscale.plan import Plan
@@ -40,10 +39,10 @@ def prepare_aux(plan: Plan, work_dir: Path, warp: bool) -> tuple[Any, Path | Non
     None when nothing needed a warp): reader processes read those instead of warping per strip.
 
     With ``warp`` the pre-warp runs in a thread of its own, on a copy of the stack (its own
-    dataset handles), while this thread builds the vector indexes once the background import
-    of torch is over: the warp is GDAL's work (the interpreter lock released), the indexes are
-    Python's, which beside the import slowed it down (one after the other, warp and indexes took
-    ~1.4 + 2.6 s at 1,000 km on the GPU host, and the first tile row waited for both).
+    dataset handles), while this thread builds the vector indexes: the warp is GDAL's work
+    (the interpreter lock released), the indexes are Python's, so the two overlap (one after
+    the other they took ~1.4 + 2.6 s at 1,000 km on the GPU host, and the first tile row
+    waited for both).
     """
     aux = plan_stack(plan)
     if not warp or not aux.warp_targets():
@@ -52,7 +51,6 @@ def prepare_aux(plan: Plan, work_dir: Path, warp: bool) -> tuple[Any, Path | Non
     warper = aux.copy()
     future, thread = in_background(readers.materialize_warps, warper, work_dir, name="carbonsr-prewarp")
     try:
-        wait_for_preload(timeout=60.0)  # the indexes' Python work would slow the torch import down
         aux.prepare()
     except BaseException:
         thread.join()

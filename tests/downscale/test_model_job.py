@@ -215,31 +215,3 @@ def test_the_prewarp_runs_beside_the_vector_indexes_and_a_failure_leaves_no_fold
     assert overlapped == [True]  # the warp had started while the indexes were being built
     assert len(folders) == 1 and folders[0] is not None and not folders[0].exists()
     assert list(out_dir.iterdir()) == []
-
-
-def test_the_vector_indexes_wait_for_the_torch_import(small_region: dict, small_ckpt: Path, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """Building the vector indexes holds the interpreter lock: with reader processes it starts once
-    the background import of torch is over (the pre-warp, GDAL's work, does not wait)."""
-    from carbonsr_cli import preload
-    from carbonsr_cli.aux.stack import AuxStack
-
-    monkeypatch.delenv("CARBONSR_READ_THREADS", raising=False)
-    monkeypatch.setenv("CARBONSR_READ_PROCS", "2")
-    imported = threading.Event()
-    importing = threading.Thread(target=imported.wait, args=(20,), daemon=True)  # stands for the import
-    importing.start()
-    monkeypatch.setattr(preload, "_started", importing)
-    threading.Timer(0.3, imported.set).start()
-    seen: list[bool] = []
-    real_prepare = AuxStack.prepare
-
-    def prepare(self: AuxStack) -> None:
-        seen.append(imported.is_set())
-        real_prepare(self)
-
-    monkeypatch.setattr(AuxStack, "prepare", prepare)
-    s = downscale(small_region["main"], [small_region["aux"]], tmp_path / "m.tif", checkpoint=small_ckpt,
-                  device="cpu", progress=False)
-    assert s.conservation.ok
-    assert seen and seen[0] is True
