@@ -102,10 +102,10 @@ def to_device(array: Any, device: Any) -> Any:
     page-locked memory (PyTorch's caching host allocator) and transfers it with
     ``non_blocking=True`` on a side stream of its own, which the current stream then waits for
     (work queued after this call sees the values). On the side stream the copy does not queue
-    behind the model's kernels, so its page-locked buffer is free again at once: on the current
-    stream the allocator could reuse no buffer while the GPU was behind and kept allocating and
-    freeing page-locked memory (``cudaHostAlloc`` / ``cudaFreeHost``: 8.7 ms of host time per
-    tile row at 1,000 km, session 15). Elsewhere a plain ``.to``.
+    behind the model's kernels, so it is done, and its page-locked buffer free for reuse, sooner.
+    Measured at 1,000 km (session 15, 20 tile rows under the profiler): GPU busy 85 -> 92 %,
+    host 0.696 -> 0.644 s; the page-locked allocations of the window went from 13 to 10 (most
+    come from elsewhere). Elsewhere a plain ``.to``.
     """
     import numpy as np
     import torch
