@@ -100,6 +100,7 @@ from carbonsr_cli.sample_world import (
     _MARGIN,
     _MARGIN_PARENT,
     _STRIP,
+    _Plant,
     _X_CENTRE,
     _Y_TOP,
     _block_sum,
@@ -191,6 +192,7 @@ def generate_sample_data(
     overwrite: bool = False,
     kind: str = "mixed",
     noise_free: bool = False,
+    unlisted_plants: bool = True,
 ) -> SampleData:
     """Write a deterministic synthetic region (see the module docstring) to ``out_dir``.
 
@@ -210,6 +212,13 @@ def generate_sample_data(
             other draw unchanged: the truth is then the field's expected value and the 1 km totals
             its sums. For benchmarks: the noise-free twin of a region, allocated to the noisy
             region's 1 km totals, is the best placement any method could reach (the floor).
+        unlisted_plants: With ``False`` (only together with ``noise_free``; for benchmarks), the
+            truth raster has the footprint cells of every plant that ``plants.gpkg`` does not list
+            set to 0 in every band (a plant's cells carry only the plant). Every draw and every
+            other file (the 1 km totals included) stay those of the noise-free twin. Shared onto
+            the noisy region's 1 km totals, this twin puts the listed plants at their sites and an
+            unlisted plant's mass onto its block's surface in proportion: the floor a method can
+            reach that knows the law and the catalogue but not where the unlisted plants sit.
 
     Returns:
         The paths of every file written (inside ``out_dir``).
@@ -218,7 +227,10 @@ def generate_sample_data(
         OutputError: ``out_dir`` is not empty (without ``overwrite``), is a file,
             or cannot be written.
         UsageError: Bad ``size_km``, ``years`` or ``kind``.
+        ValueError: ``unlisted_plants=False`` without ``noise_free=True``.
     """
+    if not unlisted_plants and not noise_free:
+        raise ValueError("unlisted_plants=False is only allowed with noise_free=True (a benchmark twin)")
     years_t = _check_years(years)
     if kind not in KINDS:
         raise UsageError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -237,7 +249,8 @@ def generate_sample_data(
         try:
             with rasterio.Env(GDAL_CACHEMAX=128):  # MB; bounded write cache for large regions
                 layout = _layout(tmp, years=years_t, seed=seed, size_km=size_km, kind=kind)
-                _generate(layout, seed=seed, size_km=size_km, years=years_t, kind=kind, noise_free=noise_free)
+                _generate(layout, seed=seed, size_km=size_km, years=years_t, kind=kind, noise_free=noise_free,
+                          unlisted_plants=unlisted_plants)
         except OSError as exc:  # disk full, quota, the directory removed under us, ...
             raise OutputError(f"cannot write the sample data ({exc})", dest) from None
         _move_into_place(tmp, dest, overwrite)
@@ -361,7 +374,10 @@ def _move_into_place(tmp: Path, dest: Path, overwrite: bool) -> None:
 # ----------------------------------------------------------------------------- generation
 
 
-def _generate(paths: SampleData, *, seed: int, size_km: int, years: tuple[int, ...], kind: str = "mixed", noise_free: bool = False) -> None:
+def _generate(
+    paths: SampleData, *, seed: int, size_km: int, years: tuple[int, ...], kind: str = "mixed", noise_free: bool = False,
+    unlisted_plants: bool = True,
+) -> None:
     import rasterio
     from rasterio.windows import Window
 
@@ -491,11 +507,33 @@ def _generate(paths: SampleData, *, seed: int, size_km: int, years: tuple[int, .
         )
 
     _write_aux(paths, rng, world, ext_transform, plants, seed=seed, size_km=size_km)
-    n_listed = _write_catalogue(paths.plants, rng, plants, first_totals, ext_transform)  # last draws: other files unchanged
+    listed = _write_catalogue(paths.plants, rng, plants, first_totals, ext_transform)  # last draws: other files unchanged
+    if not unlisted_plants:
+        unlisted = set(range(len(plants))) - set(listed.tolist())
+        _zero_plants(paths.truth, [plants[i] for i in sorted(unlisted)])
     _write_readme(
-        paths, seed=seed, size_km=size_km, years=years, n_plants=len(plants), n_listed=n_listed, kind=kind,
+        paths, seed=seed, size_km=size_km, years=years, n_plants=len(plants), n_listed=len(listed), kind=kind,
         process=__doc__ or "",
     )
+
+
+def _zero_plants(truth_path: Path, plants: list[_Plant]) -> None:
+    """Set the footprint cells of ``plants`` to 0 in every band of the truth raster (in place).
+
+    A plant's cells carry only the plant (traffic and heating are zeroed there, sites are on
+    land), so this removes exactly the plants' mass.
+    """
+    import rasterio
+    from rasterio.windows import Window
+
+    with rasterio.open(truth_path, "r+") as dst:
+        for p in plants:
+            r, c = p.rows - _MARGIN, p.cols - _MARGIN
+            r0, c0 = int(r.min()), int(c.min())
+            win = Window(c0, r0, int(c.max()) - c0 + 1, int(r.max()) - r0 + 1)
+            block = dst.read(window=win)
+            block[:, r - r0, c - c0] = 0
+            dst.write(block, window=win)
 
 
 # ----------------------------------------------------------------------------- auxiliary layers

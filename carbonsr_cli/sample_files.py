@@ -142,8 +142,9 @@ def _write_roads(path: Path, roads: dict[str, list[np.ndarray]], ext_transform: 
 
 def _write_catalogue(
     path: Path, rng: np.random.Generator, plants: list[_Plant], first_totals: list[float], ext_transform: Any
-) -> int:
-    """Write the incomplete plant catalogue ``plants.gpkg`` (see the module docstring); returns the plants listed.
+) -> np.ndarray:
+    """Write the incomplete plant catalogue ``plants.gpkg`` (see the module docstring); returns the
+    indices into ``plants`` of the plants listed (increasing; ``plant NN`` is index + 1).
 
     ``first_totals``: each plant's first-year emission in t CO2 / yr (its rate when it opens
     for a plant that opens later).
@@ -173,7 +174,7 @@ def _write_catalogue(
     )
     with _fixed_gpkg_date():
         gdf.to_file(path, driver="GPKG", layer="plants", engine="pyogrio")
-    return len(idx)
+    return idx
 
 
 

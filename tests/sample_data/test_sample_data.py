@@ -214,6 +214,56 @@ def test_noise_free_twin_differs_only_by_the_per_cell_noise(tmp_path: Path) -> N
     assert 0.1 < np.std(np.log(ratio)) < 0.16  # plants' cells (no per-cell noise) pull it below 0.15
 
 
+def test_twin_without_unlisted_plants_zeroes_only_their_cells(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``unlisted_plants=False`` (benchmarks' reachable floor): the noise-free twin with every plant
+    that plants.gpkg leaves out set to 0 on its footprint; every other cell and file unchanged."""
+    with pytest.raises(ValueError, match="noise_free"):
+        sd.generate_sample_data(tmp_path / "x", seed=2, size_km=24, kind="points", unlisted_plants=False)
+    assert not (tmp_path / "x").exists()
+    made: list[list] = []
+
+    def make_plants(*args, **kwargs):  # records the generator's plants (footprints, extended grid)
+        plants = real(*args, **kwargs)
+        made.append(plants)
+        return plants
+
+    real = sd._make_plants
+    monkeypatch.setattr(sd, "_make_plants", make_plants)
+    kw = dict(seed=2, size_km=24, years=(2019, 2020, 2021), kind="points", noise_free=True)
+    a = sd.generate_sample_data(tmp_path / "a", **kw)
+    b = sd.generate_sample_data(tmp_path / "b", **kw, unlisted_plants=False)
+    assert len(made) == 2 and len(made[0]) == len(made[1])
+    for fa, fb in zip(a.files, b.files, strict=True):
+        if fa.name != "truth_100m.tif":
+            assert fa.read_bytes() == fb.read_bytes(), fa.name
+
+    import geopandas as gpd
+
+    listed = {int(name.split()[1]) - 1 for name in gpd.read_file(a.plants)["name"]}
+    plants = made[0]
+    unlisted = sorted(set(range(len(plants))) - listed)
+    assert listed and unlisted  # points regions have >= 8 plants: both kinds are there
+    with rasterio.open(a.truth) as da, rasterio.open(b.truth) as db:
+        ta, tb = da.read(), db.read()
+    m = sd._MARGIN
+
+    def cells(idx: list[int]) -> np.ndarray:
+        mask = np.zeros(ta.shape[1:], dtype=bool)
+        for i in idx:
+            mask[plants[i].rows - m, plants[i].cols - m] = True
+        return mask
+
+    gone, kept = cells(unlisted), cells(sorted(listed))
+    assert (ta[:, gone] > 0).any(axis=0).all() and (ta[:, kept] > 0).any(axis=0).all()  # every plant emits in some year
+    assert (tb[:, gone] == 0).all()
+    np.testing.assert_array_equal(tb[:, kept], ta[:, kept])
+    np.testing.assert_array_equal(tb[:, ~gone], ta[:, ~gone])
+    # the default twin is the same with the argument spelled out
+    c = sd.generate_sample_data(tmp_path / "c", **kw, unlisted_plants=True)
+    for fa, fc in zip(a.files, c.files, strict=True):
+        assert fa.read_bytes() == fc.read_bytes(), fa.name
+
+
 # ----------------------------------------------------------------------------- safety and CLI
 
 
