@@ -295,9 +295,12 @@ def run_pipeline(
             warm.start()
         try:
             feed, aux_order = _open_strip_feed(plan, layout, chunks, device, Path(dst).parent, prep)
-        finally:
+        except BaseException:
             if warm is not None:
                 warm.join()
+            raise
+        if warm is not None:  # the first units are read (and uploaded) while the warm-up runs
+            stack.callback(warm.join)  # also when the loop stops before its first prediction
         if close_later is None:
             stack.callback(feed.close)
         else:
@@ -330,6 +333,9 @@ def run_pipeline(
                     totals = data.totals
                     preds = [[] for _ in range(n_views)]
                 j0, j1 = chunks[j]
+                if warm is not None:  # the model's first batch waits for the warm-up's kernels
+                    warm.join()
+                    warm = None
                 got = _predict_row(predictor, data, row[j0:j1], plan, n_views, prog)
                 for d in range(n_views):
                     preds[d].extend(got[d])
