@@ -181,7 +181,8 @@ def main() -> None:
               f"floor / best baseline mean {statistics.mean(r['floor_ratio'] for r in of_kind):.3f}; geometric means: "
               f"model {statistics.geometric_mean(ratios):.3f}, floor {statistics.geometric_mean(r['floor_ratio'] for r in of_kind):.3f}, "
               f"floor_listed {statistics.geometric_mean(r['floor_listed_ratio'] for r in of_kind):.3f} "
-              f"({sum(r['floor_listed_ratio'] > 0.8 for r in of_kind)} of {len(of_kind)} regions above 0.8)")
+              f"(regions above 0.8 of {len(of_kind)}: floor {sum(r['floor_ratio'] > 0.8 for r in of_kind)}, "
+              f"floor_listed {sum(r['floor_listed_ratio'] > 0.8 for r in of_kind)})")
     if args.train_seeds > 1:
         print(f"spread of the model's 100 m Nonzero-MAE over {args.train_seeds} training seeds on the same split, (max - min) / mean: "
               + ", ".join(f"{r['kind']} {r['seed']} {r['train_spread']:.1%}" for r in rows))
