@@ -71,6 +71,8 @@ class ModelConfig:
             ``mass``: the per-pixel emission mass network of :class:`models.mass_prior.MassPrior`
             (a disaggregation regression; products of layers, point catalogues placed linearly).
         mass_hidden: Hidden width of one member MLP of the mass prior.
+        mass_smooth: Neighbourhood edges (odd, child cells) of the mass prior's correction
+            features (each aux layer averaged over each); None: ``prior_smooth``.
         mass_members: Member MLPs the mass prior's correction averages (fitted independently,
             :func:`models.mass_prior.fit_mass_prior`). 1 in every preset. 4 members (session 9,
             benchmarks/README.md): over 54 generated regions 0.680 x the best baseline against
@@ -131,6 +133,7 @@ class ModelConfig:
     prior_smooth: tuple[int, ...] = (1, 3)
     prior_kind: str = "mix"
     mass_hidden: int = 16
+    mass_smooth: tuple[int, ...] | None = None
     mass_members: int = 1
     point_sites: bool = False
     site_window: int = 3
@@ -151,6 +154,8 @@ class ModelConfig:
         self.dilations = tuple(int(d) for d in self.dilations)
         self.prior_exponents = tuple(float(p) for p in self.prior_exponents)
         self.prior_smooth = tuple(int(k) for k in self.prior_smooth)
+        if self.mass_smooth is not None:
+            self.mass_smooth = tuple(int(k) for k in self.mass_smooth)
         self.validate()
 
     def validate(self) -> None:
@@ -199,6 +204,8 @@ class ModelConfig:
             raise bad("prior_kind", "must be 'mix' or 'mass'")
         if self.mass_hidden < 1:
             raise bad("mass_hidden", "must be >= 1")
+        if self.mass_smooth is not None and (not self.mass_smooth or any(k < 1 or k % 2 == 0 for k in self.mass_smooth)):
+            raise bad("mass_smooth", "need odd sizes >= 1")
         if self.mass_members < 1:
             raise bad("mass_members", "must be >= 1")
         if self.site_window < 1 or self.site_window % 2 == 0:

@@ -124,7 +124,7 @@ class DSTCarbonFormer(nn.Module):
         self.dasymetric = config.allocation == "dasymetric"
         self.prior: nn.Module | None = None
         if self.dasymetric and config.use_prior:
-            self.prior = (MassPrior(config.aux_channels, config.mass_hidden, config.prior_smooth, config.prior_exponents, config.prior_smooth, config.mass_members) if config.prior_kind == "mass"
+            self.prior = (MassPrior(config.aux_channels, config.mass_hidden, config.mass_smooth or config.prior_smooth, config.prior_exponents, config.prior_smooth, config.mass_members) if config.prior_kind == "mass"
                           else DasymetricPrior(config.aux_channels, config.prior_exponents, config.prior_smooth))
         self.sites: PointSites | None = None
         if self.prior is not None and config.point_sites:

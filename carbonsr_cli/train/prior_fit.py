@@ -84,7 +84,8 @@ def prior_module(normalizer: Any, exponents: tuple[float, ...], smooth: tuple[in
 def fit_prior_on_cache(cache: Any, main: Any, train_mask: np.ndarray, normalizer: Any, factor: int, *,
                        exponents: tuple[float, ...], smooth: tuple[int, ...], rows_per_chunk: int = 16,
                        mass: bool = False, mass_hidden: int = 16, mass_members: int = 1, seed: int = 0,
-                       mass_steps: int | None = None, point_channels: tuple[int, ...] = ()) -> PriorFit:
+                       mass_steps: int | None = None, point_channels: tuple[int, ...] = (),
+                       mass_smooth: tuple[int, ...] | None = None) -> PriorFit:
     """Fit the layer mix on the training parent cells of every year.
 
     Args:
@@ -103,6 +104,7 @@ def fit_prior_on_cache(cache: Any, main: Any, train_mask: np.ndarray, normalizer
         mass_steps: Adam steps of the mass prior's fit (None: ``MASS_FIT_STEPS``).
         point_channels: Aux channels holding listed point mass (raw t CO2 / yr); when given, the
             point-site prior is fitted too (``PriorFit.sites``).
+        mass_smooth: Neighbourhood edges of the mass prior's features (None: ``smooth``).
 
     Returns:
         The :class:`PriorFit`.
@@ -190,7 +192,7 @@ def fit_prior_on_cache(cache: Any, main: Any, train_mask: np.ndarray, normalizer
             prior.set_active(surface_active(prior.basis, pts))
         else:
             prior.set_coefficients(coef, floor)
-        mass_fit = fit_mass_on_cache(cache, main, train_mask & ~listed_any if sites is not None else train_mask, prior, factor, hidden=mass_hidden, members=mass_members, smooth=smooth, seed=seed,
+        mass_fit = fit_mass_on_cache(cache, main, train_mask & ~listed_any if sites is not None else train_mask, prior, factor, hidden=mass_hidden, members=mass_members, smooth=mass_smooth or smooth, seed=seed,
                                      steps=mass_steps, rows_per_chunk=rows_per_chunk)
     return PriorFit(tuple(float(p) for p in exponents), tuple(int(k) for k in smooth), tuple(float(v) for v in coef), float(floor), ref,
                     int(t_all.size), terms, basis, share_loss(groups, coef, floor) if groups else float("nan"), mass_fit, sites)

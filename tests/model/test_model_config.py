@@ -36,7 +36,8 @@ def test_missing_aux_channels_rejected() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("top_k", 5), ("attn_heads", 3), ("depths", (1, 1)), ("temporal_kernel", 2), ("dropout", 1.0)],
+    [("top_k", 5), ("attn_heads", 3), ("depths", (1, 1)), ("temporal_kernel", 2), ("dropout", 1.0), ("mass_smooth", (2,)),
+     ("mass_smooth", ())],
 )
 def test_invalid_values_rejected(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):

@@ -223,6 +223,20 @@ def test_layer_fits_use_cells_up_to_the_validation_region(sample_dir: Path, tmp_
         assert np.array_equal(mask, ~forbidden)
 
 
+def test_mass_smooth_sets_the_correction_features(sample_dir: Path, tmp_path: Path) -> None:
+    """``mass_smooth`` (a model override) gives the mass prior's correction its own neighbourhoods:
+    the fit and the checkpoint's network use them, and the checkpoint loads for inference."""
+    from carbonsr_cli.train import loop
+    from models.mass_prior import MassPrior
+
+    run = loop.train(small_config(sample_dir, tmp_path, name="mass-smooth", preset="mass", model_overrides={"mass_smooth": [1, 5]},
+                                  epochs=1, steps_per_epoch=1, mass_fit_steps=3))
+    loaded = ck.load_model_for_inference(run.run_dir / "latest.pth", torch.device("cpu"))
+    prior = loaded.model.prior
+    assert isinstance(prior, MassPrior) and prior.smooth == (1, 5)
+    assert prior.features_size == 2 * prior.channels and prior.mix.basis.smooth == (1, 3)  # the mix keeps its own
+
+
 def test_mass_fit_steps_reach_the_correction_fit(sample_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``mass_fit_steps`` is the number of Adam steps of the mass prior's fit (None: 600); 0 leaves
     the correction at 0 (the mix alone)."""
