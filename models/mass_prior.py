@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -134,8 +135,17 @@ class MassPrior(nn.Module):
         return self.mix(x) + h
 
 
+def trend_terms(coords: Tensor, degree: int) -> Tensor:
+    """Monomials ``y^i x^j`` with ``1 <= i + j <= degree`` of block coordinates ``[N, 2]`` (each
+    scaled to ``[-1, 1]`` over the region) -> ``[N, P]`` (``P = 0`` for degree 0)."""
+    y, x = coords[:, 0:1].double(), coords[:, 1:2].double()
+    cols = [y**i * x ** (d - i) for d in range(1, degree + 1) for i in range(d, -1, -1)]
+    return torch.cat(cols, dim=1) if cols else coords.new_zeros((coords.shape[0], 0), dtype=torch.float64)
+
+
 def fit_mass_prior(prior: MassPrior, feats: Tensor, mix_log: Tensor, totals: Tensor, *, steps: int = MASS_FIT_STEPS,
-                   lr: float = 1e-2, weight_decay: float = 1e-4, seed: int = 0) -> float:
+                   lr: float = 1e-2, weight_decay: float = 1e-4, seed: int = 0, coords: Tensor | None = None,
+                   trend: int = 0) -> float:
     """Fit ``h`` (and the scale) so that the block sums of ``m`` match parent totals (in place).
 
     Each of the ``prior.members`` MLPs is fitted on its own (its own initial weights and scale,
@@ -151,10 +161,17 @@ def fit_mass_prior(prior: MassPrior, feats: Tensor, mix_log: Tensor, totals: Ten
         lr: Learning rate.
         weight_decay: L2 penalty on the MLPs (coupled, pulls ``h`` towards 0).
         seed: Seed of the MLPs' initial weights (member by member, in order).
+        coords: Block coordinates ``[N, 2]`` (row, column of the parent cell, any units), for ``trend``.
+        trend: Degree of a smooth polynomial of the block coordinates added to ``log S`` during the
+            fit only (0: none). It takes up smooth differences between regions of the raster (a
+            climate gradient of heating, a regional fuel mix: "regional effects" of a disaggregation
+            regression) that would otherwise be put on whatever aux layer happens to follow them,
+            moving mass inside the blocks; nearly constant inside a block, it would not change the
+            shares, so it is fitted and then dropped (not stored in ``prior``).
 
     Returns:
         The fitted module's loss: mean ``|log(S + eps) - log(T + eps)|`` with ``eps`` = 1 % of the
-        median total.
+        median total (with the trend, when fitted).
     """
     feats = feats.float()
     mix_log = mix_log.double()
@@ -181,11 +198,23 @@ def fit_mass_prior(prior: MassPrior, feats: Tensor, mix_log: Tensor, totals: Ten
     log_t = torch.log(t + eps).float()
     log_eps = torch.tensor(math.log(eps), dtype=torch.float32)
     shift = shift.float()
-    opt = torch.optim.Adam([{"params": members.mlp_parameters(), "weight_decay": weight_decay},
-                            {"params": [members.log_scale], "weight_decay": 0.0}], lr=lr)
+    groups: list[dict[str, Any]] = [{"params": members.mlp_parameters(), "weight_decay": weight_decay},
+                                    {"params": [members.log_scale], "weight_decay": 0.0}]
+    g_terms = None
+    if trend > 0:
+        if coords is None or coords.shape != (n, 2):
+            raise ValueError(f"trend needs block coordinates [N, 2], got {None if coords is None else tuple(coords.shape)}")
+        c = coords.double()
+        lo, hi = c.min(0).values, c.max(0).values
+        g_terms = trend_terms(2 * (c - lo) / (hi - lo).clamp(min=1e-9) - 1, trend).float()  # [N, P]
+        g_coef = nn.Parameter(torch.zeros(m, g_terms.shape[1]))
+        groups.append({"params": [g_coef], "weight_decay": 0.0})
+    opt = torch.optim.Adam(groups, lr=lr)
     for _ in range(max(0, steps)):
         h = members(z).reshape(m, n, p)
         log_s = members.log_scale[:, None] + shift + torch.logsumexp(base + h, 2)  # [M, N]
+        if g_terms is not None:
+            log_s = log_s + g_coef @ g_terms.t()
         loss = (torch.logaddexp(log_s, log_eps) - log_t).abs().mean(1).sum()  # each member's own loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -193,6 +222,8 @@ def fit_mass_prior(prior: MassPrior, feats: Tensor, mix_log: Tensor, totals: Ten
     members.store(prior)
     with torch.no_grad():
         log_s = prior.log_scale + shift + torch.logsumexp(base + prior.correction(feats), 1)
+        if g_terms is not None:
+            log_s = log_s + (g_coef.mean(0) @ g_terms.t())
         return float((torch.logaddexp(log_s, log_eps) - log_t).abs().mean())
 
 

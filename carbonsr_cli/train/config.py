@@ -58,6 +58,8 @@ class TrainConfig:
         mass_fit_steps: Full-batch Adam steps of the mass prior's per-pixel correction (None:
             ``models.mass_prior.MASS_FIT_STEPS``, 600; 0: no correction, the mix alone). The fit
             takes most of a CPU run's time on small regions; fewer steps fit less closely.
+        mass_trend: Degree of the smooth polynomial of block coordinates fitted beside the mass
+            prior's correction and then dropped (``models.mass_prior.fit_mass_prior``; 0: none).
         years_window: T, years per patch (None: 1 for ``tiny``, 3 otherwise, capped by the
             number of years).
         scales: Coarse-scale schedule, e.g. ``"12:0.5,4:0.25,2:0.25"`` (divisors of ``patch``).
@@ -124,6 +126,7 @@ class TrainConfig:
     select_margin: float = 0.03
     mass_gate_ramp: list[float] = field(default_factory=lambda: list(MASS_GATE_RAMP))
     mass_fit_steps: int | None = None
+    mass_trend: int = 0
     val_fraction: float = 0.2
     val_region: str | None = None
     block_patches: int = 3
@@ -184,6 +187,7 @@ class TrainConfig:
             (all(s >= 1 and self.patch % s == 0 for s in self.val_scales), f"val scales must divide the patch ({self.patch})"),
             (self.fit_buffer is None or self.fit_buffer >= 0, "--fit-buffer must be >= 0"),
             (self.mass_fit_steps is None or self.mass_fit_steps >= 0, "--mass-fit-steps must be >= 0"),
+            (0 <= self.mass_trend <= 4, "mass_trend must be between 0 and 4"),
             (len(self.mass_gate_ramp) == 2 and 0.0 < self.mass_gate_ramp[0] < self.mass_gate_ramp[1],
              "mass_gate_ramp must be [lo, hi] with 0 < lo < hi"),
         ]

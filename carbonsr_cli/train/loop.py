@@ -312,7 +312,7 @@ def train(config: TrainConfig) -> RunResult:
                                        exponents=tuple(cfg.model_overrides.get("prior_exponents", DEFAULT_EXPONENTS)),
                                        smooth=tuple(cfg.model_overrides.get("prior_smooth", DEFAULT_SMOOTH)),
                                        mass=mcfg.use_prior and mcfg.prior_kind == "mass", mass_hidden=mcfg.mass_hidden, mass_members=mcfg.mass_members, seed=cfg.seed,
-                                       mass_steps=cfg.mass_fit_steps, mass_smooth=mcfg.mass_smooth,
+                                       mass_steps=cfg.mass_fit_steps, mass_smooth=mcfg.mass_smooth, mass_trend=cfg.mass_trend,
                                        point_channels=tuple(point_channels) if sites_on else ())
         if mcfg.point_sites and prior_fit.sites is None:  # no listed layer, or no listed point in the region
             mcfg = model_preset(cfg.preset, aux_channels=cache.channels, **{**overrides, "point_sites": False})

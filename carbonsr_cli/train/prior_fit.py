@@ -85,7 +85,7 @@ def fit_prior_on_cache(cache: Any, main: Any, train_mask: np.ndarray, normalizer
                        exponents: tuple[float, ...], smooth: tuple[int, ...], rows_per_chunk: int = 16,
                        mass: bool = False, mass_hidden: int = 16, mass_members: int = 1, seed: int = 0,
                        mass_steps: int | None = None, point_channels: tuple[int, ...] = (),
-                       mass_smooth: tuple[int, ...] | None = None) -> PriorFit:
+                       mass_smooth: tuple[int, ...] | None = None, mass_trend: int = 0) -> PriorFit:
     """Fit the layer mix on the training parent cells of every year.
 
     Args:
@@ -105,6 +105,7 @@ def fit_prior_on_cache(cache: Any, main: Any, train_mask: np.ndarray, normalizer
         point_channels: Aux channels holding listed point mass (raw t CO2 / yr); when given, the
             point-site prior is fitted too (``PriorFit.sites``).
         mass_smooth: Neighbourhood edges of the mass prior's features (None: ``smooth``).
+        mass_trend: Degree of the regional trend fitted beside the correction (0: none).
 
     Returns:
         The :class:`PriorFit`.
@@ -193,7 +194,7 @@ def fit_prior_on_cache(cache: Any, main: Any, train_mask: np.ndarray, normalizer
         else:
             prior.set_coefficients(coef, floor)
         mass_fit = fit_mass_on_cache(cache, main, train_mask & ~listed_any if sites is not None else train_mask, prior, factor, hidden=mass_hidden, members=mass_members, smooth=mass_smooth or smooth, seed=seed,
-                                     steps=mass_steps, rows_per_chunk=rows_per_chunk)
+                                     steps=mass_steps, rows_per_chunk=rows_per_chunk, trend=mass_trend)
     return PriorFit(tuple(float(p) for p in exponents), tuple(int(k) for k in smooth), tuple(float(v) for v in coef), float(floor), ref,
                     int(t_all.size), terms, basis, share_loss(groups, coef, floor) if groups else float("nan"), mass_fit, sites)
 
@@ -306,13 +307,13 @@ def _row_chunks(arr: Any, year: int, factor: int, margin: int, rows_per_chunk: i
 
 def fit_mass_on_cache(cache: Any, main: Any, train_mask: np.ndarray, mix: Any, factor: int, *, hidden: int = 16,
                       members: int = 1, smooth: tuple[int, ...] = (1, 3), seed: int = 0, max_blocks: int = 4000, steps: int | None = None,
-                      rows_per_chunk: int = 16) -> dict[str, Any]:
+                      rows_per_chunk: int = 16, trend: int = 0) -> dict[str, Any]:
     """Fit the per-pixel correction of the fitted mix ``mix`` (:class:`models.mass_prior.MassPrior`)
     on (at most ``max_blocks``, drawn with ``seed``) training parent cells with a total > 0, all
     years; see :func:`models.mass_prior.fit_mass_prior`.
 
     Returns:
-        ``{"hidden", "members", "smooth", "blocks", "loss", "state"}`` (``state`` = the module's state dict
+        ``{"hidden", "members", "smooth", "blocks", "loss", "trend", "state"}`` (``state`` = the module's state dict
         as nested lists, mix included), for :func:`build_network_prior`.
     """
     import torch
@@ -330,7 +331,7 @@ def fit_mass_on_cache(cache: Any, main: Any, train_mask: np.ndarray, mix: Any, f
         rng = np.random.default_rng(seed)
         index = index[np.sort(rng.choice(len(index), max_blocks, replace=False))]
     margin = max(max(smooth), max(mix.basis.smooth)) // 2
-    feats, mixes, tots = [], [], []
+    feats, mixes, tots, coords = [], [], [], []
     with torch.no_grad():
         for y in range(n_years):
             rows_y = index[index[:, 0] == y]
@@ -342,13 +343,16 @@ def fit_mass_on_cache(cache: Any, main: Any, train_mask: np.ndarray, mix: Any, f
                 feats.append(fb[sel[:, 1] - r0, sel[:, 2]])
                 mixes.append(mb[sel[:, 1] - r0, sel[:, 2]])
                 tots.append(values[y, sel[:, 1], sel[:, 2]])
+                coords.append(sel[:, 1:3].astype(np.float64))
     p2 = factor * factor
     ft = torch.from_numpy(np.concatenate(feats)) if feats else torch.zeros((0, p2, prior.features_size))
     mt = torch.from_numpy(np.concatenate(mixes)) if mixes else torch.zeros((0, p2), dtype=torch.float64)
     tt = torch.from_numpy(np.concatenate(tots)) if tots else torch.zeros(0, dtype=torch.float64)
-    loss = fit_mass_prior(prior, ft, mt, tt, steps=MASS_FIT_STEPS if steps is None else steps, seed=seed)
+    ct = torch.from_numpy(np.concatenate(coords)) if coords else torch.zeros((0, 2), dtype=torch.float64)
+    loss = fit_mass_prior(prior, ft, mt, tt, steps=MASS_FIT_STEPS if steps is None else steps, seed=seed, coords=ct, trend=trend)
     state = {k: v.detach().cpu().tolist() for k, v in prior.state_dict().items()}
-    return {"hidden": int(hidden), "members": int(members), "smooth": [int(k) for k in smooth], "blocks": int(len(tt)), "loss": float(loss), "state": state}
+    return {"hidden": int(hidden), "members": int(members), "smooth": [int(k) for k in smooth], "blocks": int(len(tt)), "loss": float(loss),
+            "trend": int(trend), "state": state}
 
 
 def build_point_sites(fit: PriorFit, normalizer: Any, window: int = 3, delta: float = 1.0, point_weight: float = 1.0,

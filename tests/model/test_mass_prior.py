@@ -148,3 +148,40 @@ def test_members_are_fitted_apart_and_averaged() -> None:
         one = single.correction(feats).flatten()
         assert torch.corrcoef(torch.stack([one, parts[0].flatten()]))[0, 1] > 0.99
         assert torch.corrcoef(torch.stack([parts[0].flatten(), parts[1].flatten()]))[0, 1] < 0.99  # other weights, another member
+
+
+def test_a_regional_trend_keeps_the_correction_off_a_layer_that_only_follows_it() -> None:
+    """Totals that rise from south to north by a smooth factor the layers do not show, and a
+    layer whose block means follow that rise but whose values inside a block say nothing: without
+    the trend the correction leans on that layer and moves mass inside the blocks; with the
+    fitted-then-dropped trend (``trend=1``) it stays near the mix, which places mass exactly here."""
+    rng = np.random.default_rng(7)
+    h = w = 16
+    hc, wc = h * F, w * F
+    roads = rng.lognormal(0.0, 1.0, (hc, wc)) * (rng.random((hc, wc)) < 0.6)
+    rows = np.linspace(-1.0, 1.0, h).repeat(F)[:, None] * np.ones((1, wc))
+    factor = np.exp(1.2 * rows)  # constant inside each block
+    decoy = rng.random((hc, wc)) * factor
+    truth = 3.0 * roads * factor
+    layers = np.stack([roads, decoy, np.zeros_like(roads)]).astype(np.float32)
+    x = torch.from_numpy(layers)[None, :, None]
+    totals = truth.reshape(h, F, w, F).sum((1, 3))
+    keep = totals.reshape(-1) > 0
+    coords = torch.from_numpy(np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij"), -1).reshape(-1, 2)[keep].astype(np.float64))
+    errors = {}
+    for trend in (0, 1):
+        prior = _prior()
+        with torch.no_grad():
+            feats = block_samples(prior.raw_features(x)[0, :, 0].numpy(), F).reshape(-1, F * F, prior.features_size)
+            mix = block_samples(prior.mix(x)[0, :, 0].double().numpy(), F).reshape(-1, F * F)
+        loss = fit_mass_prior(prior, torch.from_numpy(feats[keep]), torch.from_numpy(mix[keep]), torch.from_numpy(totals.reshape(-1)[keep]),
+                              steps=300, coords=coords, trend=trend)
+        assert np.isfinite(loss)
+        assert set(prior.state_dict()) == set(_prior().state_dict())  # the trend is not stored
+        with torch.no_grad():
+            kids = _children(prior(x)[0, 0, 0], truth)
+        errors[trend] = float(np.abs(kids - truth)[truth > 0].mean())
+    assert errors[1] < 0.5 * errors[0], errors
+    with pytest.raises(ValueError, match="coordinates"):
+        fit_mass_prior(_prior(), torch.zeros(2, F * F, 3), torch.zeros(2, F * F, dtype=torch.float64), torch.ones(2, dtype=torch.float64),
+                       steps=1, trend=1)

@@ -223,14 +223,26 @@ def test_layer_fits_use_cells_up_to_the_validation_region(sample_dir: Path, tmp_
         assert np.array_equal(mask, ~forbidden)
 
 
-def test_mass_smooth_sets_the_correction_features(sample_dir: Path, tmp_path: Path) -> None:
+def test_mass_smooth_and_trend_reach_the_correction_fit(sample_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``mass_smooth`` (a model override) gives the mass prior's correction its own neighbourhoods:
-    the fit and the checkpoint's network use them, and the checkpoint loads for inference."""
+    the fit and the checkpoint's network use them, and the checkpoint loads for inference;
+    ``mass_trend`` reaches the fit with the blocks' coordinates."""
+    import models.mass_prior as mp
     from carbonsr_cli.train import loop
     from models.mass_prior import MassPrior
 
+    seen: list[tuple[int, tuple[int, ...]]] = []
+    real = mp.fit_mass_prior
+
+    def recording(prior, feats, *args, **kwargs):
+        seen.append((kwargs["trend"], tuple(kwargs["coords"].shape)))
+        assert kwargs["coords"].shape == (feats.shape[0], 2)
+        return real(prior, feats, *args, **kwargs)
+
+    monkeypatch.setattr(mp, "fit_mass_prior", recording)
     run = loop.train(small_config(sample_dir, tmp_path, name="mass-smooth", preset="mass", model_overrides={"mass_smooth": [1, 5]},
-                                  epochs=1, steps_per_epoch=1, mass_fit_steps=3))
+                                  epochs=1, steps_per_epoch=1, mass_fit_steps=3, mass_trend=2))
+    assert [t for t, _ in seen] == [2]
     loaded = ck.load_model_for_inference(run.run_dir / "latest.pth", torch.device("cpu"))
     prior = loaded.model.prior
     assert isinstance(prior, MassPrior) and prior.smooth == (1, 5)
@@ -263,3 +275,5 @@ def test_mass_fit_steps_reach_the_correction_fit(sample_dir: Path, tmp_path: Pat
     assert steps_seen == [0, 3]
     with pytest.raises(UsageError, match="--mass-fit-steps"):
         small_config(sample_dir, tmp_path, mass_fit_steps=-1).validate()
+    with pytest.raises(UsageError, match="mass_trend"):
+        small_config(sample_dir, tmp_path, mass_trend=5).validate()
