@@ -12,7 +12,7 @@ import copy
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -390,7 +390,7 @@ def evaluate_against_truth(
     *,
     device: str = "cpu",
     batch_size: int = 8,
-    expected_path: str | os.PathLike[str] | None = None,
+    expected_path: str | os.PathLike[str] | Mapping[str, str | os.PathLike[str]] | None = None,
 ) -> dict[str, Any]:
     """Score a checkpoint at child resolution on its run's validation windows, with a fine truth.
 
@@ -409,10 +409,11 @@ def evaluate_against_truth(
         expected_path: The truth's expected field without its per-cell noise (a generator's
             noise-free twin, same grid), or None. Shared onto each parent cell in proportion, it
             is scored as ``"floor"``: the best placement a method could reach (kept out of the
-            baselines).
+            baselines). Or ``{name: path}``: each such field scored under its own name, in the
+            same pass.
 
     Returns:
-        ``{"model": metrics, "cells": n}`` (and ``"floor"`` with ``expected_path``) plus the keys of :func:`_summarise_baselines`
+        ``{"model": metrics, "cells": n}`` (and ``"floor"``, or each name of ``expected_path``) plus the keys of :func:`_summarise_baselines`
         (``uniform``, ``dasymetric``, ``dasy_layer``, ``all_dasymetric``, ``points``,
         ``points_layer``, ``fitted``, ``best``, ``best_label``, ``all``), metrics as in
         :func:`_truth_scores` (t CO2 / child cell / yr; ``r2`` unitless).
@@ -444,9 +445,13 @@ def evaluate_against_truth(
           open_raster(truth_path) as tds, contextlib.ExitStack() as extra):
         if (tds.height, tds.width) != child.shape:
             raise UsageError(f"truth grid {tds.height}x{tds.width} does not match the child grid {child.shape}", truth_path)
-        eds = extra.enter_context(open_raster(expected_path)) if expected_path is not None else None
-        if eds is not None and (eds.height, eds.width) != child.shape:
-            raise UsageError(f"grid {eds.height}x{eds.width} does not match the child grid {child.shape}", expected_path)
+        fields = {} if expected_path is None else (
+            dict(expected_path) if isinstance(expected_path, Mapping) else {"floor": expected_path})
+        expected_ds = {}
+        for name, path in fields.items():
+            eds = expected_ds[name] = extra.enter_context(open_raster(path))
+            if (eds.height, eds.width) != child.shape:
+                raise UsageError(f"grid {eds.height}x{eds.width} does not match the child grid {child.shape}", path)
         norm = AuxNormalizer.from_stats(ck["stats"], stack.names)
         names = list(stack.names)
         fitted = build_fitted_prior(PriorFit.from_dict(ck["prior_fit"]), norm) if ck.get("prior_fit") else None
@@ -476,10 +481,10 @@ def evaluate_against_truth(
                 if fitted is not None:
                     preds.setdefault("fitted", []).append(softmax_children(fitted(xn), tt, f).numpy()[mask])
             preds.setdefault("model", []).append(model_children[mask])
-            if eds is not None:
+            for name, eds in expected_ds.items():
                 expected = np.stack([read_window(eds, Window(cc * f, rr * f, pc, pc), list(range(yy + 1, yy + t + 1)), out_dtype="float32")
                                      for rr, cc, yy in chunk])[:, None]
-                preds.setdefault("floor", []).append(dasymetric_children(totals, expected, f)[mask])
+                preds.setdefault(name, []).append(dasymetric_children(totals, expected, f)[mask])
             layers_all = torch.from_numpy(raw).double().movedim(1, 0)[:, :, None]  # [C, B, 1, T, P, P]
             for v in variants:
                 idx = layer_idx[v.label]
@@ -488,5 +493,5 @@ def evaluate_against_truth(
             truths.append(truth[mask])
     y = np.concatenate(truths)
     every = {k: _truth_scores(np.concatenate(v), y) for k, v in preds.items()}
-    floor = {"floor": every.pop("floor")} if "floor" in every else {}
-    return {"model": every.pop("model"), **floor, **_summarise_baselines(every), "cells": int(y.size)}
+    floors = {name: every.pop(name) for name in fields if name in every}
+    return {"model": every.pop("model"), **floors, **_summarise_baselines(every), "cells": int(y.size)}
