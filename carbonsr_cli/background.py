@@ -61,10 +61,9 @@ class DeferredCloses:
         return self
 
     def __exit__(self, exc_type: Any, *_: Any) -> None:
-        if exc_type is None:
-            self.join()
-            return
         try:
             self.join()
-        except Exception:  # noqa: BLE001 - the error already on its way out is the one to report
-            pass
+        except Exception:
+            if exc_type is None:
+                raise
+            # else the error already on its way out is the one to report
