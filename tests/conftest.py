@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 from raster_files import write_raster
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# The per-input cache (aux/cache.py) of this test session live in a
+# temporary folder, never in the user's ~/.cache (child processes inherit it).
+if "CARBONSR_CACHE_DIR" not in os.environ:
+    _SESSION_CACHE = tempfile.mkdtemp(prefix="carbonsr-test-cache-")
+    os.environ["CARBONSR_CACHE_DIR"] = _SESSION_CACHE
+    atexit.register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)
 # Idle OpenMP threads sleep instead of spinning: keeps a busy 2-core machine responsive.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
