@@ -43,7 +43,7 @@ PROCESS_MIN_CELLS = 16_000_000
 
 
 #: Most reader processes (memory: ~250-300 MB each; see :func:`reader_config`).
-MAX_PROCESSES = 3
+MAX_PROCESSES = 5
 
 
 
@@ -60,9 +60,13 @@ def reader_config(child_cells: int, cpu_count: int | None = None) -> tuple[int, 
     model and a writer thread compresses); else one thread (two from 4 cores). Spawning a
     worker costs ~1-3 s (imports, aux index), which small rasters would not win back. Each
     worker holds ~250-300 MB. On the 16-core GPU host (1,000 km, base, layers needing a warp
-    pre-warped by :func:`materialize_warps`; one run): 3 workers 16.3 s with 3.6 GB for the
-    whole process tree (PSS), 5 workers 17.1 s / 3.9 GB, 8 workers 15.7 s / 4.6 GB: the main
-    thread (model, blending) is the limit from 3 workers on, so 3 is the default.
+    pre-warped by :func:`materialize_warps`; one run, session 5): 3 workers 16.3 s with 3.6 GB
+    for the whole process tree (PSS), 5 workers 17.1 s / 3.9 GB, 8 workers 15.7 s / 4.6 GB.
+    Since the row loop got faster (sessions 12-16) 3 workers are busy ~95 % of it; interleaved
+    runs of the command (16-core H200 host, same inputs) gave 5 workers a lower median wall
+    than 3 in every comparison: 10.07 vs 10.20 s (session 16), 9.68 vs 9.99 s and 9.65 vs 9.78 s
+    (session 17, two trees), the row loop 0.1-0.5 s shorter; 7 workers 10.30 s (their imports
+    slow the start). So 5 is the default (~0.5 GB more than 3).
     ``CARBONSR_READ_PROCS=N`` / ``CARBONSR_READ_THREADS=N`` override.
     """
     for var, procs in (("CARBONSR_READ_PROCS", True), ("CARBONSR_READ_THREADS", False)):
