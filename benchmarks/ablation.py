@@ -23,6 +23,7 @@ parallel, then one table::
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -98,7 +99,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            over = json.loads(json.dumps(CONFIGS[name][1]))
+            over = copy.deepcopy(CONFIGS[name][1])
             if args.device != "cpu":
                 over["batch_size"] = 16
             if args.threads:

@@ -48,8 +48,11 @@ def main() -> None:
     variants = [parse_variant(v) for v in args.variant]
     work = args.work.resolve()
 
+    def folder_of(label: str) -> Path:
+        return work / label.replace(" ", "_")
+
     def cmd_env(label: str, env: dict[str, str], run: int) -> tuple[list[str], dict[str, str]]:
-        folder = work / label.replace(" ", "_")
+        folder = folder_of(label)
         folder.mkdir(parents=True, exist_ok=True)
         cmd = commands(args.data.resolve(), folder, args.checkpoint.resolve(), ["model"], args.device)["model"]
         env = {k: (str(folder / f"cache-{run}") if v == "{run}" else v) for k, v in env.items()}
@@ -66,7 +69,7 @@ def main() -> None:
             results[label].append(out)
             print(f"{label} run {r + 1}: wall {out['wall']:.2f} s, loop {out['loop']:.2f}, model wait {out['model']:.2f}", flush=True)
             if "{run}" in env.values():
-                shutil.rmtree(work / label.replace(" ", "_") / f"cache-{r}", ignore_errors=True)
+                shutil.rmtree(folder_of(label) / f"cache-{r}", ignore_errors=True)
     for label, runs in results.items():
         print(f"{label:16s} wall median {statistics.median(o['wall'] for o in runs):.2f} s, loop median "
               f"{statistics.median(o['loop'] for o in runs):.2f} s, runs {' '.join('%.2f' % o['wall'] for o in runs)}")
@@ -75,7 +78,7 @@ def main() -> None:
 
     arrays = {}
     for label, _, _ in variants:
-        with rasterio.open(work / label.replace(" ", "_") / "out_model.tif") as ds:
+        with rasterio.open(folder_of(label) / "out_model.tif") as ds:
             arrays[label] = ds.read()
     first = variants[0][0]
     for label, a in arrays.items():

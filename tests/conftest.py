@@ -12,8 +12,8 @@ import pytest
 from raster_files import write_raster
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
-# The per-input cache (aux/cache.py) of this test session live in a
-# temporary folder, never in the user's ~/.cache (child processes inherit it).
+# The per-input cache (aux/cache.py) of this test session lives in a temporary folder,
+# never in the user's ~/.cache (child processes inherit the variable).
 if "CARBONSR_CACHE_DIR" not in os.environ:
     _SESSION_CACHE = tempfile.mkdtemp(prefix="carbonsr-test-cache-")
     os.environ["CARBONSR_CACHE_DIR"] = _SESSION_CACHE
