@@ -43,7 +43,7 @@ PROCESS_MIN_CELLS = 16_000_000
 
 
 #: Most reader processes (memory: ~250-300 MB each; see :func:`reader_config`).
-MAX_PROCESSES = 5
+MAX_PROCESSES = 3
 
 
 
@@ -66,7 +66,11 @@ def reader_config(child_cells: int, cpu_count: int | None = None) -> tuple[int, 
     runs of the command (16-core H200 host, same inputs) gave 5 workers a lower median wall
     than 3 in every comparison: 10.07 vs 10.20 s (session 16), 9.68 vs 9.99 s and 9.65 vs 9.78 s
     (session 17, two trees), the row loop 0.1-0.5 s shorter; 7 workers 10.30 s (their imports
-    slow the start). So 5 is the default (~0.5 GB more than 3).
+    slow the start). But the process tree's memory crosses the 4 GB target of
+    ``benchmarks/run.py`` with more than 3 (session 18, one host, its "PSS incl. readers" row,
+    1,000 km, ``base``): 3 workers 3,812 MB (command 9.80 s), 4 workers 4,118 MB (9.03 s), 5
+    workers 4,342 MB (9.09 s). So 3 is the default; a machine with memory to spare can set
+    ``CARBONSR_READ_PROCS=5``.
     ``CARBONSR_READ_PROCS=N`` / ``CARBONSR_READ_THREADS=N`` override.
     """
     for var, procs in (("CARBONSR_READ_PROCS", True), ("CARBONSR_READ_THREADS", False)):

@@ -125,9 +125,9 @@ def test_reader_config_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CARBONSR_READ_PROCS", raising=False)
     monkeypatch.delenv("CARBONSR_READ_THREADS", raising=False)
     assert reader_config(100_000_000, cpu_count=2) == (1, False)
-    assert reader_config(100_000_000, cpu_count=16) == (5, True)
-    assert reader_config(100_000_000, cpu_count=8) == (5, True)
-    assert reader_config(100_000_000, cpu_count=6) == (4, True)  # cores - 2
+    assert reader_config(100_000_000, cpu_count=16) == (3, True)
+    assert reader_config(100_000_000, cpu_count=8) == (3, True)
+    assert reader_config(100_000_000, cpu_count=6) == (3, True)
     assert reader_config(1_000_000, cpu_count=16) == (2, False)
     monkeypatch.setenv("CARBONSR_READ_PROCS", "3")
     assert reader_config(1, cpu_count=2) == (3, True)
