@@ -240,10 +240,9 @@ class CategoricalReader(SourceReader):
             for cc in range(0, w, step):
                 cw = min(step, w - cc)
                 counts[:, :, cc : cc + cw] = self.count_classes(stack, slot, c + cc, r, cw, h, k)
-        valid = counts.sum(axis=0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            frac = np.where(valid > 0, counts / np.maximum(valid, 1), 0.0).astype(np.float32)
-        return dict(zip(names, frac))
+        # Fractions in place (a cell without a valid sample has all counts 0: 0 / 1 = 0).
+        np.divide(counts, np.maximum(counts.sum(axis=0), 1), out=counts)
+        return dict(zip(names, counts))
 
 
     def count_classes(self, stack: AuxStack, slot: _Slot, c: int, r: int, w: int, h: int, k: int) -> np.ndarray:

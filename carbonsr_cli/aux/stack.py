@@ -391,9 +391,12 @@ class AuxStack:
             out = np.empty(shape, dtype=np.float32)
         elif out.shape != shape or out.dtype != np.float32:
             raise ValueError(f"out has shape {out.shape} {out.dtype}, expected {shape} float32")
+        # A slot's arrays are kept only until its last year in ``out`` (a static layer fills every
+        # year from one read): the peak is one source's arrays, not the whole window's.
+        last_use = {id(slot): (gi, t) for gi, g in enumerate(self._groups) for t, slot in enumerate(g.per_t)}
         cache: dict[int, dict[str, np.ndarray]] = {}
         ch = 0
-        for g in self._groups:
+        for gi, g in enumerate(self._groups):
             for t, slot in enumerate(g.per_t):
                 arrays = cache.get(id(slot))
                 if arrays is None:
@@ -404,6 +407,8 @@ class AuxStack:
                         out[ch + i, t] = 0.0
                     else:
                         out[ch + i, t] = a
+                if last_use[id(slot)] == (gi, t):
+                    del cache[id(slot)]
             ch += len(g.names)
         return out
 

@@ -325,15 +325,14 @@ def rasterize_window(
         length = dt * seg_m[si]
         cell = row * width + col
         k = cls[si]
-        has = k >= 0
-        if n_cls and has.any():
-            # One float64 accumulation for the total (channel 0) and every class channel.
-            idx = np.concatenate([cell, (k[has] + 1).astype(np.int64) * hw + cell[has]])
-            length = np.concatenate([length, length[has]])
-        else:
-            idx = cell
-        out = np.bincount(idx, weights=length, minlength=(1 + n_cls) * hw)
-        return out.astype(np.float32).reshape(1 + n_cls, height, width)
+        # float64 sums per channel (segments in order), stored as float32 one channel at a time:
+        # the total, then each class; no (1 + classes) x cells float64 array at once.
+        out = np.empty((1 + n_cls, height, width), dtype=np.float32)
+        out[0] = np.bincount(cell, weights=length, minlength=hw).reshape(height, width)
+        for i in range(n_cls):
+            mine = k == i
+            out[1 + i] = np.bincount(cell[mine], weights=length[mine], minlength=hw).reshape(height, width)
+        return out
     if op == "polygon_cover":
         out = np.zeros((1, height, width), dtype=np.float32)
         if data._poly_tree is None:

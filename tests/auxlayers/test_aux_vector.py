@@ -142,3 +142,41 @@ def test_vector_not_overlapping_is_error(tmp_path: Path, utm_parent: object) -> 
     path = _write(tmp_path / "elsewhere.gpkg", [LineString([(0, 0), (1000, 1000)])])
     with pytest.raises(InputDataError, match=r"elsewhere\.gpkg: does not overlap"):
         AuxStack(discover_aux([path]), ChildGrid(utm_parent, 10), ["2020"], fill_missing=True)
+
+
+def test_line_length_channels_are_the_sums_of_one_float64_accumulation(utm_parent: object) -> None:
+    """Each channel (total, then every class) holds exactly what one float64 ``bincount`` over
+    all segments in order would give, cast to float32: lines of an unlisted class count only in
+    the total, and a cell crossed by many segments sums them in the same order."""
+    import geopandas as gpd
+    import shapely
+    from shapely import LineString
+
+    from carbonsr_cli.aux.vector import VectorData, rasterize_window
+    from carbonsr_cli.aux.warp import _subgrid
+
+    cg = ChildGrid(utm_parent, 10)
+    rng = np.random.default_rng(3)
+    lines, kinds = [], []
+    for _ in range(300):
+        pts = np.c_[LEFT + rng.uniform(-500, 6500, 6), TOP - rng.uniform(-500, 6500, 6)]
+        lines.append(LineString(pts))
+        kinds.append(rng.choice(["primary", "track", "path"]))  # "path" is not a listed class
+    gdf = gpd.GeoDataFrame({"class": kinds}, geometry=lines, crs="EPSG:32632")
+    data = VectorData.build(gdf, cg.crs, ("primary", "track"), "class")
+    h, w = 40, 50
+    got = rasterize_window(data, "line_length", _subgrid(cg.transform, 5, 7), h, w)
+    assert got.shape == (3, h, w) and got.dtype == np.float32
+
+    # the reference: every segment clipped to cells, one accumulation of total and class bins
+    transform = _subgrid(cg.transform, 5, 7)
+    seg, seg_m, cls = data.segments_in(shapely.box(-1e9, -1e9, 1e9, 1e9))
+    c0, r0 = (seg[:, 0] - transform.c) / transform.a, (seg[:, 1] - transform.f) / transform.e
+    c1, r1 = (seg[:, 2] - transform.c) / transform.a, (seg[:, 3] - transform.f) / transform.e
+    si, row, col, dt = clip_segments_to_grid(c0, r0, c1, r1, h, w)
+    length, cell, k = dt * seg_m[si], row * w + col, cls[si]
+    has = k >= 0
+    idx = np.concatenate([cell, (k[has] + 1) * h * w + cell[has]])
+    ref = np.bincount(idx, weights=np.concatenate([length, length[has]]), minlength=3 * h * w)
+    assert np.array_equal(got, ref.astype(np.float32).reshape(3, h, w))
+    assert (got[0] > got[1] + got[2]).any()  # the unlisted class is in the total only
