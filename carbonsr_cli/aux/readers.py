@@ -223,17 +223,16 @@ class CategoricalReader(SourceReader):
         names = slot.entry.layer_names
         n = len(classes)
         k = stack._supersample(slot.source)
-        counts = np.zeros((n, h, w), dtype=np.float32)
         inner = stack._inner(c, r, w, h)
         fast = self.fast_counts(stack, slot, inner[0]) if (n and inner is not None and stack.fast) else None
+        if fast is not None and fast[0] == 1 and fast[1].shape[1:] == (h, w):
+            return dict(zip(names, fast[1]))  # one pixel per cell: the counts are the fractions (0 or 1)
+        counts = np.zeros((n, h, w), dtype=np.float32)  # after the fast path: no second copy at its peak
         if fast is not None:
             f, cnt = fast
-            if f == 1:  # one pixel per cell: the counts are the fractions (0 or 1)
-                if cnt.shape[1:] == (h, w):
-                    return dict(zip(names, cnt))
-                counts[(slice(None), *inner[1])] = cnt
-                return dict(zip(names, counts))
             counts[(slice(None), *inner[1])] = cnt
+            if f == 1:
+                return dict(zip(names, counts))
         elif n:
             # Column chunks keep the k-times finer code array at <= ~4 M samples.
             step = max(1, 4_000_000 // max(1, h * k * k))
