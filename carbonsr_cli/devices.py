@@ -123,6 +123,67 @@ def to_device(array: Any, device: Any) -> Any:
     return t.to(device)
 
 
+def page_lock(address: int, size: int) -> bool:
+    """Page-lock ``size`` bytes of existing host memory at ``address`` for CUDA copies.
+
+    ``cudaHostRegister`` (``hipHostRegister`` on ROCm) lets copies from that memory run
+    asynchronously without a staging copy. It runs in a thread of its own: a failed CUDA
+    runtime call leaves an error behind in its host thread, which the next kernel launch of
+    that thread would report as its own. Returns False when the memory could not be locked
+    (the caller then copies through page-locked staging memory); undo with :func:`page_unlock`.
+    """
+    import torch
+
+    result: list[int] = []
+
+    def register() -> None:
+        try:
+            result.append(int(torch.cuda.cudart().cudaHostRegister(address, size, 0)))
+        except Exception:  # no CUDA runtime bindings
+            result.append(-1)
+
+    worker = threading.Thread(target=register, name="carbonsr-page-lock")
+    worker.start()
+    worker.join()
+    return result == [0]
+
+
+def page_unlock(address: int) -> None:
+    """Undo :func:`page_lock` (before the memory is unmapped); errors are ignored."""
+    import contextlib
+
+    import torch
+
+    def unregister() -> None:
+        with contextlib.suppress(Exception):
+            torch.cuda.cudart().cudaHostUnregister(address)
+
+    worker = threading.Thread(target=unregister, name="carbonsr-page-unlock")
+    worker.start()
+    worker.join()
+
+
+def copy_page_locked(array: Any, device: Any) -> tuple[Any, Any]:
+    """A numpy array in page-locked memory (see :func:`page_lock`) as a tensor on a CUDA ``device``.
+
+    Like :func:`to_device` without the staging copy: the transfer reads ``array`` itself, on
+    the side stream, after this returns. Returns ``(tensor, event)``: ``array`` must not be
+    changed before ``event`` completes (``event.synchronize()``).
+    """
+    import torch
+
+    t = torch.from_numpy(array)
+    current = torch.cuda.current_stream(device)
+    stream = _copy_stream(device)
+    with torch.cuda.stream(stream):
+        out = t.to(device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(stream)
+    current.wait_stream(stream)
+    out.record_stream(current)
+    return out, event
+
+
 class HostResult:
     """A device tensor on its way to host memory; :meth:`numpy` waits for the copy only.
 

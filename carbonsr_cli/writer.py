@@ -121,6 +121,8 @@ class RasterWriter:
             ``CARBONSR_PERIOD``) are added from band descriptions that name a year or month.
         creation_options: GDAL creation options (``--co``), over the defaults (upper-case keys).
         overviews: Build overviews (average resampling, factors 2, 4, ...) in a plain GeoTIFF.
+        read_room: Bytes of GDAL's block cache left for reads of this process while writing
+            (see :meth:`cache_bytes`); None: the cache is at least 256 MiB.
 
     Raises:
         OutputError: dest exists without ``overwrite``; directory missing or not writable;
@@ -146,8 +148,10 @@ class RasterWriter:
         band_tags: Sequence[Mapping[str, Any]] | None = None,
         creation_options: Mapping[str, Any] | None = None,
         overviews: bool = False,
+        read_room: int | None = None,
     ) -> None:
         self.dest = Path(dest)
+        self.read_room = read_room
         self.grid = grid
         self.count = int(count)
         if self.count < 1:
@@ -286,11 +290,16 @@ class RasterWriter:
         """GDAL block-cache size used while writing, in bytes.
 
         Three rows of 512-pixel blocks of every band (so that blocks filled by successive tile
-        rows are compressed once, when complete), at least 256 MiB. Peak memory is therefore
-        bounded by the raster width, not its height. Set ``GDAL_CACHEMAX`` to override.
+        rows are compressed once, when complete) plus ``read_room`` for reads sharing the
+        cache; without ``read_room``, at least 256 MiB (reads of aux layers in this process
+        then keep their blocks between strips). Written blocks stay in the cache until it is
+        full, so the cache is always used up to this size. Peak memory is therefore bounded by
+        the raster width, not its height. Set ``GDAL_CACHEMAX`` to override.
         """
         width = -(-int(self.profile["width"]) // BLOCK) * BLOCK
         block_row = BLOCK * width * self.dtype.itemsize * self.count
+        if self.read_room is not None:
+            return int(3 * block_row + self.read_room)
         return int(max(256 * 2**20, 3 * block_row))
 
     @property

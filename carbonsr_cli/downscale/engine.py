@@ -216,6 +216,7 @@ def run_pipeline(
     writer_kw = dict(
         compress=compress, cog=cog, overwrite=overwrite, source=source, band_units=summary.units,
         creation_options=plan.creation_options, overviews=plan.overviews,
+        read_room=_writer_read_room(plan, is_model),
     )
 
     chunks = _tile_chunks(layout, plan, batch_size) if is_model else []
@@ -386,6 +387,21 @@ def run_pipeline(
             if prog is not None:
                 prog.stop()
         # Leaving the ExitStack closes the writers: flush, (COG), rename.
+
+
+#: GDAL block cache left for this process's own reads while the model path writes, when reader
+#: processes read the aux layers (this process then reads only the main input and its totals).
+WRITER_READ_ROOM = 64 << 20
+
+
+def _writer_read_room(plan: Plan, is_model: bool) -> int | None:
+    """``read_room`` of the output writers: :data:`WRITER_READ_ROOM` when the model path reads
+    its aux layers in reader processes; None (the writer's default, a cache of at least 256 MiB,
+    which aux reads in this process share) otherwise. At 1,000 km the cache holds three
+    output block rows (62 MB) plus this room instead of 256 MiB."""
+    if not is_model or not plan.aux_names:
+        return None
+    return WRITER_READ_ROOM if readers.reader_config(plan.child.width * plan.child.height)[1] else None
 
 
 def _open_strip_feed(

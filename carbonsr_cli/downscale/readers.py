@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from carbonsr_cli.atomic import owner_tag, remove_stale
 from carbonsr_cli import cpus  # cpus.available_cpus looked up at call time (tests patch it)
-from carbonsr_cli.devices import to_device
+from carbonsr_cli.devices import copy_page_locked, page_lock, page_unlock, to_device
 from carbonsr_cli.errors import CarbonSRWarning
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -42,8 +42,8 @@ PROCESS_MIN_CELLS = 16_000_000
 
 
 
-#: Most reader processes (memory: ~250-300 MB each; see :func:`reader_config`).
-MAX_PROCESSES = 3
+#: Most reader processes (memory: ~300 MB each at 1,000 km; see :func:`reader_config`).
+MAX_PROCESSES = 4
 
 
 
@@ -69,8 +69,12 @@ def reader_config(child_cells: int, cpu_count: int | None = None) -> tuple[int, 
     slow the start). But the process tree's memory crosses the 4 GB target of
     ``benchmarks/run.py`` with more than 3 (session 18, one host, its "PSS incl. readers" row,
     1,000 km, ``base``): 3 workers 3,812 MB (command 9.80 s), 4 workers 4,118 MB (9.03 s), 5
-    workers 4,342 MB (9.09 s). So 3 is the default; a machine with memory to spare can set
-    ``CARBONSR_READ_PROCS=5``.
+    workers 4,342 MB (9.09 s). Session 19 made room for a fourth: strips are copied to CUDA
+    straight from their page-locked slots (no page-locked staging blocks cached beside them)
+    and the output writer's GDAL cache holds three block rows plus 64 MiB instead of 256 MiB.
+    With 4 workers the tree then held 3,602 MB (``run.py``, one host), and the command took
+    10.64 s against 10.91 s with 3 (interleaved, 4 runs each; the tree before both changes,
+    3 workers: 11.62 s). ``CARBONSR_READ_PROCS=3`` saves ~300 MB.
     ``CARBONSR_READ_PROCS=N`` / ``CARBONSR_READ_THREADS=N`` override.
     """
     for var, procs in (("CARBONSR_READ_PROCS", True), ("CARBONSR_READ_THREADS", False)):
@@ -107,6 +111,10 @@ class ThreadStripReader:
     def submit(self, k: int, j: int) -> cf.Future:
         """Start reading strip ``(k, j)``; the future gives ``[C, T, h, w]`` float32."""
         return self.ex.submit(self._read, k, j)
+
+    def device_copy(self, k: int, j: int, array: np.ndarray, device: Any) -> Any:
+        """Strip ``(k, j)`` (``array``, from :meth:`submit`) as a tensor on the CUDA ``device``."""
+        return to_device(array, device)
 
     def release(self, k: int, j: int) -> None:
         """Strip no longer needed (nothing to free for threads)."""
@@ -301,6 +309,9 @@ class ProcessStripReader:
         self.slot_bytes = max(1, c * t * geom.layout.stride_parent * f * width * 4)
         self.capacity = max(2, int(capacity))
         self.slots: list[Any] = []
+        self.locked: dict[int, int] = {}  # slot -> address, page-locked for CUDA copies
+        self.lock_failed = False
+        self.copies: dict[int, Any] = {}  # slot -> CUDA event of its last copy to the device
         self.stack_path = ""
         try:
 
@@ -360,10 +371,34 @@ class ProcessStripReader:
         inner.add_done_callback(done)
         return outer
 
+    def device_copy(self, k: int, j: int, array: np.ndarray, device: Any) -> Any:
+        """Strip ``(k, j)`` (``array``, a view of its slot) as a tensor on the CUDA ``device``.
+
+        Each slot is page-locked on its first copy (:func:`~carbonsr_cli.devices.page_lock`),
+        so copies read the slot directly: no staging copy in page-locked memory (45 MB per
+        1,000 km strip) and no page-locked blocks cached beside the slots. :meth:`release`
+        waits for the copy before the slot can be written again. Where locking fails, strips
+        go through :func:`~carbonsr_cli.devices.to_device`.
+        """
+        slot = self.held[(k, j)]
+        if slot not in self.locked and not self.lock_failed:
+            address = np.frombuffer(self.slots[slot].buf, dtype=np.uint8).ctypes.data
+            if page_lock(address, self.slot_bytes):
+                self.locked[slot] = address
+            else:
+                self.lock_failed = True
+        if slot not in self.locked:
+            return to_device(array, device)
+        tensor, self.copies[slot] = copy_page_locked(array, device)
+        return tensor
+
     def release(self, k: int, j: int) -> None:
         """Give strip ``(k, j)``'s slot back (its array must no longer be used)."""
         slot = self.held.pop((k, j), None)
         if slot is not None:
+            copy = self.copies.pop(slot, None)
+            if copy is not None:
+                copy.synchronize()  # the device copy has read the slot (queued a tile row ago)
             self.free.append(slot)
 
     def close(self) -> None:
@@ -380,6 +415,13 @@ class ProcessStripReader:
             with contextlib.suppress(OSError):
                 os.unlink(self.stack_path)
             self.stack_path = ""
+        for copy in self.copies.values():
+            with contextlib.suppress(Exception):
+                copy.synchronize()
+        self.copies = {}
+        for address in self.locked.values():
+            page_unlock(address)  # before the slot is unmapped
+        self.locked = {}
         for s in self.slots:
             with contextlib.suppress(Exception):
                 s.close()
@@ -449,7 +491,7 @@ class StripFeed:
             with self.lock:
                 t = self.on_device.get((k, j))
             if t is None:
-                t = to_device(out[k], self.device)  # page-locked, does not wait for queued GPU work
+                t = self.reader.device_copy(k, j, out[k], self.device)  # does not wait for queued GPU work
                 with self.lock:
                     self.on_device[(k, j)] = t
             out[k] = t

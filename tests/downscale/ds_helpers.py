@@ -207,3 +207,31 @@ class FailingStack:
 
     def close(self) -> None:
         pass
+
+
+class ValuesStack:
+    """A picklable stand-in for AuxStack whose values encode channel, child row and child col.
+
+    ``[C, 1, h, w]`` float32: ``channel * 1e6 + row * 1000 + col`` (exact in float32 for the
+    small grids of the tests), so any strip misplaced or overwritten too early shows.
+    """
+
+    def __init__(self, channels: int) -> None:
+        self.channels, self.years = channels, ["2020"]
+
+    def reader_copy(self) -> "ValuesStack":
+        return self
+
+    def read(self, window: Any, out: np.ndarray | None = None) -> np.ndarray:
+        c, r, h, w = int(window.col_off), int(window.row_off), int(window.height), int(window.width)
+        rows = np.arange(r, r + h)[:, None]
+        cols = np.arange(c, c + w)[None, :]
+        arr = np.stack([(ch * 1_000_000 + rows * 1000 + cols).astype(np.float32)[None]
+                        for ch in range(self.channels)])
+        if out is not None:
+            out[...] = arr
+            return out
+        return arr
+
+    def close(self) -> None:
+        pass

@@ -125,12 +125,30 @@ def test_reader_config_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CARBONSR_READ_PROCS", raising=False)
     monkeypatch.delenv("CARBONSR_READ_THREADS", raising=False)
     assert reader_config(100_000_000, cpu_count=2) == (1, False)
-    assert reader_config(100_000_000, cpu_count=16) == (3, True)
-    assert reader_config(100_000_000, cpu_count=8) == (3, True)
-    assert reader_config(100_000_000, cpu_count=6) == (3, True)
+    assert reader_config(100_000_000, cpu_count=16) == (4, True)
+    assert reader_config(100_000_000, cpu_count=8) == (4, True)
+    assert reader_config(100_000_000, cpu_count=6) == (4, True)
     assert reader_config(1_000_000, cpu_count=16) == (2, False)
     monkeypatch.setenv("CARBONSR_READ_PROCS", "3")
     assert reader_config(1, cpu_count=2) == (3, True)
+
+
+def test_writer_cache_room_only_when_readers_are_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The output writer's GDAL cache shrinks to its block rows + 64 MiB only when no aux layer
+    is read in this process (reader processes); else the writer keeps its 256 MiB default."""
+    from types import SimpleNamespace
+
+    from carbonsr_cli.downscale import engine
+
+    monkeypatch.delenv("CARBONSR_READ_THREADS", raising=False)
+    plan = SimpleNamespace(aux_names=["lights"], child=SimpleNamespace(width=10_000, height=10_000))
+    monkeypatch.setenv("CARBONSR_READ_PROCS", "3")
+    assert engine._writer_read_room(plan, True) == engine.WRITER_READ_ROOM
+    assert engine._writer_read_room(plan, False) is None  # baselines read their layer here
+    assert engine._writer_read_room(SimpleNamespace(aux_names=[], child=plan.child), True) is None
+    monkeypatch.delenv("CARBONSR_READ_PROCS")
+    monkeypatch.setenv("CARBONSR_READ_THREADS", "2")
+    assert engine._writer_read_room(plan, True) is None
 
 
 def _thread_and_process_runs(
@@ -233,6 +251,98 @@ def test_error_in_a_reader_process_reaches_the_caller(tmp_path: Path) -> None:
         feed.close()
     if os.path.isdir("/dev/shm"):
         assert not [n for n in names if os.path.exists(f"/dev/shm/{n.lstrip('/')}")]
+
+
+class _FakeEvent:
+    """Stands in for a CUDA event: records whether the reader waited for it."""
+
+    def __init__(self) -> None:
+        self.waited = False
+
+    def synchronize(self) -> None:
+        self.waited = True
+
+
+def test_page_locked_slots_wait_for_their_copy_and_fall_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA copy logic of reader processes, with the CUDA calls replaced: a slot is locked
+    once, its slot goes back to the free list only after its copy's event, it is unlocked at
+    close; when locking fails, strips go through the staging copy (``to_device``)."""
+    import torch
+    from ds_helpers import ValuesStack
+
+    from carbonsr_cli.downscale import readers
+
+    lay = TileLayout(30, 12, F, 12 * F, 2)
+    geom = StripGeometry(lay, _chunks(lay.n_cols, lay.n_cols), F)
+    locked: list[int] = []
+    unlocked: list[int] = []
+    events: list[_FakeEvent] = []
+
+    def copy(array: np.ndarray, device: object) -> tuple[object, _FakeEvent]:
+        events.append(_FakeEvent())
+        return torch.from_numpy(array.copy()), events[-1]
+
+    monkeypatch.setattr(readers, "page_lock", lambda address, size: locked.append(address) or True)
+    monkeypatch.setattr(readers, "page_unlock", unlocked.append)
+    monkeypatch.setattr(readers, "copy_page_locked", copy)
+    stack = ValuesStack(2)
+    reader = readers.ProcessStripReader(stack, geom, 1, capacity=6)
+    reader.set_stack(stack)
+    try:
+        arrays = {k: reader.submit(k, 0).result() for k in range(3)}
+        tensors = {k: reader.device_copy(k, 0, arrays[k], torch.device("cpu")) for k in range(3)}
+        for k in range(3):
+            assert np.array_equal(tensors[k].numpy(), stack.read(geom.child_window(k, 0)))
+        assert len(locked) == 3 and len(events) == 3
+        reader.release(0, 0)
+        assert events[0].waited and not events[1].waited
+        again = reader.submit(3, 0).result()  # reuses the released slot: locked already
+        reader.device_copy(3, 0, again, torch.device("cpu"))
+        assert len(locked) == 3
+    finally:
+        reader.close()
+    assert sorted(unlocked) == sorted(locked) and all(e.waited for e in events[1:])
+
+    monkeypatch.setattr(readers, "page_lock", lambda address, size: False)
+    staged: list[np.ndarray] = []
+    monkeypatch.setattr(readers, "to_device", lambda array, device: staged.append(array) or torch.from_numpy(array))
+    reader = readers.ProcessStripReader(stack, geom, 1, capacity=6)
+    reader.set_stack(stack)
+    try:
+        arr = reader.submit(0, 0).result()
+        reader.device_copy(0, 0, arr, torch.device("cpu"))
+        assert reader.lock_failed and len(staged) == 1 and reader.locked == {}
+    finally:
+        reader.close()
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_page_locked_strips_reach_the_device_unchanged() -> None:
+    """CUDA: strips copied straight from page-locked shared-memory slots, with slots reused
+    under a small capacity, assemble to the direct read of every tile row."""
+    import torch
+    from ds_helpers import ValuesStack
+
+    from carbonsr_cli.downscale.readers import ProcessStripReader
+
+    lay = TileLayout(37, 29, F, 12 * F, 2)
+    geom = StripGeometry(lay, _chunks(lay.n_cols, 2), F)
+    span = max(len(geom.strips_of_row(i)) for i in range(lay.n_rows))
+    stack = ValuesStack(3)
+    reader = ProcessStripReader(stack, geom, 2, capacity=(span + 1) * len(geom.chunks) + 2)
+    reader.set_stack(stack)
+    feed = StripFeed(reader, geom, ahead=2, device=torch.device("cuda"))
+    try:
+        for i in range(lay.n_rows):
+            for j in range(len(geom.chunks)):
+                got = assemble(geom, i, j, feed.get(i, j), None)
+                torch.cuda.synchronize()
+                assert np.array_equal(got.cpu().numpy(), _direct(geom, i, j))
+                feed.done(i, j)
+        assert reader.locked and not reader.lock_failed
+    finally:
+        feed.close()
+    assert reader.locked == {}
 
 
 def test_prewarped_layers_match_per_strip_warps(

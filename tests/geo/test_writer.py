@@ -180,6 +180,23 @@ def test_write_checks_shape_and_window(tmp_path, child) -> None:
     assert _listing(tmp_path) == []
 
 
+def test_read_room_sizes_the_block_cache_and_keeps_the_values(tmp_path, child) -> None:
+    """With ``read_room`` the cache is three 512-row block rows of every band plus the room
+    (at least 256 MiB without it); written in 120-row steps through that small cache, the
+    values are the same as through the default cache."""
+    data = np.random.default_rng(3).gamma(0.5, 2.0, (2, child.height, child.width)).astype(np.float32)
+    block_row = 512 * 1024 * 4 * 2  # 700 columns round up to two 512 blocks; 2 bands of float32
+    small = RasterWriter(tmp_path / "small.tif", child, count=2, read_room=1 << 20)
+    assert small.cache_bytes() == 3 * block_row + (1 << 20)
+    assert RasterWriter(tmp_path / "x.tif", child, count=2).cache_bytes() == 256 * 2**20
+    with small as w:
+        _write_all(w, data)
+    with RasterWriter(tmp_path / "default.tif", child, count=2) as w:
+        _write_all(w, data)
+    with rasterio.open(tmp_path / "small.tif") as a, rasterio.open(tmp_path / "default.tif") as b:
+        assert np.array_equal(a.read(), data) and np.array_equal(b.read(), data)
+
+
 @pytest.mark.slow
 def test_streaming_20k_output_peak_rss_below_1_5_gb() -> None:
     """benchmarks/bench_writer.py exits non-zero if peak RSS reaches 1.5 GiB (several minutes)."""
