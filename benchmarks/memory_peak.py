@@ -26,23 +26,11 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run import _tree_pids  # noqa: E402  (this process and its descendants)
 
 _ROLLUP_KEYS = ("Rss", "Pss", "Pss_Anon", "Pss_File", "Pss_Shmem")
-
-
-def _tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        try:
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children") as fh:
-                    todo.extend(int(c) for c in fh.read().split())
-        except OSError:
-            continue
-    return out
 
 
 def _rollup(pid: int) -> dict[str, int]:
@@ -104,7 +92,7 @@ class PeakSampler:
     def _run(self) -> None:
         me = os.getpid()
         while not self._stop.wait(self.every):
-            procs = {p: _rollup(p) for p in _tree(me)}
+            procs = {p: _rollup(p) for p in _tree_pids(me)}
             total = sum(v.get("Pss", 0) for v in procs.values())
             if total > self.best["total_pss_mb"]:
                 self.best = {

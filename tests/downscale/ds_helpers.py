@@ -181,25 +181,20 @@ def no_temp_files(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.name.startswith(".") and ".tmp" in p.name)
 
 
-class FailingStack:
-    """A picklable stand-in for AuxStack whose reads fail from child row ``fail_from`` on.
+class _StandInStack:
+    """A picklable stand-in for AuxStack: ``read`` fills ``out`` (or a new array) from ``values``."""
 
-    Used to test errors raised inside spawned reader processes.
-    """
+    channels: int
+    years = ["2020"]
 
-    def __init__(self, channels: int, fail_from: int, path: str) -> None:
-        self.channels, self.years, self.fail_from, self.path = channels, ["2020"], fail_from, path
-
-    def reader_copy(self) -> "FailingStack":
+    def reader_copy(self) -> "_StandInStack":
         return self
 
-    def read(self, window: Any, out: np.ndarray | None = None) -> np.ndarray:
-        from carbonsr_cli.errors import InputDataError
+    def values(self, window: Any) -> np.ndarray:
+        raise NotImplementedError
 
-        if int(window.row_off) >= self.fail_from:
-            raise InputDataError("cannot read aux data (truncated or corrupt file?): test", self.path)
-        h, w = int(window.height), int(window.width)
-        arr = np.full((self.channels, 1, h, w), float(window.row_off), np.float32)
+    def read(self, window: Any, out: np.ndarray | None = None) -> np.ndarray:
+        arr = self.values(window)
         if out is not None:
             out[...] = arr
             return out
@@ -209,29 +204,36 @@ class FailingStack:
         pass
 
 
-class ValuesStack:
-    """A picklable stand-in for AuxStack whose values encode channel, child row and child col.
+class FailingStack(_StandInStack):
+    """A stand-in whose reads fail from child row ``fail_from`` on (values: the window's row offset).
+
+    Used to test errors raised inside spawned reader processes.
+    """
+
+    def __init__(self, channels: int, fail_from: int, path: str) -> None:
+        self.channels, self.fail_from, self.path = channels, fail_from, path
+
+    def values(self, window: Any) -> np.ndarray:
+        from carbonsr_cli.errors import InputDataError
+
+        if int(window.row_off) >= self.fail_from:
+            raise InputDataError("cannot read aux data (truncated or corrupt file?): test", self.path)
+        return np.full((self.channels, 1, int(window.height), int(window.width)), float(window.row_off), np.float32)
+
+
+class ValuesStack(_StandInStack):
+    """A stand-in whose values encode channel, child row and child col.
 
     ``[C, 1, h, w]`` float32: ``channel * 1e6 + row * 1000 + col`` (exact in float32 for the
     small grids of the tests), so any strip misplaced or overwritten too early shows.
     """
 
     def __init__(self, channels: int) -> None:
-        self.channels, self.years = channels, ["2020"]
+        self.channels = channels
 
-    def reader_copy(self) -> "ValuesStack":
-        return self
-
-    def read(self, window: Any, out: np.ndarray | None = None) -> np.ndarray:
+    def values(self, window: Any) -> np.ndarray:
         c, r, h, w = int(window.col_off), int(window.row_off), int(window.height), int(window.width)
         rows = np.arange(r, r + h)[:, None]
         cols = np.arange(c, c + w)[None, :]
-        arr = np.stack([(ch * 1_000_000 + rows * 1000 + cols).astype(np.float32)[None]
-                        for ch in range(self.channels)])
-        if out is not None:
-            out[...] = arr
-            return out
-        return arr
-
-    def close(self) -> None:
-        pass
+        return np.stack([(ch * 1_000_000 + rows * 1000 + cols).astype(np.float32)[None]
+                         for ch in range(self.channels)])
