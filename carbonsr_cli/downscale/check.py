@@ -97,7 +97,8 @@ def clean_block_figures(kids: np.ndarray, kid_nd: np.ndarray, totals: np.ndarray
     finite and >= 0; None when one is not (then :func:`block_figures` counts them).
 
     Works in the file's dtype (children summed per block in float64) with two reductions to
-    find out, instead of float64 copies of the children: about 5 x faster. With every valid
+    find out, instead of float64 copies of the children: its numpy work takes about a third of
+    the general figures' time (session 19, 300 km output). With every valid
     child >= 0, a block holds a nonzero child exactly when its sum is > 0.
 
     Args:

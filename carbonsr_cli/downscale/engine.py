@@ -216,7 +216,7 @@ def run_pipeline(
     writer_kw = dict(
         compress=compress, cog=cog, overwrite=overwrite, source=source, band_units=summary.units,
         creation_options=plan.creation_options, overviews=plan.overviews,
-        read_room=_writer_read_room(plan, is_model),
+        read_room=_writer_read_room(plan, is_model, writers=2 if uncertainty is not None else 1),
     )
 
     chunks = _tile_chunks(layout, plan, batch_size) if is_model else []
@@ -394,12 +394,13 @@ def run_pipeline(
 WRITER_READ_ROOM = 64 << 20
 
 
-def _writer_read_room(plan: Plan, is_model: bool) -> int | None:
+def _writer_read_room(plan: Plan, is_model: bool, writers: int = 1) -> int | None:
     """``read_room`` of the output writers: :data:`WRITER_READ_ROOM` when the model path reads
-    its aux layers in reader processes; None (the writer's default, a cache of at least 256 MiB,
-    which aux reads in this process share) otherwise. At 1,000 km the cache holds three
-    output block rows (62 MB) plus this room instead of 256 MiB."""
-    if not is_model or not plan.aux_names:
+    its aux layers in reader processes and writes one file; None (the writer's default, a
+    cache of at least 256 MiB, which aux reads in this process or a second writer share)
+    otherwise. At 1,000 km the cache holds three output block rows (62 MB) plus this room
+    instead of 256 MiB. (GDAL's cache is one per process: the writer opened last sets it.)"""
+    if not is_model or not plan.aux_names or writers > 1:
         return None
     return WRITER_READ_ROOM if readers.reader_config(plan.child.width * plan.child.height)[1] else None
 

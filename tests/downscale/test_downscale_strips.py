@@ -145,6 +145,7 @@ def test_writer_cache_room_only_when_readers_are_processes(monkeypatch: pytest.M
     monkeypatch.setenv("CARBONSR_READ_PROCS", "3")
     assert engine._writer_read_room(plan, True) == engine.WRITER_READ_ROOM
     assert engine._writer_read_room(plan, False) is None  # baselines read their layer here
+    assert engine._writer_read_room(plan, True, writers=2) is None  # an uncertainty file too
     assert engine._writer_read_room(SimpleNamespace(aux_names=[], child=plan.child), True) is None
     monkeypatch.delenv("CARBONSR_READ_PROCS")
     monkeypatch.setenv("CARBONSR_READ_THREADS", "2")
