@@ -112,15 +112,29 @@ def to_device(array: Any, device: Any) -> Any:
 
     t = torch.from_numpy(np.ascontiguousarray(array))
     if getattr(device, "type", str(device)) == "cuda":
-        pinned = t.pin_memory()
-        current = torch.cuda.current_stream(device)
-        stream = _copy_stream(device)
-        with torch.cuda.stream(stream):  # allocated from the side stream's own memory pool
-            out = pinned.to(device, non_blocking=True)
-        current.wait_stream(stream)
-        out.record_stream(current)  # used on the current stream: not reused before that work is done
-        return out
+        return _side_stream_copy(t.pin_memory(), device)[0]
     return t.to(device)
+
+
+def _side_stream_copy(host: Any, device: Any, event: bool = False) -> tuple[Any, Any]:
+    """Copy a page-locked host tensor to a CUDA ``device`` on its side stream, without waiting.
+
+    The current stream waits for the copy (work queued after this call sees the values).
+    Returns ``(tensor, event)``: ``event`` (when asked for) completes once ``host`` has been read.
+    """
+    import torch
+
+    current = torch.cuda.current_stream(device)
+    stream = _copy_stream(device)
+    done = None
+    with torch.cuda.stream(stream):  # allocated from the side stream's own memory pool
+        out = host.to(device, non_blocking=True)
+        if event:
+            done = torch.cuda.Event()
+            done.record(stream)
+    current.wait_stream(stream)
+    out.record_stream(current)  # used on the current stream: not reused before that work is done
+    return out, done
 
 
 def page_lock(address: int, size: int) -> bool:
@@ -172,16 +186,7 @@ def copy_page_locked(array: Any, device: Any) -> tuple[Any, Any]:
     """
     import torch
 
-    t = torch.from_numpy(array)
-    current = torch.cuda.current_stream(device)
-    stream = _copy_stream(device)
-    with torch.cuda.stream(stream):
-        out = t.to(device, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record(stream)
-    current.wait_stream(stream)
-    out.record_stream(current)
-    return out, event
+    return _side_stream_copy(torch.from_numpy(array), device, event=True)
 
 
 class HostResult:

@@ -63,3 +63,67 @@ def test_side_stream_copies_are_seen_by_work_queued_after_them() -> None:
         del t  # freed while the sum may still be queued
     expected = [float(i) * 256 * 1024 for i in range(40)]
     assert [float(s) for s in sums] == expected
+
+
+def test_host_to_device_copies_run_on_the_side_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The order of the CUDA calls of ``to_device`` and ``copy_page_locked``, with the CUDA
+    objects replaced (CI has no GPU): the copy is queued on the side stream, the event that
+    frees a page-locked slot is recorded there after it, the current stream waits for the side
+    stream, and the result is marked as used on the current stream."""
+    import contextlib
+
+    import numpy as np
+
+    from carbonsr_cli import devices
+
+    calls: list[tuple] = []
+
+    class Stream:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def wait_stream(self, other: "Stream") -> None:
+            calls.append(("wait", self.name, other.name))
+
+    class Event:
+        def record(self, stream: Stream) -> None:
+            calls.append(("event", stream.name))
+
+    class Result:
+        def record_stream(self, stream: Stream) -> None:
+            calls.append(("used on", stream.name))
+
+    class Host:
+        def __init__(self, pinned: bool = False) -> None:
+            self.pinned = pinned
+
+        def pin_memory(self) -> "Host":
+            calls.append(("pin",))
+            return Host(pinned=True)
+
+        def to(self, device: str, non_blocking: bool) -> Result:
+            calls.append(("copy", active[-1], self.pinned, non_blocking))
+            return Result()
+
+    active = ["current"]
+
+    @contextlib.contextmanager
+    def on(stream: Stream):  # type: ignore[no-untyped-def]
+        active.append(stream.name)
+        yield
+        active.pop()
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: Stream("current"))
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(devices, "_copy_stream", lambda device: Stream("side"))
+    monkeypatch.setattr(torch, "from_numpy", lambda array: Host())
+    cuda = torch.device("cuda", 0)
+
+    _, event = devices.copy_page_locked(np.zeros(4, np.float32), cuda)
+    assert isinstance(event, Event)
+    assert calls == [("copy", "side", False, True), ("event", "side"), ("wait", "current", "side"),
+                     ("used on", "current")]
+    calls.clear()
+    devices.to_device(np.zeros(4, np.float32), cuda)
+    assert calls == [("pin",), ("copy", "side", True, True), ("wait", "current", "side"), ("used on", "current")]
