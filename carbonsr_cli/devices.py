@@ -137,21 +137,25 @@ def _side_stream_copy(host: Any, device: Any, event: bool = False) -> tuple[Any,
     return out, done
 
 
-def page_lock(address: int, size: int) -> bool:
-    """Page-lock ``size`` bytes of existing host memory at ``address`` for CUDA copies.
+def page_lock(address: int, size: int, device: Any = None) -> bool:
+    """Page-lock ``size`` bytes of existing host memory at ``address`` for copies to ``device``.
 
     ``cudaHostRegister`` (``hipHostRegister`` on ROCm) lets copies from that memory run
-    asynchronously without a staging copy. It runs in a thread of its own: a failed CUDA
-    runtime call leaves an error behind in its host thread, which the next kernel launch of
-    that thread would report as its own. Returns False when the memory could not be locked
-    (the caller then copies through page-locked staging memory); undo with :func:`page_unlock`.
+    asynchronously without a staging copy. It runs in a thread of its own, with ``device``
+    (default: the current one) as that thread's device: a failed CUDA runtime call leaves an
+    error behind in its host thread, which the next kernel launch of that thread would report
+    as its own. Returns False when the memory could not be locked (the caller then copies
+    through page-locked staging memory); undo with :func:`page_unlock`.
     """
     import torch
 
     result: list[int] = []
+    index = torch.cuda.current_device() if device is None else torch.device(device).index
 
     def register() -> None:
         try:
+            if index is not None:
+                torch.cuda.set_device(index)
             result.append(int(torch.cuda.cudart().cudaHostRegister(address, size, 0)))
         except Exception:  # no CUDA runtime bindings
             result.append(-1)

@@ -383,7 +383,7 @@ class ProcessStripReader:
         slot = self.held[(k, j)]
         if slot not in self.locked and not self.lock_failed:
             address = np.frombuffer(self.slots[slot].buf, dtype=np.uint8).ctypes.data
-            if page_lock(address, self.slot_bytes):
+            if page_lock(address, self.slot_bytes, device):
                 self.locked[slot] = address
             else:
                 self.lock_failed = True

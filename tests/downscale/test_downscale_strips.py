@@ -283,7 +283,7 @@ def test_page_locked_slots_wait_for_their_copy_and_fall_back(monkeypatch: pytest
         events.append(_FakeEvent())
         return torch.from_numpy(array.copy()), events[-1]
 
-    monkeypatch.setattr(readers, "page_lock", lambda address, size: locked.append(address) or True)
+    monkeypatch.setattr(readers, "page_lock", lambda address, size, device: locked.append(address) or True)
     monkeypatch.setattr(readers, "page_unlock", unlocked.append)
     monkeypatch.setattr(readers, "copy_page_locked", copy)
     stack = ValuesStack(2)
@@ -304,7 +304,7 @@ def test_page_locked_slots_wait_for_their_copy_and_fall_back(monkeypatch: pytest
         reader.close()
     assert sorted(unlocked) == sorted(locked) and all(e.waited for e in events[1:])
 
-    monkeypatch.setattr(readers, "page_lock", lambda address, size: False)
+    monkeypatch.setattr(readers, "page_lock", lambda address, size, device: False)
     staged: list[np.ndarray] = []
     monkeypatch.setattr(readers, "to_device", lambda array, device: staged.append(array) or torch.from_numpy(array))
     reader = readers.ProcessStripReader(stack, geom, 1, capacity=6)
