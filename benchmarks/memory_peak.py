@@ -26,25 +26,41 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from run import _tree_pids  # noqa: E402  (this process and its descendants)
 
 _ROLLUP_KEYS = ("Rss", "Pss", "Pss_Anon", "Pss_File", "Pss_Shmem")
 
 
-def _rollup(pid: int) -> dict[str, int]:
-    """``smaps_rollup`` figures of ``pid`` in MiB (empty when the process is gone)."""
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and all its descendants (Linux /proc; just ``pid`` elsewhere)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as fh:
+                    todo.extend(int(c) for c in fh.read().split())
+        except OSError:
+            continue
+    return out
+
+
+def _rollup_kb(pid: int) -> dict[str, int]:
+    """``smaps_rollup`` figures of ``pid`` in kB (empty when the process is gone)."""
     d: dict[str, int] = {}
     try:
         with open(f"/proc/{pid}/smaps_rollup") as fh:
             for line in fh:
                 key, _, value = line.partition(":")
                 if key in _ROLLUP_KEYS:
-                    d[key] = int(value.split()[0]) // 1024
+                    d[key] = int(value.split()[0])
     except OSError:
         pass
     return d
+
+
+def _mib(figures: dict[str, int]) -> dict[str, int]:
+    return {k: v // 1024 for k, v in figures.items()}
 
 
 class _MallInfo2(ctypes.Structure):
@@ -80,30 +96,44 @@ def _gdal_cache_mb() -> dict[str, int]:
 
 
 class PeakSampler:
-    """Samples the process tree every ``every`` seconds; ``peak()`` after ``stop()``."""
+    """Samples the process tree every ``every`` seconds in a thread; the peak after ``stop()``.
 
-    def __init__(self, every: float = 0.1) -> None:
+    ``stop()`` returns ``{"total_pss_mb": ...}`` (the largest total PSS of this process and its
+    descendants, MiB; 0 where ``/proc/PID/smaps_rollup`` does not exist) and, with ``details``,
+    at that sample: ``main`` and ``children`` (their ``smaps_rollup`` figures, MiB), ``heap_mb``
+    (this process's C heap) and ``gdal_cache_mb``. ``benchmarks/run.py`` uses it for its memory
+    row (``details=False``: no heap or GDAL calls while it times the run).
+    """
+
+    def __init__(self, every: float = 0.1, details: bool = True) -> None:
         self.every = every
-        self.best: dict[str, Any] = {"total_pss_mb": 0}
+        self.details = details
+        self.best: dict[str, Any] = {"total_pss_mb": 0.0}
+        self._best_kb = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self.enabled = os.path.exists(f"/proc/{os.getpid()}/smaps_rollup")
+        if self.enabled:
+            self._thread.start()
 
     def _run(self) -> None:
         me = os.getpid()
         while not self._stop.wait(self.every):
-            procs = {p: _rollup(p) for p in _tree_pids(me)}
+            procs = {p: _rollup_kb(p) for p in tree_pids(me)}
             total = sum(v.get("Pss", 0) for v in procs.values())
-            if total > self.best["total_pss_mb"]:
-                self.best = {
-                    "total_pss_mb": total, "main": procs.get(me, {}),
-                    "children": [v for p, v in procs.items() if p != me and v],
-                    "heap_mb": _heap_mb(), "gdal_cache_mb": _gdal_cache_mb(),
-                }
+            if total > self._best_kb:
+                self._best_kb = total
+                best: dict[str, Any] = {"total_pss_mb": total / 1024}
+                if self.details:
+                    best.update(main=_mib(procs.get(me, {})),
+                                children=[_mib(v) for p, v in procs.items() if p != me and v],
+                                heap_mb=_heap_mb(), gdal_cache_mb=_gdal_cache_mb())
+                self.best = best
 
     def stop(self) -> dict[str, Any]:
-        self._stop.set()
-        self._thread.join()
+        if self.enabled:
+            self._stop.set()
+            self._thread.join()
         return self.best
 
 
@@ -113,7 +143,7 @@ def _table(res: dict[str, Any]) -> str:
     kids = peak["children"]
     heap, gdal = peak["heap_mb"], peak["gdal_cache_mb"]
     rows = [
-        ("process tree PSS at the peak", f"{peak['total_pss_mb']:,}"),
+        ("process tree PSS at the peak", f"{peak['total_pss_mb']:,.0f}"),
         ("  main process PSS", f"{main.get('Pss', 0):,}"),
         ("    anonymous / files / shared memory", f"{main.get('Pss_Anon', 0):,} / {main.get('Pss_File', 0):,} / "
                                                    f"{main.get('Pss_Shmem', 0):,}"),

@@ -48,6 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from memory_peak import PeakSampler  # noqa: E402  (the process tree's peak PSS)
+
 
 def _peak_rss_mb() -> float:
     """Peak RSS of this process in MiB: ``VmHWM`` on Linux (``ru_maxrss`` survives exec, so a
@@ -132,60 +134,6 @@ def _install_timers(device: str) -> tuple[dict[str, float], Any]:
     return acc, collect
 
 
-def _tree_pids(pid: int) -> list[int]:
-    """``pid`` and all its descendants (Linux /proc; just ``pid`` elsewhere)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        try:
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children") as fh:
-                    todo.extend(int(c) for c in fh.read().split())
-        except OSError:
-            continue
-    return out
-
-
-def _tree_pss_mb() -> float:
-    """Proportional set size of this process and its children (shared pages split between them), MiB."""
-    total = 0
-    for p in _tree_pids(os.getpid()):
-        try:
-            with open(f"/proc/{p}/smaps_rollup") as fh:
-                for line in fh:
-                    if line.startswith("Pss:"):
-                        total += int(line.split()[1])
-                        break
-        except OSError:
-            continue
-    return total / 1024
-
-
-class _PssSampler:
-    """Samples :func:`_tree_pss_mb` every 0.2 s in a thread; ``peak`` after ``stop()``."""
-
-    def __init__(self) -> None:
-        import threading
-
-        self.peak = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self.enabled = os.path.exists(f"/proc/{os.getpid()}/smaps_rollup")
-        if self.enabled:
-            self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.2):
-            self.peak = max(self.peak, _tree_pss_mb())
-
-    def stop(self) -> float:
-        if self.enabled:
-            self._stop.set()
-            self._thread.join()
-        return self.peak
-
-
 def downscale_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one ``downscale()`` in this process; figures, stage times and peak RSS."""
     import torch
@@ -202,13 +150,13 @@ def downscale_worker(spec: dict[str, Any]) -> dict[str, Any]:
         dp._Predictor._choose = lambda self, a, m: (lambda a_, m_: m_.float())
     from carbonsr_cli.downscale import downscale
 
-    sampler = _PssSampler()
+    sampler = PeakSampler(every=0.2, details=False)
     t0 = time.perf_counter()
     s = downscale(spec["main"], spec["aux"], spec["out"], method=spec["method"], checkpoint=spec.get("checkpoint"),
                   device=spec["device"], batch_size=spec.get("batch_size"), overwrite=True, progress=False,
                   check=True)
     wall = time.perf_counter() - t0
-    tree_pss = sampler.stop()
+    tree_pss = sampler.stop()["total_pss_mb"]
     collect_gpu_times()
     from carbonsr_cli.downscale import engine as dp
     from carbonsr_cli.downscale import readers
